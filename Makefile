@@ -1,0 +1,63 @@
+# simbridge — the two commands: `make run` and `make test`. Each installs what it needs itself.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+SOURCES := $(shell find src include -type f \( -name '*.py' -o -name '*.c' -o -name '*.h' \)) pyproject.toml setup.py
+
+# Debian packages the real-component tests need (a C compiler for the shm peers; each plane appends its
+# own). Installed only when running as root and something is missing; otherwise the tests that need
+# them say what to install (and fail under CI=true instead of skipping).
+DEBIAN_PACKAGES := gcc libc6-dev
+
+.PHONY: run test lint typecheck imports unit integration bench install clean system-packages
+
+system-packages:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "not root: cannot install $$missing (tests that need them will say so)"; fi; \
+	fi
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+
+# Re-install (and rebuild the C core) whenever a source, header or the project file changes.
+$(STAMP): $(PY) $(SOURCES)
+	$(PIP) install --quiet -e ".[all,dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/simbridge demo blocks
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy src
+
+imports: $(STAMP)
+	$(VENV)/bin/lint-imports
+
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit -q
+
+integration: $(STAMP)
+	$(PY) -m pytest tests/integration -q
+
+test: system-packages lint typecheck imports
+	$(PY) -m pytest tests -q
+
+bench: $(STAMP)
+	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info src/simbridge/**/*.so .mypy_cache .ruff_cache .pytest_cache
