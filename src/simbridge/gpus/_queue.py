@@ -1,0 +1,199 @@
+"""The first-come-first-served line of a GPU pool, shared by all processes using its lock folder.
+
+Each waiter holds an flock on its own ticket file in ``queue/`` and watches only the nearest live
+waiter ahead of it (a CLH queue over files); the kernel drops a dead waiter's lock, so a killed
+waiter never blocks the line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from simbridge.gpus.errors import GpuError, LockDirError
+
+# Tickets are zero-padded so that name order is ticket order.
+_TICKET_WIDTH = 16
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """A waiter's place in the line: its ticket number, ticket file and the fd holding its flock."""
+
+    ticket: int
+    path: Path
+    fd: int
+
+
+class QueueTimeout(GpuError):  # noqa: N818 - internal signal, turned into LeaseTimeout by the pool
+    """Raised inside the pool when the deadline passes with waiters still ahead; never leaves it."""
+
+    def __init__(self, ahead: int) -> None:
+        super().__init__(ahead)
+        self.ahead = ahead
+
+
+def dir_mode(file_mode: int) -> int:
+    """Folder bits matching file bits: each class that may read a file may also enter the folder."""
+    return 0o700 | file_mode | ((file_mode & 0o444) >> 2)
+
+
+def ensure_dir(path: Path, file_mode: int) -> None:
+    """Create ``path`` (mode matched to ``file_mode``), or check it is a real folder we can use."""
+    try:
+        path.mkdir(parents=True, mode=dir_mode(file_mode))
+    except FileExistsError:
+        pass
+    else:
+        # mkdir's mode is cut by the umask; a shared folder must really be shared.
+        os.chmod(path, dir_mode(file_mode))
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise LockDirError(
+            f"{path} exists but is not a folder (or is a symlink); remove it or set gpus.lock_dir"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise LockDirError(
+            f"{path} is not writable by uid {os.getuid()}; fix its permissions or set gpus.lock_dir"
+        )
+
+
+def try_lock(fd: int, *, shared: bool = False) -> bool:
+    """Take an flock without waiting; False when someone else holds a conflicting one."""
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:  # pragma: no cover - EWOULDBLOCK under another name on odd platforms
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+class TicketQueue:
+    """FIFO line of waiters in ``root/queue``; the ticket counter lives in ``root/queue.lock``."""
+
+    def __init__(self, *, root: Path, mode: int) -> None:
+        self._dir = root / "queue"
+        self._mutex_path = root / "queue.lock"
+        self._mode = mode
+        ensure_dir(self._dir, mode)
+
+    @contextlib.contextmanager
+    def _mutex(self) -> Iterator[int]:
+        # A blocking flock is fine here: every critical section is a few syscalls long, and a
+        # holder that dies inside one has its lock dropped by the kernel.
+        fd = os.open(self._mutex_path, _OPEN_FLAGS, self._mode)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield fd
+        finally:
+            os.close(fd)
+
+    def join(self) -> Place:
+        """Take the next ticket and stand in line (holding the ticket file's flock)."""
+        with self._mutex() as mutex:
+            ticket = self._next_ticket(mutex)
+            path = self._dir / f"{ticket:0{_TICKET_WIDTH}d}-{os.getpid()}"
+            fd = os.open(path, _OPEN_FLAGS | os.O_EXCL, self._mode)
+            # Created and locked under the mutex, so a scan (also under the mutex) never sees a
+            # live waiter's file unlocked and mistakes it for a dead one.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return Place(ticket=ticket, path=path, fd=fd)
+
+    def _next_ticket(self, mutex: int) -> int:
+        raw = os.pread(mutex, 32, 0).strip()
+        try:
+            last = int(raw) if raw else 0
+        except ValueError:
+            last = 0
+        # The listing guards against a counter file that was removed or torn by a crash.
+        last = max([last, *(ticket for ticket, _ in self._entries())])
+        ticket = last + 1
+        os.ftruncate(mutex, 0)
+        os.pwrite(mutex, str(ticket).encode(), 0)
+        return ticket
+
+    def _entries(self) -> list[tuple[int, Path]]:
+        entries = []
+        for path in self._dir.iterdir():
+            head, _, _ = path.name.partition("-")
+            if head.isdigit():
+                entries.append((int(head), path))
+        entries.sort()
+        return entries
+
+    def ahead(self, place: Place) -> tuple[int | None, int]:
+        """(fd on the nearest live waiter ahead or None when first, number of live waiters ahead).
+
+        Ticket files whose owner died are removed on the way.
+        """
+        nearest: int | None = None
+        alive = 0
+        with self._mutex():
+            for ticket, path in reversed(self._entries()):
+                if ticket >= place.ticket:
+                    continue
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                except FileNotFoundError:
+                    continue  # it left between the listing and now
+                if try_lock(fd):
+                    # Nobody holds it: its waiter died (a leaving waiter unlinks first).
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                    os.close(fd)
+                    continue
+                alive += 1
+                if nearest is None:
+                    nearest = fd
+                else:
+                    os.close(fd)
+        return nearest, alive
+
+    def wait_turn(self, place: Place, *, deadline: float, poll: float) -> None:
+        """Return when no live waiter is ahead; raise :class:`QueueTimeout` at ``deadline``."""
+        while True:
+            watched, ahead = self.ahead(place)
+            if watched is None:
+                return
+            try:
+                delay = min(0.0002, poll)
+                while not try_lock(watched):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise QueueTimeout(ahead)
+                    time.sleep(min(delay, remaining))
+                    delay = min(delay * 2, poll)
+            finally:
+                os.close(watched)
+
+    def leave(self, place: Place) -> None:
+        """Step out of line; the waiter behind notices when the flock goes with the fd."""
+        with contextlib.suppress(FileNotFoundError):
+            place.path.unlink()
+        os.close(place.fd)
+
+    def length(self) -> int:
+        """How many live waiters stand in line now."""
+        count = 0
+        with self._mutex():
+            for _, path in self._entries():
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                except FileNotFoundError:
+                    continue
+                try:
+                    if not try_lock(fd, shared=True):
+                        count += 1
+                finally:
+                    os.close(fd)
+        return count

@@ -1,0 +1,38 @@
+"""Errors of the GPU plane (discovery and cross-process leases).
+
+Each derives from :class:`GpuError` (and so from :class:`simbridge.errors.SimbridgeError`) and
+from the nearest builtin, so callers may catch either.
+"""
+
+# ruff: noqa: N818 - the names say what happened (LeaseTimeout, NoSuchGpu), as the API promises.
+from __future__ import annotations
+
+from simbridge.errors import SimbridgeError
+
+
+class GpuError(SimbridgeError):
+    """Base class of every error raised by ``simbridge.gpus``."""
+
+
+class LeaseTimeout(GpuError, TimeoutError):
+    """Raised when a lease's timeout passes before the GPUs it waits for become free."""
+
+
+class InvalidLeaseRequest(GpuError, ValueError):
+    """Raised when a lease asks for a bad count (below 1, or more GPUs than the pool has)."""
+
+
+class NoSuchGpu(GpuError, LookupError):
+    """Raised when an index names no GPU of the pool, or no GPU could ever meet a memory floor."""
+
+
+class NvmlUnavailable(GpuError, RuntimeError):
+    """Raised when NVML is asked for (discovery='nvml') but the library, driver or GPU is absent."""
+
+
+class LockDirError(GpuError, OSError):
+    """Raised when the lock folder cannot be created or is unsafe (a symlink, or another user's)."""
+
+
+class LeaseReleased(GpuError, RuntimeError):
+    """Raised when a released lease is used again (its GPUs may already belong to someone else)."""

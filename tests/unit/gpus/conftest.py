@@ -1,0 +1,55 @@
+"""Shared fixtures of the GPU-plane unit tests, including the one fake: a GPU source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from simbridge.gpus import GpuInfo, NoSuchGpu
+from simbridge.gpus.discovery import SourceKind
+
+
+class FakeGpuSource:
+    """A FAKE GPU source (no GPU on this machine): fixed names and totals, free memory set by tests.
+
+    It stands in for NVML only where a real GPU would be needed; the pool code under test is real.
+    """
+
+    kind: SourceKind = "fake"
+    note = "fake GPUs for tests"
+
+    def __init__(self, totals: list[int]) -> None:
+        self.totals = list(totals)
+        self.free = list(totals)
+        self.closed = False
+
+    def count(self) -> int:
+        return len(self.totals)
+
+    def read(self, index: int) -> GpuInfo:
+        if not 0 <= index < len(self.totals):
+            raise NoSuchGpu(f"fake GPU {index} does not exist")
+        return GpuInfo(
+            index=index,
+            name=f"Fake GPU {index}",
+            uuid=f"GPU-fake-{index}",
+            memory_total=self.totals[index],
+            memory_free=self.free[index],
+            utilization=7,
+            source="fake",
+        )
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def fake_gpus() -> type[FakeGpuSource]:
+    """The FakeGpuSource class (a fixture, so test modules need no package imports)."""
+    return FakeGpuSource
+
+
+@pytest.fixture
+def lock_dir(tmp_path: Path) -> Path:
+    return tmp_path / "locks"
