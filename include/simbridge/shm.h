@@ -1,0 +1,918 @@
+/*
+ * simbridge/shm.h — the ONE definition of simbridge's shared-memory Block layout and protocol.
+ *
+ * C11, header-only, Linux. Included by the CPython extension (simbridge.shm._core) and by every
+ * C/C++/CUDA peer: compile with `cc -std=c11 -O2 -I include peer.c` (add -pthread on old glibc).
+ *
+ * ------------------------------------------------------------------------------------------------
+ * SEGMENT LAYOUT  (POSIX shm object "/simbridge.<name>", i.e. /dev/shm/simbridge.<name>)
+ *
+ *   offset 0    sb_header   identity (written once by the creator, `magic` stored LAST with release
+ *                           ordering so an opener never sees a half-initialised header)
+ *   offset 256  writer line the writer's hot fields: commit counter, futex word, state, heartbeat
+ *   offset 320  reader line readers' fields: parked-waiter count, read counter
+ *   offset 384  sb_slot[slot_count]   one 64-byte descriptor per slot (seqlock sequence, commit,
+ *                           iteration, publish time, CRC32C)
+ *   payload_offset (64-aligned)  slot_count payload areas of slot_stride bytes (64-aligned) each
+ *
+ * Every multi-byte field is native-endian; a reader on a machine of the other endianness sees a
+ * wrong magic and refuses the segment (SB_ELAYOUT).
+ *
+ * PROTOCOL (single writer — the creator — and any number of readers)
+ *   publish: slot = commit % slot_count  (the slot NOT holding the latest commit when slots >= 2)
+ *            seq := seq+1 (odd) ; release fence ; copy payload + CRC32C ; fill descriptor ;
+ *            seq := seq+1 (even, release) ; commit := commit+1 (seq_cst) ; futex += 1 ;
+ *            FUTEX_WAKE only if waiters > 0 (so an un-watched publish costs no system call).
+ *   read:    c := commit (acquire) ; slot := (c-1) % slot_count ; s1 := seq (acquire), retry if odd ;
+ *            copy payload ; acquire fence ; s2 := seq ; retry if s1 != s2 ; verify CRC32C of the copy.
+ *            A torn copy is never returned: it either fails the sequence check or the checksum.
+ *   wait:    spin on `commit` for a bounded time, then waiters += 1 and FUTEX_WAIT on `futex` in slices
+ *            so a dead writer is noticed (pid + process start time + boot id, see sb_writer_alive).
+ *   A writer killed mid-publish leaves its slot's seq odd forever; `commit` still points at the last
+ *   complete slot, so readers keep the last good data and then see the writer gone.
+ *
+ * All shared fields are C11 atomics with acquire/release (or seq_cst where a Dekker-style handshake
+ * needs it), so the protocol is correct on weakly ordered CPUs (ARM, POWER), not only on x86.
+ * ------------------------------------------------------------------------------------------------
+ */
+#ifndef SIMBRIDGE_SHM_H
+#define SIMBRIDGE_SHM_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SB_CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define SB_CPU_RELAX() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define SB_CPU_RELAX() ((void)0)
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------- constants */
+
+#define SB_MAGIC UINT64_C(0x314B4C4253424D53) /* "SMBSBLK1" read as little-endian bytes */
+#define SB_ABI_VERSION 1u
+#define SB_MAX_NDIM 8u
+#define SB_MAX_SLOTS 64u
+#define SB_CACHELINE 64u
+#define SB_HEADER_BYTES 384u      /* identity + writer line + reader line, before the slot table */
+#define SB_SHM_PREFIX "simbridge."
+#define SB_NAME_MAX 200u          /* user part of the name; the prefix is added on top */
+#define SB_BOOT_ID_BYTES 40u
+
+#define SB_FLAG_CHECKSUM 1u       /* publishes carry a CRC32C that readers verify */
+
+enum sb_state { SB_STATE_OPEN = 0, SB_STATE_CLOSED = 1 };
+
+/* dtype codes: stable across versions (they are part of the ABI). */
+typedef enum sb_dtype {
+    SB_DT_BOOL = 1,
+    SB_DT_INT8 = 2, SB_DT_UINT8 = 3, SB_DT_INT16 = 4, SB_DT_UINT16 = 5,
+    SB_DT_INT32 = 6, SB_DT_UINT32 = 7, SB_DT_INT64 = 8, SB_DT_UINT64 = 9,
+    SB_DT_FLOAT16 = 10, SB_DT_FLOAT32 = 11, SB_DT_FLOAT64 = 12,
+    SB_DT_COMPLEX64 = 13, SB_DT_COMPLEX128 = 14,
+    SB_DT_BYTES = 15 /* opaque bytes: itemsize 1 */
+} sb_dtype;
+
+/* Return codes: 0 is success, negatives are errors. SB_ESYS leaves errno set. */
+enum sb_status {
+    SB_OK = 0,
+    SB_EAGAIN = -1,    /* nothing new yet (non-blocking call or wait slice elapsed) */
+    SB_ETIMEDOUT = -2, /* the whole timeout elapsed */
+    SB_EPEERGONE = -3, /* the writer process died (or the machine rebooted) */
+    SB_ECLOSED = -4,   /* the writer closed the block cleanly */
+    SB_ECORRUPT = -5,  /* a consistent copy failed its CRC32C */
+    SB_ELAYOUT = -6,   /* magic, ABI, dtype, shape or size disagree */
+    SB_EEXIST = -7,    /* a live block of that name exists */
+    SB_ENOENT = -8,    /* no block of that name */
+    SB_EINVAL = -9,    /* bad argument (name, shape, dtype, size) */
+    SB_ESYS = -10,     /* a system call failed; see errno */
+    SB_EITER = -11,    /* iteration ids must increase strictly */
+    SB_ENOTREADY = -12 /* the segment exists but its creator has not finished initialising it */
+};
+
+/* ---------------------------------------------------------------- layout */
+
+typedef struct sb_header {
+    /* identity: written once by the creator; `magic` last (release) */
+    _Atomic uint64_t magic;          /*   0 */
+    uint32_t abi_version;            /*   8 */
+    uint32_t header_bytes;           /*  12 bytes before the slot table (SB_HEADER_BYTES) */
+    uint32_t dtype;                  /*  16 sb_dtype */
+    uint32_t itemsize;               /*  20 */
+    uint32_t ndim;                   /*  24 */
+    uint32_t slot_count;             /*  28 */
+    uint64_t shape[SB_MAX_NDIM];     /*  32 unused dimensions are 0 */
+    uint64_t payload_bytes;          /*  96 bytes of one array */
+    uint64_t slot_stride;            /* 104 payload_bytes rounded up to 64 */
+    uint64_t payload_offset;         /* 112 offset of slot 0's payload */
+    uint64_t total_bytes;            /* 120 size of the whole segment */
+    uint32_t flags;                  /* 128 SB_FLAG_* */
+    uint32_t owner_pid;              /* 132 the creator, which is the one writer */
+    uint64_t owner_start_time;       /* 136 /proc/<pid>/stat starttime: tells a reused pid apart */
+    char boot_id[SB_BOOT_ID_BYTES];  /* 144 /proc/sys/kernel/random/boot_id at creation */
+    uint64_t created_ns;             /* 184 CLOCK_REALTIME */
+    uint8_t pad_identity[256 - 192];
+    /* writer line (offset 256): only the writer stores here */
+    _Atomic uint64_t commit;         /* 256 number of completed publishes */
+    _Atomic uint32_t futex;          /* 264 bumped after every commit and at close */
+    _Atomic uint32_t state;          /* 268 sb_state */
+    _Atomic uint64_t heartbeat_ns;   /* 272 CLOCK_REALTIME of the writer's last publish */
+    _Atomic uint64_t last_iteration; /* 280 iteration of the latest commit */
+    uint8_t pad_writer[64 - 32];
+    /* reader line (offset 320): readers store here, so they never bounce the writer's line */
+    _Atomic uint32_t waiters;        /* 320 readers parked on `futex` */
+    _Atomic uint32_t readers;        /* 324 attached readers (informational) */
+    _Atomic uint64_t reads;          /* 328 completed reads (informational) */
+    uint8_t pad_reader[64 - 16];
+} sb_header;
+
+typedef struct sb_slot {
+    _Atomic uint64_t seq;            /*  0 seqlock sequence: odd while the writer fills the slot */
+    _Atomic uint64_t commit;         /*  8 which publish this slot holds (0: never written) */
+    _Atomic uint64_t iteration;      /* 16 */
+    _Atomic uint64_t published_ns;   /* 24 CLOCK_REALTIME at commit */
+    _Atomic uint32_t crc;            /* 32 CRC32C of the payload (0 when checksums are off) */
+    uint32_t pad0;
+    uint8_t pad[64 - 40];
+} sb_slot;
+
+_Static_assert(sizeof(sb_header) == SB_HEADER_BYTES, "sb_header must be 384 bytes");
+_Static_assert(offsetof(sb_header, commit) == 256, "writer line must start a cache line");
+_Static_assert(offsetof(sb_header, waiters) == 320, "reader line must start a cache line");
+_Static_assert(sizeof(sb_slot) == SB_CACHELINE, "a slot descriptor is one cache line");
+_Static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic uint32_t) == 4,
+               "atomics must be lock-free and plain-sized to live in shared memory");
+
+static inline sb_slot *sb_slots(sb_header *h) {
+    return (sb_slot *)((char *)h + SB_HEADER_BYTES);
+}
+static inline char *sb_payload(sb_header *h, uint32_t slot) {
+    return (char *)h + h->payload_offset + (uint64_t)slot * h->slot_stride;
+}
+
+/* ---------------------------------------------------------------- small helpers */
+
+static inline uint64_t sb_now_ns(clockid_t clk) {
+    struct timespec ts;
+    clock_gettime(clk, &ts);
+    return (uint64_t)ts.tv_sec * UINT64_C(1000000000) + (uint64_t)ts.tv_nsec;
+}
+
+static inline uint64_t sb_round_up(uint64_t n, uint64_t to) { return (n + to - 1) / to * to; }
+
+static inline uint32_t sb_dtype_itemsize(uint32_t dtype) {
+    switch (dtype) {
+    case SB_DT_BOOL: case SB_DT_INT8: case SB_DT_UINT8: case SB_DT_BYTES: return 1;
+    case SB_DT_INT16: case SB_DT_UINT16: case SB_DT_FLOAT16: return 2;
+    case SB_DT_INT32: case SB_DT_UINT32: case SB_DT_FLOAT32: return 4;
+    case SB_DT_INT64: case SB_DT_UINT64: case SB_DT_FLOAT64: case SB_DT_COMPLEX64: return 8;
+    case SB_DT_COMPLEX128: return 16;
+    default: return 0;
+    }
+}
+
+static inline const char *sb_dtype_name(uint32_t dtype) {
+    switch (dtype) {
+    case SB_DT_BOOL: return "bool";
+    case SB_DT_INT8: return "int8";       case SB_DT_UINT8: return "uint8";
+    case SB_DT_INT16: return "int16";     case SB_DT_UINT16: return "uint16";
+    case SB_DT_INT32: return "int32";     case SB_DT_UINT32: return "uint32";
+    case SB_DT_INT64: return "int64";     case SB_DT_UINT64: return "uint64";
+    case SB_DT_FLOAT16: return "float16"; case SB_DT_FLOAT32: return "float32";
+    case SB_DT_FLOAT64: return "float64";
+    case SB_DT_COMPLEX64: return "complex64"; case SB_DT_COMPLEX128: return "complex128";
+    case SB_DT_BYTES: return "bytes";
+    default: return NULL;
+    }
+}
+
+static inline const char *sb_strerror(int code) {
+    switch (code) {
+    case SB_OK: return "ok";
+    case SB_EAGAIN: return "nothing new yet";
+    case SB_ETIMEDOUT: return "timed out";
+    case SB_EPEERGONE: return "the writer process is gone";
+    case SB_ECLOSED: return "the writer closed the block";
+    case SB_ECORRUPT: return "checksum mismatch";
+    case SB_ELAYOUT: return "layout mismatch";
+    case SB_EEXIST: return "a live block of that name exists";
+    case SB_ENOENT: return "no such block";
+    case SB_EINVAL: return "invalid argument";
+    case SB_ESYS: return "system call failed (see errno)";
+    case SB_EITER: return "iteration ids must increase strictly";
+    case SB_ENOTREADY: return "block not initialised yet";
+    default: return "unknown error";
+    }
+}
+
+/* A block name is 1..SB_NAME_MAX of [A-Za-z0-9._-], not starting with '.'. */
+static inline int sb_name_valid(const char *name) {
+    size_t n = 0;
+    if (name == NULL || name[0] == '\0' || name[0] == '.') return 0;
+    for (; name[n] != '\0'; n++) {
+        char c = name[n];
+        int ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                 c == '.' || c == '_' || c == '-';
+        if (!ok || n >= SB_NAME_MAX) return 0;
+    }
+    return 1;
+}
+
+/* "/simbridge.<name>" for shm_open; out must hold SB_NAME_MAX + 16 bytes. */
+static inline int sb_shm_path(const char *name, char *out, size_t cap) {
+    if (!sb_name_valid(name)) return SB_EINVAL;
+    int n = snprintf(out, cap, "/%s%s", SB_SHM_PREFIX, name);
+    return (n > 0 && (size_t)n < cap) ? SB_OK : SB_EINVAL;
+}
+
+/* ---------------------------------------------------------------- process identity */
+
+static inline int sb_read_boot_id(char out[SB_BOOT_ID_BYTES]) {
+    memset(out, 0, SB_BOOT_ID_BYTES);
+    int fd = open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return SB_ESYS;
+    ssize_t n = read(fd, out, SB_BOOT_ID_BYTES - 1);
+    close(fd);
+    if (n <= 0) return SB_ESYS;
+    for (ssize_t i = 0; i < n; i++)
+        if (out[i] == '\n') out[i] = '\0';
+    return SB_OK;
+}
+
+/* Reads state and starttime (field 22) of /proc/<pid>/stat. Returns 1 if the process exists. */
+static inline int sb_proc_stat(uint32_t pid, char *state, uint64_t *start_time) {
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%u/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')'); /* comm may hold spaces and parentheses: skip to the last ')' */
+    if (p == NULL || p[1] == '\0') return 0;
+    p += 2;
+    *state = *p;
+    for (int field = 3; field < 22; field++) { /* p is at field 3 (state) */
+        p = strchr(p, ' ');
+        if (p == NULL) return 0;
+        p++;
+    }
+    *start_time = strtoull(p, NULL, 10);
+    return 1;
+}
+
+/* Alive = same boot, the pid exists, is not a zombie, and started when the creator did. */
+static inline int sb_writer_alive(const sb_header *h) {
+    char boot[SB_BOOT_ID_BYTES];
+    if (sb_read_boot_id(boot) == SB_OK && strncmp(boot, h->boot_id, SB_BOOT_ID_BYTES) != 0)
+        return 0;
+    char state = '?';
+    uint64_t start = 0;
+    if (!sb_proc_stat(h->owner_pid, &state, &start)) return 0;
+    if (state == 'Z' || state == 'X' || state == 'x') return 0;
+    return start == h->owner_start_time;
+}
+
+/* ---------------------------------------------------------------- CRC32C (Castagnoli) */
+/*
+ * Hardware CRC32C (SSE4.2 on x86-64, the CRC extension on ARMv8) with three interleaved streams over
+ * 8 KiB blocks, combined with precomputed "shift by N zero bytes" tables (Mark Adler's method);
+ * slice-by-8 in software elsewhere. sb_crc32c_copy fuses the copy into the same pass, so a checksummed
+ * publish reads the source once.
+ */
+
+#define SB_CRC_POLY 0x82f63b78u
+#define SB_CRC_LONG 8192u
+#define SB_CRC_SHORT 256u
+
+static uint32_t sb__crc_table[8][256];
+static uint32_t sb__crc_long[4][256];
+static uint32_t sb__crc_short[4][256];
+static pthread_once_t sb__crc_once = PTHREAD_ONCE_INIT;
+static int sb__crc_hw = 0;
+
+static inline uint32_t sb__gf2_times(const uint32_t *mat, uint32_t vec) {
+    uint32_t sum = 0;
+    while (vec) {
+        if (vec & 1u) sum ^= *mat;
+        vec >>= 1;
+        mat++;
+    }
+    return sum;
+}
+
+static inline void sb__gf2_square(uint32_t *square, const uint32_t *mat) {
+    for (int n = 0; n < 32; n++) square[n] = sb__gf2_times(mat, mat[n]);
+}
+
+/* Operator that appends `len` zero bytes (len a power of two) to a raw CRC register. */
+static inline void sb__crc_zeros_op(uint32_t *even, size_t len) {
+    uint32_t odd[32];
+    uint32_t row = 1;
+    odd[0] = SB_CRC_POLY;
+    for (int n = 1; n < 32; n++) {
+        odd[n] = row;
+        row <<= 1;
+    }
+    sb__gf2_square(even, odd); /* 2 zero bits */
+    sb__gf2_square(odd, even); /* 4 zero bits */
+    do {
+        sb__gf2_square(even, odd);
+        len >>= 1;
+        if (len == 0) return;
+        sb__gf2_square(odd, even);
+        len >>= 1;
+    } while (len);
+    memcpy(even, odd, sizeof odd);
+}
+
+static inline void sb__crc_zeros(uint32_t zeros[4][256], size_t len) {
+    uint32_t op[32];
+    sb__crc_zeros_op(op, len);
+    for (uint32_t n = 0; n < 256; n++) {
+        zeros[0][n] = sb__gf2_times(op, n);
+        zeros[1][n] = sb__gf2_times(op, n << 8);
+        zeros[2][n] = sb__gf2_times(op, n << 16);
+        zeros[3][n] = sb__gf2_times(op, n << 24);
+    }
+}
+
+static inline uint32_t sb__crc_shift(uint32_t zeros[4][256], uint32_t crc) {
+    return zeros[0][crc & 0xff] ^ zeros[1][(crc >> 8) & 0xff] ^ zeros[2][(crc >> 16) & 0xff] ^
+           zeros[3][crc >> 24];
+}
+
+static void sb__crc_init(void) {
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t crc = n;
+        for (int k = 0; k < 8; k++) crc = crc & 1 ? (crc >> 1) ^ SB_CRC_POLY : crc >> 1;
+        sb__crc_table[0][n] = crc;
+    }
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t crc = sb__crc_table[0][n];
+        for (int k = 1; k < 8; k++) {
+            crc = sb__crc_table[0][crc & 0xff] ^ (crc >> 8);
+            sb__crc_table[k][n] = crc;
+        }
+    }
+    sb__crc_zeros(sb__crc_long, SB_CRC_LONG);
+    sb__crc_zeros(sb__crc_short, SB_CRC_SHORT);
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    sb__crc_hw = __builtin_cpu_supports("sse4.2") ? 1 : 0;
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_CRC32)
+    sb__crc_hw = 1;
+#endif
+    const char *force = getenv("SIMBRIDGE_CRC32C_SOFTWARE"); /* tests compare both paths */
+    if (force != NULL && force[0] == '1') sb__crc_hw = 0;
+}
+
+static inline uint64_t sb__load64(const unsigned char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+/* Software slice-by-8; copies into dst when dst != NULL. crc is the raw (pre-inverted) register. */
+static inline uint32_t sb__crc_sw(uint32_t crc, unsigned char *dst, const unsigned char *src, size_t len) {
+    while (len >= 8) {
+        uint64_t word = sb__load64(src);
+        if (dst) {
+            memcpy(dst, &word, 8);
+            dst += 8;
+        }
+        uint64_t x = word ^ crc;
+        crc = sb__crc_table[7][x & 0xff] ^ sb__crc_table[6][(x >> 8) & 0xff] ^
+              sb__crc_table[5][(x >> 16) & 0xff] ^ sb__crc_table[4][(x >> 24) & 0xff] ^
+              sb__crc_table[3][(x >> 32) & 0xff] ^ sb__crc_table[2][(x >> 40) & 0xff] ^
+              sb__crc_table[1][(x >> 48) & 0xff] ^ sb__crc_table[0][x >> 56];
+        src += 8;
+        len -= 8;
+    }
+    while (len--) {
+        if (dst) *dst++ = *src;
+        crc = sb__crc_table[0][(crc ^ *src++) & 0xff] ^ (crc >> 8);
+    }
+    return crc;
+}
+
+#if defined(__x86_64__)
+#define SB__CRC_HW_ATTR __attribute__((target("sse4.2")))
+#define SB__CRC8(c, v) ((uint64_t)_mm_crc32_u64((c), (v)))
+#define SB__CRC1(c, v) ((uint32_t)_mm_crc32_u8((uint32_t)(c), (v)))
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_CRC32)
+#include <arm_acle.h>
+#define SB__CRC_HW_ATTR
+#define SB__CRC8(c, v) ((uint64_t)__crc32cd((uint32_t)(c), (v)))
+#define SB__CRC1(c, v) ((uint32_t)__crc32cb((uint32_t)(c), (v)))
+#endif
+
+#ifdef SB__CRC_HW_ATTR
+/* Three independent streams hide the instruction's latency; dst == NULL means checksum only. */
+#define SB__CRC_HW_BLOCK(SIZE, TABLE)                                                           \
+    while (len >= 3 * (SIZE)) {                                                                 \
+        uint64_t c1 = 0, c2 = 0;                                                                \
+        const unsigned char *end = src + (SIZE);                                                \
+        do {                                                                                    \
+            uint64_t w0 = sb__load64(src), w1 = sb__load64(src + (SIZE)),                       \
+                     w2 = sb__load64(src + 2 * (SIZE));                                         \
+            if (dst) {                                                                          \
+                memcpy(dst, &w0, 8);                                                            \
+                memcpy(dst + (SIZE), &w1, 8);                                                   \
+                memcpy(dst + 2 * (SIZE), &w2, 8);                                               \
+                dst += 8;                                                                       \
+            }                                                                                   \
+            c0 = SB__CRC8(c0, w0);                                                              \
+            c1 = SB__CRC8(c1, w1);                                                              \
+            c2 = SB__CRC8(c2, w2);                                                              \
+            src += 8;                                                                           \
+        } while (src < end);                                                                    \
+        c0 = sb__crc_shift(TABLE, (uint32_t)c0) ^ (uint32_t)c1;                                 \
+        c0 = sb__crc_shift(TABLE, (uint32_t)c0) ^ (uint32_t)c2;                                 \
+        src += 2 * (SIZE);                                                                      \
+        if (dst) dst += 2 * (SIZE);                                                             \
+        len -= 3 * (SIZE);                                                                      \
+    }
+
+SB__CRC_HW_ATTR static uint32_t sb__crc_hw_run(uint32_t crc, unsigned char *dst,
+                                               const unsigned char *src, size_t len) {
+    uint64_t c0 = crc;
+    while (len && ((uintptr_t)src & 7u) != 0) {
+        if (dst) *dst++ = *src;
+        c0 = SB__CRC1(c0, *src++);
+        len--;
+    }
+    SB__CRC_HW_BLOCK(SB_CRC_LONG, sb__crc_long)
+    SB__CRC_HW_BLOCK(SB_CRC_SHORT, sb__crc_short)
+    while (len >= 8) {
+        uint64_t w = sb__load64(src);
+        if (dst) {
+            memcpy(dst, &w, 8);
+            dst += 8;
+        }
+        c0 = SB__CRC8(c0, w);
+        src += 8;
+        len -= 8;
+    }
+    while (len--) {
+        if (dst) *dst++ = *src;
+        c0 = SB__CRC1(c0, *src++);
+    }
+    return (uint32_t)c0;
+}
+#endif
+
+/* CRC32C of src, continuing from `crc` (0 to start); copies src into dst when dst != NULL. */
+static inline uint32_t sb_crc32c_copy(void *dst, const void *src, size_t len, uint32_t crc) {
+    pthread_once(&sb__crc_once, sb__crc_init);
+    uint32_t reg = crc ^ 0xffffffffu;
+#ifdef SB__CRC_HW_ATTR
+    if (sb__crc_hw) return sb__crc_hw_run(reg, (unsigned char *)dst, (const unsigned char *)src, len) ^ 0xffffffffu;
+#endif
+    return sb__crc_sw(reg, (unsigned char *)dst, (const unsigned char *)src, len) ^ 0xffffffffu;
+}
+
+static inline uint32_t sb_crc32c(const void *src, size_t len, uint32_t crc) {
+    return sb_crc32c_copy(NULL, src, len, crc);
+}
+
+static inline int sb_crc32c_hardware(void) {
+    pthread_once(&sb__crc_once, sb__crc_init);
+    return sb__crc_hw;
+}
+
+/* ---------------------------------------------------------------- futex */
+
+static inline long sb__futex(_Atomic uint32_t *addr, int op, uint32_t val, const struct timespec *ts) {
+    /* shared (not FUTEX_PRIVATE): the word lives in memory mapped by several processes */
+    return syscall(SYS_futex, (uint32_t *)addr, op, val, ts, NULL, 0);
+}
+
+static inline void sb__wake_all(sb_header *h) {
+    atomic_fetch_add_explicit(&h->futex, 1u, memory_order_seq_cst);
+    if (atomic_load_explicit(&h->waiters, memory_order_seq_cst) > 0)
+        sb__futex(&h->futex, FUTEX_WAKE, INT_MAX, NULL);
+}
+
+/* ---------------------------------------------------------------- layout computation and checks */
+
+typedef struct sb_layout {
+    uint32_t dtype, itemsize, ndim, slot_count, flags;
+    uint64_t shape[SB_MAX_NDIM];
+    uint64_t payload_bytes, slot_stride, payload_offset, total_bytes;
+} sb_layout;
+
+static inline int sb_layout_compute(sb_layout *L, uint32_t dtype, uint32_t ndim, const uint64_t *shape,
+                                    uint32_t slot_count, uint32_t flags) {
+    memset(L, 0, sizeof *L);
+    uint32_t itemsize = sb_dtype_itemsize(dtype);
+    if (itemsize == 0 || ndim > SB_MAX_NDIM || slot_count < 1 || slot_count > SB_MAX_SLOTS)
+        return SB_EINVAL;
+    uint64_t count = 1;
+    for (uint32_t i = 0; i < ndim; i++) {
+        if (shape[i] > 0 && count > UINT64_MAX / 2 / shape[i]) return SB_EINVAL; /* overflow */
+        count *= shape[i];
+        L->shape[i] = shape[i];
+    }
+    if (count > (UINT64_C(1) << 46) / itemsize) return SB_EINVAL; /* 64 TiB: surely a mistake */
+    L->dtype = dtype;
+    L->itemsize = itemsize;
+    L->ndim = ndim;
+    L->slot_count = slot_count;
+    L->flags = flags;
+    L->payload_bytes = count * itemsize;
+    L->slot_stride = sb_round_up(L->payload_bytes ? L->payload_bytes : 1, SB_CACHELINE);
+    L->payload_offset = sb_round_up(SB_HEADER_BYTES + (uint64_t)slot_count * sizeof(sb_slot), SB_CACHELINE);
+    L->total_bytes = L->payload_offset + (uint64_t)slot_count * L->slot_stride;
+    return SB_OK;
+}
+
+/* Checks a mapped header against itself and the mapping size. 0 = fine, else SB_ELAYOUT/SB_ENOTREADY. */
+static inline int sb_header_check(const sb_header *h, uint64_t mapped_bytes) {
+    if (mapped_bytes < SB_HEADER_BYTES) return SB_ENOTREADY;
+    uint64_t magic = atomic_load_explicit(&((sb_header *)h)->magic, memory_order_acquire);
+    if (magic == 0) return SB_ENOTREADY;
+    if (magic != SB_MAGIC || h->abi_version != SB_ABI_VERSION || h->header_bytes != SB_HEADER_BYTES)
+        return SB_ELAYOUT;
+    sb_layout L;
+    if (sb_layout_compute(&L, h->dtype, h->ndim, h->shape, h->slot_count, h->flags) != SB_OK)
+        return SB_ELAYOUT;
+    if (L.itemsize != h->itemsize || L.payload_bytes != h->payload_bytes ||
+        L.slot_stride != h->slot_stride || L.payload_offset != h->payload_offset ||
+        L.total_bytes != h->total_bytes || h->total_bytes > mapped_bytes)
+        return SB_ELAYOUT;
+    for (uint32_t i = h->ndim; i < SB_MAX_NDIM; i++)
+        if (h->shape[i] != 0) return SB_ELAYOUT;
+    return SB_OK;
+}
+
+/* Fills a zeroed mapping; `magic` is stored last so openers see all or nothing. */
+static inline void sb_header_init(sb_header *h, const sb_layout *L) {
+    h->abi_version = SB_ABI_VERSION;
+    h->header_bytes = SB_HEADER_BYTES;
+    h->dtype = L->dtype;
+    h->itemsize = L->itemsize;
+    h->ndim = L->ndim;
+    h->slot_count = L->slot_count;
+    memcpy(h->shape, L->shape, sizeof h->shape);
+    h->payload_bytes = L->payload_bytes;
+    h->slot_stride = L->slot_stride;
+    h->payload_offset = L->payload_offset;
+    h->total_bytes = L->total_bytes;
+    h->flags = L->flags;
+    h->owner_pid = (uint32_t)getpid();
+    char st = '?';
+    uint64_t start = 0;
+    sb_proc_stat(h->owner_pid, &st, &start);
+    h->owner_start_time = start;
+    sb_read_boot_id(h->boot_id);
+    h->created_ns = sb_now_ns(CLOCK_REALTIME);
+    atomic_store_explicit(&h->heartbeat_ns, h->created_ns, memory_order_relaxed);
+    atomic_store_explicit(&h->magic, SB_MAGIC, memory_order_release);
+}
+
+/* ---------------------------------------------------------------- writer side */
+
+/* Starts filling the next slot; returns its payload. Pair with sb_write_commit (or sb_write_abort). */
+static inline char *sb_write_begin(sb_header *h, uint32_t *slot_out) {
+    uint64_t c = atomic_load_explicit(&h->commit, memory_order_relaxed);
+    uint32_t slot = (uint32_t)(c % h->slot_count);
+    sb_slot *s = &sb_slots(h)[slot];
+    uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed);
+    atomic_store_explicit(&s->seq, seq | 1u, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release); /* the odd sequence is visible before any payload store */
+    *slot_out = slot;
+    return sb_payload(h, slot);
+}
+
+static inline uint64_t sb_write_commit(sb_header *h, uint32_t slot, uint64_t iteration, uint32_t crc) {
+    sb_slot *s = &sb_slots(h)[slot];
+    uint64_t c = atomic_load_explicit(&h->commit, memory_order_relaxed) + 1;
+    uint64_t now = sb_now_ns(CLOCK_REALTIME);
+    atomic_store_explicit(&s->commit, c, memory_order_relaxed);
+    atomic_store_explicit(&s->iteration, iteration, memory_order_relaxed);
+    atomic_store_explicit(&s->published_ns, now, memory_order_relaxed);
+    atomic_store_explicit(&s->crc, crc, memory_order_relaxed);
+    uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed);
+    atomic_store_explicit(&s->seq, seq + 1, memory_order_release); /* even: payload complete */
+    atomic_store_explicit(&h->last_iteration, iteration, memory_order_relaxed);
+    atomic_store_explicit(&h->heartbeat_ns, now, memory_order_relaxed);
+    atomic_store_explicit(&h->commit, c, memory_order_seq_cst);
+    sb__wake_all(h);
+    return c;
+}
+
+/* Gives up a begun write: the slot is left even but never becomes the latest. */
+static inline void sb_write_abort(sb_header *h, uint32_t slot) {
+    sb_slot *s = &sb_slots(h)[slot];
+    atomic_store_explicit(&s->commit, 0, memory_order_relaxed);
+    uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed);
+    atomic_store_explicit(&s->seq, seq + 1, memory_order_release);
+}
+
+static inline int sb_iteration_ok(sb_header *h, uint64_t iteration) {
+    return atomic_load_explicit(&h->commit, memory_order_relaxed) == 0 ||
+           iteration > atomic_load_explicit(&h->last_iteration, memory_order_relaxed);
+}
+
+/* Copies nbytes (must equal payload_bytes) into the next slot, checksums in the same pass, commits. */
+static inline int sb_publish(sb_header *h, const void *src, uint64_t nbytes, uint64_t iteration,
+                             uint64_t *commit_out) {
+    if (nbytes != h->payload_bytes) return SB_ELAYOUT;
+    if (!sb_iteration_ok(h, iteration)) return SB_EITER;
+    uint32_t slot;
+    char *dst = sb_write_begin(h, &slot);
+    uint32_t crc = 0;
+    if (h->flags & SB_FLAG_CHECKSUM)
+        crc = sb_crc32c_copy(dst, src, nbytes, 0);
+    else
+        memcpy(dst, src, nbytes);
+    uint64_t c = sb_write_commit(h, slot, iteration, crc);
+    if (commit_out) *commit_out = c;
+    return SB_OK;
+}
+
+/* Marks the block closed and wakes every reader (they then get SB_ECLOSED once drained). */
+static inline void sb_mark_closed(sb_header *h) {
+    atomic_store_explicit(&h->state, SB_STATE_CLOSED, memory_order_seq_cst);
+    sb__wake_all(h);
+}
+
+/* ---------------------------------------------------------------- reader side */
+
+typedef struct sb_snapshot {
+    uint64_t commit, iteration, published_ns, seq;
+    uint32_t crc, slot;
+} sb_snapshot;
+
+/*
+ * One attempt to read the latest commit whose iteration >= min_iteration.
+ * dst != NULL: copies the payload there (checksummed in the same pass when verify != 0).
+ * dst == NULL: zero-copy; verifies in place and reports slot + seq so the caller can re-check later.
+ * Returns SB_OK, SB_EAGAIN (nothing that new yet), SB_ECORRUPT; torn attempts are retried here.
+ */
+static inline int sb_try_read(sb_header *h, void *dst, uint64_t min_iteration, int verify,
+                              sb_snapshot *out) {
+    for (int attempt = 0; attempt < 1000; attempt++) {
+        uint64_t c = atomic_load_explicit(&h->commit, memory_order_acquire);
+        if (c == 0) return SB_EAGAIN;
+        uint32_t slot = (uint32_t)((c - 1) % h->slot_count);
+        sb_slot *s = &sb_slots(h)[slot];
+        uint64_t s1 = atomic_load_explicit(&s->seq, memory_order_acquire);
+        if (s1 & 1u) { /* lapped by the writer: the latest moved on, look again */
+            SB_CPU_RELAX();
+            continue;
+        }
+        uint64_t it = atomic_load_explicit(&s->iteration, memory_order_relaxed);
+        uint64_t sc = atomic_load_explicit(&s->commit, memory_order_relaxed);
+        uint64_t pub = atomic_load_explicit(&s->published_ns, memory_order_relaxed);
+        uint32_t crc = atomic_load_explicit(&s->crc, memory_order_relaxed);
+        if (sc < c) continue; /* descriptor not yet of commit c (cannot happen with acquire; be safe) */
+        if (it < min_iteration) {
+            atomic_thread_fence(memory_order_acquire);
+            if (atomic_load_explicit(&s->seq, memory_order_relaxed) == s1) return SB_EAGAIN;
+            continue;
+        }
+        const char *src = sb_payload(h, slot);
+        uint32_t got = 0;
+        int check = verify && (h->flags & SB_FLAG_CHECKSUM);
+        if (dst != NULL) {
+            if (check)
+                got = sb_crc32c_copy(dst, src, h->payload_bytes, 0);
+            else
+                memcpy(dst, src, h->payload_bytes);
+        } else if (check) {
+            got = sb_crc32c(src, h->payload_bytes, 0);
+        }
+        atomic_thread_fence(memory_order_acquire); /* payload loads happen before the re-check */
+        uint64_t s2 = atomic_load_explicit(&s->seq, memory_order_relaxed);
+        if (s1 != s2) continue; /* torn: the writer came back to this slot while we copied */
+        if (check && got != crc) return SB_ECORRUPT;
+        out->commit = sc;
+        out->iteration = it;
+        out->published_ns = pub;
+        out->crc = crc;
+        out->slot = slot;
+        out->seq = s1;
+        atomic_fetch_add_explicit(&h->reads, 1, memory_order_relaxed);
+        return SB_OK;
+    }
+    return SB_EAGAIN; /* pathological livelock: let the caller's wait loop come back */
+}
+
+/* True while a zero-copy snapshot's slot has not been reused by the writer. */
+static inline int sb_snapshot_valid(sb_header *h, const sb_snapshot *snap) {
+    atomic_thread_fence(memory_order_acquire);
+    return atomic_load_explicit(&sb_slots(h)[snap->slot].seq, memory_order_relaxed) == snap->seq;
+}
+
+/*
+ * Waits until `commit` differs from `seen` or the block is closed: spins for spin_ns, then parks on the
+ * futex for at most park_ns in total. Returns 1 when something changed, 0 when the slice elapsed.
+ */
+static inline int sb_wait_change(sb_header *h, uint64_t seen, uint64_t spin_ns, uint64_t park_ns) {
+#define SB__CHANGED()                                                          \
+    (atomic_load_explicit(&h->commit, memory_order_acquire) != seen ||        \
+     atomic_load_explicit(&h->state, memory_order_acquire) != SB_STATE_OPEN)
+    if (SB__CHANGED()) return 1;
+    uint64_t start = sb_now_ns(CLOCK_MONOTONIC);
+    if (spin_ns > 0) {
+        uint64_t spin_end = start + spin_ns;
+        do {
+            for (int i = 0; i < 64; i++) {
+                if (SB__CHANGED()) return 1;
+                SB_CPU_RELAX();
+            }
+        } while (sb_now_ns(CLOCK_MONOTONIC) < spin_end);
+    }
+    if (park_ns == 0) return SB__CHANGED();
+    uint64_t park_end = sb_now_ns(CLOCK_MONOTONIC) + park_ns;
+    int changed = 0;
+    atomic_fetch_add_explicit(&h->waiters, 1u, memory_order_seq_cst);
+    for (;;) {
+        uint32_t word = atomic_load_explicit(&h->futex, memory_order_seq_cst);
+        if (atomic_load_explicit(&h->commit, memory_order_seq_cst) != seen ||
+            atomic_load_explicit(&h->state, memory_order_seq_cst) != SB_STATE_OPEN) {
+            changed = 1;
+            break;
+        }
+        uint64_t now = sb_now_ns(CLOCK_MONOTONIC);
+        if (now >= park_end) break;
+        uint64_t left = park_end - now;
+        struct timespec ts = {(time_t)(left / 1000000000u), (long)(left % 1000000000u)};
+        long rc = sb__futex(&h->futex, FUTEX_WAIT, word, &ts);
+        if (rc == -1 && errno == EINTR) break; /* let the caller handle the signal */
+    }
+    atomic_fetch_sub_explicit(&h->waiters, 1u, memory_order_seq_cst);
+    return changed;
+#undef SB__CHANGED
+}
+
+/* ---------------------------------------------------------------- the C peer API */
+
+typedef struct sb_block {
+    int fd;
+    int owner;
+    sb_header *hdr;
+    uint64_t size;
+    uint64_t next_iteration;
+    char path[SB_NAME_MAX + 16];
+} sb_block;
+
+/* Creates "/simbridge.<name>" (0600 unless mode says otherwise); the caller becomes the writer. */
+static inline int sb_block_create(sb_block *b, const char *name, uint32_t dtype, uint32_t ndim,
+                                  const uint64_t *shape, uint32_t slot_count, uint32_t mode, uint32_t flags) {
+    memset(b, 0, sizeof *b);
+    b->fd = -1;
+    sb_layout L;
+    int rc = sb_shm_path(name, b->path, sizeof b->path);
+    if (rc != SB_OK) return rc;
+    rc = sb_layout_compute(&L, dtype, ndim, shape, slot_count, flags);
+    if (rc != SB_OK) return rc;
+    int fd = shm_open(b->path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, (mode_t)mode);
+    if (fd < 0) return errno == EEXIST ? SB_EEXIST : SB_ESYS;
+    if (fchmod(fd, (mode_t)mode) != 0 || ftruncate(fd, (off_t)L.total_bytes) != 0) {
+        int e = errno;
+        close(fd);
+        shm_unlink(b->path);
+        errno = e;
+        return SB_ESYS;
+    }
+    void *p = mmap(NULL, L.total_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+        int e = errno;
+        close(fd);
+        shm_unlink(b->path);
+        errno = e;
+        return SB_ESYS;
+    }
+    b->fd = fd;
+    b->owner = 1;
+    b->hdr = (sb_header *)p;
+    b->size = L.total_bytes;
+    b->next_iteration = 1;
+    sb_header_init(b->hdr, &L);
+    return SB_OK;
+}
+
+/* Attaches to an existing block as a reader, waiting up to timeout_ns (< 0: forever) for it to appear. */
+static inline int sb_block_open(sb_block *b, const char *name, int64_t timeout_ns) {
+    memset(b, 0, sizeof *b);
+    b->fd = -1;
+    int rc = sb_shm_path(name, b->path, sizeof b->path);
+    if (rc != SB_OK) return rc;
+    uint64_t deadline = sb_now_ns(CLOCK_MONOTONIC) + (uint64_t)(timeout_ns < 0 ? 0 : timeout_ns);
+    useconds_t backoff = 200;
+    for (;;) {
+        int fd = shm_open(b->path, O_RDWR | O_CLOEXEC, 0);
+        rc = fd < 0 ? (errno == ENOENT ? SB_ENOENT : SB_ESYS) : SB_OK;
+        if (fd >= 0) {
+            struct stat st;
+            if (fstat(fd, &st) != 0) {
+                rc = SB_ESYS;
+            } else if ((uint64_t)st.st_size < SB_HEADER_BYTES) {
+                rc = SB_ENOTREADY;
+            } else {
+                void *p = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+                if (p == MAP_FAILED) {
+                    rc = SB_ESYS;
+                } else {
+                    rc = sb_header_check((sb_header *)p, (uint64_t)st.st_size);
+                    if (rc == SB_OK) {
+                        b->fd = fd;
+                        b->hdr = (sb_header *)p;
+                        b->size = (uint64_t)st.st_size;
+                        atomic_fetch_add_explicit(&b->hdr->readers, 1u, memory_order_relaxed);
+                        return SB_OK;
+                    }
+                    munmap(p, (size_t)st.st_size);
+                }
+            }
+            close(fd);
+        }
+        if (rc != SB_ENOENT && rc != SB_ENOTREADY) return rc;
+        if (timeout_ns >= 0 && sb_now_ns(CLOCK_MONOTONIC) >= deadline) return rc;
+        usleep(backoff);
+        if (backoff < 20000) backoff *= 2;
+    }
+}
+
+/* Publishes with the next iteration id (1, 2, ...) unless the caller manages ids itself. */
+static inline int sb_block_publish(sb_block *b, const void *src, uint64_t nbytes, uint64_t iteration) {
+    if (!b->owner) return SB_EINVAL;
+    int rc = sb_publish(b->hdr, src, nbytes, iteration, NULL);
+    if (rc == SB_OK) b->next_iteration = iteration + 1;
+    return rc;
+}
+
+/*
+ * Blocking read of the first commit with iteration >= min_iteration into dst (nbytes = payload size).
+ * timeout_ns < 0 waits forever. Spins spin_ns first; parked waits wake every 200 ms to check the writer.
+ */
+static inline int sb_block_read(sb_block *b, void *dst, uint64_t nbytes, uint64_t min_iteration,
+                                int64_t timeout_ns, uint64_t spin_ns, sb_snapshot *out) {
+    sb_header *h = b->hdr;
+    if (nbytes != h->payload_bytes) return SB_ELAYOUT;
+    uint64_t start = sb_now_ns(CLOCK_MONOTONIC);
+    const uint64_t slice = UINT64_C(200000000);
+    for (;;) {
+        uint64_t seen = atomic_load_explicit(&h->commit, memory_order_acquire);
+        int rc = sb_try_read(h, dst, min_iteration, 1, out);
+        if (rc != SB_EAGAIN) return rc;
+        if (atomic_load_explicit(&h->state, memory_order_acquire) != SB_STATE_OPEN) return SB_ECLOSED;
+        uint64_t now = sb_now_ns(CLOCK_MONOTONIC);
+        if (timeout_ns >= 0 && now - start >= (uint64_t)timeout_ns) return SB_ETIMEDOUT;
+        uint64_t park = slice;
+        if (timeout_ns >= 0 && (uint64_t)timeout_ns - (now - start) < park)
+            park = (uint64_t)timeout_ns - (now - start);
+        if (!sb_wait_change(h, seen, spin_ns, park) && !sb_writer_alive(h)) return SB_EPEERGONE;
+        spin_ns = 0; /* spin only once per call */
+    }
+}
+
+/* Unmaps; the owner also marks the block closed (waking readers) and unlinks the name. */
+static inline void sb_block_close(sb_block *b) {
+    if (b->hdr != NULL) {
+        if (b->owner)
+            sb_mark_closed(b->hdr);
+        else
+            atomic_fetch_sub_explicit(&b->hdr->readers, 1u, memory_order_relaxed);
+        munmap(b->hdr, b->size);
+    }
+    if (b->fd >= 0) close(b->fd);
+    if (b->owner && b->path[0] != '\0') shm_unlink(b->path);
+    memset(b, 0, sizeof *b);
+    b->fd = -1;
+}
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SIMBRIDGE_SHM_H */

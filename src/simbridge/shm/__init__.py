@@ -1,0 +1,44 @@
+"""The data plane: named, versioned arrays (Block) in POSIX shared memory, shared with C/C++ peers.
+
+The layout and protocol are defined once, in ``include/simbridge/shm.h``; see :class:`Block`.
+"""
+
+from simbridge.shm.block import Block, Snapshot, validate_name
+from simbridge.shm.errors import (
+    BlockExists,
+    BlockNotFound,
+    Corrupted,
+    InvalidName,
+    LayoutMismatch,
+    NonFinite,
+    PeerGone,
+    ShmError,
+    Timeout,
+    WriterClosed,
+)
+from simbridge.shm.recorder import Recorder, diff, load_index
+from simbridge.shm.registry import BlockInfo, block_info, cleanup_stale, list_blocks, remove
+
+__all__ = [
+    "Block",
+    "BlockExists",
+    "BlockInfo",
+    "BlockNotFound",
+    "Corrupted",
+    "InvalidName",
+    "LayoutMismatch",
+    "NonFinite",
+    "PeerGone",
+    "Recorder",
+    "ShmError",
+    "Snapshot",
+    "Timeout",
+    "WriterClosed",
+    "block_info",
+    "cleanup_stale",
+    "diff",
+    "list_blocks",
+    "load_index",
+    "remove",
+    "validate_name",
+]

@@ -1,0 +1,412 @@
+"""Block: a named, versioned numpy array in POSIX shared memory, one writer and many readers.
+
+The layout and the torn-read-proof protocol live in ``include/simbridge/shm.h``; this module adds the
+Python API: dtype/shape checks, timeouts that say what they waited for, dead-writer detection,
+lifecycle (the owner unlinks at close and at exit) and the optional recorder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+import numpy as np
+import structlog
+from numpy.typing import ArrayLike, DTypeLike, NDArray
+
+from simbridge.config import ShmSettings, load_settings
+from simbridge.shm import _core
+from simbridge.shm.errors import (
+    BlockExists,
+    BlockNotFound,
+    InvalidName,
+    LayoutMismatch,
+    NonFinite,
+    PeerGone,
+    Timeout,
+    WriterClosed,
+)
+from simbridge.shm.recorder import Recorder
+
+log = structlog.get_logger("simbridge.shm")
+
+SHM_DIR: Final = Path("/dev/shm")
+
+# shm.h's dtype codes, keyed by numpy dtype; names in shm.h are numpy's names.
+_CODE_BY_DTYPE: Final[dict[np.dtype[Any], int]] = {
+    np.dtype(name): code for code, name in _core.DTYPES.items() if name != "bytes"
+}
+_DTYPE_BY_CODE: Final[dict[int, np.dtype[Any]]] = {
+    code: np.dtype("uint8" if name == "bytes" else name) for code, name in _core.DTYPES.items()
+}
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a valid block name, else raise :class:`InvalidName` saying why."""
+    if not isinstance(name, str):
+        raise InvalidName(f"a block name must be a str, got {type(name).__name__}")
+    if not _core.name_valid(name):
+        shown = name if len(name) <= 40 else name[:37] + "..."
+        raise InvalidName(
+            f"invalid block name {shown!r} ({len(name)} chars): use 1 to {_core.NAME_MAX} of "
+            "[A-Za-z0-9._-], not starting with '.' (no '/', spaces, NUL or non-ASCII)"
+        )
+    return name
+
+
+def dtype_code(dtype: DTypeLike) -> int:
+    """shm.h's code for a numpy dtype; :class:`LayoutMismatch` for dtypes a block cannot hold."""
+    dt = np.dtype(dtype)
+    if dt.byteorder not in ("=", "|") and dt.byteorder != np.dtype(dt.type).byteorder:
+        raise LayoutMismatch(f"dtype {dt} is not in native byte order; convert with .astype('{dt.name}')")
+    code = _CODE_BY_DTYPE.get(dt.newbyteorder("="))
+    if code is None:
+        supported = ", ".join(sorted(str(d) for d in _CODE_BY_DTYPE))
+        raise LayoutMismatch(f"dtype {dt} cannot live in a block; supported: {supported}")
+    return code
+
+
+class Snapshot:
+    """One committed iteration as a reader saw it.
+
+    ``array`` is a private copy, unless the read used ``copy=False``: then it is a read-only view of
+    the writer's slot, valid until the writer has published ``slots - 1`` more iterations (with the
+    default two slots: until the next-but-one publish starts). Call :meth:`valid` after using such a
+    view: if it returns False the view may have been overwritten while you used it; read again.
+    """
+
+    __slots__ = ("_segment", "_seq", "_slot", "array", "checksum", "commit", "iteration",
+                 "published_at", "writer_pid")
+
+    def __init__(self, array: NDArray[Any], raw: tuple[int, int, int, int, int, int], writer_pid: int,
+                 segment: _core.Segment | None) -> None:
+        self.array = array
+        self.commit, self.iteration, published_ns, self.checksum, self._slot, self._seq = raw
+        self.published_at = published_ns / 1e9
+        self.writer_pid = writer_pid
+        self._segment = segment
+
+    def valid(self) -> bool:
+        """True if the data is still what was read (always True for a copy)."""
+        return self._segment is None or self._segment.valid(self._slot, self._seq)
+
+    def __repr__(self) -> str:
+        return (f"Snapshot(iteration={self.iteration}, commit={self.commit}, shape={self.array.shape}, "
+                f"dtype={self.array.dtype}, writer_pid={self.writer_pid})")
+
+
+class Block:
+    """A named array in shared memory. Make one with :meth:`create` (the writer) or :meth:`open`."""
+
+    def __init__(self, segment: _core.Segment, *, name: str, settings: ShmSettings,
+                 record: Path | None) -> None:
+        header = segment.header()
+        self._seg = segment
+        self.name = name
+        self.dtype: np.dtype[Any] = _DTYPE_BY_CODE[header["dtype"]]
+        self.shape: tuple[int, ...] = tuple(header["shape"])
+        self.nbytes: int = header["payload_bytes"]
+        self.slots: int = header["slot_count"]
+        self.checksum: bool = header["checksum"]
+        self.writer_pid: int = header["owner_pid"]
+        self.is_owner: bool = segment.owner
+        self._size = int(np.prod(self.shape, dtype=np.int64))
+        self._spin_ns = int(settings.spin_us * 1000)
+        self._peer_check_s = settings.peer_check_ms / 1000
+        self._progress_s = settings.progress_every_s
+        self._read_timeout = settings.read_timeout_s
+        self._last_iteration: int = header["last_iteration"] if header["commit"] else 0
+        self._views: list[NDArray[Any] | None] = [None] * self.slots
+        self.recorder = Recorder(record) if record is not None else None
+        if self.is_owner:
+            # Unlink at close, at garbage collection and at interpreter exit, whichever comes first.
+            self._finalizer = weakref.finalize(self, _release_owned, segment)
+        else:
+            self._finalizer = weakref.finalize(self, segment.close)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def create(cls, name: str, shape: int | tuple[int, ...], dtype: DTypeLike, *, slots: int = 2,
+               mode: int | None = None, checksum: bool = True, record: str | os.PathLike[str] | None = None,
+               replace_stale: bool = True) -> Block:
+        """Create ``/dev/shm/simbridge.<name>`` and become its one writer.
+
+        A segment of that name left by a dead owner (or a previous boot) is replaced when
+        ``replace_stale``; one held by a live process raises :class:`BlockExists`.
+        """
+        validate_name(name)
+        shape_t = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape_t):
+            raise LayoutMismatch(f"negative dimension in shape {shape_t}")
+        if len(shape_t) > _core.MAX_NDIM:
+            raise LayoutMismatch(f"shape {shape_t} has {len(shape_t)} dimensions; at most {_core.MAX_NDIM}")
+        if not 1 <= slots <= _core.MAX_SLOTS:
+            raise ValueError(f"slots must be 1..{_core.MAX_SLOTS}, got {slots}")
+        settings = load_settings().shm
+        code = dtype_code(dtype)
+        perm = settings.mode if mode is None else mode
+        try:
+            segment = _core.create(name, code, shape_t, slots, perm, checksum)
+        except FileExistsError:
+            segment = cls._replace_if_stale(name, code, shape_t, slots, perm, checksum, replace_stale)
+        except ValueError as exc:
+            raise LayoutMismatch(f"block {name!r}: cannot hold shape {shape_t} of {np.dtype(dtype)}: "
+                                 f"{exc}") from exc
+        record_dir = cls._record_dir(record, settings)
+        log.debug("block created", name=name, shape=shape_t, dtype=str(np.dtype(dtype)), slots=slots)
+        return cls(segment, name=name, settings=settings, record=record_dir)
+
+    @staticmethod
+    def _replace_if_stale(name: str, code: int, shape: tuple[int, ...], slots: int, mode: int,
+                          checksum: bool, replace_stale: bool) -> _core.Segment:
+        from simbridge.shm.registry import block_info
+
+        info = block_info(name)
+        if info is not None and not info.stale:
+            raise BlockExists(f"block {name!r} exists and its owner pid {info.owner_pid} is alive; "
+                              "pick another name or stop that process") from None
+        if not replace_stale:
+            raise BlockExists(f"block {name!r} exists (stale: owner gone); remove it with "
+                              f"`simbridge shm rm {name}` or pass replace_stale=True") from None
+        log.warning("replacing stale block", name=name,
+                    owner_pid=None if info is None else info.owner_pid)
+        try:
+            _core.unlink(name)
+        except FileNotFoundError:
+            pass
+        try:
+            return _core.create(name, code, shape, slots, mode, checksum)
+        except FileExistsError:
+            raise BlockExists(f"block {name!r} was created by another process while replacing a "
+                              "stale one") from None
+
+    @classmethod
+    def open(cls, name: str, *, timeout: float | None = None,
+             record: str | os.PathLike[str] | None = None) -> Block:
+        """Attach as a reader, waiting up to ``timeout`` seconds for the block to appear.
+
+        ``timeout=None`` uses ``shm.open_timeout_s`` from the configuration; ``0`` tries once.
+        """
+        validate_name(name)
+        settings = load_settings().shm
+        limit = settings.open_timeout_s if timeout is None else timeout
+        start = time.monotonic()
+        delay = 0.0005
+        while True:
+            try:
+                segment = _core.open(name)
+            except FileNotFoundError:
+                segment = None
+            except ValueError as exc:  # LayoutMismatch is a ValueError too
+                if isinstance(exc, LayoutMismatch):
+                    raise LayoutMismatch(f"block {name!r}: {exc}") from exc
+                raise
+            if segment is not None:
+                return cls(segment, name=name, settings=settings, record=cls._record_dir(record, settings))
+            waited = time.monotonic() - start
+            if waited >= limit:
+                exists = (SHM_DIR / f"{_core.SHM_PREFIX}{name}").exists()
+                what = "to be initialised by its creator" if exists else "to appear"
+                raise BlockNotFound(f"block {name!r} did not become available within {limit:g} s "
+                                    f"(waited for it {what}); is the writer running?")
+            time.sleep(min(delay, limit - waited))
+            delay = min(delay * 2, 0.02)
+
+    @staticmethod
+    def _record_dir(record: str | os.PathLike[str] | None, settings: ShmSettings) -> Path | None:
+        if record is not None:
+            return Path(record)
+        return settings.record
+
+    # ------------------------------------------------------------------ writing
+
+    def publish(self, array: ArrayLike, *, iteration: int | None = None,
+                check_finite: bool = False) -> int:
+        """Copy ``array`` into the next slot, checksum it, commit it and wake readers.
+
+        ``iteration`` defaults to the previous one plus one (the first is 1) and must increase.
+        Returns the iteration id readers will see.
+        """
+        arr = np.asarray(array)
+        if arr.dtype != self.dtype or arr.shape != self.shape:
+            raise LayoutMismatch(f"block {self.name!r} holds {self.shape} {self.dtype}; "
+                                 f"got {arr.shape} {arr.dtype}")
+        if check_finite:
+            self._check_finite(arr, "publish")
+        it = self._last_iteration + 1 if iteration is None else iteration
+        if it < 0:
+            raise ValueError(f"iteration must be >= 0, got {it}")
+        commit = self._seg.publish(arr, it)
+        self._last_iteration = it
+        if self.recorder is not None:
+            self.recorder.record(self.name, "publish", arr, iteration=it, commit=commit)
+        return it
+
+    @contextmanager
+    def loan(self, iteration: int | None = None) -> Iterator[NDArray[Any]]:
+        """Lend a writable view of the next slot for zero-copy writes; commits when the block exits.
+
+        An exception inside the block aborts the write and readers never see it. Do not keep the
+        view after the ``with`` block: the slot is the writer's again.
+        """
+        it = self._last_iteration + 1 if iteration is None else iteration
+        slot, _offset = self._seg.begin_write()
+        try:
+            yield self._view(slot, writable=True)
+        except BaseException:
+            self._seg.abort_write(slot)
+            raise
+        commit = self._seg.commit_write(slot, it)
+        self._last_iteration = it
+        if self.recorder is not None:
+            self.recorder.record(self.name, "publish", self._view(slot, writable=False),
+                                 iteration=it, commit=commit)
+
+    # ------------------------------------------------------------------ reading
+
+    def read(self, *, after: int | None = None, timeout: float | None = None, copy: bool = True,
+             check_finite: bool = False, out: NDArray[Any] | None = None) -> Snapshot:
+        """Wait for an iteration greater than ``after`` (any, if None) and return it; never torn.
+
+        ``timeout=None`` uses ``shm.read_timeout_s`` (300 s by default; ``math.inf`` waits forever).
+        ``out`` receives the copy (no allocation). ``copy=False`` returns a read-only view, see
+        :class:`Snapshot`. Raises :class:`Timeout`, :class:`PeerGone`, :class:`WriterClosed`,
+        :class:`Corrupted` or :class:`NonFinite`.
+        """
+        min_iteration = 0 if after is None else after + 1
+        if min_iteration < 0:
+            raise ValueError(f"after must be >= -1, got {after}")
+        dst: NDArray[Any] | None
+        if not copy:
+            dst = None
+        elif out is None:
+            dst = np.empty(self.shape, self.dtype)
+        else:
+            self._check_out(out)
+            dst = out
+        raw = self._seg.read(dst, min_iteration, self._spin_ns, 0, self.checksum)
+        if raw.__class__ is not tuple:
+            raw = self._wait(dst, min_iteration, after, timeout, raw)
+        array = dst if dst is not None else self._view(raw[4], writable=False)
+        if check_finite:
+            self._check_finite(array, f"read of iteration {raw[1]}")
+        snap = Snapshot(array, raw, self.writer_pid, None if copy else self._seg)
+        if self.recorder is not None:
+            self.recorder.record(self.name, "read", array, iteration=snap.iteration,
+                                 commit=snap.commit, header_crc=snap.checksum if self.checksum else None,
+                                 writer_pid=self.writer_pid)
+        return snap
+
+    def _wait(self, dst: NDArray[Any] | None, min_iteration: int, after: int | None,
+              timeout: float | None, status: Any) -> tuple[int, int, int, int, int, int]:
+        limit = self._read_timeout if timeout is None else timeout
+        start = time.monotonic()
+        deadline = start + limit if math.isfinite(limit) else math.inf
+        next_progress = start + self._progress_s
+        waited_for = "any iteration" if after is None else f"an iteration after {after}"
+        while True:
+            if status == _core.ECLOSED:
+                raise WriterClosed(f"block {self.name!r}: the writer (pid {self.writer_pid}) closed it "
+                                   f"while we waited for {waited_for}", name=self.name, pid=self.writer_pid)
+            now = time.monotonic()
+            if now >= deadline:
+                raise Timeout(f"block {self.name!r}: waited {limit:g} s for {waited_for}, none came "
+                              f"(latest iteration {self.latest_iteration}, writer pid {self.writer_pid})",
+                              name=self.name, waited_for=waited_for, timeout=limit)
+            if not self._seg.writer_alive():
+                raise PeerGone(f"block {self.name!r}: writer pid {self.writer_pid} is gone while we waited "
+                               f"for {waited_for} (latest iteration {self.latest_iteration})",
+                               name=self.name, pid=self.writer_pid)
+            if now >= next_progress:
+                log.info("still waiting", block=self.name, waiting_for=waited_for,
+                         waited_s=round(now - start, 1), timeout_s=limit,
+                         latest_iteration=self.latest_iteration, writer_pid=self.writer_pid)
+                next_progress = now + self._progress_s
+            park = min(self._peer_check_s, deadline - now, next_progress - now)
+            status = self._seg.read(dst, min_iteration, 0, max(1, int(park * 1e9)), self.checksum)
+            if status.__class__ is tuple:
+                return status  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _view(self, slot: int, *, writable: bool) -> NDArray[Any]:
+        if writable:
+            offset = self._seg.payload_offset(slot)
+            return np.frombuffer(self._seg, self.dtype, self._size, offset).reshape(self.shape)
+        view = self._views[slot]
+        if view is None:
+            offset = self._seg.payload_offset(slot)
+            view = np.frombuffer(self._seg, self.dtype, self._size, offset).reshape(self.shape)
+            view.flags.writeable = False
+            self._views[slot] = view
+        return view
+
+    def _check_out(self, out: NDArray[Any]) -> None:
+        if out.dtype != self.dtype or out.shape != self.shape or not out.flags.c_contiguous:
+            raise LayoutMismatch(f"out must be a C-contiguous {self.shape} {self.dtype} array; "
+                                 f"got {out.shape} {out.dtype}")
+
+    def _check_finite(self, arr: NDArray[Any], what: str) -> None:
+        if arr.dtype.kind not in "fc":
+            return
+        finite = np.isfinite(arr)
+        if finite.all():
+            return
+        bad = int(finite.size - np.count_nonzero(finite))
+        first = tuple(int(i) for i in np.unravel_index(int(np.argmin(finite)), arr.shape))
+        raise NonFinite(f"block {self.name!r}: {what} has {bad} NaN/Inf value(s), first at index {first}",
+                        count=bad, first_index=first)
+
+    @property
+    def latest_iteration(self) -> int | None:
+        """The iteration of the latest commit, or None before the first publish."""
+        header = self._seg.header()
+        return header["last_iteration"] if header["commit"] else None
+
+    def writer_alive(self) -> bool:
+        """Whether the writer process still runs (pid, start time and boot id all match)."""
+        return bool(self._seg.writer_alive())
+
+    def header(self) -> dict[str, Any]:
+        """Every header field as shm.h defines it, for inspection and debugging."""
+        return self._seg.header()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._seg.closed)
+
+    def close(self) -> None:
+        """Detach. The owner also marks the block closed (waking readers) and unlinks its name.
+
+        Read-only views handed out with ``copy=False`` stay valid after close: the mapping goes away
+        with the last of them.
+        """
+        self._views = [None] * self.slots
+        self._finalizer()
+
+    def __enter__(self) -> Block:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        role = "owner" if self.is_owner else "reader"
+        return f"Block({self.name!r}, shape={self.shape}, dtype={self.dtype}, slots={self.slots}, {role})"
+
+
+def _release_owned(segment: _core.Segment) -> None:
+    # Unlink before close: the name must only go while our fd can still prove it is ours.
+    try:
+        segment.unlink()
+    finally:
+        segment.close()

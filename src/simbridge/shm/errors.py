@@ -1,0 +1,61 @@
+"""The data plane's errors: every failure of a Block is one of these, each also a builtin error."""
+
+from __future__ import annotations
+
+from simbridge.errors import SimbridgeError
+
+
+class ShmError(SimbridgeError):
+    """Base of every error raised by simbridge.shm."""
+
+
+class InvalidName(ShmError, ValueError):
+    """Raised when a block name is empty, too long, or has characters other than [A-Za-z0-9._-]."""
+
+
+class Timeout(ShmError, TimeoutError):
+    """Raised when a wait (for a segment to appear, or for a new iteration) exceeds its timeout."""
+
+    def __init__(self, message: str, *, name: str, waited_for: str, timeout: float) -> None:
+        super().__init__(message)
+        self.name = name
+        self.waited_for = waited_for
+        self.timeout = timeout
+
+
+class PeerGone(ShmError, ConnectionError):
+    """Raised when the block's writer process died (or the machine rebooted) while a reader waited."""
+
+    def __init__(self, message: str, *, name: str, pid: int) -> None:
+        super().__init__(message)
+        self.name = name
+        self.pid = pid
+
+
+class WriterClosed(PeerGone):
+    """Raised when the writer closed the block cleanly and no newer iteration will come."""
+
+
+class Corrupted(ShmError, ValueError):
+    """Raised when a consistent copy of a payload does not match its CRC32C."""
+
+
+class LayoutMismatch(ShmError, ValueError):
+    """Raised when magic, ABI version, dtype, shape or size of a segment or array disagree."""
+
+
+class NonFinite(ShmError, ValueError):
+    """Raised by ``check_finite=True`` when an array holds NaN or Inf; says how many and where first."""
+
+    def __init__(self, message: str, *, count: int, first_index: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.count = count
+        self.first_index = first_index
+
+
+class BlockExists(ShmError, FileExistsError):
+    """Raised when creating a block whose name is held by a live owner."""
+
+
+class BlockNotFound(ShmError, FileNotFoundError):
+    """Raised when a block does not exist (and, for ``open``, did not appear in time)."""
