@@ -49,6 +49,12 @@ class ShmSettings(_Section):
         le=10_000,
         description="How often a parked wait wakes to check that the writer is still alive.",
     )
+    open_timeout_s: float = Field(
+        default=30.0, ge=0, description="Default time Block.open waits for a block to appear."
+    )
+    read_timeout_s: float = Field(
+        default=300.0, gt=0, description="Default time Block.read waits for a new iteration."
+    )
     progress_every_s: float = Field(
         default=5.0, gt=0, description="Interval of the 'still waiting' log line."
     )
