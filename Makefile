@@ -10,7 +10,7 @@ SOURCES := $(shell find src include -type f \( -name '*.py' -o -name '*.c' -o -n
 # Debian packages the real-component tests need (a C compiler for the shm peers; each plane appends its
 # own). Installed only when running as root and something is missing; otherwise the tests that need
 # them say what to install (and fail under CI=true instead of skipping).
-DEBIAN_PACKAGES := gcc libc6-dev
+DEBIAN_PACKAGES := gcc libc6-dev postgresql
 
 .PHONY: run test lint typecheck imports unit integration bench install clean system-packages
 
@@ -36,6 +36,12 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/simbridge demo blocks
+	@# The jobs pipeline on embedded defaults (SQLite under .work/, local executor): drop the
+	@# example case into the inbox under a fresh name, serve until every beam has ended.
+	@case=.work/inbox/example-$$(date +%Y%m%d-%H%M%S); mkdir -p .work/inbox && \
+	  rm -rf .work/.case.partial && cp -r examples/mqi/case .work/.case.partial && \
+	  mv .work/.case.partial $$case && touch $$case/READY && echo "dropped $$case into the inbox"
+	SIMBRIDGE_CONFIG=examples/mqi/simbridge.yaml $(VENV)/bin/simbridge serve --until-idle
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples

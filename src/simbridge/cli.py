@@ -5,8 +5,10 @@ from __future__ import annotations
 import typer
 
 from simbridge.gpus.cli import app as gpus_app
+from simbridge.jobs.cli import register as register_jobs
 from simbridge.shm.cli import app as shm_app
 from simbridge.shm.cli import demo_app
+from simbridge.tui.cli import dashboard
 
 app = typer.Typer(
     name="simbridge",
@@ -17,6 +19,8 @@ app = typer.Typer(
 app.add_typer(shm_app, name="shm", help="Shared-memory blocks: list, inspect, remove, clean, diff.")
 app.add_typer(demo_app, name="demo", help="Small runnable demonstrations.")
 app.add_typer(gpus_app, name="gpus", help="GPUs or slots: memory, utilisation, holder pid.")
+register_jobs(app)  # serve, submit, status, retry, cancel
+app.command("dashboard")(dashboard)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,210 @@
+"""What a person asks of the pipeline from outside `serve`: status views, retry and cancel.
+
+These work whether or not `serve` is running: they write the store (intent first) and, for cancel,
+signal the attempt's process group directly; a running `serve` notices on its next tick.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from simbridge.jobs.errors import NotFoundError, StaleStateError
+from simbridge.jobs.executors import Executor, JobRef, make_executor
+from simbridge.jobs.names import safe_key
+from simbridge.jobs.states import BeamState, case_state, resume_state
+from simbridge.jobs.store import BeamRow, CaseRow, Store
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class BeamView:
+    """One beam as shown to people."""
+
+    case: str
+    beam: str
+    name: str
+    state: str
+    gpu: str | None
+    job_id: str | None
+    tries: int
+    elapsed_s: float | None
+    exit_code: int | None
+    last_error: str | None
+    progress: float
+
+
+@dataclass(frozen=True)
+class CaseView:
+    """One case with its derived state and its beams."""
+
+    case: str
+    name: str
+    state: str
+    created_at: float
+    beams: tuple[BeamView, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+_PROGRESS = {
+    BeamState.PENDING: 0.0,
+    BeamState.PREPARING: 0.1,
+    BeamState.UPLOADING: 0.25,
+    BeamState.QUEUED: 0.3,
+    BeamState.RUNNING: 0.5,
+    BeamState.COLLECTING: 0.8,
+    BeamState.POSTPROCESSING: 0.9,
+    BeamState.COMPLETED: 1.0,
+    BeamState.FAILED: 1.0,
+    BeamState.CANCELLED: 1.0,
+}
+
+
+def beam_view(case: CaseRow, beam: BeamRow, now: float) -> BeamView:
+    """How one beam looks on screen (progress is the pipeline position, 0..1)."""
+    start = beam.started_at or beam.created_at
+    end = beam.finished_at if beam.state.terminal else now
+    return BeamView(
+        case=case.key,
+        beam=beam.key,
+        name=beam.name,
+        state=beam.state.value,
+        gpu=beam.gpu_id,
+        job_id=beam.hpc_job_id,
+        tries=beam.step_tries,
+        elapsed_s=(end - start) if end is not None else None,
+        exit_code=beam.exit_code,
+        last_error=beam.last_error,
+        progress=_PROGRESS[beam.state],
+    )
+
+
+def snapshot(store: Store, case: str | None = None) -> list[CaseView]:
+    """Every case (or one, by key or folder name) with its beams, oldest first."""
+    now = time.time()
+    cases = [find_case(store, case)] if case is not None else store.cases()
+    by_case: dict[int, list[BeamRow]] = {}
+    for beam in store.beams(case_id=cases[0].id if case is not None else None):
+        by_case.setdefault(beam.case_id, []).append(beam)
+    views = []
+    for c in cases:
+        beams = by_case.get(c.id, [])
+        views.append(
+            CaseView(
+                case=c.key,
+                name=c.name,
+                state=case_state(b.state for b in beams).value,
+                created_at=c.created_at,
+                beams=tuple(beam_view(c, b, now) for b in beams),
+            )
+        )
+    return views
+
+
+def find_case(store: Store, ref: str) -> CaseRow:
+    """A case by key, or by its original folder name."""
+    try:
+        return store.case(ref)
+    except NotFoundError:
+        return store.case(safe_key(ref))
+
+
+def resolve(store: Store, target: str) -> tuple[CaseRow, list[BeamRow]]:
+    """``CASE`` (all its beams) or ``CASE/BEAM`` (one beam), by key or original name."""
+    case_ref, _, beam_ref = target.partition("/")
+    case = find_case(store, case_ref)
+    beams = store.beams(case_id=case.id)
+    if beam_ref:
+        beams = [b for b in beams if beam_ref in {b.key, b.name}]
+        if not beams:
+            raise NotFoundError(
+                f"case {case.key} has no beam {beam_ref!r}; see `simbridge status {case.key}`"
+            )
+    return case, beams
+
+
+def retry(store: Store, target: str, *, failed: bool = True, cancelled: bool = False) -> list[str]:
+    """Put failed (and/or cancelled) beams back in line from the step that failed; their keys."""
+    _, beams = resolve(store, target)
+    done = []
+    for beam in beams:
+        if failed and beam.state is BeamState.FAILED:
+            to = resume_state(beam.failed_step)
+        elif cancelled and beam.state is BeamState.CANCELLED:
+            to = BeamState.PENDING
+        else:
+            continue
+        try:
+            store.transition(
+                beam.id,
+                beam.state,
+                to,
+                reason=f"retry requested (was {beam.state}, resumes at {to})",
+                step_tries=0,
+                not_before=None,
+                last_error=None,
+                exit_code=None,
+                finished_at=None,
+            )
+        except StaleStateError:
+            continue
+        done.append(beam.key)
+    return done
+
+
+def cancel(store: Store, target: str, *, work_root: Path, grace_s: float = 5.0) -> list[str]:
+    """Cancel every unfinished beam of the target: record it, then kill its processes."""
+    _, beams = resolve(store, target)
+    executors: dict[str, Executor] = {}
+    done = []
+    for beam in beams:
+        for _ in range(5):  # `serve` may move the beam meanwhile: retry on the fresh state
+            current = store.beam(beam.id)
+            if current.state.terminal:
+                break
+            try:
+                store.transition(
+                    beam.id, current.state, BeamState.CANCELLED, reason="cancel requested"
+                )
+            except StaleStateError:
+                continue
+            done.append(beam.key)
+            break
+        # Kill what runs for it (also an attempt left open by an earlier, interrupted cancel).
+        for attempt in store.open_attempts(beam_id=beam.id):
+            if store.beam(beam.id).state is not BeamState.CANCELLED:
+                break
+            ex = executors.get(attempt.executor)
+            if ex is None:
+                ex = executors[attempt.executor] = make_executor(attempt.executor)
+            case = store.case(beam.case_id)
+            prefix = (
+                work_root.resolve()
+                / "logs"
+                / case.key
+                / beam.key
+                / f"{attempt.step.lower()}-{attempt.number}"
+            )
+            ref = JobRef(
+                token=attempt.token,
+                log_prefix=prefix,
+                job_id=attempt.job_id,
+                pid=attempt.pid,
+                pid_start=attempt.pid_start,
+            )
+            killed = ex.cancel(ref, grace_s=grace_s)
+            store.close_attempt(attempt.id, outcome="cancelled", exit_code=None)
+            store.add_event(
+                case_id=beam.case_id,
+                beam_id=beam.id,
+                reason=f"cancel: {'killed' if killed else 'no process of'} job {attempt.job_id}",
+            )
+    return done

@@ -1,0 +1,366 @@
+"""The dispatcher: turns cases into beams and drives every beam through the pipeline, durably.
+
+One loop owns scheduling and the status watcher (one poll of all open attempts per tick); the
+steps that copy or launch run on a bounded thread pool. Threads, not processes: the heavy work
+happens in child processes, the steps only copy files, launch and write short transactions, and
+one process keeps GPU leases and the database handle simple. All state lives in the store, so a
+restart reconciles whatever was in flight: adopt a running attempt, collect one that ended
+while we were away, relaunch one that never started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import FrameType, TracebackType
+
+import structlog
+
+from simbridge.config import Settings
+from simbridge.gpus import GpuPool
+from simbridge.gpus.errors import LeaseTimeout
+from simbridge.jobs.errors import BadNameError, CaseRejectedError, JobsConfigError, StaleStateError
+from simbridge.jobs.executors import Executor, JobInfo, JobRef, JobStatus, make_executor
+from simbridge.jobs.executors.local import LocalExecutor
+from simbridge.jobs.inbox import Inbox, take_case
+from simbridge.jobs.names import safe_key
+from simbridge.jobs.pipeline import LOCAL_STEPS, Pipeline
+from simbridge.jobs.states import BeamState
+from simbridge.jobs.store import AttemptRow, BeamRow, Store, default_actor
+from simbridge.jobs.transport import LocalTransport
+
+log = structlog.get_logger(__name__)
+
+ACTIVE = (
+    BeamState.PENDING,
+    BeamState.PREPARING,
+    BeamState.UPLOADING,
+    BeamState.QUEUED,
+    BeamState.COLLECTING,
+    BeamState.POSTPROCESSING,
+)
+SCAN_LIMIT = 256
+
+
+class Dispatcher:
+    """Watch the inbox and run every beam to the end. A context manager (owns threads, store)."""
+
+    def __init__(
+        self, *, settings: Settings, store: Store | None = None, watch_inbox: bool = True
+    ) -> None:
+        jobs = settings.jobs
+        if jobs.steps.simulate is None:
+            raise JobsConfigError(
+                "jobs.steps.simulate is not set: give the simulation command template in "
+                "simbridge.yaml (jobs: steps: simulate: ...) or SIMBRIDGE_JOBS__STEPS__SIMULATE"
+            )
+        self.settings = settings
+        self.jobs = jobs
+        self._own_store = store is None
+        self.store = store or Store(url=jobs.db_url(), actor=default_actor("serve"))
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.local = LocalExecutor(notify=self._wake.set)
+        self.executor: Executor = (
+            self.local if jobs.executor == "local" else make_executor(jobs.executor)
+        )
+        self._executors: dict[str, Executor] = {"local": self.local, jobs.executor: self.executor}
+        self.pipeline = Pipeline(
+            settings=jobs,
+            store=self.store,
+            executor=self.executor,
+            local=self.local,
+            transport=LocalTransport(root=jobs.work_root.resolve() / "remote"),
+        )
+        self.gpus = GpuPool.from_settings(settings)
+        self._threads = ThreadPoolExecutor(max_workers=jobs.workers, thread_name_prefix="sb-step")
+        self._busy: set[int] = set()  # beams with an action on the pool
+        self._launching: set[int] = set()  # beams whose attempt row may not have a pid yet
+        self._ingesting: set[str] = set()
+        self._open: dict[int, AttemptRow] = {}
+        self._lock = threading.Lock()
+        self._inbox: Inbox | None = None
+        if watch_inbox:
+            self._inbox = Inbox(
+                root=jobs.inbox,
+                ready_marker=jobs.ready_marker,
+                stable_s=jobs.stable_s,
+                is_taken=lambda name: self.store.has_case(safe_key(name)),
+                on_change=self._wake.set,
+            )
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Dispatcher:
+        if self._inbox is not None:
+            self._inbox.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop scheduling, let running steps finish (bounded), then release everything.
+
+        Order matters: the pool drains before the store closes, since its steps write to it.
+        Launched processes keep running; the next start adopts them.
+        """
+        self._stop.set()
+        if self._inbox is not None:
+            self._inbox.__exit__(None, None, None)
+        self._threads.shutdown(wait=True, cancel_futures=True)
+        self.gpus.close()
+        if self._own_store:
+            self.store.close()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current tick (signal-safe)."""
+        self._stop.set()
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the loop (children keep running and are adopted later)."""
+
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            log.info("jobs.serve_stopping", signal=signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self, *, until_idle: bool = False, max_s: float | None = None) -> bool:
+        """Loop until stopped (or idle, or ``max_s`` passed); True if it ended idle."""
+        self.recover()
+        deadline = None if max_s is None else time.monotonic() + max_s
+        while not self._stop.is_set():
+            self.tick()
+            if until_idle and self.idle():
+                return True
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            self._wake.wait(self.jobs.poll_s)
+            self._wake.clear()
+        return False
+
+    def recover(self) -> None:
+        """Say what was in flight when we (re)started; the first tick reconciles it."""
+        in_flight = self.store.beams(states=[*ACTIVE, BeamState.RUNNING])
+        open_attempts = self.store.open_attempts()
+        if in_flight or open_attempts:
+            log.info(
+                "jobs.recovering",
+                beams_in_flight=len(in_flight),
+                open_attempts=len(open_attempts),
+            )
+
+    def idle(self) -> bool:
+        """Nothing left to do: no active beam, no step running, no case being taken or settling."""
+        with self._lock:
+            if self._busy or self._ingesting:
+                return False
+        if self._inbox is not None and self._inbox.pending():
+            return False
+        return self.store.count_active() == 0
+
+    # ---- one tick ----------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Watch the open attempts, take complete cases, and start what can start now."""
+        self._watch(time.time())
+        self._take_cases()
+        if not self._stop.is_set():
+            self._schedule(time.time())
+
+    def _submit(self, beam_id: int, action: Callable[[], object], *, launching: bool) -> None:
+        with self._lock:
+            self._busy.add(beam_id)
+            if launching:
+                self._launching.add(beam_id)
+
+        def done(_fut: Future[None]) -> None:
+            with self._lock:
+                self._busy.discard(beam_id)
+                self._launching.discard(beam_id)
+            self._wake.set()
+
+        self._threads.submit(self._guard, beam_id, action).add_done_callback(done)
+
+    def _guard(self, beam_id: int, action: Callable[[], object]) -> None:
+        try:
+            action()
+        except StaleStateError as exc:
+            log.debug("jobs.step_skipped", beam=beam_id, reason=str(exc))
+        except Exception as exc:  # a step must never take the dispatcher down
+            log.exception("jobs.step_crashed", beam=beam_id)
+            try:
+                beam = self.store.beam(beam_id)
+                if not beam.state.terminal and beam.state is not BeamState.RUNNING:
+                    self.pipeline.fail(beam, beam.state, f"internal error in {beam.state}: {exc!r}")
+            except Exception:
+                log.exception("jobs.step_crash_unrecorded", beam=beam_id)
+
+    def _watch(self, now: float) -> None:
+        attempts = self.store.open_attempts()
+        with self._lock:
+            launching = set(self._launching)
+        self._open = {a.beam_id: a for a in attempts}
+        if not attempts:
+            return
+        beams = {b.id: b for b in self.store.beams(ids=self._open.keys())}
+        polled: dict[str, list[tuple[AttemptRow, JobRef]]] = {}
+        for attempt in attempts:
+            if attempt.beam_id in launching:
+                continue
+            beam = beams[attempt.beam_id]
+            ref = self.pipeline.ref(attempt, beam)
+            if attempt.pid is None and attempt.job_id is None:
+                found = self._executors[attempt.executor].find(ref)
+                if found is not None:
+                    self.store.record_launch(
+                        attempt.id, job_id=found.job_id, pid=found.pid, pid_start=found.pid_start
+                    )
+                    ref = dataclasses.replace(
+                        ref, job_id=found.job_id, pid=found.pid, pid_start=found.pid_start
+                    )
+                elif not ref.exit_file.exists():
+                    self._never_started(attempt, beam)
+                    continue
+            polled.setdefault(attempt.executor, []).append((attempt, ref))
+        for name, items in polled.items():
+            infos = self._executors[name].poll([ref for _, ref in items])
+            for attempt, ref in items:
+                self._judge(attempt, ref, beams[attempt.beam_id], infos[ref.token], now)
+
+    def _never_started(self, attempt: AttemptRow, beam: BeamRow) -> None:
+        # Killed between writing the intent and launching: nothing ran, so this was no try.
+        if not self.store.close_attempt(attempt.id, outcome="unlaunched", exit_code=None):
+            return
+        self.store.forget_try(beam.id)
+        log.info("jobs.attempt_never_started", beam=beam.id, step=attempt.step)
+        if beam.state is BeamState.RUNNING:
+            with contextlib.suppress(StaleStateError):
+                self.store.transition(
+                    beam.id,
+                    BeamState.RUNNING,
+                    BeamState.QUEUED,
+                    reason="launch was interrupted before it started; queued again",
+                    step_tries=max(0, beam.step_tries - 1),
+                )
+
+    def _judge(
+        self, attempt: AttemptRow, ref: JobRef, beam: BeamRow, info: JobInfo, now: float
+    ) -> None:
+        executor = self._executors[attempt.executor]
+        if info.status is JobStatus.RUNNING:
+            if beam.state is not attempt.step:
+                # Cancelled (by `simbridge cancel` in another process that died midway).
+                self._submit_once(
+                    beam.id, functools.partial(self._kill, executor, attempt, ref, None)
+                )
+            elif now > attempt.deadline:
+                kill = functools.partial(self._kill, executor, attempt, ref, "timeout")
+                self._submit_once(beam.id, kill)
+            return
+        self.pipeline.finish(attempt, info)
+
+    def _submit_once(self, beam_id: int, action: Callable[[], object]) -> None:
+        with self._lock:
+            if beam_id in self._busy:
+                return
+        self._submit(beam_id, action, launching=False)
+
+    def _kill(self, executor: Executor, attempt: AttemptRow, ref: JobRef, why: str | None) -> None:
+        executor.cancel(ref)
+        if why == "timeout":
+            log.warning("jobs.attempt_timeout", beam=attempt.beam_id, step=attempt.step)
+            self.pipeline.finish(attempt, JobInfo(JobStatus.LOST, detail="timeout"), timed_out=True)
+        else:
+            self.store.close_attempt(attempt.id, outcome="cancelled", exit_code=None)
+
+    def _take_cases(self) -> None:
+        if self._inbox is None:
+            return
+        for folder in self._inbox.ready():
+            name = folder.name
+            with self._lock:
+                if name in self._ingesting:
+                    continue
+                self._ingesting.add(name)
+            fut = self._threads.submit(self._take, folder)
+            fut.add_done_callback(functools.partial(self._taken, name))
+
+    def _take(self, folder: Path) -> None:
+        assert self._inbox is not None
+        try:
+            take_case(
+                self.store,
+                folder,
+                work_root=self.jobs.work_root,
+                ready_marker=self.jobs.ready_marker,
+            )
+        except (CaseRejectedError, BadNameError) as exc:
+            log.warning("jobs.case_rejected", folder=str(folder), error=str(exc))
+        except Exception:
+            log.exception("jobs.case_take_crashed", folder=str(folder))
+            return  # offered again on the next tick
+        self._inbox.mark_done(folder.name)
+
+    def _taken(self, name: str, _fut: Future[None]) -> None:
+        with self._lock:
+            self._ingesting.discard(name)
+        self._wake.set()
+
+    def _schedule(self, now: float) -> None:
+        rows = self.store.ready_beams(ACTIVE, now=now, limit=SCAN_LIMIT)
+        with self._lock:
+            busy = set(self._busy)
+        local_cmds = sum(1 for a in self._open.values() if a.step in LOCAL_STEPS)
+        queued: list[BeamRow] = []
+        steps = self.jobs.steps
+        for beam in rows:
+            if beam.id in busy or beam.id in self._open:
+                continue
+            if len(busy) >= 2 * self.jobs.workers:
+                break
+            state = beam.state
+            if state is BeamState.QUEUED:
+                queued.append(beam)
+                continue
+            command = {
+                BeamState.PREPARING: steps.prepare,
+                BeamState.POSTPROCESSING: steps.postprocess,
+            }
+            if state in command and command[state] is not None:
+                if local_cmds >= self.jobs.max_preparing:
+                    continue
+                local_cmds += 1
+            action = {
+                BeamState.PENDING: self.pipeline.start,
+                BeamState.PREPARING: self.pipeline.prepare,
+                BeamState.UPLOADING: self.pipeline.upload,
+                BeamState.COLLECTING: self.pipeline.collect,
+                BeamState.POSTPROCESSING: self.pipeline.postprocess,
+            }[state]
+            busy.add(beam.id)
+            self._submit(beam.id, functools.partial(action, beam), launching=state in command)
+        # The GPU queue: strictly first come, first served (beam id order).
+        for beam in queued:
+            try:
+                lease = self.gpus.lease(self.jobs.gpus_per_beam, timeout=0)
+            except LeaseTimeout:
+                break
+            self._submit(
+                beam.id, functools.partial(self.pipeline.submit, beam, lease), launching=True
+            )

@@ -1,0 +1,57 @@
+"""The errors of simbridge.jobs: one tree under :class:`JobsError`, each also its nearest builtin.
+
+Foreign errors (SQLAlchemy, subprocess, OSError from copies) are translated here at the boundary.
+"""
+
+from __future__ import annotations
+
+from simbridge.errors import SimbridgeError
+
+
+class JobsError(SimbridgeError):
+    """Base class of every error raised on purpose by simbridge.jobs."""
+
+
+class IllegalTransitionError(JobsError, ValueError):
+    """Raised when a beam is asked to move between two states that states.py does not connect."""
+
+
+class StaleStateError(JobsError, RuntimeError):
+    """Raised when a beam's stored state is no longer the one a caller acted on."""
+
+
+class BadNameError(JobsError, ValueError):
+    """Raised when a case or beam name cannot be used even after safe mapping (empty, '.', '..')."""
+
+
+class CaseRejectedError(JobsError, ValueError):
+    """Raised when a case folder cannot be taken: missing, empty, unreadable or already taken."""
+
+
+class NotFoundError(JobsError, LookupError):
+    """Raised when a case or beam named on the command line is not in the store."""
+
+
+class StoreError(JobsError, RuntimeError):
+    """Raised when the database cannot be reached, migrated or written; says which URL."""
+
+
+class StepFailedError(JobsError, RuntimeError):
+    """Raised by a pipeline step that failed; ``transient`` says whether a retry may help."""
+
+    def __init__(self, message: str, *, transient: bool, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.exit_code = exit_code
+
+
+class TransferError(JobsError, OSError):
+    """Raised when a transport cannot copy a file to or from the executor's host."""
+
+
+class LaunchError(JobsError, OSError):
+    """Raised when an executor cannot start a command (missing program, no fork)."""
+
+
+class JobsConfigError(JobsError, ValueError):
+    """Raised when the jobs configuration lacks something a command needs (e.g. steps.simulate)."""

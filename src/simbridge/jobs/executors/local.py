@@ -1,0 +1,227 @@
+"""The local executor: each attempt is a process group on this machine, detached from us.
+
+A tiny ``sh`` wrapper runs the argv (never parsed by the shell) and writes the exit code to a marker
+file atomically, so an attempt that outlives a killed orchestrator is still found (by its token in
+``/proc/PID/environ``) and its result still collected. Cancel and timeouts signal the whole group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+
+from simbridge.jobs.errors import LaunchError
+from simbridge.jobs.executors.base import (
+    TOKEN_ENV,
+    Executor,
+    JobInfo,
+    JobRef,
+    JobStatus,
+    Launched,
+    LaunchSpec,
+)
+
+log = structlog.get_logger(__name__)
+
+# $1 is the marker path; "$@" is the command, passed as argv so the shell never parses it.
+_WRAPPER = (
+    'm=$1; shift; "$@"; c=$?; printf "%s\\n" "$c" > "$m.tmp" && mv -f "$m.tmp" "$m"; exit "$c"'
+)
+
+
+def proc_start_time(pid: int) -> tuple[int, str] | None:
+    """(start time in clock ticks since boot, state letter) of a live pid, or None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and ')': split after its last ')'.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return int(fields[19]), fields[0]
+
+
+def _alive(pid: int, pid_start: int | None) -> bool:
+    info = proc_start_time(pid)
+    if info is None or info[1] in {"Z", "X"}:
+        return False
+    return pid_start is None or info[0] == pid_start
+
+
+def read_exit_file(path: Path) -> int | None:
+    """The exit code written by the wrapper, or None if there is none (yet)."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def find_by_token(token: str) -> int | None:
+    """The process-group leader whose environment carries ``SIMBRIDGE_ATTEMPT=token``, if any."""
+    needle = f"{TOKEN_ENV}={token}".encode() + b"\x00"
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes() + b"\x00"
+            if b"\x00" + needle in b"\x00" + env and os.getpgid(pid) == pid and _alive(pid, None):
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+class LocalExecutor(Executor):
+    """Runs attempts as detached process groups on this host."""
+
+    name = "local"
+
+    def __init__(self, *, notify: Callable[[], None] | None = None) -> None:
+        # Called (from a waiter thread) whenever one of our children exits, so a dispatcher can
+        # react at once instead of at its next poll.
+        self._notify = notify
+        # Our own children, so we can reap them (no zombies) and learn a signal death quickly.
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, spec: LaunchSpec) -> Launched:
+        """Start ``spec.argv`` in its own session with logs to files; the marker tells the end."""
+        spec.log_prefix.parent.mkdir(parents=True, exist_ok=True)
+        for stale in (spec.exit_file, spec.exit_file.with_name(spec.exit_file.name + ".tmp")):
+            stale.unlink(missing_ok=True)
+        env = {**os.environ, **spec.env, TOKEN_ENV: spec.token}
+        try:
+            with open(spec.stdout, "ab") as out, open(spec.stderr, "ab") as err:
+                proc = subprocess.Popen(
+                    [
+                        "/bin/sh",
+                        "-c",
+                        _WRAPPER,
+                        "simbridge-attempt",
+                        str(spec.exit_file),
+                        *spec.argv,
+                    ],
+                    cwd=spec.cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    # Own session: a kill of the orchestrator (or its terminal) leaves it running,
+                    # and cancel can signal the whole group at once.
+                    start_new_session=True,
+                    pass_fds=spec.pass_fds,
+                )
+        except OSError as exc:
+            raise LaunchError(f"cannot start {spec.argv[0]!r} in {spec.cwd}: {exc}") from exc
+        with self._lock:
+            self._children[spec.token] = proc
+        if self._notify is not None:
+            threading.Thread(
+                target=self._wait_then_notify, args=(proc,), name="sb-child-wait", daemon=True
+            ).start()
+        info = proc_start_time(proc.pid)
+        return Launched(job_id=str(proc.pid), pid=proc.pid, pid_start=info[0] if info else None)
+
+    def _wait_then_notify(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.wait()
+        if self._notify is not None:
+            self._notify()
+
+    def find(self, ref: JobRef) -> Launched | None:
+        """Find the attempt's process by recorded pid (if still the same process) or by token."""
+        if ref.pid is not None and _alive(ref.pid, ref.pid_start):
+            return Launched(job_id=str(ref.pid), pid=ref.pid, pid_start=ref.pid_start)
+        pid = find_by_token(ref.token)
+        if pid is None:
+            return None
+        info = proc_start_time(pid)
+        return Launched(job_id=str(pid), pid=pid, pid_start=info[0] if info else None)
+
+    def poll(self, refs: Sequence[JobRef]) -> dict[str, JobInfo]:
+        """EXITED once the marker exists; LOST if the process is gone without one."""
+        result: dict[str, JobInfo] = {}
+        for ref in refs:
+            code = read_exit_file(ref.exit_file)
+            if code is not None:
+                self._reap(ref.token)
+                result[ref.token] = JobInfo(JobStatus.EXITED, exit_code=code)
+                continue
+            with self._lock:
+                proc = self._children.get(ref.token)
+            if proc is not None:
+                rc = proc.poll()
+                running = rc is None
+            else:
+                rc = None
+                running = ref.pid is not None and _alive(ref.pid, ref.pid_start)
+            if running:
+                result[ref.token] = JobInfo(JobStatus.RUNNING)
+                continue
+            # Gone: the marker may have landed between our two looks.
+            code = read_exit_file(ref.exit_file)
+            self._reap(ref.token)
+            if code is not None:
+                result[ref.token] = JobInfo(JobStatus.EXITED, exit_code=code)
+            else:
+                why = f"signal {-rc}" if rc is not None and rc < 0 else "no exit code written"
+                result[ref.token] = JobInfo(JobStatus.LOST, detail=f"process vanished ({why})")
+        return result
+
+    def _reap(self, token: str) -> None:
+        with self._lock:
+            proc = self._children.pop(token, None)
+        if proc is not None:
+            proc.poll()
+
+    def cancel(self, ref: JobRef, *, grace_s: float = 5.0) -> bool:
+        """SIGTERM the attempt's process group, then SIGKILL after ``grace_s``."""
+        found = self.find(ref)
+        if found is None or found.pid is None:
+            return False
+        pgid = found.pid
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            return False
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                proc = self._children.get(ref.token)
+            if proc is not None:
+                proc.poll()
+            if not _group_alive(pgid):
+                break
+            time.sleep(0.05)
+        else:
+            log.warning("attempt ignored SIGTERM; sending SIGKILL", token=ref.token, pgid=pgid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+        self._reap(ref.token)
+        return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # killpg(0) succeeds on zombies too: look for a member that is not one.
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            pid = int(entry.name)
+            try:
+                if os.getpgid(pid) == pgid and _alive(pid, None):
+                    return True
+            except OSError:
+                continue
+    return False

@@ -1,0 +1,399 @@
+"""The per-beam steps: what to do in each state and what an ended attempt means.
+
+Every action is idempotent: it is decided from the stored state alone, writes its intent before it
+acts (an attempt row before a launch), and can run again after a crash without doing work twice.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import TypeVar
+
+import structlog
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from simbridge.config import JobsSettings, config_file
+from simbridge.gpus import GpuLease
+from simbridge.jobs.errors import LaunchError, StaleStateError, TransferError
+from simbridge.jobs.executors import Executor, JobInfo, JobRef, JobStatus, LaunchSpec
+from simbridge.jobs.names import child_path
+from simbridge.jobs.states import BeamState
+from simbridge.jobs.store import AttemptRow, BeamRow, CaseRow, Store
+from simbridge.jobs.transport import Transport
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+LOG_TAIL_LINES = 20
+# Steps whose command runs on this machine whatever the executor (they touch local files).
+LOCAL_STEPS = frozenset({BeamState.PREPARING, BeamState.POSTPROCESSING})
+
+
+@dataclass(frozen=True)
+class BeamPaths:
+    """Where one beam's files live (all keys are safe path components)."""
+
+    staging: Path
+    logs: Path
+    results: Path
+
+
+def render(template: str, fields: Mapping[str, str]) -> tuple[str, ...]:
+    """Split a template into words, then fill each word: an argv list no shell ever parses."""
+    return tuple(word.format_map(fields) for word in shlex.split(template))
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log file ('' if there is none)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - 16384))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Pipeline:
+    """The steps of every beam, bound to one store, executor, transport and GPU pool."""
+
+    def __init__(
+        self,
+        *,
+        settings: JobsSettings,
+        store: Store,
+        executor: Executor,
+        local: Executor,
+        transport: Transport,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.executor = executor
+        self.local = local
+        self.transport = transport
+        self.work_root = settings.work_root.resolve()
+        self.results_root = settings.results.resolve()
+        self._cases: dict[int, CaseRow] = {}
+        where = config_file()
+        self.config_dir = (where.parent if where is not None else Path.cwd()).resolve()
+
+    # ---- paths and fields --------------------------------------------------------------------
+
+    def case_of(self, beam: BeamRow) -> CaseRow:
+        """The beam's case (cached: cases never change once stored)."""
+        case = self._cases.get(beam.case_id)
+        if case is None:
+            case = self._cases[beam.case_id] = self.store.case(beam.case_id)
+        return case
+
+    def paths(self, beam: BeamRow) -> BeamPaths:
+        """Staging, log and results folders of a beam."""
+        case = self.case_of(beam)
+        return BeamPaths(
+            staging=child_path(child_path(self.work_root / "staging", case.key), beam.key),
+            logs=child_path(child_path(self.work_root / "logs", case.key), beam.key),
+            results=child_path(child_path(self.results_root, case.key), beam.key),
+        )
+
+    def fields(self, beam: BeamRow, work_dir: PurePath | str) -> dict[str, str]:
+        """The named fields a step template may use."""
+        case = self.case_of(beam)
+        return {
+            "case_id": case.key,
+            "beam_id": beam.key,
+            "beam_dir": beam.path,
+            "work_dir": str(work_dir),
+            "results_dir": str(self.paths(beam).results),
+            "python": sys.executable,
+            "config_dir": str(self.config_dir),
+        }
+
+    def ref(self, attempt: AttemptRow, beam: BeamRow | None = None) -> JobRef:
+        """How to find an attempt's process and marker again."""
+        beam = beam or self.store.beam(attempt.beam_id)
+        prefix = self.paths(beam).logs / f"{attempt.step.lower()}-{attempt.number}"
+        return JobRef(
+            token=attempt.token,
+            log_prefix=prefix,
+            job_id=attempt.job_id,
+            pid=attempt.pid,
+            pid_start=attempt.pid_start,
+        )
+
+    def executor_for(self, step: BeamState) -> Executor:
+        """The local executor for local steps, the configured one for the simulation."""
+        return self.local if step in LOCAL_STEPS else self.executor
+
+    # ---- actions, one per state --------------------------------------------------------------
+
+    def start(self, beam: BeamRow) -> None:
+        """PENDING: take the beam into the pipeline."""
+        self.store.transition(beam.id, BeamState.PENDING, BeamState.PREPARING, reason="started")
+
+    def prepare(self, beam: BeamRow) -> AttemptRow | None:
+        """PREPARING: check the beam's files, then launch the prepare command (or skip it)."""
+        source = Path(beam.path)
+        if not source.is_dir() or not any(p.is_file() for p in source.rglob("*")):
+            self.fail(
+                beam,
+                BeamState.PREPARING,
+                f"beam folder {source} has no files; put the beam's plan in it and "
+                "`simbridge retry` the case",
+            )
+            return None
+        template = self.settings.steps.prepare
+        if template is None:
+            self.store.transition(
+                beam.id, BeamState.PREPARING, BeamState.UPLOADING, reason="no prepare step"
+            )
+            return None
+        staging = self.paths(beam).staging
+        # A re-run starts from a clean folder so a half-written earlier try leaves no trace.
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        return self.launch(
+            beam,
+            step=BeamState.PREPARING,
+            argv=render(template, self.fields(beam, staging)),
+            cwd=staging,
+            timeout_s=self.settings.timeouts.prepare_s,
+        )
+
+    def upload(self, beam: BeamRow) -> None:
+        """UPLOADING: copy the staged files (or the beam folder) to the per-beam folder."""
+        case = self.case_of(beam)
+        local = self.paths(beam).staging if self.settings.steps.prepare else Path(beam.path)
+        remote = self.transport.beam_dir(case.key, beam.key)
+        try:
+            count = self._transfer(lambda: self.transport.upload(local, remote))
+        except TransferError as exc:
+            self.fail(beam, BeamState.UPLOADING, str(exc))
+            return
+        self.store.transition(
+            beam.id, BeamState.UPLOADING, BeamState.QUEUED, reason=f"uploaded {count} file(s)"
+        )
+
+    def submit(self, beam: BeamRow, lease: GpuLease) -> AttemptRow | None:
+        """QUEUED -> RUNNING: launch the simulation on the leased GPU(s).
+
+        The child inherits the lease's lock fds, so the GPU stays held as long as the simulation
+        runs, even if this orchestrator is killed; our own copies are closed right after launch.
+        """
+        template = self.settings.steps.simulate
+        assert template is not None  # checked when the dispatcher starts
+        case = self.case_of(beam)
+        remote = self.transport.beam_dir(case.key, beam.key)
+        gpu_id = ",".join(str(i) for i in lease.indices)
+        with lease:
+            return self.launch(
+                beam,
+                step=BeamState.RUNNING,
+                argv=render(template, self.fields(beam, remote)),
+                cwd=Path(remote),
+                timeout_s=self.settings.timeouts.simulate_s,
+                env=lease.env,
+                pass_fds=lease.fds,
+                gpu_id=gpu_id,
+            )
+
+    def collect(self, beam: BeamRow) -> None:
+        """COLLECTING: download the outputs into results/CASE/BEAM/."""
+        case = self.case_of(beam)
+        remote = self.transport.beam_dir(case.key, beam.key)
+        results = self.paths(beam).results
+        patterns = self.settings.steps.outputs
+        try:
+            got = self._transfer(lambda: self.transport.download(remote, patterns, results))
+        except TransferError as exc:
+            self.fail(beam, BeamState.COLLECTING, str(exc))
+            return
+        self.store.transition(
+            beam.id,
+            BeamState.COLLECTING,
+            BeamState.POSTPROCESSING,
+            reason=f"downloaded {len(got)} file(s) to {results}",
+        )
+
+    def postprocess(self, beam: BeamRow) -> AttemptRow | None:
+        """POSTPROCESSING: run the postprocess command in the results folder (or finish)."""
+        template = self.settings.steps.postprocess
+        if template is None:
+            self.store.transition(
+                beam.id, BeamState.POSTPROCESSING, BeamState.COMPLETED, reason="done"
+            )
+            return None
+        results = self.paths(beam).results
+        results.mkdir(parents=True, exist_ok=True)
+        return self.launch(
+            beam,
+            step=BeamState.POSTPROCESSING,
+            argv=render(template, self.fields(beam, results)),
+            cwd=results,
+            timeout_s=self.settings.timeouts.postprocess_s,
+        )
+
+    def _transfer(self, call: Callable[[], T]) -> T:
+        # Copies can hit passing trouble (a full disk being cleaned, a dropped link): retry a few
+        # times in-process; the step itself stays resumable if we are killed meanwhile.
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransferError),
+            stop=stop_after_attempt(3),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            reraise=True,
+        )
+        return retrying(call)
+
+    # ---- launching and ending attempts -------------------------------------------------------
+
+    def launch(
+        self,
+        beam: BeamRow,
+        *,
+        step: BeamState,
+        argv: tuple[str, ...],
+        cwd: Path,
+        timeout_s: float,
+        env: Mapping[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+        gpu_id: str | None = None,
+    ) -> AttemptRow | None:
+        """Write the attempt (intent), start it, record how to find it; None if the beam moved."""
+        token = f"sb-{uuid.uuid4().hex}"
+        current = BeamState.QUEUED if step is BeamState.RUNNING else step
+        try:
+            attempt = self.store.open_attempt(
+                beam.id,
+                expected=current,
+                target=step,
+                token=token,
+                executor=self.executor_for(step).name,
+                work_dir=str(cwd),
+                deadline=time.time() + timeout_s,
+                gpu_id=gpu_id,
+            )
+        except StaleStateError:
+            return None
+        ref = self.ref(attempt, beam)
+        spec = LaunchSpec(
+            token=token,
+            argv=argv,
+            cwd=cwd,
+            log_prefix=ref.log_prefix,
+            env=dict(env or {}),
+            pass_fds=pass_fds,
+        )
+        try:
+            launched = self.executor_for(step).submit(spec)
+        except LaunchError as exc:
+            self.fail(self.store.beam(beam.id), step, str(exc), close=(attempt.id, "failed", None))
+            return None
+        self.store.record_launch(
+            attempt.id, job_id=launched.job_id, pid=launched.pid, pid_start=launched.pid_start
+        )
+        log.debug("jobs.launched", beam=beam.id, step=step, job_id=launched.job_id)
+        return attempt
+
+    def finish(self, attempt: AttemptRow, info: JobInfo, *, timed_out: bool = False) -> None:
+        """Act on an attempt that ended: advance the beam, retry it, or fail it."""
+        beam = self.store.beam(attempt.beam_id)
+        step = attempt.step
+        if beam.state is not step:
+            # Cancelled (or moved by a person) while it ran: just close the books.
+            self.store.close_attempt(attempt.id, outcome="orphaned", exit_code=info.exit_code)
+            return
+        if info.status is JobStatus.EXITED and info.exit_code == 0 and not timed_out:
+            nxt = {
+                BeamState.PREPARING: BeamState.UPLOADING,
+                BeamState.RUNNING: BeamState.COLLECTING,
+                BeamState.POSTPROCESSING: BeamState.COMPLETED,
+            }[step]
+            self.store.transition(
+                beam.id,
+                step,
+                nxt,
+                reason=f"{step.lower()} exited 0 (job {attempt.job_id})",
+                close=(attempt.id, "ok", 0),
+            )
+            return
+        retry = self.settings.retry
+        ref = self.ref(attempt, beam)
+        tail = log_tail(ref.stderr)
+        if timed_out:
+            what, transient = (
+                f"timed out after its limit (job {attempt.job_id})",
+                retry.retry_timeout,
+            )
+        elif info.status is JobStatus.LOST:
+            what, transient = info.detail or "process lost", retry.retry_lost
+        else:
+            code = info.exit_code
+            what, transient = f"exited {code}", code in retry.transient_exit_codes
+        outcome = "timeout" if timed_out else "transient" if transient else "failed"
+        if transient and beam.step_tries < retry.max_attempts:
+            delay = retry.backoff_s(beam.step_tries)
+            reason = (
+                f"{step.lower()} {what}; transient, retry {beam.step_tries + 1}/"
+                f"{retry.max_attempts} in {delay:g}s"
+            )
+            back = BeamState.QUEUED if step is BeamState.RUNNING else step
+            if back is step:
+                # Order: the backoff is set before the attempt closes, so no tick can relaunch
+                # early; a crash in between only delays the retry.
+                self.store.update_beam(beam.id, step, not_before=time.time() + delay)
+                if self.store.close_attempt(attempt.id, outcome=outcome, exit_code=info.exit_code):
+                    self.store.add_event(reason=reason, case_id=beam.case_id, beam_id=beam.id)
+            else:
+                self.store.transition(
+                    beam.id,
+                    step,
+                    back,
+                    reason=reason,
+                    step_tries=beam.step_tries,
+                    not_before=time.time() + delay,
+                    close=(attempt.id, outcome, info.exit_code),
+                )
+            return
+        message = f"{step.lower()} {what}"
+        if tail:
+            message += f"; stderr tail:\n{tail}"
+        self.fail(
+            beam,
+            step,
+            message,
+            exit_code=info.exit_code,
+            close=(attempt.id, outcome, info.exit_code),
+        )
+
+    def fail(
+        self,
+        beam: BeamRow,
+        step: BeamState,
+        message: str,
+        *,
+        exit_code: int | None = None,
+        close: tuple[int, str, int | None] | None = None,
+    ) -> None:
+        """Mark a beam FAILED in ``step`` with its error (kept for the dashboard and retry)."""
+        try:
+            self.store.transition(
+                beam.id,
+                step,
+                BeamState.FAILED,
+                reason=message,
+                failed_step=step.value,
+                last_error=message[:4000],
+                exit_code=exit_code,
+                close=close,
+            )
+        except StaleStateError:
+            log.info("jobs.fail_skipped", beam=beam.id, reason="state moved meanwhile")
+            return
+        log.warning("jobs.beam_failed", beam=beam.id, step=step, error=message.splitlines()[0])

@@ -1,0 +1,548 @@
+"""The jobs store: one SQLAlchemy engine, migrations on open, and every read and write of job state.
+
+Each write is one short transaction; a state change and its event row commit together, guarded by
+the state the caller saw (optimistic), so two processes never both move the same beam.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy.engine import Connection, Engine
+
+from simbridge.jobs.errors import CaseRejectedError, NotFoundError, StaleStateError, StoreError
+from simbridge.jobs.states import BeamState, check_transition
+from simbridge.jobs.store.schema import attempts, beams, cases, events
+
+log = structlog.get_logger(__name__)
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+_PG_MIGRATE_LOCK = 0x5B1D6E  # advisory lock id: one migrator at a time on PostgreSQL
+
+
+@dataclass(frozen=True)
+class CaseRow:
+    """One case as stored."""
+
+    id: int
+    key: str
+    name: str
+    source: str
+    root: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class BeamRow:
+    """One beam (task) as stored."""
+
+    id: int
+    case_id: int
+    key: str
+    name: str
+    path: str
+    state: BeamState
+    failed_step: BeamState | None
+    step_tries: int
+    not_before: float | None
+    gpu_id: str | None
+    hpc_job_id: str | None
+    exit_code: int | None
+    last_error: str | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    """One launch of a step's command (the unit that is found again after a crash)."""
+
+    id: int
+    beam_id: int
+    step: BeamState
+    number: int
+    token: str
+    executor: str
+    work_dir: str
+    gpu_id: str | None
+    job_id: str | None
+    pid: int | None
+    pid_start: int | None
+    deadline: float
+    started_at: float
+    ended_at: float | None
+    exit_code: int | None
+    outcome: str | None
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """One line of the append-only history."""
+
+    id: int
+    at: float
+    case_id: int | None
+    beam_id: int | None
+    from_state: str | None
+    to_state: str | None
+    reason: str
+    actor: str
+
+
+def _beam(row: sa.Row[Any]) -> BeamRow:
+    m = dict(row._mapping)
+    m["state"] = BeamState(m["state"])
+    m["failed_step"] = BeamState(m["failed_step"]) if m["failed_step"] else None
+    return BeamRow(**m)
+
+
+def _attempt(row: sa.Row[Any]) -> AttemptRow:
+    m = dict(row._mapping)
+    m["step"] = BeamState(m["step"])
+    return AttemptRow(**m)
+
+
+def default_actor(role: str) -> str:
+    """``role@host:pid`` — who wrote an event."""
+    return f"{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and write-locking transactions."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, poolclass=sa.NullPool
+        )
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Driver-level autocommit so that we choose how each transaction begins (below).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            # IMMEDIATE takes the write lock up front: a deferred read-then-write transaction can
+            # otherwise fail with SQLITE_BUSY at once instead of waiting for the busy timeout.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+
+
+class Store:
+    """Job state in SQLite or PostgreSQL. A context manager: closing disposes the engine's pool."""
+
+    def __init__(self, *, url: str, actor: str | None = None, migrate: bool = True) -> None:
+        self.url = url
+        self.actor = actor or default_actor("simbridge")
+        try:
+            self.engine = make_engine(url)
+            if migrate:
+                self.migrate()
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"cannot open the jobs database {self._safe_url()}: {exc}") from exc
+
+    def _safe_url(self) -> str:
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release every pooled connection."""
+        self.engine.dispose()
+
+    @contextmanager
+    def tx(self) -> Iterator[Connection]:
+        """One transaction; SQLAlchemy errors leave as :class:`StoreError`."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (safe when several processes start)."""
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATE_LOCK})
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    # ---- cases -------------------------------------------------------------------------------
+
+    def add_case(
+        self, *, key: str, name: str, source: str, root: str, beams_: Sequence[tuple[str, str, str]]
+    ) -> int:
+        """Insert a case and its beams (key, name, path) as PENDING, with one event each."""
+        now = time.time()
+        with self.tx() as conn:
+            if conn.execute(sa.select(cases.c.id).where(cases.c.key == key)).first():
+                raise CaseRejectedError(
+                    f"case {key!r} was already taken; rename the folder, or use "
+                    f"`simbridge retry {key}` to rerun it"
+                )
+            case_id = conn.execute(
+                sa.insert(cases)
+                .returning(cases.c.id)
+                .values(key=key, name=name, source=source, root=root, created_at=now)
+            ).scalar_one()
+            conn.execute(
+                sa.insert(events).values(
+                    at=now, case_id=case_id, reason=f"case taken from {source}", actor=self.actor
+                )
+            )
+            for bkey, bname, path in beams_:
+                beam_id = conn.execute(
+                    sa.insert(beams)
+                    .returning(beams.c.id)
+                    .values(
+                        case_id=case_id,
+                        key=bkey,
+                        name=bname,
+                        path=path,
+                        state=BeamState.PENDING.value,
+                        step_tries=0,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                ).scalar_one()
+                conn.execute(
+                    sa.insert(events).values(
+                        at=now,
+                        case_id=case_id,
+                        beam_id=beam_id,
+                        to_state=BeamState.PENDING.value,
+                        reason="beam found in case",
+                        actor=self.actor,
+                    )
+                )
+        return int(case_id)
+
+    def case(self, ref: str | int) -> CaseRow:
+        """A case by id or key; :class:`NotFoundError` says how to list them."""
+        where = cases.c.id == ref if isinstance(ref, int) else cases.c.key == ref
+        with self.tx() as conn:
+            row = conn.execute(sa.select(cases).where(where)).first()
+        if row is None:
+            raise NotFoundError(f"no case {ref!r}; `simbridge status` lists the cases")
+        return CaseRow(**row._mapping)
+
+    def has_case(self, key: str) -> bool:
+        """Whether a case with this key was ever taken."""
+        with self.tx() as conn:
+            return conn.execute(sa.select(cases.c.id).where(cases.c.key == key)).first() is not None
+
+    def cases(self) -> list[CaseRow]:
+        """Every case, oldest first."""
+        with self.tx() as conn:
+            rows = conn.execute(sa.select(cases).order_by(cases.c.id)).all()
+        return [CaseRow(**r._mapping) for r in rows]
+
+    # ---- beams -------------------------------------------------------------------------------
+
+    def beam(self, beam_id: int) -> BeamRow:
+        """One beam by id."""
+        with self.tx() as conn:
+            row = conn.execute(sa.select(beams).where(beams.c.id == beam_id)).first()
+        if row is None:
+            raise NotFoundError(f"no beam with id {beam_id}")
+        return _beam(row)
+
+    def beams(
+        self,
+        *,
+        case_id: int | None = None,
+        states: Iterable[BeamState] | None = None,
+        ids: Iterable[int] | None = None,
+    ) -> list[BeamRow]:
+        """Beams, optionally of one case, in some states, or with given ids; in id order."""
+        q = sa.select(beams).order_by(beams.c.id)
+        if ids is not None:
+            q = q.where(beams.c.id.in_(list(ids)))
+        if case_id is not None:
+            q = q.where(beams.c.case_id == case_id)
+        if states is not None:
+            q = q.where(beams.c.state.in_([s.value for s in states]))
+        with self.tx() as conn:
+            return [_beam(r) for r in conn.execute(q).all()]
+
+    def ready_beams(self, states: Iterable[BeamState], *, now: float, limit: int) -> list[BeamRow]:
+        """Beams in ``states`` whose backoff (if any) has passed, oldest first."""
+        q = (
+            sa.select(beams)
+            .where(beams.c.state.in_([s.value for s in states]))
+            .where(sa.or_(beams.c.not_before.is_(None), beams.c.not_before <= now))
+            .order_by(beams.c.id)
+            .limit(limit)
+        )
+        with self.tx() as conn:
+            return [_beam(r) for r in conn.execute(q).all()]
+
+    def transition(
+        self,
+        beam_id: int,
+        expected: BeamState,
+        target: BeamState,
+        *,
+        reason: str,
+        actor: str | None = None,
+        close: tuple[int, str, int | None] | None = None,
+        **fields: Any,
+    ) -> None:
+        """Move a beam ``expected -> target`` with an event, or raise (illegal or stale).
+
+        ``close=(attempt_id, outcome, exit_code)`` ends that attempt in the same transaction, so
+        a crash can never leave an ended attempt with its beam not yet moved on (or vice versa).
+        """
+        check_transition(expected, target)
+        now = time.time()
+        values: dict[str, Any] = {"state": target.value, "updated_at": now, **fields}
+        if target is not expected:
+            values.setdefault("step_tries", 0)
+        if target.terminal:
+            values.setdefault("finished_at", now)
+        with self.tx() as conn:
+            done = conn.execute(
+                sa.update(beams)
+                .where(beams.c.id == beam_id, beams.c.state == expected.value)
+                .values(**values)
+                .returning(beams.c.case_id)
+            ).first()
+            if done is None:
+                raise StaleStateError(f"beam {beam_id} is no longer {expected}; nothing changed")
+            if close is not None:
+                ended = conn.execute(
+                    sa.update(attempts)
+                    .where(attempts.c.id == close[0], attempts.c.ended_at.is_(None))
+                    .values(ended_at=now, outcome=close[1], exit_code=close[2])
+                )
+                if not ended.rowcount:
+                    # Someone else already judged this attempt: raising rolls the move back.
+                    raise StaleStateError(f"attempt {close[0]} was already closed")
+            conn.execute(
+                sa.insert(events).values(
+                    at=now,
+                    case_id=done[0],
+                    beam_id=beam_id,
+                    from_state=expected.value,
+                    to_state=target.value,
+                    reason=reason[:4000],
+                    actor=actor or self.actor,
+                )
+            )
+
+    def update_beam(self, beam_id: int, expected: BeamState, **fields: Any) -> bool:
+        """Set fields on a beam still in ``expected``; False if it moved meanwhile."""
+        with self.tx() as conn:
+            res = conn.execute(
+                sa.update(beams)
+                .where(beams.c.id == beam_id, beams.c.state == expected.value)
+                .values(updated_at=time.time(), **fields)
+            )
+            return bool(res.rowcount)
+
+    # ---- attempts ----------------------------------------------------------------------------
+
+    def open_attempt(
+        self,
+        beam_id: int,
+        *,
+        expected: BeamState,
+        target: BeamState,
+        token: str,
+        executor: str,
+        work_dir: str,
+        deadline: float,
+        gpu_id: str | None = None,
+    ) -> AttemptRow:
+        """Write the intent to launch (before launching), moving ``expected -> target`` with it.
+
+        Raises :class:`StaleStateError` if the beam is no longer in ``expected``.
+        """
+        if target is not expected:
+            check_transition(expected, target)
+        now = time.time()
+        with self.tx() as conn:
+            row = conn.execute(
+                sa.select(beams.c.case_id, beams.c.step_tries).where(
+                    beams.c.id == beam_id, beams.c.state == expected.value
+                )
+            ).first()
+            if row is None:
+                raise StaleStateError(f"beam {beam_id} is no longer {expected}; not launching")
+            still_open = conn.execute(
+                sa.select(attempts.c.id).where(
+                    attempts.c.beam_id == beam_id, attempts.c.ended_at.is_(None)
+                )
+            ).first()
+            if still_open is not None:
+                # At most one live attempt per beam, whoever asks: never launch twice.
+                raise StaleStateError(f"beam {beam_id} has attempt {still_open[0]} still open")
+            number = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(attempts)
+                .where(attempts.c.beam_id == beam_id)
+            ).scalar_one()
+            attempt_id = conn.execute(
+                sa.insert(attempts)
+                .returning(attempts.c.id)
+                .values(
+                    beam_id=beam_id,
+                    step=target.value,
+                    number=number + 1,
+                    token=token,
+                    executor=executor,
+                    work_dir=work_dir,
+                    gpu_id=gpu_id,
+                    deadline=deadline,
+                    started_at=now,
+                )
+            ).scalar_one()
+            values: dict[str, Any] = {
+                "step_tries": row.step_tries + 1,
+                "updated_at": now,
+                "not_before": None,
+                "state": target.value,
+            }
+            if gpu_id is not None:
+                values.update(gpu_id=gpu_id, started_at=now)
+            conn.execute(sa.update(beams).where(beams.c.id == beam_id).values(**values))
+            if target is not expected:
+                conn.execute(
+                    sa.insert(events).values(
+                        at=now,
+                        case_id=row.case_id,
+                        beam_id=beam_id,
+                        from_state=expected.value,
+                        to_state=target.value,
+                        reason=f"launching attempt {number + 1}"
+                        + (f" on GPU {gpu_id}" if gpu_id else ""),
+                        actor=self.actor,
+                    )
+                )
+            attempt = conn.execute(sa.select(attempts).where(attempts.c.id == attempt_id)).one()
+        return _attempt(attempt)
+
+    def forget_try(self, beam_id: int) -> None:
+        """Give back the try counted for an attempt that never started (killed before launch)."""
+        with self.tx() as conn:
+            conn.execute(
+                sa.update(beams)
+                .where(beams.c.id == beam_id, beams.c.step_tries > 0)
+                .values(step_tries=beams.c.step_tries - 1)
+            )
+
+    def record_launch(
+        self, attempt_id: int, *, job_id: str, pid: int | None, pid_start: int | None
+    ) -> None:
+        """Note how to find a launched attempt again (its job id / pid and pid start time)."""
+        with self.tx() as conn:
+            conn.execute(
+                sa.update(attempts)
+                .where(attempts.c.id == attempt_id)
+                .values(job_id=job_id, pid=pid, pid_start=pid_start)
+            )
+            beam_id = conn.execute(
+                sa.select(attempts.c.beam_id).where(attempts.c.id == attempt_id)
+            ).scalar_one()
+            conn.execute(sa.update(beams).where(beams.c.id == beam_id).values(hpc_job_id=job_id))
+
+    def close_attempt(self, attempt_id: int, *, outcome: str, exit_code: int | None) -> bool:
+        """Mark an attempt ended (once; False if it was already closed)."""
+        with self.tx() as conn:
+            res = conn.execute(
+                sa.update(attempts)
+                .where(attempts.c.id == attempt_id, attempts.c.ended_at.is_(None))
+                .values(ended_at=time.time(), outcome=outcome, exit_code=exit_code)
+            )
+            return bool(res.rowcount)
+
+    def open_attempts(self, *, beam_id: int | None = None) -> list[AttemptRow]:
+        """Attempts launched (or about to be) that have not ended."""
+        q = sa.select(attempts).where(attempts.c.ended_at.is_(None)).order_by(attempts.c.id)
+        if beam_id is not None:
+            q = q.where(attempts.c.beam_id == beam_id)
+        with self.tx() as conn:
+            return [_attempt(r) for r in conn.execute(q).all()]
+
+    def attempts(self, beam_id: int) -> list[AttemptRow]:
+        """Every attempt of a beam, first first."""
+        q = sa.select(attempts).where(attempts.c.beam_id == beam_id).order_by(attempts.c.id)
+        with self.tx() as conn:
+            return [_attempt(r) for r in conn.execute(q).all()]
+
+    def count_active(self) -> int:
+        """How many beams are not in a terminal state."""
+        terminal = [s.value for s in BeamState if s.terminal]
+        q = sa.select(sa.func.count()).select_from(beams).where(beams.c.state.not_in(terminal))
+        with self.tx() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def count_attempts(self, *, step: BeamState | None = None) -> int:
+        """How many attempts were ever opened (of one step, if given)."""
+        q = sa.select(sa.func.count()).select_from(attempts)
+        if step is not None:
+            q = q.where(attempts.c.step == step.value)
+        with self.tx() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def add_event(
+        self, *, reason: str, case_id: int | None = None, beam_id: int | None = None
+    ) -> None:
+        """Append a note that is not a transition (a rejected case, a kill sent)."""
+        with self.tx() as conn:
+            conn.execute(
+                sa.insert(events).values(
+                    at=time.time(),
+                    case_id=case_id,
+                    beam_id=beam_id,
+                    reason=reason[:4000],
+                    actor=self.actor,
+                )
+            )
+
+    def events(self, *, beam_id: int | None = None, case_id: int | None = None) -> list[EventRow]:
+        """The history, oldest first, optionally of one beam or case."""
+        q = sa.select(events).order_by(events.c.id)
+        if beam_id is not None:
+            q = q.where(events.c.beam_id == beam_id)
+        if case_id is not None:
+            q = q.where(events.c.case_id == case_id)
+        with self.tx() as conn:
+            return [EventRow(**r._mapping) for r in conn.execute(q).all()]

@@ -1,0 +1,82 @@
+"""The jobs tables (SQLAlchemy 2 Core): cases, beams, attempts and the append-only events log.
+
+Times are UNIX seconds (float) so SQLite and PostgreSQL compare them the same way. The schema is
+created and changed only by the Alembic migrations in ``migrations/``; this module mirrors the head.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+cases = sa.Table(
+    "cases",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("key", sa.String(64), nullable=False, unique=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("root", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+beams = sa.Table(
+    "beams",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("case_id", sa.Integer, sa.ForeignKey("cases.id"), nullable=False),
+    sa.Column("key", sa.String(64), nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("failed_step", sa.String(16)),
+    sa.Column("step_tries", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("not_before", sa.Float),
+    sa.Column("gpu_id", sa.String(64)),
+    sa.Column("hpc_job_id", sa.String(128)),
+    sa.Column("exit_code", sa.Integer),
+    sa.Column("last_error", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.UniqueConstraint("case_id", "key", name="uq_beams_case_key"),
+    sa.Index("ix_beams_state", "state"),
+)
+
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("beam_id", sa.Integer, sa.ForeignKey("beams.id"), nullable=False),
+    sa.Column("step", sa.String(16), nullable=False),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("token", sa.String(64), nullable=False, unique=True),
+    sa.Column("executor", sa.String(32), nullable=False),
+    sa.Column("work_dir", sa.Text, nullable=False),
+    sa.Column("gpu_id", sa.String(64)),
+    sa.Column("job_id", sa.String(128)),
+    sa.Column("pid", sa.Integer),
+    sa.Column("pid_start", sa.BigInteger),
+    sa.Column("deadline", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("ended_at", sa.Float),
+    sa.Column("exit_code", sa.Integer),
+    sa.Column("outcome", sa.String(16)),
+    sa.Index("ix_attempts_open", "ended_at"),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("case_id", sa.Integer, sa.ForeignKey("cases.id")),
+    sa.Column("beam_id", sa.Integer, sa.ForeignKey("beams.id")),
+    sa.Column("from_state", sa.String(16)),
+    sa.Column("to_state", sa.String(16)),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Index("ix_events_beam", "beam_id"),
+)
