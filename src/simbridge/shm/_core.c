@@ -369,8 +369,16 @@ static PyObject *seg_header(Segment *self, PyObject *unused) {
                                       "published_ns", (unsigned long long)atomic_load(&s->published_ns),
                                       "crc", (unsigned int)atomic_load(&s->crc)));
     }
+    /* The boot id is text only if the header is sane: decode leniently so inspecting a damaged
+       segment still works. */
+    PyObject *boot_obj = PyUnicode_DecodeASCII(boot, (Py_ssize_t)strnlen(boot, SB_BOOT_ID_BYTES), "replace");
+    if (boot_obj == NULL) {
+        Py_DECREF(shape);
+        Py_DECREF(slots);
+        return NULL;
+    }
     return Py_BuildValue(
-        "{sKsIsIsIsssIsNsIsKsKsKsKsOsIsKsssKsKsIsIsKsKsIsIsKsN}", "magic",
+        "{sKsIsIsIsssIsNsIsKsKsKsKsOsIsKsNsKsKsIsIsKsKsIsIsKsN}", "magic",
         (unsigned long long)atomic_load(&h->magic), "abi_version", h->abi_version, "header_bytes",
         h->header_bytes, "dtype", h->dtype, "dtype_name",
         sb_dtype_name(h->dtype) ? sb_dtype_name(h->dtype) : "?", "itemsize", h->itemsize, "shape",
@@ -378,7 +386,7 @@ static PyObject *seg_header(Segment *self, PyObject *unused) {
         "slot_stride", (unsigned long long)h->slot_stride, "payload_offset",
         (unsigned long long)h->payload_offset, "total_bytes", (unsigned long long)h->total_bytes,
         "checksum", (h->flags & SB_FLAG_CHECKSUM) ? Py_True : Py_False, "owner_pid", h->owner_pid,
-        "owner_start_time", (unsigned long long)h->owner_start_time, "boot_id", boot, "created_ns",
+        "owner_start_time", (unsigned long long)h->owner_start_time, "boot_id", boot_obj, "created_ns",
         (unsigned long long)h->created_ns, "commit", (unsigned long long)atomic_load(&h->commit),
         "futex", (unsigned int)atomic_load(&h->futex), "state", (unsigned int)atomic_load(&h->state),
         "heartbeat_ns", (unsigned long long)atomic_load(&h->heartbeat_ns), "last_iteration",

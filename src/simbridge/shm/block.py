@@ -190,10 +190,13 @@ class Block:
 
     @classmethod
     def open(cls, name: str, *, timeout: float | None = None,
+             shape: int | tuple[int, ...] | None = None, dtype: DTypeLike | None = None,
              record: str | os.PathLike[str] | None = None) -> Block:
         """Attach as a reader, waiting up to ``timeout`` seconds for the block to appear.
 
         ``timeout=None`` uses ``shm.open_timeout_s`` from the configuration; ``0`` tries once.
+        Give ``shape`` and/or ``dtype`` to have a peer built with other sizes refused with
+        :class:`LayoutMismatch` instead of read as garbage.
         """
         validate_name(name)
         settings = load_settings().shm
@@ -210,7 +213,9 @@ class Block:
                     raise LayoutMismatch(f"block {name!r}: {exc}") from exc
                 raise
             if segment is not None:
-                return cls(segment, name=name, settings=settings, record=cls._record_dir(record, settings))
+                block = cls(segment, name=name, settings=settings, record=cls._record_dir(record, settings))
+                block._expect(shape, dtype)
+                return block
             waited = time.monotonic() - start
             if waited >= limit:
                 exists = (SHM_DIR / f"{_core.SHM_PREFIX}{name}").exists()
@@ -226,6 +231,18 @@ class Block:
             return Path(record)
         return settings.record
 
+    def _expect(self, shape: int | tuple[int, ...] | None, dtype: DTypeLike | None) -> None:
+        want_shape = (shape,) if isinstance(shape, int) else shape
+        want_dtype = None if dtype is None else np.dtype(dtype)
+        if (want_shape is not None and tuple(want_shape) != self.shape) or (
+                want_dtype is not None and want_dtype != self.dtype):
+            found = f"{self.shape} {self.dtype}"
+            self.close()
+            raise LayoutMismatch(f"block {self.name!r} holds {found}, expected "
+                                 f"{want_shape if want_shape is not None else 'any shape'} "
+                                 f"{want_dtype if want_dtype is not None else 'of any dtype'}; "
+                                 "the peer was built with other sizes")
+
     # ------------------------------------------------------------------ writing
 
     def publish(self, array: ArrayLike, *, iteration: int | None = None,
@@ -239,6 +256,8 @@ class Block:
         if arr.dtype != self.dtype or arr.shape != self.shape:
             raise LayoutMismatch(f"block {self.name!r} holds {self.shape} {self.dtype}; "
                                  f"got {arr.shape} {arr.dtype}")
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
         if check_finite:
             self._check_finite(arr, "publish")
         it = self._last_iteration + 1 if iteration is None else iteration

@@ -20,7 +20,16 @@ from simbridge.shm.recorder import diff as diff_recording
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 demo_app = typer.Typer(no_args_is_help=True, add_completion=False)
-console = Console()
+
+
+class _LazyConsole:
+    """A Console made at first use, so it sizes itself to the terminal the command runs in."""
+
+    def __getattr__(self, attr: str) -> object:
+        return getattr(Console(), attr)
+
+
+console = _LazyConsole()
 
 
 def _size(n: int) -> str:
@@ -45,7 +54,8 @@ def list_command(as_json: Annotated[bool, typer.Option("--json", help="Machine-r
         typer.echo(json.dumps([asdict(i) | {"stale": i.stale} for i in infos], indent=2))
         return
     table = Table(title=f"simbridge blocks in {registry.SHM_DIR}")
-    for col in ("name", "owner pid", "alive", "state", "dtype", "shape", "iteration", "last publish", "size"):
+    table.add_column("name", overflow="fold")
+    for col in ("owner pid", "alive", "state", "dtype", "shape", "iteration", "last publish", "size"):
         table.add_column(col)
     for i in infos:
         table.add_row(i.name, str(i.owner_pid or "-"), "yes" if i.alive else "[red]no[/red]", i.state,
