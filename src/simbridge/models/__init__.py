@@ -1,0 +1,50 @@
+"""The model manager: named loaders, each model loaded once per process and shared safely.
+
+``ModelManager`` bounds and times out access, cancels and falls back, unloads idle models, and
+batches concurrent single requests (``manager.batched``).
+"""
+
+from simbridge.models._entry import LoadContext
+from simbridge.models.batching import Batcher
+from simbridge.models.devices import is_out_of_memory
+from simbridge.models.errors import (
+    BatchError,
+    InvalidModelOption,
+    ModelAccessTimeout,
+    ModelAlreadyRegistered,
+    ModelBusy,
+    ModelError,
+    ModelLoadCancelled,
+    ModelLoadError,
+    ModelLoadTimeout,
+    ModelManagerClosed,
+    ModelOutOfMemory,
+    ModelTimeout,
+    ModelWaitTimeout,
+    UnknownModel,
+)
+from simbridge.models.manager import ModelManager
+from simbridge.models.metrics import ModelState, ModelStats
+
+__all__ = [
+    "BatchError",
+    "Batcher",
+    "InvalidModelOption",
+    "LoadContext",
+    "ModelAccessTimeout",
+    "ModelAlreadyRegistered",
+    "ModelBusy",
+    "ModelError",
+    "ModelLoadCancelled",
+    "ModelLoadError",
+    "ModelLoadTimeout",
+    "ModelManager",
+    "ModelManagerClosed",
+    "ModelOutOfMemory",
+    "ModelState",
+    "ModelStats",
+    "ModelTimeout",
+    "ModelWaitTimeout",
+    "UnknownModel",
+    "is_out_of_memory",
+]

@@ -1,0 +1,151 @@
+"""Dynamic batching: single requests from many threads coalesced into one model call.
+
+A collector thread takes what is queued (up to ``max_batch_size``), waits at most ``max_wait_ms``
+after the first item for more, calls ``fn(model, items)`` once and routes each result back.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import structlog
+
+from simbridge.models.errors import BatchError, InvalidModelOption, ModelManagerClosed
+
+log = structlog.get_logger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+_STOP: Any = object()
+
+
+class Batcher(Generic[Item, Result]):
+    """Coalesces concurrent single items into batched ``fn(model, items)`` calls.
+
+    Call it (or :meth:`submit`) from any number of threads: each call blocks until its own
+    result is back. :meth:`future` returns a ``concurrent.futures.Future`` instead (wrap it with
+    ``asyncio.wrap_future`` in async code). Built by ``ModelManager.batched``.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        use: Callable[[], AbstractContextManager[Any]],
+        fn: Callable[[Any, list[Item]], Sequence[Result]],
+        max_batch_size: int,
+        max_wait_ms: float,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or not max_wait_ms >= 0:
+            raise InvalidModelOption(
+                f"batching {name!r}: max_batch_size must be >= 1 and max_wait_ms >= 0 "
+                f"(got {max_batch_size}, {max_wait_ms})"
+            )
+        self.name = name
+        self._use = use
+        self._fn = fn
+        self._max = max_batch_size
+        self._wait_s = max_wait_ms / 1000
+        self._on_batch = on_batch
+        self._queue: queue.SimpleQueue[tuple[Item, Future[Result]] | Any] = queue.SimpleQueue()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._collect, name=f"simbridge-batcher-{name}", daemon=True
+        )
+        self._thread.start()
+
+    def future(self, item: Item) -> Future[Result]:
+        """Queue ``item``; the future resolves to its result (or the batch's error)."""
+        future: Future[Result] = Future()
+        with self._close_lock:
+            # Checked under the lock so that no item slips in behind the stop marker.
+            if self._closed:
+                raise ModelManagerClosed(f"the batcher of {self.name!r} is closed")
+            self._queue.put((item, future))
+        return future
+
+    def submit(self, item: Item, *, timeout: float | None = None) -> Result:
+        """Queue ``item`` and wait for its result (``timeout`` in seconds; None: no limit)."""
+        return self.future(item).result(timeout=timeout)
+
+    __call__ = submit
+
+    def close(self) -> None:
+        """Finish the batches already queued, then stop the collector thread (idempotent)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def __enter__(self) -> Batcher[Item, Result]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _collect(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self._wait_s
+            while len(batch) < self._max:
+                try:
+                    # Take what is already queued without waiting; only then wait for stragglers.
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._run(batch)
+
+    def _run(self, batch: list[tuple[Item, Future[Result]]]) -> None:
+        live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
+        if not live:
+            return
+        items = [item for item, _ in live]
+        try:
+            with self._use() as model:
+                results = self._fn(model, items)
+            if len(results) != len(items):
+                raise BatchError(
+                    f"batch function of {self.name!r} returned {len(results)} results "
+                    f"for {len(items)} items; it must return one per item, in order"
+                )
+        except BaseException as exc:
+            log.warning("models.batch_failed", model=self.name, size=len(items), error=repr(exc))
+            for _, fut in live:
+                fut.set_exception(exc)
+            return
+        if self._on_batch is not None:
+            self._on_batch(len(items))
+        for (_, fut), result in zip(live, results, strict=True):
+            fut.set_result(result)

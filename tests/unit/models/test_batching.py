@@ -1,0 +1,102 @@
+"""Dynamic batching: concurrent single items coalesced into model calls, results routed back."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from simbridge.models import BatchError, InvalidModelOption, ModelManager, ModelManagerClosed
+
+
+class Doubler:
+    """A tiny real model: doubles numbers, and remembers the size of every call it served."""
+
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+        self.lock = threading.Lock()
+
+    def run(self, items: list[int]) -> list[int]:
+        with self.lock:
+            self.batch_sizes.append(len(items))
+        return [2 * item for item in items]
+
+
+def test_concurrent_items_are_coalesced_and_routed_back(manager: ModelManager) -> None:
+    model = Doubler()
+    manager.register("double", lambda ctx: model)
+    batcher = manager.batched(
+        "double", lambda m, items: m.run(items), max_batch_size=16, max_wait_ms=20
+    )
+    start = threading.Barrier(48, timeout=20)
+
+    def caller(n: int) -> list[tuple[int, int]]:
+        start.wait()
+        return [(n * 100 + k, batcher(n * 100 + k)) for k in range(20)]
+
+    with ThreadPoolExecutor(48) as pool:
+        answers = [pair for pairs in pool.map(caller, range(48)) for pair in pairs]
+    assert all(result == 2 * item for item, result in answers)
+    assert len(answers) == 48 * 20
+    assert sum(model.batch_sizes) == 48 * 20
+    assert max(model.batch_sizes) <= 16
+    assert len(model.batch_sizes) < 48 * 20 / 2, "items were not coalesced"
+    stats = manager.stats()["double"]
+    assert stats.batched_items == 48 * 20
+    assert stats.batches == len(model.batch_sizes)
+
+
+def test_a_batch_of_one_goes_out_after_max_wait(manager: ModelManager) -> None:
+    model = Doubler()
+    manager.register("double", lambda ctx: model)
+    with manager.batched("double", lambda m, items: m.run(items), 64, 1) as batcher:
+        assert batcher.submit(21, timeout=20) == 42
+    assert model.batch_sizes == [1]
+
+
+def test_a_failing_batch_fails_each_of_its_callers(manager: ModelManager) -> None:
+    def broken(model: Any, items: list[int]) -> list[int]:
+        raise ZeroDivisionError("model blew up")
+
+    manager.register("m", lambda ctx: object())
+    with manager.batched("m", broken, 8, 5) as batcher:
+        futures = [batcher.future(n) for n in range(5)]
+        for future in futures:
+            with pytest.raises(ZeroDivisionError, match="blew up"):
+                future.result(timeout=20)
+        # The batcher survives a failed batch.
+        assert manager.stats()["m"].active_users == 0
+
+
+def test_wrong_number_of_results_is_a_batch_error(manager: ModelManager) -> None:
+    manager.register("m", lambda ctx: object())
+    with manager.batched("m", lambda model, items: items[:-1], 8, 5) as batcher:
+        futures = [batcher.future(n) for n in range(3)]
+        for future in futures:
+            error = future.exception(timeout=20)
+            assert isinstance(error, BatchError)
+            assert "one per item" in str(error)
+
+
+def test_closed_batcher_refuses_and_bad_options(manager: ModelManager) -> None:
+    manager.register("m", lambda ctx: Doubler())
+    batcher = manager.batched("m", lambda m, items: m.run(items), 4, 1)
+    assert batcher(1) == 2
+    batcher.close()
+    batcher.close()
+    with pytest.raises(ModelManagerClosed):
+        batcher(1)
+    with pytest.raises(InvalidModelOption):
+        manager.batched("m", lambda m, items: items, 0, 1)
+
+
+def test_shutdown_closes_batchers(open_loader: Any) -> None:
+    manager = ModelManager(cuda_available=lambda: False)
+    manager.register("m", lambda ctx: Doubler(), device="cpu")
+    batcher = manager.batched("m", lambda m, items: m.run(items))
+    assert batcher(5) == 10
+    manager.shutdown()
+    with pytest.raises(ModelManagerClosed):
+        batcher(5)
