@@ -9,7 +9,13 @@ setup(
             sources=["src/simbridge/shm/_core.c"],
             include_dirs=["include"],
             depends=["include/simbridge/shm.h"],
-            extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            extra_compile_args=[
+                "-O3",
+                "-std=c11",
+                "-Wall",
+                "-Wextra",
+                "-Werror=implicit-function-declaration",
+            ],
         )
     ]
 )

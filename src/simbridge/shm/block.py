@@ -7,11 +7,12 @@ lifecycle (the owner unlinks at close and at exit) and the optional recorder.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -82,11 +83,25 @@ class Snapshot:
     view: if it returns False the view may have been overwritten while you used it; read again.
     """
 
-    __slots__ = ("_segment", "_seq", "_slot", "array", "checksum", "commit", "iteration",
-                 "published_at", "writer_pid")
+    __slots__ = (
+        "_segment",
+        "_seq",
+        "_slot",
+        "array",
+        "checksum",
+        "commit",
+        "iteration",
+        "published_at",
+        "writer_pid",
+    )
 
-    def __init__(self, array: NDArray[Any], raw: tuple[int, int, int, int, int, int], writer_pid: int,
-                 segment: _core.Segment | None) -> None:
+    def __init__(
+        self,
+        array: NDArray[Any],
+        raw: tuple[int, int, int, int, int, int],
+        writer_pid: int,
+        segment: _core.Segment | None,
+    ) -> None:
         self.array = array
         self.commit, self.iteration, published_ns, self.checksum, self._slot, self._seq = raw
         self.published_at = published_ns / 1e9
@@ -98,15 +113,18 @@ class Snapshot:
         return self._segment is None or self._segment.valid(self._slot, self._seq)
 
     def __repr__(self) -> str:
-        return (f"Snapshot(iteration={self.iteration}, commit={self.commit}, shape={self.array.shape}, "
-                f"dtype={self.array.dtype}, writer_pid={self.writer_pid})")
+        return (
+            f"Snapshot(iteration={self.iteration}, commit={self.commit}, shape={self.array.shape}, "
+            f"dtype={self.array.dtype}, writer_pid={self.writer_pid})"
+        )
 
 
 class Block:
     """A named array in shared memory. Make one with :meth:`create` (the writer) or :meth:`open`."""
 
-    def __init__(self, segment: _core.Segment, *, name: str, settings: ShmSettings,
-                 record: Path | None) -> None:
+    def __init__(
+        self, segment: _core.Segment, *, name: str, settings: ShmSettings, record: Path | None
+    ) -> None:
         header = segment.header()
         self._seg = segment
         self.name = name
@@ -125,18 +143,25 @@ class Block:
         self._last_iteration: int = header["last_iteration"] if header["commit"] else 0
         self._views: list[NDArray[Any] | None] = [None] * self.slots
         self.recorder = Recorder(record) if record is not None else None
-        if self.is_owner:
-            # Unlink at close, at garbage collection and at interpreter exit, whichever comes first.
-            self._finalizer = weakref.finalize(self, _release_owned, segment)
-        else:
-            self._finalizer = weakref.finalize(self, segment.close)
+        # The owner unlinks at close, at garbage collection or at interpreter exit, whichever is first.
+        release = _release_owned if self.is_owner else _release_reader
+        self._finalizer = weakref.finalize(self, release, segment)
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def create(cls, name: str, shape: int | tuple[int, ...], dtype: DTypeLike, *, slots: int = 2,
-               mode: int | None = None, checksum: bool = True, record: str | os.PathLike[str] | None = None,
-               replace_stale: bool = True) -> Block:
+    def create(
+        cls,
+        name: str,
+        shape: int | tuple[int, ...],
+        dtype: DTypeLike,
+        *,
+        slots: int = 2,
+        mode: int | None = None,
+        checksum: bool = True,
+        record: str | os.PathLike[str] | None = None,
+        replace_stale: bool = True,
+    ) -> Block:
         """Create ``/dev/shm/simbridge.<name>`` and become its one writer.
 
         A segment of that name left by a dead owner (or a previous boot) is replaced when
@@ -153,45 +178,59 @@ class Block:
         settings = load_settings().shm
         code = dtype_code(dtype)
         perm = settings.mode if mode is None else mode
+
+        def make() -> _core.Segment:
+            return _core.create(name, code, shape_t, slots, perm, checksum)
+
         try:
-            segment = _core.create(name, code, shape_t, slots, perm, checksum)
+            segment = make()
         except FileExistsError:
-            segment = cls._replace_if_stale(name, code, shape_t, slots, perm, checksum, replace_stale)
+            segment = cls._replace_if_stale(name, make, replace_stale=replace_stale)
         except ValueError as exc:
-            raise LayoutMismatch(f"block {name!r}: cannot hold shape {shape_t} of {np.dtype(dtype)}: "
-                                 f"{exc}") from exc
+            raise LayoutMismatch(
+                f"block {name!r}: cannot hold shape {shape_t} of {np.dtype(dtype)}: {exc}"
+            ) from exc
         record_dir = cls._record_dir(record, settings)
         log.debug("block created", name=name, shape=shape_t, dtype=str(np.dtype(dtype)), slots=slots)
         return cls(segment, name=name, settings=settings, record=record_dir)
 
     @staticmethod
-    def _replace_if_stale(name: str, code: int, shape: tuple[int, ...], slots: int, mode: int,
-                          checksum: bool, replace_stale: bool) -> _core.Segment:
+    def _replace_if_stale(
+        name: str, make: Callable[[], _core.Segment], *, replace_stale: bool
+    ) -> _core.Segment:
         from simbridge.shm.registry import block_info
 
         info = block_info(name)
         if info is not None and not info.stale:
-            raise BlockExists(f"block {name!r} exists and its owner pid {info.owner_pid} is alive; "
-                              "pick another name or stop that process") from None
+            raise BlockExists(
+                f"block {name!r} exists and its owner pid {info.owner_pid} is alive; "
+                "pick another name or stop that process"
+            ) from None
         if not replace_stale:
-            raise BlockExists(f"block {name!r} exists (stale: owner gone); remove it with "
-                              f"`simbridge shm rm {name}` or pass replace_stale=True") from None
-        log.warning("replacing stale block", name=name,
-                    owner_pid=None if info is None else info.owner_pid)
-        try:
+            raise BlockExists(
+                f"block {name!r} exists (stale: owner gone); remove it with "
+                f"`simbridge shm rm {name}` or pass replace_stale=True"
+            ) from None
+        log.warning("replacing stale block", name=name, owner_pid=None if info is None else info.owner_pid)
+        with contextlib.suppress(FileNotFoundError):
             _core.unlink(name)
-        except FileNotFoundError:
-            pass
         try:
-            return _core.create(name, code, shape, slots, mode, checksum)
+            return make()
         except FileExistsError:
-            raise BlockExists(f"block {name!r} was created by another process while replacing a "
-                              "stale one") from None
+            raise BlockExists(
+                f"block {name!r} was created by another process while replacing a stale one"
+            ) from None
 
     @classmethod
-    def open(cls, name: str, *, timeout: float | None = None,
-             shape: int | tuple[int, ...] | None = None, dtype: DTypeLike | None = None,
-             record: str | os.PathLike[str] | None = None) -> Block:
+    def open(
+        cls,
+        name: str,
+        *,
+        timeout: float | None = None,
+        shape: int | tuple[int, ...] | None = None,
+        dtype: DTypeLike | None = None,
+        record: str | os.PathLike[str] | None = None,
+    ) -> Block:
         """Attach as a reader, waiting up to ``timeout`` seconds for the block to appear.
 
         ``timeout=None`` uses ``shm.open_timeout_s`` from the configuration; ``0`` tries once.
@@ -220,8 +259,10 @@ class Block:
             if waited >= limit:
                 exists = (SHM_DIR / f"{_core.SHM_PREFIX}{name}").exists()
                 what = "to be initialised by its creator" if exists else "to appear"
-                raise BlockNotFound(f"block {name!r} did not become available within {limit:g} s "
-                                    f"(waited for it {what}); is the writer running?")
+                raise BlockNotFound(
+                    f"block {name!r} did not become available within {limit:g} s "
+                    f"(waited for it {what}); is the writer running?"
+                )
             time.sleep(min(delay, limit - waited))
             delay = min(delay * 2, 0.02)
 
@@ -235,18 +276,20 @@ class Block:
         want_shape = (shape,) if isinstance(shape, int) else shape
         want_dtype = None if dtype is None else np.dtype(dtype)
         if (want_shape is not None and tuple(want_shape) != self.shape) or (
-                want_dtype is not None and want_dtype != self.dtype):
+            want_dtype is not None and want_dtype != self.dtype
+        ):
             found = f"{self.shape} {self.dtype}"
             self.close()
-            raise LayoutMismatch(f"block {self.name!r} holds {found}, expected "
-                                 f"{want_shape if want_shape is not None else 'any shape'} "
-                                 f"{want_dtype if want_dtype is not None else 'of any dtype'}; "
-                                 "the peer was built with other sizes")
+            raise LayoutMismatch(
+                f"block {self.name!r} holds {found}, expected "
+                f"{want_shape if want_shape is not None else 'any shape'} "
+                f"{want_dtype if want_dtype is not None else 'of any dtype'}; "
+                "the peer was built with other sizes"
+            )
 
     # ------------------------------------------------------------------ writing
 
-    def publish(self, array: ArrayLike, *, iteration: int | None = None,
-                check_finite: bool = False) -> int:
+    def publish(self, array: ArrayLike, *, iteration: int | None = None, check_finite: bool = False) -> int:
         """Copy ``array`` into the next slot, checksum it, commit it and wake readers.
 
         ``iteration`` defaults to the previous one plus one (the first is 1) and must increase.
@@ -254,8 +297,9 @@ class Block:
         """
         arr = np.asarray(array)
         if arr.dtype != self.dtype or arr.shape != self.shape:
-            raise LayoutMismatch(f"block {self.name!r} holds {self.shape} {self.dtype}; "
-                                 f"got {arr.shape} {arr.dtype}")
+            raise LayoutMismatch(
+                f"block {self.name!r} holds {self.shape} {self.dtype}; got {arr.shape} {arr.dtype}"
+            )
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
         if check_finite:
@@ -286,13 +330,21 @@ class Block:
         commit = self._seg.commit_write(slot, it)
         self._last_iteration = it
         if self.recorder is not None:
-            self.recorder.record(self.name, "publish", self._view(slot, writable=False),
-                                 iteration=it, commit=commit)
+            self.recorder.record(
+                self.name, "publish", self._view(slot, writable=False), iteration=it, commit=commit
+            )
 
     # ------------------------------------------------------------------ reading
 
-    def read(self, *, after: int | None = None, timeout: float | None = None, copy: bool = True,
-             check_finite: bool = False, out: NDArray[Any] | None = None) -> Snapshot:
+    def read(
+        self,
+        *,
+        after: int | None = None,
+        timeout: float | None = None,
+        copy: bool = True,
+        check_finite: bool = False,
+        out: NDArray[Any] | None = None,
+    ) -> Snapshot:
         """Wait for an iteration greater than ``after`` (any, if None) and return it; never torn.
 
         ``timeout=None`` uses ``shm.read_timeout_s`` (300 s by default; ``math.inf`` waits forever).
@@ -319,13 +371,25 @@ class Block:
             self._check_finite(array, f"read of iteration {raw[1]}")
         snap = Snapshot(array, raw, self.writer_pid, None if copy else self._seg)
         if self.recorder is not None:
-            self.recorder.record(self.name, "read", array, iteration=snap.iteration,
-                                 commit=snap.commit, header_crc=snap.checksum if self.checksum else None,
-                                 writer_pid=self.writer_pid)
+            self.recorder.record(
+                self.name,
+                "read",
+                array,
+                iteration=snap.iteration,
+                commit=snap.commit,
+                header_crc=snap.checksum if self.checksum else None,
+                writer_pid=self.writer_pid,
+            )
         return snap
 
-    def _wait(self, dst: NDArray[Any] | None, min_iteration: int, after: int | None,
-              timeout: float | None, status: Any) -> tuple[int, int, int, int, int, int]:
+    def _wait(
+        self,
+        dst: NDArray[Any] | None,
+        min_iteration: int,
+        after: int | None,
+        timeout: float | None,
+        status: Any,
+    ) -> tuple[int, int, int, int, int, int]:
         limit = self._read_timeout if timeout is None else timeout
         start = time.monotonic()
         deadline = start + limit if math.isfinite(limit) else math.inf
@@ -333,45 +397,63 @@ class Block:
         waited_for = "any iteration" if after is None else f"an iteration after {after}"
         while True:
             if status == _core.ECLOSED:
-                raise WriterClosed(f"block {self.name!r}: the writer (pid {self.writer_pid}) closed it "
-                                   f"while we waited for {waited_for}", name=self.name, pid=self.writer_pid)
+                raise WriterClosed(
+                    f"block {self.name!r}: the writer (pid {self.writer_pid}) closed it "
+                    f"while we waited for {waited_for}",
+                    name=self.name,
+                    pid=self.writer_pid,
+                )
             now = time.monotonic()
             if now >= deadline:
-                raise Timeout(f"block {self.name!r}: waited {limit:g} s for {waited_for}, none came "
-                              f"(latest iteration {self.latest_iteration}, writer pid {self.writer_pid})",
-                              name=self.name, waited_for=waited_for, timeout=limit)
+                raise Timeout(
+                    f"block {self.name!r}: waited {limit:g} s for {waited_for}, none came "
+                    f"(latest iteration {self.latest_iteration}, writer pid {self.writer_pid})",
+                    name=self.name,
+                    waited_for=waited_for,
+                    timeout=limit,
+                )
             if not self._seg.writer_alive():
-                raise PeerGone(f"block {self.name!r}: writer pid {self.writer_pid} is gone while we waited "
-                               f"for {waited_for} (latest iteration {self.latest_iteration})",
-                               name=self.name, pid=self.writer_pid)
+                raise PeerGone(
+                    f"block {self.name!r}: writer pid {self.writer_pid} is gone while we waited "
+                    f"for {waited_for} (latest iteration {self.latest_iteration})",
+                    name=self.name,
+                    pid=self.writer_pid,
+                )
             if now >= next_progress:
-                log.info("still waiting", block=self.name, waiting_for=waited_for,
-                         waited_s=round(now - start, 1), timeout_s=limit,
-                         latest_iteration=self.latest_iteration, writer_pid=self.writer_pid)
+                log.info(
+                    "still waiting",
+                    block=self.name,
+                    waiting_for=waited_for,
+                    waited_s=round(now - start, 1),
+                    timeout_s=limit,
+                    latest_iteration=self.latest_iteration,
+                    writer_pid=self.writer_pid,
+                )
                 next_progress = now + self._progress_s
             park = min(self._peer_check_s, deadline - now, next_progress - now)
             status = self._seg.read(dst, min_iteration, 0, max(1, int(park * 1e9)), self.checksum)
-            if status.__class__ is tuple:
-                return status  # type: ignore[no-any-return]
+            if isinstance(status, tuple):
+                return status
 
     # ------------------------------------------------------------------ helpers
 
     def _view(self, slot: int, *, writable: bool) -> NDArray[Any]:
         if writable:
             offset = self._seg.payload_offset(slot)
-            return np.frombuffer(self._seg, self.dtype, self._size, offset).reshape(self.shape)
+            return np.frombuffer(memoryview(self._seg), self.dtype, self._size, offset).reshape(self.shape)
         view = self._views[slot]
         if view is None:
             offset = self._seg.payload_offset(slot)
-            view = np.frombuffer(self._seg, self.dtype, self._size, offset).reshape(self.shape)
+            view = np.frombuffer(memoryview(self._seg), self.dtype, self._size, offset).reshape(self.shape)
             view.flags.writeable = False
             self._views[slot] = view
         return view
 
     def _check_out(self, out: NDArray[Any]) -> None:
         if out.dtype != self.dtype or out.shape != self.shape or not out.flags.c_contiguous:
-            raise LayoutMismatch(f"out must be a C-contiguous {self.shape} {self.dtype} array; "
-                                 f"got {out.shape} {out.dtype}")
+            raise LayoutMismatch(
+                f"out must be a C-contiguous {self.shape} {self.dtype} array; got {out.shape} {out.dtype}"
+            )
 
     def _check_finite(self, arr: NDArray[Any], what: str) -> None:
         if arr.dtype.kind not in "fc":
@@ -381,8 +463,11 @@ class Block:
             return
         bad = int(finite.size - np.count_nonzero(finite))
         first = tuple(int(i) for i in np.unravel_index(int(np.argmin(finite)), arr.shape))
-        raise NonFinite(f"block {self.name!r}: {what} has {bad} NaN/Inf value(s), first at index {first}",
-                        count=bad, first_index=first)
+        raise NonFinite(
+            f"block {self.name!r}: {what} has {bad} NaN/Inf value(s), first at index {first}",
+            count=bad,
+            first_index=first,
+        )
 
     @property
     def latest_iteration(self) -> int | None:
@@ -414,13 +499,21 @@ class Block:
     def __enter__(self) -> Block:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
         role = "owner" if self.is_owner else "reader"
         return f"Block({self.name!r}, shape={self.shape}, dtype={self.dtype}, slots={self.slots}, {role})"
+
+
+def _release_reader(segment: _core.Segment) -> None:
+    segment.close()
 
 
 def _release_owned(segment: _core.Segment) -> None:

@@ -22,14 +22,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False)
 demo_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 
-class _LazyConsole:
-    """A Console made at first use, so it sizes itself to the terminal the command runs in."""
-
-    def __getattr__(self, attr: str) -> object:
-        return getattr(Console(), attr)
-
-
-console = _LazyConsole()
+def _console() -> Console:
+    # Made per command, so it sizes itself to the terminal the command runs in.
+    return Console()
 
 
 def _size(n: int) -> str:
@@ -47,7 +42,9 @@ def _age(ts: float | None) -> str:
 
 
 @app.command("ls")
-def list_command(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+def list_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
     """List every block: owner pid and whether it is alive, dtype, shape, iteration, last publish, size."""
     infos = registry.list_blocks()
     if as_json:
@@ -55,14 +52,30 @@ def list_command(as_json: Annotated[bool, typer.Option("--json", help="Machine-r
         return
     table = Table(title=f"simbridge blocks in {registry.SHM_DIR}")
     table.add_column("name", overflow="fold")
-    for col in ("owner pid", "alive", "state", "dtype", "shape", "iteration", "last publish", "size"):
+    for col in (
+        "owner pid",
+        "alive",
+        "state",
+        "dtype",
+        "shape",
+        "iteration",
+        "last publish",
+        "size",
+    ):
         table.add_column(col)
     for i in infos:
-        table.add_row(i.name, str(i.owner_pid or "-"), "yes" if i.alive else "[red]no[/red]", i.state,
-                      i.dtype or "-", str(i.shape) if i.shape is not None else "-",
-                      str(i.iteration) if i.iteration is not None else "-", _age(i.last_publish),
-                      _size(i.size))
-    console.print(table if infos else "no simbridge blocks")
+        table.add_row(
+            i.name,
+            str(i.owner_pid or "-"),
+            "yes" if i.alive else "[red]no[/red]",
+            i.state,
+            i.dtype or "-",
+            str(i.shape) if i.shape is not None else "-",
+            str(i.iteration) if i.iteration is not None else "-",
+            _age(i.last_publish),
+            _size(i.size),
+        )
+    _console().print(table if infos else "no simbridge blocks")
 
 
 @app.command("inspect")
@@ -71,7 +84,7 @@ def inspect_command(name: str) -> None:
     try:
         block = Block.open(name, timeout=0)
     except ShmError as exc:
-        console.print(f"[red]{exc}[/red]")
+        _console().print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
     with block:
         header = block.header()
@@ -96,21 +109,25 @@ def inspect_command(name: str) -> None:
             table.add_row("latest iteration", str(snap.iteration))
             table.add_row("NaN/Inf count", str(nonfinite))
             if finite.size and data.dtype.kind in "biuf":
-                table.add_row("min / max / mean",
-                              f"{finite.min():.6g} / {finite.max():.6g} / {finite.mean():.6g}")
-        console.print(table)
+                table.add_row(
+                    "min / max / mean",
+                    f"{finite.min():.6g} / {finite.max():.6g} / {finite.mean():.6g}",
+                )
+        _console().print(table)
 
 
 @app.command("rm")
-def remove_command(name: str,
-                   force: Annotated[bool, typer.Option(help="Remove even if the owner is alive.")] = False) -> None:
+def remove_command(
+    name: str,
+    force: Annotated[bool, typer.Option(help="Remove even if the owner is alive.")] = False,
+) -> None:
     """Remove a block (its owner must be gone unless --force)."""
     try:
         registry.remove(name, force=force)
     except (ShmError, ValueError) as exc:
-        console.print(f"[red]{exc}[/red]")
+        _console().print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
-    console.print(f"removed {name}")
+    _console().print(f"removed {name}")
 
 
 @app.command("clean")
@@ -118,28 +135,45 @@ def clean_command() -> None:
     """Remove stale blocks only: dead owner, previous boot, or abandoned while being created."""
     removed = registry.cleanup_stale()
     for info in removed:
-        console.print(f"removed {info.name} (owner pid {info.owner_pid}, {info.state})")
-    console.print(f"{len(removed)} stale block(s) removed")
+        _console().print(f"removed {info.name} (owner pid {info.owner_pid}, {info.state})")
+    _console().print(f"{len(removed)} stale block(s) removed")
 
 
 @app.command("diff")
 def diff_command(directory: Path) -> None:
     """Compare recorded sends and receives; exit 1 if any received checksum differs from the sent one."""
     if not directory.is_dir():
-        console.print(f"[red]{directory} is not a directory[/red]")
+        _console().print(f"[red]{directory} is not a directory[/red]")
         raise typer.Exit(2)
     report = diff_recording(directory)
-    console.print(f"{report.matched} transfer(s) matched, {len(report.mismatches)} mismatched, "
-                  f"{len(report.reads_without_publish)} read(s) without a recorded publish, "
-                  f"{len(report.publishes_never_read)} publish(es) never read")
+    _console().print(
+        f"{report.matched} transfer(s) matched, {len(report.mismatches)} mismatched, "
+        f"{len(report.reads_without_publish)} read(s) without a recorded publish, "
+        f"{len(report.publishes_never_read)} publish(es) never read"
+    )
     if report.mismatches:
         table = Table(title="checksum mismatches")
-        for col in ("block", "iteration", "commit", "sent crc", "received crc", "sent file", "received file"):
+        for col in (
+            "block",
+            "iteration",
+            "commit",
+            "sent crc",
+            "received crc",
+            "sent file",
+            "received file",
+        ):
             table.add_column(col)
         for sent, got in report.mismatches:
-            table.add_row(sent["name"], str(sent["iteration"]), str(sent["commit"]),
-                          f"{sent['checksum']:08x}", f"{got['checksum']:08x}", sent["file"], got["file"])
-        console.print(table)
+            table.add_row(
+                sent["name"],
+                str(sent["iteration"]),
+                str(sent["commit"]),
+                f"{sent['checksum']:08x}",
+                f"{got['checksum']:08x}",
+                sent["file"],
+                got["file"],
+            )
+        _console().print(table)
         raise typer.Exit(1)
 
 
@@ -148,7 +182,9 @@ def demo_blocks(iterations: Annotated[int, typer.Option(min=1, max=100_000)] = 2
     """Two processes exchange arrays through Blocks (states out, observations back)."""
     from simbridge.shm.demo import OBSERVATIONS, STATES, run_driver
 
-    console.print(f"driver publishes states {STATES} float32; model process answers {OBSERVATIONS} float32")
+    _console().print(
+        f"driver publishes states {STATES} float32; model process answers {OBSERVATIONS} float32"
+    )
     rounds = run_driver(iterations)
     times = np.array([r.round_trip_s for r in rounds])
     table = Table(title="round trips (publish states -> model -> read observations)")
@@ -157,8 +193,10 @@ def demo_blocks(iterations: Annotated[int, typer.Option(min=1, max=100_000)] = 2
     table.add_column("result correct")
     for r in rounds:
         table.add_row(str(r.iteration), f"{r.round_trip_s * 1e3:.3f}", "yes" if r.checksum_ok else "NO")
-    console.print(table)
-    console.print(f"median round trip {np.median(times) * 1e3:.3f} ms over {len(rounds)} iterations "
-                  "(includes the model's matrix product)")
+    _console().print(table)
+    _console().print(
+        f"median round trip {np.median(times) * 1e3:.3f} ms over {len(rounds)} iterations "
+        "(includes the model's matrix product)"
+    )
     if not all(r.checksum_ok for r in rounds):
         raise typer.Exit(1)

@@ -37,8 +37,10 @@ def forward_operator(seed: int = 7) -> np.ndarray:
 def run_model(prefix: str, iterations: int) -> None:
     """The model side (a separate process): read states, publish observations, same iteration id."""
     operator = forward_operator()
-    with Block.open(f"{prefix}.states", timeout=30) as states, \
-            Block.create(f"{prefix}.obs", OBSERVATIONS, np.float32) as obs:
+    with (
+        Block.open(f"{prefix}.states", timeout=30) as states,
+        Block.create(f"{prefix}.obs", OBSERVATIONS, np.float32) as obs,
+    ):
         out = np.empty(STATES, np.float32)
         for it in range(1, iterations + 1):
             snap = states.read(after=it - 1, timeout=30, out=out)

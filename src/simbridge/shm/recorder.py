@@ -33,8 +33,12 @@ def _stats(array: NDArray[Any]) -> dict[str, Any]:
         nonfinite = int(array.size - finite.size)
         if finite.size == 0:
             return {"nonfinite": nonfinite}
-        return {"min": float(finite.min()), "max": float(finite.max()),
-                "mean": float(finite.mean()), "nonfinite": nonfinite}
+        return {
+            "min": float(finite.min()),
+            "max": float(finite.max()),
+            "mean": float(finite.mean()),
+            "nonfinite": nonfinite,
+        }
     return {"min": float(array.min()), "max": float(array.max()), "mean": float(array.mean())}
 
 
@@ -46,8 +50,17 @@ class Recorder:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._counter = itertools.count()
 
-    def record(self, name: str, direction: str, array: NDArray[Any], *, iteration: int, commit: int,
-               header_crc: int | None = None, writer_pid: int | None = None) -> dict[str, Any]:
+    def record(
+        self,
+        name: str,
+        direction: str,
+        array: NDArray[Any],
+        *,
+        iteration: int,
+        commit: int,
+        header_crc: int | None = None,
+        writer_pid: int | None = None,
+    ) -> dict[str, Any]:
         """Save one transfer; ``checksum`` in the entry is recomputed here from ``array`` itself."""
         contiguous = np.ascontiguousarray(array)
         pid = os.getpid()
@@ -86,8 +99,10 @@ def append_entry(index: Path, entry: dict[str, Any]) -> None:
             return
         os.lseek(fd, size - len(_TAIL), os.SEEK_SET)
         if os.read(fd, len(_TAIL)) != _TAIL:
-            raise ValueError(f"{index} does not end with the recorder's closing bracket; "
-                             "it was edited by hand — move it aside to start a new index")
+            raise ValueError(
+                f"{index} does not end with the recorder's closing bracket; "
+                "it was edited by hand — move it aside to start a new index"
+            )
         os.lseek(fd, size - len(_TAIL), os.SEEK_SET)
         os.write(fd, b",\n" + line + _TAIL)
     finally:

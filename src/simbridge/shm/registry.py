@@ -47,15 +47,16 @@ class BlockInfo:
 
 
 def _info_from_path(path: Path) -> BlockInfo | None:
-    name = path.name[len(_core.SHM_PREFIX):]
+    name = path.name[len(_core.SHM_PREFIX) :]
     try:
         stat = path.stat()
     except FileNotFoundError:
         return None
     age = max(0.0, time.time() - stat.st_mtime)
     if not _core.name_valid(name):
-        return BlockInfo(name=name, size=stat.st_size, state="invalid", age_s=age,
-                         error="not a valid block name")
+        return BlockInfo(
+            name=name, size=stat.st_size, state="invalid", age_s=age, error="not a valid block name"
+        )
     try:
         segment = _core.open(name)
     except FileNotFoundError:
@@ -112,8 +113,9 @@ def remove(name: str, *, force: bool = False) -> None:
     if info is None:
         raise BlockNotFound(f"no block named {name!r} in {SHM_DIR}")
     if info.alive and not force:
-        raise BlockExists(f"block {name!r} is held by live pid {info.owner_pid}; stop it first, "
-                          "or force the removal")
+        raise BlockExists(
+            f"block {name!r} is held by live pid {info.owner_pid}; stop it first, or force the removal"
+        )
     try:
         _core.unlink(name)
     except FileNotFoundError:

@@ -53,8 +53,14 @@ def test_hardware_and_software_paths_agree_on_large_buffers() -> None:
     runs = {}
     for force in ("0", "1"):
         env = {**os.environ, "SIMBRIDGE_CRC32C_SOFTWARE": force}
-        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                             check=True, timeout=120).stdout.split("\n")
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout.split("\n")
         runs[force] = out
     assert runs["1"][1] == "False"
     assert runs["0"][0] == runs["1"][0]

@@ -12,8 +12,25 @@ from hypothesis import strategies as st
 
 from simbridge.shm import Block, BlockNotFound, LayoutMismatch, _core
 
-DTYPES = [np.dtype(n) for n in ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
-                                 "uint64", "float16", "float32", "float64", "complex64", "complex128")]
+DTYPES = [
+    np.dtype(n)
+    for n in (
+        "bool",
+        "int8",
+        "uint8",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
+    )
+]
 
 
 def fresh_name() -> str:
@@ -28,13 +45,16 @@ def fresh_name() -> str:
     seed=st.integers(0, 2**32 - 1),
 )
 @settings(max_examples=150, deadline=None)
-def test_every_dtype_and_shape_round_trips(dtype: np.dtype, shape: tuple[int, ...], slots: int,
-                                           checksum: bool, seed: int) -> None:
+def test_every_dtype_and_shape_round_trips(
+    dtype: np.dtype, shape: tuple[int, ...], slots: int, checksum: bool, seed: int
+) -> None:
     rng = np.random.default_rng(seed)
     data = (rng.random(shape) * 100).astype(dtype)
     name = fresh_name()
-    with Block.create(name, shape, dtype, slots=slots, checksum=checksum) as writer, \
-            Block.open(name, timeout=1, shape=shape, dtype=dtype) as reader:
+    with (
+        Block.create(name, shape, dtype, slots=slots, checksum=checksum) as writer,
+        Block.open(name, timeout=1, shape=shape, dtype=dtype) as reader,
+    ):
         header = reader.header()
         assert header["magic"] == _core.MAGIC and header["abi_version"] == _core.ABI_VERSION
         assert tuple(header["shape"]) == shape and header["dtype_name"] == dtype.name
@@ -65,7 +85,10 @@ def test_corrupted_headers_give_a_clear_error_or_still_work(offset: int, value: 
             raw.write(bytes([value]) * count)
         try:
             reader = Block.open(name, timeout=0)
-        except (LayoutMismatch, BlockNotFound) as exc:  # zeroed magic reads as "not initialised yet"
+        except (
+            LayoutMismatch,
+            BlockNotFound,
+        ) as exc:  # zeroed magic reads as "not initialised yet"
             assert name in str(exc)
             return
         with reader:

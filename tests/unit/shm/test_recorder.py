@@ -15,8 +15,10 @@ from simbridge.shm.recorder import INDEX_NAME, append_entry
 
 
 def test_publishes_and_reads_are_recorded_and_match(block_name: str, tmp_path: Path) -> None:
-    with Block.create(block_name, (2, 3), np.float32, record=tmp_path) as writer, \
-            Block.open(block_name, timeout=1, record=tmp_path) as reader:
+    with (
+        Block.create(block_name, (2, 3), np.float32, record=tmp_path) as writer,
+        Block.open(block_name, timeout=1, record=tmp_path) as reader,
+    ):
         for it in range(1, 4):
             writer.publish(np.full((2, 3), it, np.float32))
             reader.read(after=it - 1, timeout=1)
@@ -35,8 +37,10 @@ def test_publishes_and_reads_are_recorded_and_match(block_name: str, tmp_path: P
 
 
 def test_diff_reports_a_received_checksum_that_differs(block_name: str, tmp_path: Path) -> None:
-    with Block.create(block_name, 4, np.int32, record=tmp_path) as writer, \
-            Block.open(block_name, timeout=1, record=tmp_path) as reader:
+    with (
+        Block.create(block_name, 4, np.int32, record=tmp_path) as writer,
+        Block.open(block_name, timeout=1, record=tmp_path) as reader,
+    ):
         writer.publish(np.arange(4, dtype=np.int32))
         reader.read(timeout=1)
     index = tmp_path / INDEX_NAME

@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from simbridge.shm import Block, BlockExists, BlockNotFound, block_info, cleanup_stale, list_blocks, remove
+from simbridge.shm import (
+    Block,
+    BlockExists,
+    BlockNotFound,
+    block_info,
+    cleanup_stale,
+    list_blocks,
+    remove,
+)
 from simbridge.shm.cli import app
 
 runner = CliRunner()
@@ -29,7 +37,9 @@ def make_orphan(name: str) -> int:
         "print('ready', flush=True)\n"
         "sys.stdin.read()\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     for line in proc.stdout:  # structlog's default writes log lines to stdout before ours
         if line.strip() == "ready":
@@ -108,8 +118,10 @@ def test_cli_ls_inspect_rm_clean(block_name: str) -> None:
 
 
 def test_cli_diff(block_name: str, tmp_path: Path) -> None:
-    with Block.create(block_name, 2, np.float32, record=tmp_path) as writer, \
-            Block.open(block_name, timeout=1, record=tmp_path) as reader:
+    with (
+        Block.create(block_name, 2, np.float32, record=tmp_path) as writer,
+        Block.open(block_name, timeout=1, record=tmp_path) as reader,
+    ):
         writer.publish(np.ones(2, np.float32))
         reader.read(timeout=1)
     result = runner.invoke(app, ["diff", str(tmp_path)])
