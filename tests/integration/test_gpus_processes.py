@@ -114,9 +114,7 @@ def _wait_for(condition: object, what: str, timeout: float = 60.0) -> None:
 def test_32_processes_x_200_cycles_over_8_slots_never_share(tmp_path: Path) -> None:
     lock_dir, claims = tmp_path / "locks", tmp_path / "claims"
     claims.mkdir()
-    procs = [
-        _python(STRESS_WORKER, lock_dir, claims, tmp_path / f"log-{n}", 200) for n in range(32)
-    ]
+    procs = [_python(STRESS_WORKER, lock_dir, claims, tmp_path / f"log-{n}", 200) for n in range(32)]
     for proc in procs:
         assert proc.wait(timeout=280) == 0
     intervals: dict[int, list[tuple[int, int]]] = {}

@@ -109,9 +109,7 @@ def test_dynamic_batching_returns_each_callers_own_embedding(
     with manager.use("minilm") as model:
         expected = model.encode(sentences, batch_size=32)
     with (
-        manager.batched(
-            "minilm", lambda m, items: list(m.encode(items, batch_size=64)), 32, 20
-        ) as batcher,
+        manager.batched("minilm", lambda m, items: list(m.encode(items, batch_size=64)), 32, 20) as batcher,
         ThreadPoolExecutor(32) as pool,
     ):
         got = list(pool.map(lambda s: batcher.submit(s, timeout=300), sentences))

@@ -21,6 +21,8 @@ from simbridge.gpus.errors import GpuError, LockDirError
 # Tickets are zero-padded so that name order is ticket order.
 _TICKET_WIDTH = 16
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+_FIRST_POLL_S = 0.0002
+_NEXT_IN_LINE_POLL_S = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +34,7 @@ class Place:
     fd: int
 
 
-class QueueTimeout(GpuError):  # noqa: N818 - internal signal, turned into LeaseTimeout by the pool
+class QueueTimeout(GpuError):
     """Raised inside the pool when the deadline passes with waiters still ahead; never leaves it."""
 
     def __init__(self, ahead: int) -> None:
@@ -98,28 +100,36 @@ class TicketQueue:
         finally:
             os.close(fd)
 
-    def join(self) -> Place:
-        """Take the next ticket and stand in line (holding the ticket file's flock)."""
+    def join(self) -> tuple[Place, int | None, int]:
+        """Take the next ticket and stand in line (holding the ticket file's flock).
+
+        Returns the place, an fd on the nearest live waiter ahead (None when first) and how many
+        live waiters are ahead, all seen in one critical section.
+        """
         with self._mutex() as mutex:
-            ticket = self._next_ticket(mutex)
+            entries = self._entries()
+            ticket = self._next_ticket(mutex, entries)
             path = self._dir / f"{ticket:0{_TICKET_WIDTH}d}-{os.getpid()}"
             fd = os.open(path, _OPEN_FLAGS | os.O_EXCL, self._mode)
             # Created and locked under the mutex, so a scan (also under the mutex) never sees a
             # live waiter's file unlocked and mistakes it for a dead one.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return Place(ticket=ticket, path=path, fd=fd)
+            place = Place(ticket=ticket, path=path, fd=fd)
+            nearest, alive = self._scan(place, entries)
+        return place, nearest, alive
 
-    def _next_ticket(self, mutex: int) -> int:
-        raw = os.pread(mutex, 32, 0).strip()
+    def _next_ticket(self, mutex: int, entries: list[tuple[int, Path]]) -> int:
+        raw = os.pread(mutex, _TICKET_WIDTH, 0).strip()
         try:
             last = int(raw) if raw else 0
         except ValueError:
             last = 0
         # The listing guards against a counter file that was removed or torn by a crash.
-        last = max([last, *(ticket for ticket, _ in self._entries())])
+        if entries:
+            last = max(last, entries[-1][0])
         ticket = last + 1
-        os.ftruncate(mutex, 0)
-        os.pwrite(mutex, str(ticket).encode(), 0)
+        # Fixed width, so the counter is overwritten in place without a (slow) truncate.
+        os.pwrite(mutex, f"{ticket:0{_TICKET_WIDTH}d}".encode(), 0)
         return ticket
 
     def _entries(self) -> list[tuple[int, Path]]:
@@ -131,50 +141,52 @@ class TicketQueue:
         entries.sort()
         return entries
 
-    def ahead(self, place: Place) -> tuple[int | None, int]:
-        """(fd on the nearest live waiter ahead or None when first, number of live waiters ahead).
-
-        Ticket files whose owner died are removed on the way.
-        """
-        nearest: int | None = None
-        alive = 0
-        with self._mutex():
-            for ticket, path in reversed(self._entries()):
-                if ticket >= place.ticket:
-                    continue
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-                except FileNotFoundError:
-                    continue  # it left between the listing and now
-                if try_lock(fd):
-                    # Nobody holds it: its waiter died (a leaving waiter unlinks first).
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-                    os.close(fd)
-                    continue
-                alive += 1
-                if nearest is None:
-                    nearest = fd
-                else:
-                    os.close(fd)
-        return nearest, alive
-
-    def wait_turn(self, place: Place, *, deadline: float, poll: float) -> None:
-        """Return when no live waiter is ahead; raise :class:`QueueTimeout` at ``deadline``."""
-        while True:
-            watched, ahead = self.ahead(place)
-            if watched is None:
-                return
+    def _scan(self, place: Place, entries: list[tuple[int, Path]]) -> tuple[int | None, int]:
+        # Under the mutex. Walks back from our ticket to the nearest live waiter only (one open in
+        # the usual case), removing ticket files of dead waiters on the way; the entries further
+        # ahead are counted, not probed.
+        earlier = [(ticket, path) for ticket, path in entries if ticket < place.ticket]
+        while earlier:
+            _, path = earlier.pop()
             try:
-                delay = min(0.0002, poll)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                continue  # it left between the listing and now
+            if try_lock(fd):
+                # Nobody holds it: its waiter died (a leaving waiter unlinks first).
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                os.close(fd)
+                continue
+            return fd, len(earlier) + 1
+        return None, 0
+
+    def ahead(self, place: Place) -> tuple[int | None, int]:
+        """(fd on the nearest live waiter ahead or None when first, waiters ahead, at most)."""
+        with self._mutex():
+            return self._scan(place, self._entries())
+
+    def wait_turn(
+        self, place: Place, watched: int | None, ahead: int, *, deadline: float, poll: float
+    ) -> None:
+        """Return when no live waiter is ahead; raise :class:`QueueTimeout` at ``deadline``.
+
+        ``watched`` and ``ahead`` are what :meth:`join` saw; ``watched`` is closed here.
+        """
+        while watched is not None:
+            try:
+                # The next in line looks often; those further back have time to spare.
+                cap = min(poll, _NEXT_IN_LINE_POLL_S) if ahead <= 1 else poll
+                delay = min(_FIRST_POLL_S, cap)
                 while not try_lock(watched):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise QueueTimeout(ahead)
                     time.sleep(min(delay, remaining))
-                    delay = min(delay * 2, poll)
+                    delay = min(delay * 2, cap)
             finally:
                 os.close(watched)
+            watched, ahead = self.ahead(place)
 
     def leave(self, place: Place) -> None:
         """Step out of line; the waiter behind notices when the flock goes with the fd."""

@@ -4,7 +4,6 @@ Each derives from :class:`GpuError` (and so from :class:`simbridge.errors.Simbri
 from the nearest builtin, so callers may catch either.
 """
 
-# ruff: noqa: N818 - the names say what happened (LeaseTimeout, NoSuchGpu), as the API promises.
 from __future__ import annotations
 
 from simbridge.errors import SimbridgeError

@@ -124,9 +124,7 @@ class GpuLease:
 
     def _check_live(self) -> None:
         if self._released:
-            raise LeaseReleased(
-                f"the lease of GPU(s) {self.indices} was released; lease again to use them"
-            )
+            raise LeaseReleased(f"the lease of GPU(s) {self.indices} was released; lease again to use them")
 
     def _write_holders(self) -> None:
         record = {
@@ -137,8 +135,10 @@ class GpuLease:
         }
         data = json.dumps(record).encode()
         for fd in self._fds:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
+            # Padded with spaces (which JSON ignores) over whatever was there before: a pwrite
+            # in place, much cheaper than truncating the file on every lease.
+            size = max(len(data), os.fstat(fd).st_size)
+            os.pwrite(fd, data.ljust(size), 0)
 
     def __enter__(self) -> GpuLease:
         return self
@@ -178,8 +178,7 @@ class GpuPool:
             raise InvalidLeaseRequest("give GpuPool exactly one of slots=N or source=...")
         if default_timeout < 0 or poll_interval <= 0:
             raise InvalidLeaseRequest(
-                f"default_timeout must be >= 0 and poll_interval > 0 "
-                f"(got {default_timeout}, {poll_interval})"
+                f"default_timeout must be >= 0 and poll_interval > 0 (got {default_timeout}, {poll_interval})"
             )
         self._source: GpuSource = source if source is not None else SlotSource(slots=slots or 0)
         self._gpus = tuple(read_all(self._source))
@@ -189,9 +188,7 @@ class GpuPool:
         self._poll = poll_interval
         ensure_dir(self._lock_dir, lock_mode)
         if lock_dir is None and self._lock_dir.stat().st_uid != os.getuid():
-            raise LockDirError(
-                f"{self._lock_dir} belongs to another user; remove it or set gpus.lock_dir"
-            )
+            raise LockDirError(f"{self._lock_dir} belongs to another user; remove it or set gpus.lock_dir")
         self._queue = TicketQueue(root=self._lock_dir, mode=lock_mode)
 
     @classmethod
@@ -238,10 +235,10 @@ class GpuPool:
         if math.isnan(wait) or wait < 0:
             raise InvalidLeaseRequest(f"timeout must be >= 0 seconds, got {timeout}")
         deadline = time.monotonic() + min(wait, 1e9)
-        place = self._queue.join()
+        place, watched, ahead = self._queue.join()
         try:
             try:
-                self._queue.wait_turn(place, deadline=deadline, poll=self._poll)
+                self._queue.wait_turn(place, watched, ahead, deadline=deadline, poll=self._poll)
             except QueueTimeout as exc:
                 raise self._timeout(count, min_free_memory, wait, exc.ahead) from None
             pause = _FIRST_PAUSE_S
@@ -273,8 +270,7 @@ class GpuPool:
             raise InvalidLeaseRequest(f"count must be a whole number of GPUs, got {count!r}")
         if not 1 <= count <= len(self._gpus):
             raise InvalidLeaseRequest(
-                f"cannot lease {count} GPU(s) from a pool of {len(self._gpus)}; "
-                f"ask for 1..{len(self._gpus)}"
+                f"cannot lease {count} GPU(s) from a pool of {len(self._gpus)}; ask for 1..{len(self._gpus)}"
             )
         if min_free_memory is None:
             return
@@ -292,9 +288,7 @@ class GpuPool:
                 "lower min_free_memory or the count"
             )
 
-    def _try_take(
-        self, count: int, min_free_memory: int | None
-    ) -> list[tuple[GpuInfo, int]] | None:
+    def _try_take(self, count: int, min_free_memory: int | None) -> list[tuple[GpuInfo, int]] | None:
         # Only the head of the line gets here, so taking all-or-nothing cannot deadlock.
         taken: list[tuple[GpuInfo, int]] = []
         for gpu in self._gpus:
@@ -315,14 +309,12 @@ class GpuPool:
             os.close(fd)
         return None
 
-    def _timeout(
-        self, count: int, min_free_memory: int | None, waited: float, ahead: int
-    ) -> LeaseTimeout:
+    def _timeout(self, count: int, min_free_memory: int | None, waited: float, ahead: int) -> LeaseTimeout:
         holders = self.holders()
         held = [h for h in holders if h.held]
         pids = sorted({h.pid for h in held if h.pid is not None})
         floor = f" with {_mib(min_free_memory)} free" if min_free_memory is not None else ""
-        why = f"{ahead} waiter(s) still ahead in line" if ahead else "not enough GPUs came free"
+        why = f"up to {ahead} waiter(s) still ahead in line" if ahead else "not enough GPUs came free"
         message = (
             f"timed out after {waited:g} s waiting for {count} GPU(s){floor} in {self._lock_dir}: "
             f"{len(held)} of {len(holders)} held (pids {pids or 'unknown'}); {why}. "

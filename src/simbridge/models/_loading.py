@@ -94,9 +94,7 @@ class LoadingMixin:
                     f"model {spec.name!r} ran out of GPU memory on {context.device} and {why}; "
                     "free GPU memory or register it with device='auto'"
                 ) from exc
-            log.warning(
-                "models.cpu_fallback", model=spec.name, device=context.device, error=str(exc)
-            )
+            log.warning("models.cpu_fallback", model=spec.name, device=context.device, error=str(exc))
         # The failed GPU attempt is gone before the CPU copy is built: never two copies at once.
         release_accelerator_memory()
         context.raise_if_cancelled()
@@ -145,9 +143,7 @@ class LoadingMixin:
         if discard is not None:
             self._dispose(entry.spec, discard, device)
 
-    def _abandon(
-        self, entry: Entry, load: Load, kind: type[ModelError], verb: str, outcome: str
-    ) -> None:
+    def _abandon(self, entry: Entry, load: Load, kind: type[ModelError], verb: str, outcome: str) -> None:
         # Under entry.cond. Python cannot stop a thread: the loader is told through its cancel
         # flag, its waiters fail now, and whatever it returns later is thrown away.
         load.abandoned = True

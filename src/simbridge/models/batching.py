@@ -59,9 +59,7 @@ class Batcher(Generic[Item, Result]):
         self._queue: queue.SimpleQueue[tuple[Item, Future[Result]] | Any] = queue.SimpleQueue()
         self._closed = False
         self._close_lock = threading.Lock()
-        self._thread = threading.Thread(
-            target=self._collect, name=f"simbridge-batcher-{name}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._collect, name=f"simbridge-batcher-{name}", daemon=True)
         self._thread.start()
 
     def future(self, item: Item) -> Future[Result]:

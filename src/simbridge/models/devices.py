@@ -31,9 +31,7 @@ class DeviceRequest:
 
     def __post_init__(self) -> None:
         if not _DEVICE.match(self.name):
-            raise InvalidModelOption(
-                f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.name!r}"
-            )
+            raise InvalidModelOption(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.name!r}")
 
     @property
     def explicit_cuda(self) -> bool:
@@ -58,8 +56,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
         seen.add(id(current))
         for cls in type(current).__mro__:
             if any(
-                cls.__module__.startswith(module) and cls.__name__ == name
-                for module, name in _OOM_CLASSES
+                cls.__module__.startswith(module) and cls.__name__ == name for module, name in _OOM_CLASSES
             ):
                 return True
         if isinstance(current, RuntimeError) and _OOM_TEXT.search(str(current)):

@@ -4,7 +4,6 @@ Each derives from :class:`ModelError` (and so from :class:`simbridge.errors.Simb
 from the nearest builtin, so callers may catch either.
 """
 
-# ruff: noqa: N818 - the names say what happened (UnknownModel, ModelBusy), as the API promises.
 from __future__ import annotations
 
 from simbridge.errors import SimbridgeError

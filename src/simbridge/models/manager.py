@@ -344,9 +344,7 @@ class ModelManager(LoadingMixin):
             name=name,
             use=lambda: self.use(name),
             fn=fn,
-            max_batch_size=self._settings.batch_max_size
-            if max_batch_size is None
-            else max_batch_size,
+            max_batch_size=self._settings.batch_max_size if max_batch_size is None else max_batch_size,
             max_wait_ms=self._settings.batch_max_wait_ms if max_wait_ms is None else max_wait_ms,
             on_batch=lambda size: self._note_batch(entry, size),
         )
@@ -390,9 +388,7 @@ class ModelManager(LoadingMixin):
         for entry in entries:
             with entry.cond:
                 if entry.load is not None:
-                    self._abandon(
-                        entry, entry.load, ModelLoadCancelled, "cancelled by shutdown", "cancelled"
-                    )
+                    self._abandon(entry, entry.load, ModelLoadCancelled, "cancelled by shutdown", "cancelled")
                 entry.cond.notify_all()
                 while entry.active and time.monotonic() < deadline:
                     entry.cond.wait(deadline - time.monotonic())

@@ -88,9 +88,7 @@ def _settings_env(monkeypatch: pytest.MonkeyPatch, lock_dir: Path, slots: int) -
     monkeypatch.chdir(lock_dir.parent)
 
 
-def test_cli_table_shows_each_slot_and_its_holder(
-    monkeypatch: pytest.MonkeyPatch, lock_dir: Path
-) -> None:
+def test_cli_table_shows_each_slot_and_its_holder(monkeypatch: pytest.MonkeyPatch, lock_dir: Path) -> None:
     _settings_env(monkeypatch, lock_dir, slots=3)
     pool = GpuPool(slots=3, lock_dir=lock_dir)
     with pool.lease():

@@ -27,9 +27,7 @@ class Doubler:
 def test_concurrent_items_are_coalesced_and_routed_back(manager: ModelManager) -> None:
     model = Doubler()
     manager.register("double", lambda ctx: model)
-    batcher = manager.batched(
-        "double", lambda m, items: m.run(items), max_batch_size=16, max_wait_ms=20
-    )
+    batcher = manager.batched("double", lambda m, items: m.run(items), max_batch_size=16, max_wait_ms=20)
     start = threading.Barrier(48, timeout=20)
 
     def caller(n: int) -> list[tuple[int, int]]:

@@ -26,9 +26,7 @@ from simbridge.models import (
 )
 
 
-def test_within_limit_callers_use_the_model_together(
-    manager: ModelManager, open_loader: Any
-) -> None:
+def test_within_limit_callers_use_the_model_together(manager: ModelManager, open_loader: Any) -> None:
     manager.register("m", open_loader, max_concurrent=3)
     inside = threading.Barrier(3, timeout=20)
     seen = []
@@ -160,9 +158,7 @@ def test_cancel_loading_fails_its_waiters_and_a_fresh_load_follows(
     assert loader.peak_running == 1
 
 
-def test_stress_many_threads_never_exceed_the_limit(
-    manager: ModelManager, open_loader: Any
-) -> None:
+def test_stress_many_threads_never_exceed_the_limit(manager: ModelManager, open_loader: Any) -> None:
     manager.register("m", open_loader, max_concurrent=4, access_timeout=60)
     lock = threading.Lock()
     inside = 0
@@ -227,9 +223,7 @@ def test_singleton_under_concurrency(manager: ModelManager, open_loader: Any) ->
     assert manager.stats()["m"].loads == 1
 
 
-def test_waiters_share_the_load_error_and_the_next_use_retries(
-    manager: ModelManager, loader: Any
-) -> None:
+def test_waiters_share_the_load_error_and_the_next_use_retries(manager: ModelManager, loader: Any) -> None:
     cause = ValueError("weights file is corrupt")
     loader.fail_with = cause
     manager.register("m", loader)

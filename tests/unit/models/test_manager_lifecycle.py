@@ -27,9 +27,7 @@ class FakeGpuLoader:
     full, raising torch's real OutOfMemoryError; on the CPU it builds the model for real."""
 
     def __init__(self, error: BaseException | None = None) -> None:
-        self.error = error or torch.OutOfMemoryError(
-            "CUDA out of memory. Tried to allocate 2.30 GiB"
-        )
+        self.error = error or torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.30 GiB")
         self.devices: list[str] = []
         self.lock = threading.Lock()
 

