@@ -74,12 +74,7 @@ def main() -> int:
                 gx = np.exp(-0.5 * ((x[None, :] - float(row["x_mm"])) / sigma[:, None]) ** 2)
                 gy = np.exp(-0.5 * ((y[None, :] - float(row["y_mm"])) / sigma[:, None]) ** 2)
                 norm = 1.0 / (2 * np.pi * sigma**2)
-                dose += (
-                    float(row["weight"])
-                    * (depth * norm)[:, None, None]
-                    * gy[:, :, None]
-                    * gx[:, None, :]
-                )
+                dose += float(row["weight"]) * (depth * norm)[:, None, None] * gy[:, :, None] * gx[:, None, :]
                 spots += 1
     out = dose.astype("<f4")
     tmp = here / "raw.partial"

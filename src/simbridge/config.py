@@ -146,8 +146,8 @@ class JobsTimeoutsSettings(_Section):
         default=600.0, gt=0, description="Limit of the postprocess command."
     )
     transfer_s: float = Field(default=600.0, gt=0, description="Limit of one upload or download.")
-    shutdown_s: float = Field(
-        default=30.0, gt=0, description="How long `serve` waits for in-process steps on exit."
+    kill_grace_s: float = Field(
+        default=5.0, ge=0, description="Between SIGTERM and SIGKILL when a step is stopped."
     )
 
 

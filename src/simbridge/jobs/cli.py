@@ -38,9 +38,7 @@ err = Console(stderr=True)
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option(
-        "--config", "-c", help="YAML config file (else $SIMBRIDGE_CONFIG or ./simbridge.yaml)."
-    ),
+    typer.Option("--config", "-c", help="YAML config file (else $SIMBRIDGE_CONFIG or ./simbridge.yaml)."),
 ]
 
 
@@ -53,9 +51,7 @@ def _settings(config: Path | None) -> Settings:
 def _logging(verbose: bool) -> None:
     structlog.configure(
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG if verbose else logging.INFO
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
     )
 
 
@@ -167,7 +163,12 @@ def cancel(
     try:
         settings = _settings(config)
         with _store(settings, "cancel") as store:
-            keys = control.cancel(store, target, work_root=settings.jobs.work_root)
+            keys = control.cancel(
+                store,
+                target,
+                work_root=settings.jobs.work_root,
+                grace_s=settings.jobs.timeouts.kill_grace_s,
+            )
     except SimbridgeError as exc:
         raise _fail(exc) from exc
     out.print(f"cancelled {len(keys)} beam(s): {', '.join(keys) or '-'}")
@@ -202,9 +203,7 @@ def _print_beams(view: control.CaseView) -> None:
         table.add_column(col)
     for b in view.beams:
         error = (b.last_error or "").splitlines()[0][:80] if b.last_error else ""
-        table.add_row(
-            b.beam, b.state, b.gpu or "-", b.job_id or "-", str(b.tries), _age(b.elapsed_s), error
-        )
+        table.add_row(b.beam, b.state, b.gpu or "-", b.job_id or "-", str(b.tries), _age(b.elapsed_s), error)
     out.print(table)
 
 

@@ -171,9 +171,7 @@ def cancel(store: Store, target: str, *, work_root: Path, grace_s: float = 5.0) 
             if current.state.terminal:
                 break
             try:
-                store.transition(
-                    beam.id, current.state, BeamState.CANCELLED, reason="cancel requested"
-                )
+                store.transition(beam.id, current.state, BeamState.CANCELLED, reason="cancel requested")
             except StaleStateError:
                 continue
             done.append(beam.key)

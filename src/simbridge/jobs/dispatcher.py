@@ -26,7 +26,13 @@ import structlog
 from simbridge.config import Settings
 from simbridge.gpus import GpuPool
 from simbridge.gpus.errors import LeaseTimeout
-from simbridge.jobs.errors import BadNameError, CaseRejectedError, JobsConfigError, StaleStateError
+from simbridge.jobs.errors import (
+    BadNameError,
+    CaseRejectedError,
+    JobsConfigError,
+    StaleStateError,
+    StoreError,
+)
 from simbridge.jobs.executors import Executor, JobInfo, JobRef, JobStatus, make_executor
 from simbridge.jobs.executors.local import LocalExecutor
 from simbridge.jobs.inbox import Inbox, take_case
@@ -52,9 +58,7 @@ SCAN_LIMIT = 256
 class Dispatcher:
     """Watch the inbox and run every beam to the end. A context manager (owns threads, store)."""
 
-    def __init__(
-        self, *, settings: Settings, store: Store | None = None, watch_inbox: bool = True
-    ) -> None:
+    def __init__(self, *, settings: Settings, store: Store | None = None, watch_inbox: bool = True) -> None:
         jobs = settings.jobs
         if jobs.steps.simulate is None:
             raise JobsConfigError(
@@ -68,9 +72,7 @@ class Dispatcher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.local = LocalExecutor(notify=self._wake.set)
-        self.executor: Executor = (
-            self.local if jobs.executor == "local" else make_executor(jobs.executor)
-        )
+        self.executor: Executor = self.local if jobs.executor == "local" else make_executor(jobs.executor)
         self._executors: dict[str, Executor] = {"local": self.local, jobs.executor: self.executor}
         self.pipeline = Pipeline(
             settings=jobs,
@@ -83,6 +85,8 @@ class Dispatcher:
         self._threads = ThreadPoolExecutor(max_workers=jobs.workers, thread_name_prefix="sb-step")
         self._busy: set[int] = set()  # beams with an action on the pool
         self._launching: set[int] = set()  # beams whose attempt row may not have a pid yet
+        self._recent: set[int] = set()  # launched since the last look at open attempts
+        self._recent_seen: set[int] = set()
         self._ingesting: set[str] = set()
         self._open: dict[int, AttemptRow] = {}
         self._lock = threading.Lock()
@@ -145,7 +149,13 @@ class Dispatcher:
         self.recover()
         deadline = None if max_s is None else time.monotonic() + max_s
         while not self._stop.is_set():
-            self.tick()
+            try:
+                self.tick()
+            except StoreError as exc:
+                # The database is away (restarting, locked too long): keep serving, try again.
+                log.error("jobs.store_unavailable", error=str(exc))
+                self._stop.wait(max(1.0, self.jobs.poll_s))
+                continue
             if until_idle and self.idle():
                 return True
             if deadline is not None and time.monotonic() > deadline:
@@ -192,6 +202,10 @@ class Dispatcher:
         def done(_fut: Future[None]) -> None:
             with self._lock:
                 self._busy.discard(beam_id)
+                if launching:
+                    # Its attempt row is committed but our last look at open attempts may
+                    # predate it: keep the beam off the schedule until the next look.
+                    self._recent.add(beam_id)
                 self._launching.discard(beam_id)
             self._wake.set()
 
@@ -212,9 +226,11 @@ class Dispatcher:
                 log.exception("jobs.step_crash_unrecorded", beam=beam_id)
 
     def _watch(self, now: float) -> None:
-        attempts = self.store.open_attempts()
         with self._lock:
+            # Taken before the query: a launch that ended before this point is in the query.
+            self._recent_seen, self._recent = self._recent, set()
             launching = set(self._launching)
+        attempts = self.store.open_attempts()
         self._open = {a.beam_id: a for a in attempts}
         if not attempts:
             return
@@ -259,21 +275,25 @@ class Dispatcher:
                     step_tries=max(0, beam.step_tries - 1),
                 )
 
-    def _judge(
-        self, attempt: AttemptRow, ref: JobRef, beam: BeamRow, info: JobInfo, now: float
-    ) -> None:
+    def _judge(self, attempt: AttemptRow, ref: JobRef, beam: BeamRow, info: JobInfo, now: float) -> None:
+        with self._lock:
+            if beam.id in self._busy:
+                return  # a kill (timeout/cancel) is under way; it judges the attempt itself
         executor = self._executors[attempt.executor]
         if info.status is JobStatus.RUNNING:
             if beam.state is not attempt.step:
                 # Cancelled (by `simbridge cancel` in another process that died midway).
-                self._submit_once(
-                    beam.id, functools.partial(self._kill, executor, attempt, ref, None)
-                )
+                self._submit_once(beam.id, functools.partial(self._kill, executor, attempt, ref, None))
             elif now > attempt.deadline:
                 kill = functools.partial(self._kill, executor, attempt, ref, "timeout")
                 self._submit_once(beam.id, kill)
             return
-        self.pipeline.finish(attempt, info)
+        # Vanished past its deadline: our own kill of an earlier tick, or the limit anyway.
+        timed_out = info.status is JobStatus.LOST and now > attempt.deadline
+        try:
+            self.pipeline.finish(attempt, info, timed_out=timed_out)
+        except StaleStateError as exc:
+            log.debug("jobs.judge_skipped", beam=beam.id, reason=str(exc))
 
     def _submit_once(self, beam_id: int, action: Callable[[], object]) -> None:
         with self._lock:
@@ -282,7 +302,7 @@ class Dispatcher:
         self._submit(beam_id, action, launching=False)
 
     def _kill(self, executor: Executor, attempt: AttemptRow, ref: JobRef, why: str | None) -> None:
-        executor.cancel(ref)
+        executor.cancel(ref, grace_s=self.jobs.timeouts.kill_grace_s)
         if why == "timeout":
             log.warning("jobs.attempt_timeout", beam=attempt.beam_id, step=attempt.step)
             self.pipeline.finish(attempt, JobInfo(JobStatus.LOST, detail="timeout"), timed_out=True)
@@ -325,7 +345,7 @@ class Dispatcher:
     def _schedule(self, now: float) -> None:
         rows = self.store.ready_beams(ACTIVE, now=now, limit=SCAN_LIMIT)
         with self._lock:
-            busy = set(self._busy)
+            busy = self._busy | self._recent | self._recent_seen
         local_cmds = sum(1 for a in self._open.values() if a.step in LOCAL_STEPS)
         queued: list[BeamRow] = []
         steps = self.jobs.steps
@@ -361,6 +381,4 @@ class Dispatcher:
                 lease = self.gpus.lease(self.jobs.gpus_per_beam, timeout=0)
             except LeaseTimeout:
                 break
-            self._submit(
-                beam.id, functools.partial(self.pipeline.submit, beam, lease), launching=True
-            )
+            self._submit(beam.id, functools.partial(self.pipeline.submit, beam, lease), launching=True)

@@ -50,9 +50,7 @@ def _signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(items)
 
 
-def take_case(
-    store: Store, folder: Path, *, work_root: Path, ready_marker: str | None
-) -> TakenCase:
+def take_case(store: Store, folder: Path, *, work_root: Path, ready_marker: str | None) -> TakenCase:
     """Snapshot ``folder`` under the work root and store it with one PENDING beam per sub-folder.
 
     Raises :class:`CaseRejectedError` (missing folder, already taken) or :class:`BadNameError`.
@@ -80,9 +78,7 @@ def take_case(
         )
     except (OSError, shutil.Error) as exc:
         shutil.rmtree(partial, ignore_errors=True)
-        raise CaseRejectedError(
-            f"cannot copy case {folder}: {exc}; is it still being written?"
-        ) from exc
+        raise CaseRejectedError(f"cannot copy case {folder}: {exc}; is it still being written?") from exc
     # An earlier crash between this rename and the store insert left a snapshot nobody owns.
     shutil.rmtree(snapshot, ignore_errors=True)
     os.replace(partial, snapshot)
@@ -96,9 +92,7 @@ def take_case(
             # The snapshot is ours: give the folder its safe key so every path is plain.
             path = entry.rename(child_path(snapshot, bkey))
         beams.append((bkey, entry.name, str(path)))
-    case_id = store.add_case(
-        key=key, name=folder.name, source=str(folder), root=str(snapshot), beams_=beams
-    )
+    case_id = store.add_case(key=key, name=folder.name, source=str(folder), root=str(snapshot), beams_=beams)
     if not beams:
         store.add_event(case_id=case_id, reason=f"case {folder} has no beam folders; nothing to do")
     log.info("jobs.case_taken", case=key, beams=len(beams), source=str(folder))
@@ -195,11 +189,7 @@ class Inbox:
         present = set()
         for entry in entries:
             name = entry.name
-            if (
-                name in self._done
-                or name.startswith(".")
-                or not entry.is_dir(follow_symlinks=False)
-            ):
+            if name in self._done or name.startswith(".") or not entry.is_dir(follow_symlinks=False):
                 continue
             present.add(name)
             folder = Path(entry.path)

@@ -151,20 +151,23 @@ class Pipeline:
             return None
         template = self.settings.steps.prepare
         if template is None:
-            self.store.transition(
-                beam.id, BeamState.PREPARING, BeamState.UPLOADING, reason="no prepare step"
-            )
+            self.store.transition(beam.id, BeamState.PREPARING, BeamState.UPLOADING, reason="no prepare step")
             return None
         staging = self.paths(beam).staging
-        # A re-run starts from a clean folder so a half-written earlier try leaves no trace.
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+
+        def fresh_staging() -> None:
+            # A re-run starts from a clean folder so a half-written earlier try leaves no trace;
+            # only after the attempt row is ours, so a running try's folder is never wiped.
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+
         return self.launch(
             beam,
             step=BeamState.PREPARING,
             argv=render(template, self.fields(beam, staging)),
             cwd=staging,
             timeout_s=self.settings.timeouts.prepare_s,
+            setup=fresh_staging,
         )
 
     def upload(self, beam: BeamRow) -> None:
@@ -226,18 +229,16 @@ class Pipeline:
         """POSTPROCESSING: run the postprocess command in the results folder (or finish)."""
         template = self.settings.steps.postprocess
         if template is None:
-            self.store.transition(
-                beam.id, BeamState.POSTPROCESSING, BeamState.COMPLETED, reason="done"
-            )
+            self.store.transition(beam.id, BeamState.POSTPROCESSING, BeamState.COMPLETED, reason="done")
             return None
         results = self.paths(beam).results
-        results.mkdir(parents=True, exist_ok=True)
         return self.launch(
             beam,
             step=BeamState.POSTPROCESSING,
             argv=render(template, self.fields(beam, results)),
             cwd=results,
             timeout_s=self.settings.timeouts.postprocess_s,
+            setup=lambda: results.mkdir(parents=True, exist_ok=True),
         )
 
     def _transfer(self, call: Callable[[], T]) -> T:
@@ -264,8 +265,12 @@ class Pipeline:
         env: Mapping[str, str] | None = None,
         pass_fds: tuple[int, ...] = (),
         gpu_id: str | None = None,
+        setup: Callable[[], None] | None = None,
     ) -> AttemptRow | None:
-        """Write the attempt (intent), start it, record how to find it; None if the beam moved."""
+        """Write the attempt (intent), run ``setup``, start it, record how to find it.
+
+        Returns None if the beam moved on or already has a live attempt (nothing is touched).
+        """
         token = f"sb-{uuid.uuid4().hex}"
         current = BeamState.QUEUED if step is BeamState.RUNNING else step
         try:
@@ -291,8 +296,10 @@ class Pipeline:
             pass_fds=pass_fds,
         )
         try:
+            if setup is not None:
+                setup()
             launched = self.executor_for(step).submit(spec)
-        except LaunchError as exc:
+        except (LaunchError, OSError) as exc:
             self.fail(self.store.beam(beam.id), step, str(exc), close=(attempt.id, "failed", None))
             return None
         self.store.record_launch(
@@ -307,7 +314,8 @@ class Pipeline:
         step = attempt.step
         if beam.state is not step:
             # Cancelled (or moved by a person) while it ran: just close the books.
-            self.store.close_attempt(attempt.id, outcome="orphaned", exit_code=info.exit_code)
+            outcome = "cancelled" if beam.state is BeamState.CANCELLED else "orphaned"
+            self.store.close_attempt(attempt.id, outcome=outcome, exit_code=info.exit_code)
             return
         if info.status is JobStatus.EXITED and info.exit_code == 0 and not timed_out:
             nxt = {

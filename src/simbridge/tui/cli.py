@@ -19,9 +19,7 @@ def dashboard(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")] = None,
     once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
     refresh: Annotated[float, typer.Option("--refresh", help="Seconds between updates.")] = 1.0,
-    max_s: Annotated[
-        float | None, typer.Option("--max-seconds", help="Stop after this long.")
-    ] = None,
+    max_s: Annotated[float | None, typer.Option("--max-seconds", help="Stop after this long.")] = None,
 ) -> None:
     """Live view of every case and beam: state, GPU, job id, elapsed, progress, last error."""
     if config is not None:

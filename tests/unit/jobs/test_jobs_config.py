@@ -52,7 +52,5 @@ def test_backoff_is_exponential_and_capped() -> None:
 
 def test_render_never_lets_a_field_split_or_reach_a_shell() -> None:
     hostile = "x; rm -rf / $(id) 'q'"
-    argv = render(
-        "sim --beam {beam_id} --out {work_dir}/raw", {"beam_id": hostile, "work_dir": "/w d"}
-    )
+    argv = render("sim --beam {beam_id} --out {work_dir}/raw", {"beam_id": hostile, "work_dir": "/w d"})
     assert argv == ("sim", "--beam", hostile, "--out", "/w d/raw")

@@ -14,9 +14,7 @@ def make_executor(name: str) -> Executor:
     try:
         return _BACKENDS[name]()
     except KeyError:
-        raise JobsConfigError(
-            f"jobs.executor={name!r} is unknown; use one of {sorted(_BACKENDS)}"
-        ) from None
+        raise JobsConfigError(f"jobs.executor={name!r} is unknown; use one of {sorted(_BACKENDS)}") from None
 
 
 __all__ = [

@@ -32,9 +32,7 @@ from simbridge.jobs.executors.base import (
 log = structlog.get_logger(__name__)
 
 # $1 is the marker path; "$@" is the command, passed as argv so the shell never parses it.
-_WRAPPER = (
-    'm=$1; shift; "$@"; c=$?; printf "%s\\n" "$c" > "$m.tmp" && mv -f "$m.tmp" "$m"; exit "$c"'
-)
+_WRAPPER = 'm=$1; shift; "$@"; c=$?; printf "%s\\n" "$c" > "$m.tmp" && mv -f "$m.tmp" "$m"; exit "$c"'
 
 
 def proc_start_time(pid: int) -> tuple[int, str] | None:

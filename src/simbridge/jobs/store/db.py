@@ -405,17 +405,13 @@ class Store:
             if row is None:
                 raise StaleStateError(f"beam {beam_id} is no longer {expected}; not launching")
             still_open = conn.execute(
-                sa.select(attempts.c.id).where(
-                    attempts.c.beam_id == beam_id, attempts.c.ended_at.is_(None)
-                )
+                sa.select(attempts.c.id).where(attempts.c.beam_id == beam_id, attempts.c.ended_at.is_(None))
             ).first()
             if still_open is not None:
                 # At most one live attempt per beam, whoever asks: never launch twice.
                 raise StaleStateError(f"beam {beam_id} has attempt {still_open[0]} still open")
             number = conn.execute(
-                sa.select(sa.func.count())
-                .select_from(attempts)
-                .where(attempts.c.beam_id == beam_id)
+                sa.select(sa.func.count()).select_from(attempts).where(attempts.c.beam_id == beam_id)
             ).scalar_one()
             attempt_id = conn.execute(
                 sa.insert(attempts)
@@ -449,8 +445,7 @@ class Store:
                         beam_id=beam_id,
                         from_state=expected.value,
                         to_state=target.value,
-                        reason=f"launching attempt {number + 1}"
-                        + (f" on GPU {gpu_id}" if gpu_id else ""),
+                        reason=f"launching attempt {number + 1}" + (f" on GPU {gpu_id}" if gpu_id else ""),
                         actor=self.actor,
                     )
                 )
@@ -466,9 +461,7 @@ class Store:
                 .values(step_tries=beams.c.step_tries - 1)
             )
 
-    def record_launch(
-        self, attempt_id: int, *, job_id: str, pid: int | None, pid_start: int | None
-    ) -> None:
+    def record_launch(self, attempt_id: int, *, job_id: str, pid: int | None, pid_start: int | None) -> None:
         """Note how to find a launched attempt again (its job id / pid and pid start time)."""
         with self.tx() as conn:
             conn.execute(
@@ -522,9 +515,7 @@ class Store:
 
     # ---- events ------------------------------------------------------------------------------
 
-    def add_event(
-        self, *, reason: str, case_id: int | None = None, beam_id: int | None = None
-    ) -> None:
+    def add_event(self, *, reason: str, case_id: int | None = None, beam_id: int | None = None) -> None:
         """Append a note that is not a transition (a rejected case, a kill sent)."""
         with self.tx() as conn:
             conn.execute(

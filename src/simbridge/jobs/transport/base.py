@@ -24,7 +24,5 @@ class Transport(abc.ABC):
         """Copy every file under ``local_dir`` into ``remote_dir``; returns the count."""
 
     @abc.abstractmethod
-    def download(
-        self, remote_dir: PurePosixPath, patterns: Sequence[str], local_dir: Path
-    ) -> list[Path]:
+    def download(self, remote_dir: PurePosixPath, patterns: Sequence[str], local_dir: Path) -> list[Path]:
         """Copy files matching ``patterns`` into ``local_dir``; raise if a pattern matches none."""

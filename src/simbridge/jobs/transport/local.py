@@ -48,9 +48,7 @@ class LocalTransport(Transport):
             raise TransferError(f"upload {local_dir} -> {remote_dir} failed: {exc}") from exc
         return count
 
-    def download(
-        self, remote_dir: PurePosixPath, patterns: Sequence[str], local_dir: Path
-    ) -> list[Path]:
+    def download(self, remote_dir: PurePosixPath, patterns: Sequence[str], local_dir: Path) -> list[Path]:
         """Copy the outputs into ``local_dir``; a pattern matching nothing is an error."""
         got: list[Path] = []
         base = Path(remote_dir)

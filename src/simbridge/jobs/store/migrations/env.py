@@ -8,9 +8,7 @@ from simbridge.jobs.store.schema import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only Store.migrate runs these migrations
-    raise RuntimeError(
-        "run jobs migrations through simbridge.jobs.store.Store, not the alembic CLI"
-    )
+    raise RuntimeError("run jobs migrations through simbridge.jobs.store.Store, not the alembic CLI")
 context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
 with context.begin_transaction():
     context.run_migrations()
