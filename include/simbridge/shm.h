@@ -12,7 +12,7 @@
  *   offset 256  writer line the writer's hot fields: commit counter, futex word, state, heartbeat
  *   offset 320  reader line readers' fields: parked-waiter count, read counter
  *   offset 384  sb_slot[slot_count]   one 64-byte descriptor per slot (seqlock sequence, commit,
- *                           iteration, publish time, CRC32C)
+ *                           iteration, publish time, CRC32C, bytes written so far)
  *   payload_offset (64-aligned)  slot_count payload areas of slot_stride bytes (64-aligned) each
  *
  * Every multi-byte field is native-endian; a reader on a machine of the other endianness sees a
@@ -26,6 +26,11 @@
  *   read:    c := commit (acquire) ; slot := (c-1) % slot_count ; s1 := seq (acquire), retry if odd ;
  *            copy payload ; acquire fence ; s2 := seq ; retry if s1 != s2 ; verify CRC32C of the copy.
  *            A torn copy is never returned: it either fails the sequence check or the checksum.
+ *   cut-through (payloads >= SB_STREAM_MIN_BYTES): a publish writes in SB_STREAM_CHUNK pieces and
+ *            release-stores `progress` after each; a reader already waiting for the next commit follows
+ *            it, copying [done, progress) while the writer writes the rest, so a large array arrives
+ *            about one chunk after the writer finishes instead of one whole copy later. It accepts the
+ *            copy only if seq went from odd to exactly odd+1 and the CRC32C of what it copied matches.
  *   wait:    spin on `commit` for a bounded time, then waiters += 1 and FUTEX_WAIT on `futex` in slices
  *            so a dead writer is noticed (pid + process start time + boot id, see sb_writer_alive).
  *   A writer killed mid-publish leaves its slot's seq odd forever; `commit` still points at the last
@@ -85,6 +90,8 @@ extern "C" {
 #define SB_BOOT_ID_BYTES 40u
 
 #define SB_FLAG_CHECKSUM 1u       /* publishes carry a CRC32C that readers verify */
+#define SB_STREAM_MIN_BYTES (256u * 1024u) /* payloads this large are delivered cut-through */
+#define SB_STREAM_CHUNK (64u * 1024u)      /* granularity of the writer's progress counter */
 
 enum sb_state { SB_STATE_OPEN = 0, SB_STATE_CLOSED = 1 };
 
@@ -112,7 +119,8 @@ enum sb_status {
     SB_EINVAL = -9,    /* bad argument (name, shape, dtype, size) */
     SB_ESYS = -10,     /* a system call failed; see errno */
     SB_EITER = -11,    /* iteration ids must increase strictly */
-    SB_ENOTREADY = -12 /* the segment exists but its creator has not finished initialising it */
+    SB_ENOTREADY = -12, /* the segment exists but its creator has not finished initialising it */
+    SB_ERETRY = -13     /* a cut-through read lost the writer (lapped, aborted): read normally */
 };
 
 /* ---------------------------------------------------------------- layout */
@@ -158,7 +166,8 @@ typedef struct sb_slot {
     _Atomic uint64_t published_ns;   /* 24 CLOCK_REALTIME at commit */
     _Atomic uint32_t crc;            /* 32 CRC32C of the payload (0 when checksums are off) */
     uint32_t pad0;
-    uint8_t pad[64 - 40];
+    _Atomic uint64_t progress;       /* 40 payload bytes final in the publish under way (cut-through) */
+    uint8_t pad[64 - 48];
 } sb_slot;
 
 _Static_assert(sizeof(sb_header) == SB_HEADER_BYTES, "sb_header must be 384 bytes");
@@ -226,6 +235,7 @@ static inline const char *sb_strerror(int code) {
     case SB_ESYS: return "system call failed (see errno)";
     case SB_EITER: return "iteration ids must increase strictly";
     case SB_ENOTREADY: return "block not initialised yet";
+    case SB_ERETRY: return "cut-through read abandoned; retry";
     default: return "unknown error";
     }
 }
@@ -605,8 +615,10 @@ static inline char *sb_write_begin(sb_header *h, uint32_t *slot_out) {
     uint32_t slot = (uint32_t)(c % h->slot_count);
     sb_slot *s = &sb_slots(h)[slot];
     uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed);
-    atomic_store_explicit(&s->seq, seq | 1u, memory_order_relaxed);
+    atomic_store_explicit(&s->progress, 0, memory_order_relaxed);
+    atomic_store_explicit(&s->seq, seq | 1u, memory_order_release); /* progress = 0 is seen first */
     atomic_thread_fence(memory_order_release); /* the odd sequence is visible before any payload store */
+    if (h->payload_bytes >= SB_STREAM_MIN_BYTES) sb__wake_all(h); /* parked readers may follow along */
     *slot_out = slot;
     return sb_payload(h, slot);
 }
@@ -648,11 +660,18 @@ static inline int sb_publish(sb_header *h, const void *src, uint64_t nbytes, uin
     if (!sb_iteration_ok(h, iteration)) return SB_EITER;
     uint32_t slot;
     char *dst = sb_write_begin(h, &slot);
+    sb_slot *s = &sb_slots(h)[slot];
     uint32_t crc = 0;
-    if (h->flags & SB_FLAG_CHECKSUM)
-        crc = sb_crc32c_copy(dst, src, nbytes, 0);
-    else
-        memcpy(dst, src, nbytes);
+    int check = (h->flags & SB_FLAG_CHECKSUM) != 0;
+    uint64_t chunk = nbytes >= SB_STREAM_MIN_BYTES ? SB_STREAM_CHUNK : nbytes;
+    for (uint64_t off = 0; off < nbytes; off += chunk) {
+        uint64_t len = nbytes - off < chunk ? nbytes - off : chunk;
+        if (check)
+            crc = sb_crc32c_copy(dst + off, (const char *)src + off, len, crc);
+        else
+            memcpy(dst + off, (const char *)src + off, len);
+        atomic_store_explicit(&s->progress, off + len, memory_order_release);
+    }
     uint64_t c = sb_write_commit(h, slot, iteration, crc);
     if (commit_out) *commit_out = c;
     return SB_OK;
@@ -733,32 +752,34 @@ static inline int sb_snapshot_valid(sb_header *h, const sb_snapshot *snap) {
 }
 
 /*
- * Waits until `commit` differs from `seen` or the block is closed: spins for spin_ns, then parks on the
- * futex for at most park_ns in total. Returns 1 when something changed, 0 when the slice elapsed.
+ * Waits until `commit` differs from `seen`, the block is closed, or (when `seq` is not NULL) *seq moves
+ * away from `seq_was`: spins for spin_ns, then parks on the futex for at most park_ns in total.
+ * Returns 1 when something changed, 0 when the slice elapsed.
  */
-static inline int sb_wait_change(sb_header *h, uint64_t seen, uint64_t spin_ns, uint64_t park_ns) {
-#define SB__CHANGED()                                                          \
-    (atomic_load_explicit(&h->commit, memory_order_acquire) != seen ||        \
-     atomic_load_explicit(&h->state, memory_order_acquire) != SB_STATE_OPEN)
-    if (SB__CHANGED()) return 1;
+static inline int sb__wait(sb_header *h, uint64_t seen, _Atomic uint64_t *seq, uint64_t seq_was,
+                           uint64_t spin_ns, uint64_t park_ns) {
+#define SB__CHANGED(order)                                                              \
+    (atomic_load_explicit(&h->commit, order) != seen ||                                 \
+     atomic_load_explicit(&h->state, order) != SB_STATE_OPEN ||                         \
+     (seq != NULL && atomic_load_explicit(seq, order) != seq_was))
+    if (SB__CHANGED(memory_order_acquire)) return 1;
     uint64_t start = sb_now_ns(CLOCK_MONOTONIC);
     if (spin_ns > 0) {
         uint64_t spin_end = start + spin_ns;
         do {
             for (int i = 0; i < 64; i++) {
-                if (SB__CHANGED()) return 1;
+                if (SB__CHANGED(memory_order_acquire)) return 1;
                 SB_CPU_RELAX();
             }
         } while (sb_now_ns(CLOCK_MONOTONIC) < spin_end);
     }
-    if (park_ns == 0) return SB__CHANGED();
+    if (park_ns == 0) return SB__CHANGED(memory_order_acquire);
     uint64_t park_end = sb_now_ns(CLOCK_MONOTONIC) + park_ns;
     int changed = 0;
     atomic_fetch_add_explicit(&h->waiters, 1u, memory_order_seq_cst);
     for (;;) {
         uint32_t word = atomic_load_explicit(&h->futex, memory_order_seq_cst);
-        if (atomic_load_explicit(&h->commit, memory_order_seq_cst) != seen ||
-            atomic_load_explicit(&h->state, memory_order_seq_cst) != SB_STATE_OPEN) {
+        if (SB__CHANGED(memory_order_seq_cst)) {
             changed = 1;
             break;
         }
@@ -772,6 +793,82 @@ static inline int sb_wait_change(sb_header *h, uint64_t seen, uint64_t spin_ns, 
     atomic_fetch_sub_explicit(&h->waiters, 1u, memory_order_seq_cst);
     return changed;
 #undef SB__CHANGED
+}
+
+/* Waits until `commit` differs from `seen` or the block is closed (see sb__wait). */
+static inline int sb_wait_change(sb_header *h, uint64_t seen, uint64_t spin_ns, uint64_t park_ns) {
+    return sb__wait(h, seen, NULL, 0, spin_ns, park_ns);
+}
+
+static inline uint32_t sb__take(void *dst, const char *src, uint64_t len, int check, uint32_t crc) {
+    if (check) return sb_crc32c_copy(dst, src, len, crc);
+    if (dst != NULL) memcpy(dst, src, len);
+    return 0;
+}
+
+/*
+ * Cut-through read of the commit after the current one (payloads >= SB_STREAM_MIN_BYTES): waits up to
+ * spin_ns + park_ns for the writer to start it, then copies (and checksums) each chunk as soon as the
+ * writer's `progress` covers it. dst == NULL verifies in place (zero-copy). Returns SB_OK, SB_ECORRUPT,
+ * SB_EAGAIN (nothing started within the slice) or SB_ERETRY (the writer finished first, lapped the
+ * reader or aborted: fall back to sb_try_read, which then finds the commit complete).
+ */
+static inline int sb_read_cut_through(sb_header *h, void *dst, uint64_t min_iteration, int verify,
+                                      uint64_t spin_ns, uint64_t park_ns, sb_snapshot *out) {
+    uint64_t seen = atomic_load_explicit(&h->commit, memory_order_acquire);
+    uint32_t slot = (uint32_t)(seen % h->slot_count);
+    sb_slot *s = &sb_slots(h)[slot];
+    uint64_t odd = atomic_load_explicit(&s->seq, memory_order_acquire);
+    if (!(odd & 1u)) { /* not started yet: wait for the odd sequence (the writer wakes us) */
+        if (!sb__wait(h, seen, &s->seq, odd, spin_ns, park_ns)) return SB_EAGAIN;
+        uint64_t now_seq = atomic_load_explicit(&s->seq, memory_order_acquire);
+        if (now_seq != odd + 1 || atomic_load_explicit(&h->commit, memory_order_acquire) != seen)
+            return SB_ERETRY;
+        odd = now_seq;
+    }
+    const uint64_t n = h->payload_bytes;
+    const char *src = sb_payload(h, slot);
+    char *to = (char *)dst;
+    int check = verify && (h->flags & SB_FLAG_CHECKSUM);
+    uint32_t crc = 0;
+    uint64_t done = 0, idle = 0;
+    for (;;) {
+        uint64_t p = atomic_load_explicit(&s->progress, memory_order_acquire);
+        if (p > n) return SB_ERETRY;
+        if (p > done) {
+            crc = sb__take(to ? to + done : NULL, src + done, p - done, check, crc);
+            done = p;
+            idle = 0;
+        }
+        uint64_t q = atomic_load_explicit(&s->seq, memory_order_acquire);
+        if (q == odd) {
+            if (++idle > 4096) { /* a loan or a stalled writer: wait for the commit instead */
+                sb__wait(h, seen, &s->seq, odd, 0, park_ns);
+                if (atomic_load_explicit(&s->seq, memory_order_acquire) == odd) return SB_EAGAIN;
+                idle = 0;
+            }
+            SB_CPU_RELAX();
+            continue;
+        }
+        if (q != odd + 1) return SB_ERETRY; /* lapped: this slot holds a newer publish */
+        if (done < n) crc = sb__take(to ? to + done : NULL, src + done, n - done, check, crc);
+        uint64_t it = atomic_load_explicit(&s->iteration, memory_order_relaxed);
+        uint64_t sc = atomic_load_explicit(&s->commit, memory_order_relaxed);
+        uint64_t pub = atomic_load_explicit(&s->published_ns, memory_order_relaxed);
+        uint32_t want = atomic_load_explicit(&s->crc, memory_order_relaxed);
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&s->seq, memory_order_relaxed) != q || sc == 0) return SB_ERETRY;
+        if (check && crc != want) return SB_ECORRUPT;
+        if (it < min_iteration) return SB_ERETRY;
+        out->commit = sc;
+        out->iteration = it;
+        out->published_ns = pub;
+        out->crc = want;
+        out->slot = slot;
+        out->seq = q;
+        atomic_fetch_add_explicit(&h->reads, 1, memory_order_relaxed);
+        return SB_OK;
+    }
 }
 
 /* ---------------------------------------------------------------- the C peer API */

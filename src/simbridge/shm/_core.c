@@ -291,10 +291,11 @@ static PyObject *seg_read(Segment *self, PyObject *args) {
     }
     sb_snapshot snap;
     int rc = SB_EAGAIN;
-    int big = h->payload_bytes >= GIL_RELEASE_BYTES;
+    int big = h->payload_bytes >= SB_STREAM_MIN_BYTES;
     /* Fast path: data already there and small enough to copy while holding the GIL. */
-    if (!big) rc = sb_try_read(h, dst_ptr, min_iteration, verify, &snap);
-    if (big || (rc == SB_EAGAIN && (spin_ns | park_ns) != 0 && atomic_load(&h->state) == SB_STATE_OPEN)) {
+    if (h->payload_bytes < GIL_RELEASE_BYTES) rc = sb_try_read(h, dst_ptr, min_iteration, verify, &snap);
+    if (h->payload_bytes >= GIL_RELEASE_BYTES ||
+        (rc == SB_EAGAIN && (spin_ns | park_ns) != 0 && atomic_load(&h->state) == SB_STATE_OPEN)) {
         Py_BEGIN_ALLOW_THREADS
         uint64_t deadline = sb_now_ns(CLOCK_MONOTONIC) + spin_ns + park_ns;
         uint64_t spin = spin_ns;
@@ -306,8 +307,14 @@ static PyObject *seg_read(Segment *self, PyObject *args) {
             if (now >= deadline) break;
             uint64_t budget = deadline - now;
             uint64_t spin_now = spin < budget ? spin : budget;
-            if (!sb_wait_change(h, seen, spin_now, budget - spin_now)) break;
             spin = 0;
+            if (big) { /* follow the next publish while it is being written */
+                rc = sb_read_cut_through(h, dst_ptr, min_iteration, verify, spin_now, budget - spin_now, &snap);
+                if (rc == SB_OK || rc == SB_ECORRUPT) break;
+                rc = SB_EAGAIN;
+                continue;
+            }
+            if (!sb_wait_change(h, seen, spin_now, budget - spin_now)) break;
         }
         Py_END_ALLOW_THREADS
     }

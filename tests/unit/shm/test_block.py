@@ -352,3 +352,78 @@ def test_infinite_timeout_is_accepted(block_name: str) -> None:
     ):
         writer.publish(np.ones(1, np.float32))
         assert reader.read(timeout=math.inf).iteration == 1
+
+
+BIG = 400_000  # float32 elements: 1.6 MB, above the cut-through threshold (256 KiB)
+
+
+def _read_in_thread(name: str, after: int, results: list[object], copy: bool = True) -> threading.Thread:
+    def run() -> None:
+        with Block.open(name, timeout=5) as reader:
+            snap = reader.read(after=after, timeout=20, copy=copy)
+            results.append((snap.iteration, snap.array.copy(), snap.valid()))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("copy", [True, False], ids=["copy", "view"])
+def test_cut_through_delivers_a_big_publish_to_a_waiting_reader(block_name: str, copy: bool) -> None:
+    data = np.random.default_rng(3).random(BIG, dtype=np.float32)
+    with Block.create(block_name, BIG, np.float32) as writer:
+        writer.publish(np.zeros(BIG, np.float32))
+        results: list[object] = []
+        thread = _read_in_thread(block_name, 1, results, copy)
+        time.sleep(0.05)  # the reader is parked, waiting for iteration 2
+        writer.publish(data)
+        thread.join(timeout=30)
+    ((iteration, array, valid),) = results  # type: ignore[misc]
+    assert iteration == 2 and valid
+    np.testing.assert_array_equal(array, data)
+
+
+def test_cut_through_waits_out_a_loan(block_name: str) -> None:
+    with Block.create(block_name, BIG, np.float32) as writer:
+        results: list[object] = []
+        thread = _read_in_thread(block_name, 0, results)
+        time.sleep(0.05)
+        with writer.loan() as view:  # no progress counter: the reader must wait for the commit
+            view[: BIG // 2] = 1
+            time.sleep(0.05)
+            view[BIG // 2 :] = 2
+        thread.join(timeout=30)
+    ((iteration, array, _),) = results  # type: ignore[misc]
+    assert iteration == 1 and (array[: BIG // 2] == 1).all() and (array[BIG // 2 :] == 2).all()
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_a_reader_racing_a_fast_big_writer_never_sees_mixed_iterations(block_name: str, slots: int) -> None:
+    stop = threading.Event()
+    errors: list[str] = []
+    reads = 0
+
+    def reader_loop() -> None:
+        nonlocal reads
+        with Block.open(block_name, timeout=5) as reader:
+            out = np.empty(BIG, np.int32)
+            last = 0
+            while not stop.is_set():
+                try:
+                    snap = reader.read(after=last, timeout=0.5, out=out)
+                except Timeout:
+                    continue
+                if not (out == snap.iteration).all():
+                    errors.append(f"iteration {snap.iteration} holds {np.unique(out)[:5]}")
+                last = snap.iteration
+                reads += 1
+
+    with Block.create(block_name, BIG, np.int32, slots=slots) as writer:
+        thread = threading.Thread(target=reader_loop)
+        thread.start()
+        for it in range(1, 300):
+            writer.publish(np.full(BIG, it, np.int32), iteration=it)
+        stop.set()
+        thread.join(timeout=30)
+    assert not errors, errors[:3]
+    assert reads > 0
