@@ -6,10 +6,13 @@ Mounted by :mod:`simbridge.cli`; usable on its own as ``simbridge.gpus.cli.app``
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO, cast
 
+import structlog
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -34,11 +37,18 @@ def show(
         Path | None, typer.Option(help="Lock folder to read (default: gpus.lock_dir from config).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log discovery details.")] = False,
 ) -> None:
     """Show each GPU, its memory and utilisation where known, and which pid holds it."""
     if ctx.invoked_subcommand is not None:
         return
+    # Logs go to stderr, so that stdout stays a table or clean JSON.
+    structlog.configure(
+        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _Stderr())),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.WARNING),
+    )
     console = Console()
+    errors = Console(stderr=True)
     try:
         settings = load_settings()
         if lock_dir is not None:
@@ -52,13 +62,23 @@ def show(
             note = pool.source.note
             where = pool.lock_dir
     except SimbridgeError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        errors.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(code=1) from exc
     if as_json:
         typer.echo(json.dumps(_as_json(gpus, holders, waiting), indent=2))
         return
     console.print(_table(gpus, holders, title=f"GPUs ({note})"))
     console.print(f"lock folder {where}; {waiting} lease(s) waiting")
+
+
+class _Stderr:
+    """Whatever ``sys.stderr`` is at the time of writing (test runners swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def _table(gpus: list[GpuInfo], holders: list[GpuHolder], *, title: str) -> Table:

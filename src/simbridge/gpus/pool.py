@@ -6,6 +6,7 @@ killed orchestrator whose child inherited the lease's fds) frees its GPU without
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import socket
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -70,6 +72,8 @@ class GpuLease:
         self._pids = [os.getpid()]
         self._since = time.time()
         self._released = False
+        # A lease dropped without release() still frees its GPUs (like a file object), loudly.
+        self._finalizer = weakref.finalize(self, _release_forgotten, self._fds, self.indices_of(gpus))
         self._lock = threading.Lock()
         self._env = {"CUDA_VISIBLE_DEVICES": ",".join(str(g.index) for g in self._gpus)}
         if source_kind == "nvml":
@@ -81,7 +85,12 @@ class GpuLease:
     @property
     def indices(self) -> tuple[int, ...]:
         """The leased GPU indices, ascending."""
-        return tuple(g.index for g in self._gpus)
+        return self.indices_of(self._gpus)
+
+    @staticmethod
+    def indices_of(gpus: Sequence[GpuInfo]) -> tuple[int, ...]:
+        """The indices of ``gpus``, in order."""
+        return tuple(g.index for g in gpus)
 
     @property
     def gpus(self) -> tuple[GpuInfo, ...]:
@@ -118,6 +127,7 @@ class GpuLease:
             if self._released:
                 return
             self._released = True
+            self._finalizer.detach()
             # Close, never LOCK_UN: an unlock would also drop the lock of a child sharing the fd.
             for fd in self._fds:
                 os.close(fd)
@@ -375,6 +385,13 @@ class GpuPool:
     def __repr__(self) -> str:
         kind = self._source.kind
         return f"GpuPool({len(self._gpus)} GPU(s) from {kind}, lock_dir={self._lock_dir})"
+
+
+def _release_forgotten(fds: tuple[int, ...], indices: tuple[int, ...]) -> None:
+    log.warning("gpus.lease_not_released", indices=indices, hint="use `with pool.lease()`")
+    for fd in fds:
+        with contextlib.suppress(OSError):  # already closed at interpreter shutdown
+            os.close(fd)
 
 
 def _read_record(fd: int) -> tuple[tuple[int, ...], datetime | None, str | None]:

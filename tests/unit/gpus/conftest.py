@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from simbridge.gpus import GpuInfo, NoSuchGpu
 from simbridge.gpus.discovery import SourceKind
@@ -48,6 +50,13 @@ class FakeGpuSource:
 def fake_gpus() -> type[FakeGpuSource]:
     """The FakeGpuSource class (a fixture, so test modules need no package imports)."""
     return FakeGpuSource
+
+
+@pytest.fixture(autouse=True)
+def _default_logging() -> Iterator[None]:
+    # The CLI configures structlog for its process; put the defaults back for the next test.
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture

@@ -119,3 +119,12 @@ def test_cli_reports_bad_setup_as_an_error(monkeypatch: pytest.MonkeyPatch, tmp_
     result = CliRunner().invoke(app, [])
     assert result.exit_code == 1
     assert "not a folder" in result.output
+
+
+def test_cli_json_stays_clean_when_discovery_logs(monkeypatch: pytest.MonkeyPatch, lock_dir: Path) -> None:
+    _settings_env(monkeypatch, lock_dir, slots=2)
+    monkeypatch.setenv("SIMBRIDGE_GPUS__DISCOVERY", "auto")
+    result = CliRunner().invoke(app, ["--json", "--verbose"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)  # logs went to stderr, not into the JSON
+    assert len(data["gpus"]) >= 1

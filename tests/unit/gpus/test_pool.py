@@ -277,3 +277,13 @@ def _wait_for(condition: object, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.005)
+
+
+def test_a_forgotten_lease_is_freed_when_collected(lock_dir: Path) -> None:
+    import gc
+
+    pool = GpuPool(slots=1, lock_dir=lock_dir)
+    pool.lease()  # dropped at once, never released
+    gc.collect()
+    with pool.lease(timeout=0) as lease:
+        assert lease.indices == (0,)
