@@ -83,17 +83,8 @@ class Snapshot:
     view: if it returns False the view may have been overwritten while you used it; read again.
     """
 
-    __slots__ = (
-        "_segment",
-        "_seq",
-        "_slot",
-        "array",
-        "checksum",
-        "commit",
-        "iteration",
-        "published_at",
-        "writer_pid",
-    )
+    # Built on every read, so it keeps the raw tuple from the C core and derives fields on access.
+    __slots__ = ("_raw", "_segment", "array", "writer_pid")
 
     def __init__(
         self,
@@ -103,14 +94,33 @@ class Snapshot:
         segment: _core.Segment | None,
     ) -> None:
         self.array = array
-        self.commit, self.iteration, published_ns, self.checksum, self._slot, self._seq = raw
-        self.published_at = published_ns / 1e9
+        self._raw = raw
         self.writer_pid = writer_pid
         self._segment = segment
 
+    @property
+    def iteration(self) -> int:
+        """The iteration id the writer gave this publish."""
+        return self._raw[1]
+
+    @property
+    def commit(self) -> int:
+        """The writer's publish counter (1 for its first publish)."""
+        return self._raw[0]
+
+    @property
+    def published_at(self) -> float:
+        """When the writer committed it, in seconds since the epoch."""
+        return self._raw[2] / 1e9
+
+    @property
+    def checksum(self) -> int:
+        """The CRC32C the writer stored (0 when the block has checksums off)."""
+        return self._raw[3]
+
     def valid(self) -> bool:
         """True if the data is still what was read (always True for a copy)."""
-        return self._segment is None or self._segment.valid(self._slot, self._seq)
+        return self._segment is None or self._segment.valid(self._raw[4], self._raw[5])
 
     def __repr__(self) -> str:
         return (
@@ -295,19 +305,23 @@ class Block:
         ``iteration`` defaults to the previous one plus one (the first is 1) and must increase.
         Returns the iteration id readers will see.
         """
-        arr = np.asarray(array)
-        if arr.dtype != self.dtype or arr.shape != self.shape:
+        arr = array if array.__class__ is np.ndarray else np.asarray(array)
+        if (arr.dtype is not self.dtype and arr.dtype != self.dtype) or arr.shape != self.shape:
             raise LayoutMismatch(
                 f"block {self.name!r} holds {self.shape} {self.dtype}; got {arr.shape} {arr.dtype}"
             )
-        if not arr.flags.c_contiguous:
-            arr = np.ascontiguousarray(arr)
         if check_finite:
             self._check_finite(arr, "publish")
         it = self._last_iteration + 1 if iteration is None else iteration
         if it < 0:
             raise ValueError(f"iteration must be >= 0, got {it}")
-        commit = self._seg.publish(arr, it)
+        try:
+            commit = self._seg.publish(arr, it)
+        except ValueError:
+            if arr.flags.c_contiguous:
+                raise
+            arr = np.ascontiguousarray(arr)  # the rare strided input pays for its copy here
+            commit = self._seg.publish(arr, it)
         self._last_iteration = it
         if self.recorder is not None:
             self.recorder.record(self.name, "publish", arr, iteration=it, commit=commit)
@@ -360,10 +374,16 @@ class Block:
             dst = None
         elif out is None:
             dst = np.empty(self.shape, self.dtype)
+        elif (out.dtype is not self.dtype and out.dtype != self.dtype) or out.shape != self.shape:
+            raise self._out_mismatch(out)
         else:
-            self._check_out(out)
             dst = out
-        raw = self._seg.read(dst, min_iteration, self._spin_ns, 0, self.checksum)
+        try:
+            raw = self._seg.read(dst, min_iteration, self._spin_ns, 0, self.checksum)
+        except ValueError:
+            if dst is not None and not dst.flags.c_contiguous:
+                raise self._out_mismatch(dst) from None
+            raise
         if raw.__class__ is not tuple:
             raw = self._wait(dst, min_iteration, after, timeout, raw)
         array = dst if dst is not None else self._view(raw[4], writable=False)
@@ -395,6 +415,9 @@ class Block:
         deadline = start + limit if math.isfinite(limit) else math.inf
         next_progress = start + self._progress_s
         waited_for = "any iteration" if after is None else f"an iteration after {after}"
+        # Liveness costs two /proc reads, so it is checked only once a parked slice came back empty:
+        # a dead writer is still noticed within one peer-check interval.
+        slices = 0
         while True:
             if status == _core.ECLOSED:
                 raise WriterClosed(
@@ -412,7 +435,7 @@ class Block:
                     waited_for=waited_for,
                     timeout=limit,
                 )
-            if not self._seg.writer_alive():
+            if slices and not self._seg.writer_alive():
                 raise PeerGone(
                     f"block {self.name!r}: writer pid {self.writer_pid} is gone while we waited "
                     f"for {waited_for} (latest iteration {self.latest_iteration})",
@@ -431,6 +454,7 @@ class Block:
                 )
                 next_progress = now + self._progress_s
             park = min(self._peer_check_s, deadline - now, next_progress - now)
+            slices += 1
             status = self._seg.read(dst, min_iteration, 0, max(1, int(park * 1e9)), self.checksum)
             if isinstance(status, tuple):
                 return status
@@ -449,11 +473,10 @@ class Block:
             self._views[slot] = view
         return view
 
-    def _check_out(self, out: NDArray[Any]) -> None:
-        if out.dtype != self.dtype or out.shape != self.shape or not out.flags.c_contiguous:
-            raise LayoutMismatch(
-                f"out must be a C-contiguous {self.shape} {self.dtype} array; got {out.shape} {out.dtype}"
-            )
+    def _out_mismatch(self, out: NDArray[Any]) -> LayoutMismatch:
+        return LayoutMismatch(
+            f"out must be a C-contiguous {self.shape} {self.dtype} array; got {out.shape} {out.dtype}"
+        )
 
     def _check_finite(self, arr: NDArray[Any], what: str) -> None:
         if arr.dtype.kind not in "fc":
