@@ -208,7 +208,7 @@ def copyto_reference(shape: tuple[int, ...], n: int) -> list[int]:
 # --------------------------------------------------------------------------- ping-pong
 
 
-def echo_simbridge(prefix: str, n: int, spin_us: int) -> None:
+def echo_simbridge(prefix: str, n: int, spin_us: int, delay_ns: int = 0) -> None:
     os.environ["SIMBRIDGE_SHM__SPIN_US"] = str(spin_us)
     from simbridge.shm import Block
 
@@ -219,30 +219,61 @@ def echo_simbridge(prefix: str, n: int, spin_us: int) -> None:
         buf = np.empty(PING, np.float32)
         for it in range(1, n + 1):
             ping.read(after=it - 1, timeout=30, out=buf)
+            if delay_ns:  # the model "computes" before answering
+                until = time.perf_counter_ns() + delay_ns
+                while time.perf_counter_ns() < until:
+                    pass
             pong.publish(buf, iteration=it)
         ping.read(after=n, timeout=30)  # until the driver is done with pong
 
 
-def pingpong_simbridge(n: int, spin_us: int) -> list[int]:
+def pingpong_simbridge(n: int, spin_us: int, delay_ns: int = 0, cpu: list[float] | None = None) -> list[int]:
+    """Round trips in ns; appends the driver's CPU seconds per round trip to ``cpu`` if given."""
     os.environ["SIMBRIDGE_SHM__SPIN_US"] = str(spin_us)
     from simbridge.shm import Block
 
-    prefix = f"bench-pp-{os.getpid()}-{spin_us}"
+    prefix = f"bench-pp-{os.getpid()}-{spin_us}-{delay_ns}"
     rtt = []
     with Block.create(f"{prefix}.ping", PING, np.float32) as ping:
-        proc = CTX.Process(target=echo_simbridge, args=(prefix, n, spin_us))
+        proc = CTX.Process(target=echo_simbridge, args=(prefix, n, spin_us, delay_ns))
         proc.start()
         with Block.open(f"{prefix}.pong", timeout=30) as pong:
             msg = np.zeros(PING, np.float32)
             buf = np.empty(PING, np.float32)
+            cpu0 = time.process_time()
             for it in range(1, n + 1):
                 t0 = time.perf_counter_ns()
                 ping.publish(msg, iteration=it)
                 pong.read(after=it - 1, timeout=30, out=buf)
                 rtt.append(time.perf_counter_ns() - t0)
+            if cpu is not None:
+                cpu.append((time.process_time() - cpu0) / n)
             ping.publish(msg, iteration=n + 1)
             proc.join(timeout=30)
     return rtt
+
+
+def spin_sweep(rounds: int, n: int) -> str:
+    """Round trip and the waiting side's CPU for several spin budgets: the data behind the default."""
+    budgets = (0, 10, 50, 200, 1000)
+    delays = (0, 200_000)
+    cells: dict[tuple[int, int], tuple[list[float], list[float]]] = {
+        (b, d): ([], []) for b in budgets for d in delays
+    }
+    for _ in range(rounds):
+        for (budget, delay), (rtts, cpus) in cells.items():
+            rtts.append(statistics.median(pingpong_simbridge(n, budget, delay, cpus)))
+    lines = [
+        "\nspin budget sweep (64-byte ping-pong; the answer comes at once, or after 200 us of work)",
+        f"{'spin budget':<14}{'RTT at once':>14}{'CPU/RTT':>12}{'RTT +200us':>14}{'CPU/RTT':>12}",
+    ]
+    for budget in budgets:
+        row = f"{str(budget) + ' us':<14}"
+        for delay in delays:
+            rtts, cpus = cells[(budget, delay)]
+            row += f"{statistics.median(rtts) / 1e3:>11.1f} us{statistics.median(cpus) * 1e6:>9.1f} us"
+        lines.append(row)
+    return "\n".join(lines)
 
 
 def echo_pipe(conn: Connection, n: int) -> None:
@@ -370,6 +401,7 @@ def main() -> None:
     pipe_ratio = results["simbridge Python, spin"] / results["mp.Pipe"]
     print(f"\nsimbridge Python futex vs C futex: {futex_ratio:.2f}x")
     print(f"simbridge Python spin vs mp.Pipe: {pipe_ratio:.2f}x")
+    print(spin_sweep(rounds, max(200, pp // 5)))
 
 
 if __name__ == "__main__":
