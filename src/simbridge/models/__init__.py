@@ -23,7 +23,7 @@ from simbridge.models.errors import (
     ModelWaitTimeout,
     UnknownModel,
 )
-from simbridge.models.manager import ModelManager
+from simbridge.models.manager import ModelManager, default_manager
 from simbridge.models.metrics import ModelState, ModelStats
 
 __all__ = [
@@ -46,5 +46,6 @@ __all__ = [
     "ModelTimeout",
     "ModelWaitTimeout",
     "UnknownModel",
+    "default_manager",
     "is_out_of_memory",
 ]

@@ -67,6 +67,10 @@ class LoadingMixin:
                     ),
                 )
                 return
+        if load.context.cancelled.is_set():
+            # Abandoned while waiting for the earlier loader: never start the loader at all.
+            self._finish(entry, load, error=SharedError(ModelLoadCancelled, "cancelled", None))
+            return
         try:
             model, device = self._call_loader(entry, load)
         except ModelLoadCancelled as exc:

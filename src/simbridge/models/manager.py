@@ -135,6 +135,11 @@ class ModelManager(LoadingMixin):
         self._wake.set()
         log.info("models.updated", model=name, **{k: str(v) for k, v in changes.items()})
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`shutdown` ran."""
+        return self._closed
+
     def names(self) -> list[str]:
         """The registered model names."""
         with self._lock:
@@ -427,6 +432,24 @@ class ModelManager(LoadingMixin):
     def _count(self, entry: Entry, outcome: str, waited: float | None) -> None:
         entry.requests += 1
         self.metrics.observe_request(entry.spec.name, outcome, waited)
+
+
+# One slot, not a global rebinding: the process-wide manager lives in _default[0].
+_default: list[ModelManager] = []
+_default_lock = threading.Lock()
+
+
+def default_manager() -> ModelManager:
+    """The process-wide manager, built from the configuration on first call.
+
+    Code that shares models across a process (a service, its workers) registers and uses them
+    here, so that each model is loaded once per process. After its ``shutdown()`` the next call
+    builds a fresh one.
+    """
+    with _default_lock:
+        if not _default or _default[0].closed:
+            _default[:] = [ModelManager()]
+        return _default[0]
 
 
 def _check_spec(spec: ModelSpec) -> None:

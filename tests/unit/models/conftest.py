@@ -25,6 +25,7 @@ class CountingLoader:
     peak_running: int = 0
     devices: list[str] = field(default_factory=list)
     fail_with: BaseException | None = None
+    cooperative: bool = True
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, ctx: LoadContext) -> dict[str, Any]:
@@ -36,7 +37,8 @@ class CountingLoader:
         self.started.set()
         try:
             while not self.gate.wait(0.01):
-                ctx.raise_if_cancelled()
+                if self.cooperative:
+                    ctx.raise_if_cancelled()
             if self.fail_with is not None:
                 raise self.fail_with
             return {"name": ctx.name, "device": ctx.device, "weights": list(range(1000))}

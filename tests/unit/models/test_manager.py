@@ -273,3 +273,27 @@ def _wait_for_waiting(manager: ModelManager, name: str, count: int) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{count} waiters never queued for {name}")
         time.sleep(0.005)
+
+
+def test_a_loader_ignoring_cancel_is_never_run_twice_at_once(manager: ModelManager, loader: Any) -> None:
+    loader.cooperative = False  # e.g. a framework call that cannot be interrupted
+    manager.register("m", loader, wait_timeout=30)
+    first = ThreadPoolExecutor(1).submit(manager.load, "m")
+    loader.started.wait(10)
+    assert manager.cancel_loading("m")
+    assert isinstance(first.exception(timeout=30), ModelLoadCancelled)
+    # A new request starts a new load, which first waits for the abandoned loader to return.
+    second = ThreadPoolExecutor(1).submit(_use_once, manager, "m")
+    _wait_for_waiting(manager, "m", 1)
+    assert loader.calls == 1
+    # Cancelling the waiting load means its loader is never called at all.
+    assert manager.cancel_loading("m")
+    with pytest.raises(ModelLoadCancelled):
+        second.result(timeout=30)
+    third = ThreadPoolExecutor(1).submit(_use_once, manager, "m")
+    _wait_for_waiting(manager, "m", 1)
+    loader.gate.set()
+    assert third.result(timeout=30)["name"] == "m"
+    assert loader.calls == 2  # the abandoned one (result thrown away) and the one in use
+    assert loader.peak_running == 1
+    assert manager.stats()["m"].loads == 1

@@ -211,3 +211,15 @@ def test_prometheus_metrics(loader: Any, until: Any) -> None:
     assert 'simbridge_model_wait_seconds_count{model="emb"} 1.0' in text
     assert 'simbridge_model_loaded{model="emb"} 1.0' in text
     assert 'simbridge_model_queue_length{model="emb"} 0.0' in text
+
+
+def test_default_manager_is_one_per_process_until_shut_down() -> None:
+    from simbridge.models import default_manager
+
+    first = default_manager()
+    assert default_manager() is first
+    first.shutdown()
+    assert first.closed
+    second = default_manager()
+    assert second is not first and not second.closed
+    second.shutdown()
