@@ -901,6 +901,14 @@ static inline int sb_block_create(sb_block *b, const char *name, uint32_t dtype,
         errno = e;
         return SB_ESYS;
     }
+    /* Reserve the pages now: on a full /dev/shm a sparse segment would SIGBUS at the first write. */
+    int fa = posix_fallocate(fd, 0, (off_t)L.total_bytes);
+    if (fa != 0 && fa != EINVAL && fa != EOPNOTSUPP) {
+        close(fd);
+        shm_unlink(b->path);
+        errno = fa;
+        return SB_ESYS;
+    }
     void *p = mmap(NULL, L.total_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED) {
         int e = errno;

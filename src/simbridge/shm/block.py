@@ -8,6 +8,7 @@ lifecycle (the owner unlinks at close and at exit) and the optional recorder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import time
@@ -30,6 +31,7 @@ from simbridge.shm.errors import (
     InvalidName,
     LayoutMismatch,
     NonFinite,
+    NoSpace,
     PeerGone,
     Timeout,
     WriterClosed,
@@ -196,6 +198,15 @@ class Block:
             segment = make()
         except FileExistsError:
             segment = cls._replace_if_stale(name, make, replace_stale=replace_stale)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            size = int(np.prod(shape_t, dtype=np.int64)) * np.dtype(dtype).itemsize * slots
+            raise NoSpace(
+                errno.ENOSPC,
+                f"{SHM_DIR} has no room for block {name!r} (about {size:,} bytes); free space "
+                f"(`simbridge shm clean`, `df -h {SHM_DIR}`) or enlarge {SHM_DIR}",
+            ) from exc
         except ValueError as exc:
             raise LayoutMismatch(
                 f"block {name!r}: cannot hold shape {shape_t} of {np.dtype(dtype)}: {exc}"

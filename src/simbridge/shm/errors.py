@@ -57,5 +57,9 @@ class BlockExists(ShmError, FileExistsError):
     """Raised when creating a block whose name is held by a live owner."""
 
 
+class NoSpace(ShmError, OSError):
+    """Raised when /dev/shm has no room left for a new block's memory."""
+
+
 class BlockNotFound(ShmError, FileNotFoundError):
     """Raised when a block does not exist (and, for ``open``, did not appear in time)."""

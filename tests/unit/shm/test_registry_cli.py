@@ -127,3 +127,15 @@ def test_cli_diff(block_name: str, tmp_path: Path) -> None:
     result = runner.invoke(app, ["diff", str(tmp_path)])
     assert result.exit_code == 0 and "1 transfer(s) matched, 0 mismatched" in result.output
     assert runner.invoke(app, ["diff", str(tmp_path / "missing")]).exit_code == 2
+
+
+def test_owner_unlinks_at_interpreter_exit_without_close(block_name: str) -> None:
+    code = (
+        "import numpy as np\n"
+        "from simbridge.shm import Block\n"
+        f"b = Block.create({block_name!r}, 4, np.float32)\n"
+        "b.publish(np.ones(4, np.float32))\n"
+        "import sys; sys.exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
+    assert block_info(block_name) is None
