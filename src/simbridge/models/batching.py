@@ -11,13 +11,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import structlog
 
-from simbridge.models.errors import BatchError, InvalidModelOption, ModelManagerClosed
+from simbridge.models.errors import BatchError, InvalidModelOption, ModelManagerClosed, ModelWaitTimeout
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +45,7 @@ class Batcher(Generic[Item, Result]):
         max_batch_size: int,
         max_wait_ms: float,
         on_batch: Callable[[int], None] | None = None,
+        timeout: float = 300.0,
     ) -> None:
         if max_batch_size < 1 or not max_wait_ms >= 0:
             raise InvalidModelOption(
@@ -56,6 +58,7 @@ class Batcher(Generic[Item, Result]):
         self._max = max_batch_size
         self._wait_s = max_wait_ms / 1000
         self._on_batch = on_batch
+        self._timeout = timeout
         self._queue: queue.SimpleQueue[tuple[Item, Future[Result]] | Any] = queue.SimpleQueue()
         self._closed = False
         self._close_lock = threading.Lock()
@@ -73,8 +76,21 @@ class Batcher(Generic[Item, Result]):
         return future
 
     def submit(self, item: Item, *, timeout: float | None = None) -> Result:
-        """Queue ``item`` and wait for its result (``timeout`` in seconds; None: no limit)."""
-        return self.future(item).result(timeout=timeout)
+        """Queue ``item`` and wait for its result, at most ``timeout`` seconds (None: the default).
+
+        Raises :class:`ModelWaitTimeout` when no result came in time (the item is dropped if its
+        batch has not started yet).
+        """
+        future = self.future(item)
+        limit = self._timeout if timeout is None else timeout
+        try:
+            return future.result(timeout=limit)
+        except FutureTimeout:
+            future.cancel()
+            raise ModelWaitTimeout(
+                f"no result from the batcher of {self.name!r} within {limit:g} s; "
+                "the model is slow or overloaded (raise the timeout or max_batch_size)"
+            ) from None
 
     __call__ = submit
 

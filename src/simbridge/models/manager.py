@@ -352,6 +352,8 @@ class ModelManager(LoadingMixin):
             max_batch_size=self._settings.batch_max_size if max_batch_size is None else max_batch_size,
             max_wait_ms=self._settings.batch_max_wait_ms if max_wait_ms is None else max_wait_ms,
             on_batch=lambda size: self._note_batch(entry, size),
+            # A caller waits for a load, then for a slot, then for the batch itself.
+            timeout=entry.spec.wait_timeout + entry.spec.access_timeout,
         )
         with self._lock:
             self._check_open()

@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from simbridge.models import BatchError, InvalidModelOption, ModelManager, ModelManagerClosed
+from simbridge.models import (
+    BatchError,
+    InvalidModelOption,
+    ModelManager,
+    ModelManagerClosed,
+    ModelWaitTimeout,
+)
 
 
 class Doubler:
@@ -98,3 +104,19 @@ def test_shutdown_closes_batchers(open_loader: Any) -> None:
     manager.shutdown()
     with pytest.raises(ModelManagerClosed):
         batcher(5)
+
+
+def test_a_caller_never_waits_forever_for_its_batch(manager: ModelManager) -> None:
+    gate = threading.Event()
+
+    def slow(model: Any, items: list[int]) -> list[int]:
+        gate.wait(20)
+        return items
+
+    manager.register("m", lambda ctx: object())
+    with manager.batched("m", slow, 1, 0) as batcher:
+        first = batcher.future(1)  # occupies the model call until the gate opens
+        with pytest.raises(ModelWaitTimeout, match=r"within 0\.2 s"):
+            batcher.submit(2, timeout=0.2)
+        gate.set()
+        assert first.result(timeout=20) == 1
