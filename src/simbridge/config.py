@@ -60,9 +60,7 @@ class ShmSettings(_Section):
     progress_every_s: float = Field(
         default=5.0, gt=0, description="Interval of the 'still waiting' log line."
     )
-    mode: int = Field(
-        default=0o600, ge=0, le=0o777, description="Permission bits of newly created segments."
-    )
+    mode: int = Field(default=0o600, ge=0, le=0o777, description="Permission bits of newly created segments.")
 
 
 # Fields a jobs step template may name (rendered per beam by simbridge.jobs.pipeline).
@@ -80,9 +78,7 @@ def _check_template(key: str, template: str | None) -> str | None:
         msg = f"{key}: cannot split {template!r} into words ({exc}); fix the quoting"
         raise ValueError(msg) from exc
     if not words:
-        raise ValueError(
-            f"{key}: empty command; give a program and its arguments or remove the key"
-        )
+        raise ValueError(f"{key}: empty command; give a program and its arguments or remove the key")
     for word in words:
         try:
             fields = [name for _, name, _, _ in string.Formatter().parse(word) if name is not None]
@@ -92,8 +88,7 @@ def _check_template(key: str, template: str | None) -> str | None:
         unknown = sorted({f for f in fields if f not in JOB_TEMPLATE_FIELDS})
         if unknown:
             raise ValueError(
-                f"{key}: unknown field(s) {unknown} in {template!r}; "
-                f"use only {sorted(JOB_TEMPLATE_FIELDS)}"
+                f"{key}: unknown field(s) {unknown} in {template!r}; use only {sorted(JOB_TEMPLATE_FIELDS)}"
             )
     return template
 
@@ -131,9 +126,7 @@ class JobsStepsSettings(_Section):
             _check_template(f"jobs.steps.{key}", getattr(self, key))
         for pattern in self.outputs:
             if pattern.startswith("/") or ".." in Path(pattern).parts:
-                raise ValueError(
-                    f"jobs.steps.outputs: {pattern!r} must stay inside the beam folder"
-                )
+                raise ValueError(f"jobs.steps.outputs: {pattern!r} must stay inside the beam folder")
         return self
 
 
@@ -142,9 +135,7 @@ class JobsTimeoutsSettings(_Section):
 
     prepare_s: float = Field(default=600.0, gt=0, description="Limit of the prepare command.")
     simulate_s: float = Field(default=86_400.0, gt=0, description="Limit of one simulation run.")
-    postprocess_s: float = Field(
-        default=600.0, gt=0, description="Limit of the postprocess command."
-    )
+    postprocess_s: float = Field(default=600.0, gt=0, description="Limit of the postprocess command.")
     transfer_s: float = Field(default=600.0, gt=0, description="Limit of one upload or download.")
     kill_grace_s: float = Field(
         default=5.0, ge=0, description="Between SIGTERM and SIGKILL when a step is stopped."
@@ -388,7 +379,5 @@ def _explain(exc: ValidationError) -> str:
         key = ".".join(str(part) for part in err["loc"])
         env = "SIMBRIDGE_" + "__".join(str(part).upper() for part in err["loc"])
         got = err.get("input")
-        lines.append(
-            f"  {key}: {err['msg']} (got {got!r}); set a valid value in the file or in {env}"
-        )
+        lines.append(f"  {key}: {err['msg']} (got {got!r}); set a valid value in the file or in {env}")
     return "\n".join(lines)
