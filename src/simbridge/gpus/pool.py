@@ -71,6 +71,7 @@ class GpuLease:
         self._fds = tuple(fds)
         self._pids = [os.getpid()]
         self._since = time.time()
+        self._granted_ns = time.monotonic_ns()
         self._released = False
         # A lease dropped without release() still frees its GPUs (like a file object), loudly.
         self._finalizer = weakref.finalize(self, _release_forgotten, self._fds, self.indices_of(gpus))
@@ -107,6 +108,16 @@ class GpuLease:
     def env(self) -> dict[str, str]:
         """Variables to merge into a child's environment (``CUDA_VISIBLE_DEVICES``, ...)."""
         return dict(self._env)
+
+    @property
+    def since(self) -> datetime:
+        """When the lease was granted (wall clock, as ``simbridge gpus`` shows it)."""
+        return datetime.fromtimestamp(self._since, tz=UTC)
+
+    @property
+    def granted_ns(self) -> int:
+        """``time.monotonic_ns()`` when the lease was granted; orders leases across processes."""
+        return self._granted_ns
 
     @property
     def released(self) -> bool:

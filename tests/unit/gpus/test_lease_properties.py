@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import tempfile
+import threading
+import time
 from pathlib import Path
 
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
@@ -68,3 +70,32 @@ class LeaseMachine(RuleBasedStateMachine):
 
 LeaseMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
 TestLeases = LeaseMachine.TestCase
+
+
+@settings(max_examples=12, deadline=None)
+@given(counts=st.lists(st.integers(1, SLOTS), min_size=1, max_size=5))
+def test_waiters_are_served_in_arrival_order_whatever_they_ask(counts: list[int]) -> None:
+    # Leases are ordered by when they were granted (CLOCK_MONOTONIC): a later small request
+    # must never be granted before an earlier big one.
+    with tempfile.TemporaryDirectory() as folder:
+        pool = GpuPool(slots=SLOTS, lock_dir=Path(folder), poll_interval=0.002)
+        served: list[tuple[int, int]] = []
+        blocker = pool.lease(SLOTS)
+        threads = []
+        for position, count in enumerate(counts):
+            thread = threading.Thread(target=_serve, args=(pool, position, count, served))
+            thread.start()
+            threads.append(thread)
+            deadline = time.monotonic() + 30
+            while pool.waiting() < position + 1:
+                assert time.monotonic() < deadline, "a waiter never joined the line"
+                time.sleep(0.002)
+        blocker.release()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert [position for _, position in sorted(served)] == list(range(len(counts)))
+
+
+def _serve(pool: GpuPool, position: int, count: int, served: list[tuple[int, int]]) -> None:
+    with pool.lease(count, timeout=60) as lease:
+        served.append((lease.granted_ns, position))
