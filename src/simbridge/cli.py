@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from simbridge.demos.eki.cli import eki_command
 from simbridge.gpus.cli import app as gpus_app
 from simbridge.jobs.cli import register as register_jobs
 from simbridge.shm.cli import app as shm_app
@@ -17,6 +18,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(shm_app, name="shm", help="Shared-memory blocks: list, inspect, remove, clean, diff.")
+demo_app.command("eki")(eki_command)
 app.add_typer(demo_app, name="demo", help="Small runnable demonstrations.")
 app.add_typer(gpus_app, name="gpus", help="GPUs or slots: memory, utilisation, holder pid.")
 register_jobs(app)  # serve, submit, status, retry, cancel
