@@ -72,6 +72,7 @@ BOARDS = [
 def nvml(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     fake = fake_nvml([dict(board) for board in BOARDS])
     monkeypatch.setitem(__import__("sys").modules, "pynvml", fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return fake
 
 
@@ -138,3 +139,23 @@ def test_cli_shows_memory_and_utilisation(
     data = json.loads(CliRunner().invoke(app, ["--json"]).stdout)
     assert [row["uuid"] for row in data["gpus"]] == ["GPU-aaaa", "GPU-bbbb"]
     assert data["gpus"][1]["utilization"] is None
+
+
+@pytest.mark.parametrize("visible", ["1", "GPU-bbbb", " 1 ,"])
+def test_pool_stays_inside_the_gpus_a_parent_gave_us(
+    nvml: types.ModuleType, monkeypatch: pytest.MonkeyPatch, lock_dir: Path, visible: str
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    with GpuPool(source=NvmlSource(), lock_dir=lock_dir) as pool:
+        assert [g.index for g in pool.gpus] == [1]
+        with pool.lease() as lease:
+            assert lease.env["CUDA_VISIBLE_DEVICES"] == "1"  # the physical index, PCI order
+
+
+@pytest.mark.parametrize("visible", ["", "7", "GPU-zzzz", "GPU-"])
+def test_bad_cuda_visible_devices_is_no_such_gpu(
+    nvml: types.ModuleType, monkeypatch: pytest.MonkeyPatch, lock_dir: Path, visible: str
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    with pytest.raises(NoSuchGpu, match="CUDA_VISIBLE_DEVICES"):
+        GpuPool(source=NvmlSource(), lock_dir=lock_dir)
