@@ -6,6 +6,7 @@ works the same on a laptop, in CI and on an 8-GPU workstation.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -190,3 +191,31 @@ def read_all(source: GpuSource, indices: Sequence[int] | None = None) -> list[Gp
     """Facts of the given GPUs (all by default) from ``source``."""
     wanted = range(source.count()) if indices is None else indices
     return [source.read(index) for index in wanted]
+
+
+def visible_indices(source: GpuSource) -> list[int] | None:
+    """The NVML indices this process may use: all, or those its own CUDA_VISIBLE_DEVICES names.
+
+    Under Slurm (or any parent that already chose GPUs for us) the pool must stay inside that
+    set; children then get physical indices with CUDA_DEVICE_ORDER=PCI_BUS_ID, which is exact.
+    """
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if source.kind != "nvml" or named is None:
+        return None
+    wanted = [part.strip() for part in named.split(",") if part.strip()]
+    if not wanted:
+        raise NoSuchGpu("CUDA_VISIBLE_DEVICES is set but empty: this process may use no GPU")
+    gpus = read_all(source)
+    indices = []
+    for part in wanted:
+        if part.isdigit():
+            matches = [g.index for g in gpus if g.index == int(part)]
+        else:
+            matches = [g.index for g in gpus if g.uuid is not None and g.uuid.startswith(part)]
+        if len(matches) != 1:
+            raise NoSuchGpu(
+                f"CUDA_VISIBLE_DEVICES={named!r}: {part!r} names no single GPU "
+                f"(NVML sees {[g.uuid or g.index for g in gpus]})"
+            )
+        indices.append(matches[0])
+    return sorted(set(indices))

@@ -25,7 +25,14 @@ import structlog
 
 from simbridge.config import Settings, load_settings
 from simbridge.gpus._queue import QueueTimeout, TicketQueue, ensure_dir, try_lock
-from simbridge.gpus.discovery import GpuInfo, GpuSource, SlotSource, open_source, read_all
+from simbridge.gpus.discovery import (
+    GpuInfo,
+    GpuSource,
+    SlotSource,
+    open_source,
+    read_all,
+    visible_indices,
+)
 from simbridge.gpus.errors import (
     InvalidLeaseRequest,
     LeaseReleased,
@@ -202,7 +209,7 @@ class GpuPool:
                 f"default_timeout must be >= 0 and poll_interval > 0 (got {default_timeout}, {poll_interval})"
             )
         self._source: GpuSource = source if source is not None else SlotSource(slots=slots or 0)
-        self._gpus = tuple(read_all(self._source, _visible(self._source)))
+        self._gpus = tuple(read_all(self._source, visible_indices(self._source)))
         self._lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir()
         self._mode = lock_mode
         self._default_timeout = default_timeout
@@ -396,34 +403,6 @@ class GpuPool:
     def __repr__(self) -> str:
         kind = self._source.kind
         return f"GpuPool({len(self._gpus)} GPU(s) from {kind}, lock_dir={self._lock_dir})"
-
-
-def _visible(source: GpuSource) -> list[int] | None:
-    """The NVML indices this process may use: all, or those its own CUDA_VISIBLE_DEVICES names.
-
-    Under Slurm (or any parent that already chose GPUs for us) the pool must stay inside that
-    set; children then get physical indices with CUDA_DEVICE_ORDER=PCI_BUS_ID, which is exact.
-    """
-    named = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if source.kind != "nvml" or named is None:
-        return None
-    wanted = [part.strip() for part in named.split(",") if part.strip()]
-    if not wanted:
-        raise NoSuchGpu("CUDA_VISIBLE_DEVICES is set but empty: this process may use no GPU")
-    gpus = read_all(source)
-    indices = []
-    for part in wanted:
-        if part.isdigit():
-            matches = [g.index for g in gpus if g.index == int(part)]
-        else:
-            matches = [g.index for g in gpus if g.uuid is not None and g.uuid.startswith(part)]
-        if len(matches) != 1:
-            raise NoSuchGpu(
-                f"CUDA_VISIBLE_DEVICES={named!r}: {part!r} names no single GPU "
-                f"(NVML sees {[g.uuid or g.index for g in gpus]})"
-            )
-        indices.append(matches[0])
-    return sorted(set(indices))
 
 
 def _release_forgotten(fds: tuple[int, ...], indices: tuple[int, ...]) -> None:
