@@ -52,6 +52,7 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -771,6 +772,9 @@ static inline int sb__wait(sb_header *h, uint64_t seen, _Atomic uint64_t *seq, u
                 if (SB__CHANGED(memory_order_acquire)) return 1;
                 SB_CPU_RELAX();
             }
+            /* On an oversubscribed machine the peer may be waiting for this very core: let it run.
+               With an idle core to spare the call returns at once. */
+            sched_yield();
         } while (sb_now_ns(CLOCK_MONOTONIC) < spin_end);
     }
     if (park_ns == 0) return SB__CHANGED(memory_order_acquire);
