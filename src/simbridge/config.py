@@ -7,12 +7,15 @@ levels, e.g. ``SIMBRIDGE_SHM__SPIN_US=20``. The file is ``$SIMBRIDGE_CONFIG`` or
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import string
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
+import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -311,6 +314,17 @@ class ModelSettings(_Section):
     )
 
 
+class LogSettings(_Section):
+    """How the command-line tools log (library code only emits through structlog)."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Lowest level written; `-v` on the command line means debug."
+    )
+    format: Literal["console", "json"] = Field(
+        default="console", description="Human-readable lines, or one JSON object per line."
+    )
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with :func:`load_settings`."""
 
@@ -321,6 +335,7 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
+    log: LogSettings = LogSettings()
     shm: ShmSettings = ShmSettings()
     gpus: GpuSettings = GpuSettings()
     models: ModelSettings = ModelSettings()
@@ -381,3 +396,39 @@ def _explain(exc: ValidationError) -> str:
         got = err.get("input")
         lines.append(f"  {key}: {err['msg']} (got {got!r}); set a valid value in the file or in {env}")
     return "\n".join(lines)
+
+
+def configure_logging(settings: LogSettings | None = None, *, verbose: bool = False) -> None:
+    """Send structlog's output to stderr at the configured level (stdout stays for results).
+
+    Called by the command-line tools, never by library code: an application embedding simbridge
+    configures structlog itself.
+    """
+    log = settings if settings is not None else load_settings().log
+    level = logging.DEBUG if verbose else logging.getLevelNamesMapping()[log.level.upper()]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if log.format == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(_Stderr()),  # type: ignore[arg-type]
+        cache_logger_on_first_use=False,
+    )
+
+
+class _Stderr:
+    """Whatever ``sys.stderr`` is at the time of writing (test runners swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()

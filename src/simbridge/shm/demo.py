@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from simbridge.config import configure_logging
 from simbridge.shm.block import Block
 
 STATES = (24, 100)
@@ -77,4 +78,5 @@ def run_driver(iterations: int = 20) -> list[DemoRound]:
 
 
 if __name__ == "__main__":
+    configure_logging()
     run_model(sys.argv[1], int(sys.argv[2]))
