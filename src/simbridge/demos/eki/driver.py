@@ -32,7 +32,16 @@ from simbridge.demos.eki.eki import (
 )
 from simbridge.demos.eki.errors import ModelLayoutMismatch
 from simbridge.demos.eki.model import ModelProcess, describe_exit
-from simbridge.shm import Block, BlockNotFound, LayoutMismatch, PeerGone, Snapshot, Timeout
+from simbridge.shm import (
+    Block,
+    BlockNotFound,
+    LayoutMismatch,
+    PeerGone,
+    Snapshot,
+    Timeout,
+    block_info,
+    remove,
+)
 
 log = structlog.get_logger("simbridge.demos.eki")
 
@@ -160,7 +169,7 @@ class _Peer:
         what = f"the model to create block {name!r}"
         deadline = time.monotonic() + self.timeout_s
         while True:
-            self.model.check(what, name)
+            self.model.check("the model to create its output blocks", name)
             try:
                 return Block.open(name, timeout=0.05, shape=shape, dtype=dtype, record=self.record)
             except BlockNotFound:
@@ -215,6 +224,7 @@ def run_inversion(
     # The model is entered first so it is stopped last: our blocks close first, which is the model's
     # signal to exit cleanly; the model's __exit__ then only has to wait for it.
     with model, contextlib.ExitStack() as blocks:
+        blocks.callback(_remove_stale, [names.obs0, names.ens_obs, names.timing])
         peer = _Peer(model, record=record, timeout_s=options.timeout_s)
         config = blocks.enter_context(
             Block.create(names.config, protocol.CONFIG_LEN, np.int64, record=record)
@@ -317,3 +327,13 @@ def _model_status(model: ModelProcess) -> str:
             "forward model ended badly after the run", status=describe_exit(code), log=str(model.log_path)
         )
     return describe_exit(code)
+
+
+def _remove_stale(names: list[str]) -> None:
+    # A killed model cannot unlink what it created; its reader is the one left to tidy /dev/shm.
+    for name in names:
+        info = block_info(name)
+        if info is not None and info.stale:
+            with contextlib.suppress(BlockNotFound):
+                remove(name)
+                log.info("removed a dead model's block", name=name, owner_pid=info.owner_pid)
