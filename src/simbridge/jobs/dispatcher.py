@@ -245,7 +245,11 @@ class Dispatcher:
                 found = self._executors[attempt.executor].find(ref)
                 if found is not None:
                     self.store.record_launch(
-                        attempt.id, job_id=found.job_id, pid=found.pid, pid_start=found.pid_start
+                        attempt.id,
+                        beam_id=beam.id,
+                        job_id=found.job_id,
+                        pid=found.pid,
+                        pid_start=found.pid_start,
                     )
                     ref = dataclasses.replace(
                         ref, job_id=found.job_id, pid=found.pid, pid_start=found.pid_start
@@ -291,7 +295,7 @@ class Dispatcher:
         # Vanished past its deadline: our own kill of an earlier tick, or the limit anyway.
         timed_out = info.status is JobStatus.LOST and now > attempt.deadline
         try:
-            self.pipeline.finish(attempt, info, timed_out=timed_out)
+            self.pipeline.finish(attempt, info, timed_out=timed_out, beam=beam)
         except StaleStateError as exc:
             log.debug("jobs.judge_skipped", beam=beam.id, reason=str(exc))
 
@@ -343,42 +347,53 @@ class Dispatcher:
         self._wake.set()
 
     def _schedule(self, now: float) -> None:
-        rows = self.store.ready_beams(ACTIVE, now=now, limit=SCAN_LIMIT)
         with self._lock:
             busy = self._busy | self._recent | self._recent_seen
-        local_cmds = sum(1 for a in self._open.values() if a.step in LOCAL_STEPS)
-        queued: list[BeamRow] = []
+        skip = busy | set(self._open)
+        room = 2 * self.jobs.workers - len(self._busy)
+        if room <= 0:
+            return
+        rows = self.store.ready_ids(ACTIVE, now=now, limit=room + 64, skip=skip)
         steps = self.jobs.steps
-        for beam in rows:
-            if beam.id in busy or beam.id in self._open:
-                continue
-            if len(busy) >= 2 * self.jobs.workers:
-                break
-            state = beam.state
+        commands = {BeamState.PREPARING: steps.prepare, BeamState.POSTPROCESSING: steps.postprocess}
+        local_cmds = sum(1 for a in self._open.values() if a.step in LOCAL_STEPS)
+        queued: list[int] = []
+        chosen: list[tuple[int, bool]] = []
+        for beam_id, state in rows:
             if state is BeamState.QUEUED:
-                queued.append(beam)
+                queued.append(beam_id)
                 continue
-            command = {
-                BeamState.PREPARING: steps.prepare,
-                BeamState.POSTPROCESSING: steps.postprocess,
-            }
-            if state in command and command[state] is not None:
-                if local_cmds >= self.jobs.max_preparing:
+            if len(chosen) >= room:
+                continue
+            # A beam in or heading into a command step needs a slot of the command budget.
+            heads_to_command = (state is BeamState.PENDING and steps.prepare is not None) or (
+                state is BeamState.COLLECTING and steps.postprocess is not None
+            )
+            may_launch = False
+            if commands.get(state) is not None or heads_to_command:
+                if local_cmds < self.jobs.max_preparing:
+                    local_cmds += 1
+                    may_launch = True
+                elif state in commands:
                     continue
-                local_cmds += 1
-            action = {
-                BeamState.PENDING: self.pipeline.start,
-                BeamState.PREPARING: self.pipeline.prepare,
-                BeamState.UPLOADING: self.pipeline.upload,
-                BeamState.COLLECTING: self.pipeline.collect,
-                BeamState.POSTPROCESSING: self.pipeline.postprocess,
-            }[state]
-            busy.add(beam.id)
-            self._submit(beam.id, functools.partial(action, beam), launching=state in command)
+            chosen.append((beam_id, may_launch))
+        if chosen:
+            beams = {b.id: b for b in self.store.beams(ids=[i for i, _ in chosen])}
+            for beam_id, may_launch in chosen:
+                beam = beams.get(beam_id)
+                if beam is not None:
+                    action = functools.partial(self.pipeline.advance, beam, may_launch=may_launch)
+                    self._submit(beam_id, action, launching=True)
         # The GPU queue: strictly first come, first served (beam id order).
-        for beam in queued:
-            try:
-                lease = self.gpus.lease(self.jobs.gpus_per_beam, timeout=0)
-            except LeaseTimeout:
-                break
-            self._submit(beam.id, functools.partial(self.pipeline.submit, beam, lease), launching=True)
+        if queued:
+            beams = {b.id: b for b in self.store.beams(ids=queued)}
+            for beam_id in queued:
+                beam = beams.get(beam_id)
+                if beam is None or beam.state is not BeamState.QUEUED:
+                    continue
+                try:
+                    lease = self.gpus.lease(self.jobs.gpus_per_beam, timeout=0)
+                except LeaseTimeout:
+                    break
+                launch = functools.partial(self.pipeline.submit, beam, lease)
+                self._submit(beam_id, launch, launching=True)

@@ -35,6 +35,7 @@ def child_path(root: Path, key: str) -> Path:
     if key != safe_key(key):
         raise BadNameError(f"{key!r} is not a safe key; map it with safe_key first")
     path = root / key
-    if path.resolve().parent != root.resolve():
+    # Lexical check (no syscalls): a safe key is one plain component, never '.' or '..'.
+    if path.parent != root or key in {".", ".."}:
         raise BadNameError(f"{key!r} escapes {root}")
     return path

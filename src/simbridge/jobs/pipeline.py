@@ -6,6 +6,7 @@ acts (an attempt row before a launch), and can run again after a crash without d
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import shutil
 import sys
@@ -134,11 +135,42 @@ class Pipeline:
 
     # ---- actions, one per state --------------------------------------------------------------
 
-    def start(self, beam: BeamRow) -> None:
-        """PENDING: take the beam into the pipeline."""
-        self.store.transition(beam.id, BeamState.PENDING, BeamState.PREPARING, reason="started")
+    def advance(self, beam: BeamRow, *, may_launch: bool) -> None:
+        """Run the in-process steps of a beam back to back until one launches or must wait.
 
-    def prepare(self, beam: BeamRow) -> AttemptRow | None:
+        Chaining saves a scheduling round per step; a prepare/postprocess command is launched
+        only if ``may_launch`` (the dispatcher's concurrency budget), else left for later.
+        Each step returns the beam as it moved it, or None when the chain stops there.
+        """
+        current: BeamRow | None = beam
+        while current is not None:
+            state = current.state
+            if state is BeamState.PENDING:
+                current = self.start(current)
+            elif state is BeamState.UPLOADING:
+                current = self.upload(current)
+            elif state is BeamState.COLLECTING:
+                current = self.collect(current)
+            elif state is BeamState.PREPARING:
+                if self.settings.steps.prepare is not None and not may_launch:
+                    return
+                current = self.prepare(current)
+            elif state is BeamState.POSTPROCESSING:
+                if self.settings.steps.postprocess is not None and not may_launch:
+                    return
+                current = self.postprocess(current)
+            else:
+                return
+
+    def _move(self, beam: BeamRow, target: BeamState, reason: str) -> BeamRow:
+        self.store.transition(beam.id, beam.state, target, reason=reason)
+        return dataclasses.replace(beam, state=target, step_tries=0)
+
+    def start(self, beam: BeamRow) -> BeamRow | None:
+        """PENDING: take the beam into the pipeline."""
+        return self._move(beam, BeamState.PREPARING, "started")
+
+    def prepare(self, beam: BeamRow) -> BeamRow | None:
         """PREPARING: check the beam's files, then launch the prepare command (or skip it)."""
         source = Path(beam.path)
         if not source.is_dir() or not any(p.is_file() for p in source.rglob("*")):
@@ -151,8 +183,7 @@ class Pipeline:
             return None
         template = self.settings.steps.prepare
         if template is None:
-            self.store.transition(beam.id, BeamState.PREPARING, BeamState.UPLOADING, reason="no prepare step")
-            return None
+            return self._move(beam, BeamState.UPLOADING, "no prepare step")
         staging = self.paths(beam).staging
 
         def fresh_staging() -> None:
@@ -161,7 +192,7 @@ class Pipeline:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
 
-        return self.launch(
+        self.launch(
             beam,
             step=BeamState.PREPARING,
             argv=render(template, self.fields(beam, staging)),
@@ -169,8 +200,9 @@ class Pipeline:
             timeout_s=self.settings.timeouts.prepare_s,
             setup=fresh_staging,
         )
+        return None
 
-    def upload(self, beam: BeamRow) -> None:
+    def upload(self, beam: BeamRow) -> BeamRow | None:
         """UPLOADING: copy the staged files (or the beam folder) to the per-beam folder."""
         case = self.case_of(beam)
         local = self.paths(beam).staging if self.settings.steps.prepare else Path(beam.path)
@@ -179,10 +211,9 @@ class Pipeline:
             count = self._transfer(lambda: self.transport.upload(local, remote))
         except TransferError as exc:
             self.fail(beam, BeamState.UPLOADING, str(exc))
-            return
-        self.store.transition(
-            beam.id, BeamState.UPLOADING, BeamState.QUEUED, reason=f"uploaded {count} file(s)"
-        )
+            return None
+        self._move(beam, BeamState.QUEUED, f"uploaded {count} file(s)")
+        return None  # the GPU queue is the dispatcher's
 
     def submit(self, beam: BeamRow, lease: GpuLease) -> AttemptRow | None:
         """QUEUED -> RUNNING: launch the simulation on the leased GPU(s).
@@ -207,7 +238,7 @@ class Pipeline:
                 gpu_id=gpu_id,
             )
 
-    def collect(self, beam: BeamRow) -> None:
+    def collect(self, beam: BeamRow) -> BeamRow | None:
         """COLLECTING: download the outputs into results/CASE/BEAM/."""
         case = self.case_of(beam)
         remote = self.transport.beam_dir(case.key, beam.key)
@@ -217,22 +248,17 @@ class Pipeline:
             got = self._transfer(lambda: self.transport.download(remote, patterns, results))
         except TransferError as exc:
             self.fail(beam, BeamState.COLLECTING, str(exc))
-            return
-        self.store.transition(
-            beam.id,
-            BeamState.COLLECTING,
-            BeamState.POSTPROCESSING,
-            reason=f"downloaded {len(got)} file(s) to {results}",
-        )
+            return None
+        return self._move(beam, BeamState.POSTPROCESSING, f"downloaded {len(got)} file(s) to {results}")
 
-    def postprocess(self, beam: BeamRow) -> AttemptRow | None:
+    def postprocess(self, beam: BeamRow) -> BeamRow | None:
         """POSTPROCESSING: run the postprocess command in the results folder (or finish)."""
         template = self.settings.steps.postprocess
         if template is None:
-            self.store.transition(beam.id, BeamState.POSTPROCESSING, BeamState.COMPLETED, reason="done")
+            self._move(beam, BeamState.COMPLETED, "done")
             return None
         results = self.paths(beam).results
-        return self.launch(
+        self.launch(
             beam,
             step=BeamState.POSTPROCESSING,
             argv=render(template, self.fields(beam, results)),
@@ -240,6 +266,7 @@ class Pipeline:
             timeout_s=self.settings.timeouts.postprocess_s,
             setup=lambda: results.mkdir(parents=True, exist_ok=True),
         )
+        return None
 
     def _transfer(self, call: Callable[[], T]) -> T:
         # Copies can hit passing trouble (a full disk being cleaned, a dropped link): retry a few
@@ -303,14 +330,28 @@ class Pipeline:
             self.fail(self.store.beam(beam.id), step, str(exc), close=(attempt.id, "failed", None))
             return None
         self.store.record_launch(
-            attempt.id, job_id=launched.job_id, pid=launched.pid, pid_start=launched.pid_start
+            attempt.id,
+            beam_id=beam.id,
+            job_id=launched.job_id,
+            pid=launched.pid,
+            pid_start=launched.pid_start,
         )
         log.debug("jobs.launched", beam=beam.id, step=step, job_id=launched.job_id)
         return attempt
 
-    def finish(self, attempt: AttemptRow, info: JobInfo, *, timed_out: bool = False) -> None:
-        """Act on an attempt that ended: advance the beam, retry it, or fail it."""
-        beam = self.store.beam(attempt.beam_id)
+    def finish(
+        self,
+        attempt: AttemptRow,
+        info: JobInfo,
+        *,
+        timed_out: bool = False,
+        beam: BeamRow | None = None,
+    ) -> None:
+        """Act on an attempt that ended: advance the beam, retry it, or fail it.
+
+        ``beam`` may be passed as just read (every write below re-checks its state anyway).
+        """
+        beam = beam or self.store.beam(attempt.beam_id)
         step = attempt.step
         if beam.state is not step:
             # Cancelled (or moved by a person) while it ran: just close the books.

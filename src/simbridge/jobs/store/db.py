@@ -6,11 +6,12 @@ the state the caller saw (optimistic), so two processes never both move the same
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -24,12 +25,14 @@ from sqlalchemy.engine import Connection, Engine
 
 from simbridge.jobs.errors import CaseRejectedError, NotFoundError, StaleStateError, StoreError
 from simbridge.jobs.states import BeamState, check_transition
+from simbridge.jobs.store import statements as sql
 from simbridge.jobs.store.schema import attempts, beams, cases, events
 
 log = structlog.get_logger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _PG_MIGRATE_LOCK = 0x5B1D6E  # advisory lock id: one migrator at a time on PostgreSQL
+_READ_ONLY = "simbridge_read_only"
 
 
 @dataclass(frozen=True)
@@ -127,8 +130,14 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # A pool of connections (shared across threads, one at a time each): opening a SQLite
+        # connection and setting its pragmas costs more than most of our transactions.
         engine = sa.create_engine(
-            url, connect_args={"timeout": 30, "check_same_thread": False}, poolclass=sa.NullPool
+            url,
+            connect_args={"timeout": 30, "check_same_thread": False},
+            poolclass=sa.QueuePool,
+            pool_size=8,
+            max_overflow=8,
         )
 
         @sa.event.listens_for(engine, "connect")
@@ -144,9 +153,13 @@ def make_engine(url: str) -> Engine:
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
-            # IMMEDIATE takes the write lock up front: a deferred read-then-write transaction can
-            # otherwise fail with SQLITE_BUSY at once instead of waiting for the busy timeout.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the write lock up front (IMMEDIATE): a deferred read-then-write
+            # transaction can fail with SQLITE_BUSY at once instead of waiting. Readers stay
+            # deferred so that, in WAL mode, they never wait for a writer.
+            if conn.get_execution_options().get(_READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
@@ -158,6 +171,9 @@ class Store:
     def __init__(self, *, url: str, actor: str | None = None, migrate: bool = True) -> None:
         self.url = url
         self.actor = actor or default_actor("simbridge")
+        self._write_lock: contextlib.AbstractContextManager[object] = (
+            threading.Lock() if url.startswith("sqlite") else contextlib.nullcontext()
+        )
         try:
             self.engine = make_engine(url)
             if migrate:
@@ -183,11 +199,26 @@ class Store:
         """Release every pooled connection."""
         self.engine.dispose()
 
-    @contextmanager
+    @contextlib.contextmanager
     def tx(self) -> Iterator[Connection]:
-        """One transaction; SQLAlchemy errors leave as :class:`StoreError`."""
+        """One write transaction; SQLAlchemy errors leave as :class:`StoreError`."""
         try:
-            with self.engine.begin() as conn:
+            # SQLite has one writer at a time: queue our own threads on a Python lock (woken at
+            # once) rather than on SQLite's busy handler, which sleeps in growing steps while
+            # the holder may be waiting for the GIL.
+            with self._write_lock, self.engine.begin() as conn:
+                yield conn
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        """One read-only transaction (never waits for writers on SQLite WAL)."""
+        try:
+            with (
+                self.engine.connect().execution_options(**{_READ_ONLY: True}) as conn,
+                conn.begin(),
+            ):
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
             raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
@@ -255,7 +286,7 @@ class Store:
     def case(self, ref: str | int) -> CaseRow:
         """A case by id or key; :class:`NotFoundError` says how to list them."""
         where = cases.c.id == ref if isinstance(ref, int) else cases.c.key == ref
-        with self.tx() as conn:
+        with self.read() as conn:
             row = conn.execute(sa.select(cases).where(where)).first()
         if row is None:
             raise NotFoundError(f"no case {ref!r}; `simbridge status` lists the cases")
@@ -263,12 +294,12 @@ class Store:
 
     def has_case(self, key: str) -> bool:
         """Whether a case with this key was ever taken."""
-        with self.tx() as conn:
+        with self.read() as conn:
             return conn.execute(sa.select(cases.c.id).where(cases.c.key == key)).first() is not None
 
     def cases(self) -> list[CaseRow]:
         """Every case, oldest first."""
-        with self.tx() as conn:
+        with self.read() as conn:
             rows = conn.execute(sa.select(cases).order_by(cases.c.id)).all()
         return [CaseRow(**r._mapping) for r in rows]
 
@@ -276,8 +307,8 @@ class Store:
 
     def beam(self, beam_id: int) -> BeamRow:
         """One beam by id."""
-        with self.tx() as conn:
-            row = conn.execute(sa.select(beams).where(beams.c.id == beam_id)).first()
+        with self.read() as conn:
+            row = conn.execute(sql.BEAM_BY_ID, {"_id": beam_id}).first()
         if row is None:
             raise NotFoundError(f"no beam with id {beam_id}")
         return _beam(row)
@@ -290,6 +321,9 @@ class Store:
         ids: Iterable[int] | None = None,
     ) -> list[BeamRow]:
         """Beams, optionally of one case, in some states, or with given ids; in id order."""
+        if ids is not None and case_id is None and states is None:
+            with self.read() as conn:
+                return [_beam(r) for r in conn.execute(sql.BEAMS_BY_IDS, {"_ids": list(ids)}).all()]
         q = sa.select(beams).order_by(beams.c.id)
         if ids is not None:
             q = q.where(beams.c.id.in_(list(ids)))
@@ -297,20 +331,21 @@ class Store:
             q = q.where(beams.c.case_id == case_id)
         if states is not None:
             q = q.where(beams.c.state.in_([s.value for s in states]))
-        with self.tx() as conn:
+        with self.read() as conn:
             return [_beam(r) for r in conn.execute(q).all()]
 
-    def ready_beams(self, states: Iterable[BeamState], *, now: float, limit: int) -> list[BeamRow]:
-        """Beams in ``states`` whose backoff (if any) has passed, oldest first."""
-        q = (
-            sa.select(beams)
-            .where(beams.c.state.in_([s.value for s in states]))
-            .where(sa.or_(beams.c.not_before.is_(None), beams.c.not_before <= now))
-            .order_by(beams.c.id)
-            .limit(limit)
-        )
-        with self.tx() as conn:
-            return [_beam(r) for r in conn.execute(q).all()]
+    def ready_ids(
+        self, states: Iterable[BeamState], *, now: float, limit: int, skip: Iterable[int] = ()
+    ) -> list[tuple[int, BeamState]]:
+        """(id, state) of beams in ``states`` whose backoff has passed, oldest first, minus ``skip``."""
+        params = {
+            "_states": [s.value for s in states],
+            "_now": now,
+            "_skip": list(skip),
+            "_limit": limit,
+        }
+        with self.read() as conn:
+            return [(int(r[0]), BeamState(r[1])) for r in conn.execute(sql.READY_IDS, params).all()]
 
     def transition(
         self,
@@ -335,34 +370,33 @@ class Store:
             values.setdefault("step_tries", 0)
         if target.terminal:
             values.setdefault("finished_at", now)
+        columns, params = sql.beam_values(values)
         with self.tx() as conn:
             done = conn.execute(
-                sa.update(beams)
-                .where(beams.c.id == beam_id, beams.c.state == expected.value)
-                .values(**values)
-                .returning(beams.c.case_id)
+                sql.update_beam(columns, guarded=True),
+                {"_id": beam_id, "_expected": expected.value, **params},
             ).first()
             if done is None:
                 raise StaleStateError(f"beam {beam_id} is no longer {expected}; nothing changed")
             if close is not None:
                 ended = conn.execute(
-                    sa.update(attempts)
-                    .where(attempts.c.id == close[0], attempts.c.ended_at.is_(None))
-                    .values(ended_at=now, outcome=close[1], exit_code=close[2])
+                    sql.CLOSE_ATTEMPT,
+                    {"_id": close[0], "v_ended_at": now, "v_outcome": close[1], "v_exit_code": close[2]},
                 )
                 if not ended.rowcount:
                     # Someone else already judged this attempt: raising rolls the move back.
                     raise StaleStateError(f"attempt {close[0]} was already closed")
             conn.execute(
-                sa.insert(events).values(
-                    at=now,
-                    case_id=done[0],
-                    beam_id=beam_id,
-                    from_state=expected.value,
-                    to_state=target.value,
-                    reason=reason[:4000],
-                    actor=actor or self.actor,
-                )
+                sql.INSERT_EVENT,
+                {
+                    "at": now,
+                    "case_id": done[0],
+                    "beam_id": beam_id,
+                    "from_state": expected.value,
+                    "to_state": target.value,
+                    "reason": reason[:4000],
+                    "actor": actor or self.actor,
+                },
             )
 
     def update_beam(self, beam_id: int, expected: BeamState, **fields: Any) -> bool:
@@ -397,36 +431,27 @@ class Store:
             check_transition(expected, target)
         now = time.time()
         with self.tx() as conn:
-            row = conn.execute(
-                sa.select(beams.c.case_id, beams.c.step_tries).where(
-                    beams.c.id == beam_id, beams.c.state == expected.value
-                )
-            ).first()
+            row = conn.execute(sql.LAUNCH_CHECK, {"_id": beam_id, "_expected": expected.value}).first()
             if row is None:
                 raise StaleStateError(f"beam {beam_id} is no longer {expected}; not launching")
-            still_open = conn.execute(
-                sa.select(attempts.c.id).where(attempts.c.beam_id == beam_id, attempts.c.ended_at.is_(None))
-            ).first()
+            still_open = conn.execute(sql.OPEN_OF_BEAM, {"_id": beam_id}).first()
             if still_open is not None:
                 # At most one live attempt per beam, whoever asks: never launch twice.
                 raise StaleStateError(f"beam {beam_id} has attempt {still_open[0]} still open")
-            number = conn.execute(
-                sa.select(sa.func.count()).select_from(attempts).where(attempts.c.beam_id == beam_id)
-            ).scalar_one()
+            number = conn.execute(sql.COUNT_OF_BEAM, {"_id": beam_id}).scalar_one()
             attempt_id = conn.execute(
-                sa.insert(attempts)
-                .returning(attempts.c.id)
-                .values(
-                    beam_id=beam_id,
-                    step=target.value,
-                    number=number + 1,
-                    token=token,
-                    executor=executor,
-                    work_dir=work_dir,
-                    gpu_id=gpu_id,
-                    deadline=deadline,
-                    started_at=now,
-                )
+                sql.INSERT_ATTEMPT,
+                {
+                    "beam_id": beam_id,
+                    "step": target.value,
+                    "number": number + 1,
+                    "token": token,
+                    "executor": executor,
+                    "work_dir": work_dir,
+                    "gpu_id": gpu_id,
+                    "deadline": deadline,
+                    "started_at": now,
+                },
             ).scalar_one()
             values: dict[str, Any] = {
                 "step_tries": row.step_tries + 1,
@@ -436,21 +461,39 @@ class Store:
             }
             if gpu_id is not None:
                 values.update(gpu_id=gpu_id, started_at=now)
-            conn.execute(sa.update(beams).where(beams.c.id == beam_id).values(**values))
+            columns, params = sql.beam_values(values)
+            conn.execute(sql.update_beam(columns, guarded=False), {"_id": beam_id, **params})
             if target is not expected:
                 conn.execute(
-                    sa.insert(events).values(
-                        at=now,
-                        case_id=row.case_id,
-                        beam_id=beam_id,
-                        from_state=expected.value,
-                        to_state=target.value,
-                        reason=f"launching attempt {number + 1}" + (f" on GPU {gpu_id}" if gpu_id else ""),
-                        actor=self.actor,
-                    )
+                    sql.INSERT_EVENT,
+                    {
+                        "at": now,
+                        "case_id": row.case_id,
+                        "beam_id": beam_id,
+                        "from_state": expected.value,
+                        "to_state": target.value,
+                        "reason": f"launching attempt {number + 1}" + (f" on GPU {gpu_id}" if gpu_id else ""),
+                        "actor": self.actor,
+                    },
                 )
-            attempt = conn.execute(sa.select(attempts).where(attempts.c.id == attempt_id)).one()
-        return _attempt(attempt)
+        return AttemptRow(
+            id=int(attempt_id),
+            beam_id=beam_id,
+            step=target,
+            number=number + 1,
+            token=token,
+            executor=executor,
+            work_dir=work_dir,
+            gpu_id=gpu_id,
+            job_id=None,
+            pid=None,
+            pid_start=None,
+            deadline=deadline,
+            started_at=now,
+            ended_at=None,
+            exit_code=None,
+            outcome=None,
+        )
 
     def forget_try(self, beam_id: int) -> None:
         """Give back the try counted for an attempt that never started (killed before launch)."""
@@ -461,48 +504,50 @@ class Store:
                 .values(step_tries=beams.c.step_tries - 1)
             )
 
-    def record_launch(self, attempt_id: int, *, job_id: str, pid: int | None, pid_start: int | None) -> None:
+    def record_launch(
+        self, attempt_id: int, *, beam_id: int, job_id: str, pid: int | None, pid_start: int | None
+    ) -> None:
         """Note how to find a launched attempt again (its job id / pid and pid start time)."""
         with self.tx() as conn:
             conn.execute(
-                sa.update(attempts)
-                .where(attempts.c.id == attempt_id)
-                .values(job_id=job_id, pid=pid, pid_start=pid_start)
+                sql.RECORD_LAUNCH,
+                {"_id": attempt_id, "v_job_id": job_id, "v_pid": pid, "v_pid_start": pid_start},
             )
-            beam_id = conn.execute(
-                sa.select(attempts.c.beam_id).where(attempts.c.id == attempt_id)
-            ).scalar_one()
-            conn.execute(sa.update(beams).where(beams.c.id == beam_id).values(hpc_job_id=job_id))
+            conn.execute(sql.SET_JOB_ID, {"_id": beam_id, "v_job_id": job_id})
 
     def close_attempt(self, attempt_id: int, *, outcome: str, exit_code: int | None) -> bool:
         """Mark an attempt ended (once; False if it was already closed)."""
         with self.tx() as conn:
             res = conn.execute(
-                sa.update(attempts)
-                .where(attempts.c.id == attempt_id, attempts.c.ended_at.is_(None))
-                .values(ended_at=time.time(), outcome=outcome, exit_code=exit_code)
+                sql.CLOSE_ATTEMPT,
+                {
+                    "_id": attempt_id,
+                    "v_ended_at": time.time(),
+                    "v_outcome": outcome,
+                    "v_exit_code": exit_code,
+                },
             )
             return bool(res.rowcount)
 
     def open_attempts(self, *, beam_id: int | None = None) -> list[AttemptRow]:
         """Attempts launched (or about to be) that have not ended."""
-        q = sa.select(attempts).where(attempts.c.ended_at.is_(None)).order_by(attempts.c.id)
+        q = sql.OPEN_ATTEMPTS
         if beam_id is not None:
             q = q.where(attempts.c.beam_id == beam_id)
-        with self.tx() as conn:
+        with self.read() as conn:
             return [_attempt(r) for r in conn.execute(q).all()]
 
     def attempts(self, beam_id: int) -> list[AttemptRow]:
         """Every attempt of a beam, first first."""
         q = sa.select(attempts).where(attempts.c.beam_id == beam_id).order_by(attempts.c.id)
-        with self.tx() as conn:
+        with self.read() as conn:
             return [_attempt(r) for r in conn.execute(q).all()]
 
     def count_active(self) -> int:
         """How many beams are not in a terminal state."""
         terminal = [s.value for s in BeamState if s.terminal]
         q = sa.select(sa.func.count()).select_from(beams).where(beams.c.state.not_in(terminal))
-        with self.tx() as conn:
+        with self.read() as conn:
             return int(conn.execute(q).scalar_one())
 
     def count_attempts(self, *, step: BeamState | None = None) -> int:
@@ -510,7 +555,7 @@ class Store:
         q = sa.select(sa.func.count()).select_from(attempts)
         if step is not None:
             q = q.where(attempts.c.step == step.value)
-        with self.tx() as conn:
+        with self.read() as conn:
             return int(conn.execute(q).scalar_one())
 
     # ---- events ------------------------------------------------------------------------------
@@ -535,5 +580,5 @@ class Store:
             q = q.where(events.c.beam_id == beam_id)
         if case_id is not None:
             q = q.where(events.c.case_id == case_id)
-        with self.tx() as conn:
+        with self.read() as conn:
             return [EventRow(**r._mapping) for r in conn.execute(q).all()]

@@ -29,12 +29,11 @@ class LocalTransport(Transport):
     name = "local"
 
     def __init__(self, *, root: Path) -> None:
-        self.root = root
+        self.root = root.resolve()
 
     def beam_dir(self, case_key: str, beam_key: str) -> PurePosixPath:
         """``root/CASE/BEAM`` (keys are already safe path components)."""
-        path = child_path(child_path(self.root, case_key), beam_key)
-        return PurePosixPath(path.resolve())
+        return PurePosixPath(child_path(child_path(self.root, case_key), beam_key))
 
     def upload(self, local_dir: Path, remote_dir: PurePosixPath) -> int:
         """Copy the staged files of a beam into its per-beam folder."""

@@ -1,0 +1,189 @@
+"""Orchestrator overhead per beam: 2,000 beams with a no-op simulation, SQLite and PostgreSQL.
+
+Every beam goes the whole durable way (events, attempt rows, GPU lease, detached launch through
+the exit-code wrapper, collect, all committed), with 8 GPU slots. The anchor is measured in the
+same run where it installs: Parsl running the same no-op command as a bash_app on its
+ThreadPoolExecutor (Parsl reports about 5 ms per task); AiiDA's ~0.25 s per process is quoted.
+
+Usage: python benchmarks/jobs_local.py [--beams 2000] [--no-postgres] [--no-parsl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+from simbridge.config import load_settings
+from simbridge.jobs.dispatcher import Dispatcher
+from simbridge.jobs.inbox import take_case
+from simbridge.jobs.states import BeamState
+from simbridge.jobs.store import Store
+
+NOOP = "true"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def postgres() -> Iterator[str | None]:
+    """A throwaway PostgreSQL server (as the postgres user); None if it cannot run here."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found or os.getuid() != 0 or shutil.which("runuser") is None:
+        yield None
+        return
+    bindir = Path(found[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="simbridge-bench-pg-"))
+    root.chmod(0o755)
+    (root / "sock").mkdir()
+    shutil.chown(root, "postgres")
+    shutil.chown(root / "sock", "postgres")
+    port = _free_port()
+    as_pg = ["runuser", "-u", "postgres", "--"]
+    data = str(root / "data")
+    subprocess.run(
+        [*as_pg, str(bindir / "initdb"), "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
+    # Durable settings (fsync on): the benchmark measures what a real deployment would pay.
+    opts = f"-k {root / 'sock'} -p {port} -c listen_addresses=127.0.0.1"
+    subprocess.run(
+        [*as_pg, str(bindir / "pg_ctl"), "-D", data, "-o", opts, "-l", str(root / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            [*as_pg, str(bindir / "pg_ctl"), "-D", data, "-m", "fast", "-w", "stop"],
+            check=False,
+            capture_output=True,
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_simbridge(beams: int, db_url: str | None) -> tuple[float, float]:
+    """(seconds to take the case, seconds to run every beam to COMPLETED)."""
+    with tempfile.TemporaryDirectory(prefix="simbridge-bench-") as tmp:
+        root = Path(tmp)
+        case = root / "incoming" / "bench"
+        for i in range(beams):
+            (case / f"b{i:05d}").mkdir(parents=True)
+            (case / f"b{i:05d}" / "plan.json").write_text("{}")
+        config = {
+            "gpus": {"discovery": "slots", "slots": 8, "lock_dir": str(root / "gpus")},
+            "jobs": {
+                "inbox": str(root / "inbox"),
+                "results": str(root / "results"),
+                "work_root": str(root / "work"),
+                "database_url": db_url,
+                "poll_s": 0.01,
+                "workers": 8,
+                "steps": {"simulate": NOOP, "outputs": ["plan.json"]},
+            },
+        }
+        (root / "simbridge.yaml").write_text(yaml.safe_dump(config))
+        os.environ["SIMBRIDGE_CONFIG"] = str(root / "simbridge.yaml")
+        settings = load_settings()
+        url = settings.jobs.db_url()
+        with Store(url=url) as store:
+            t0 = time.perf_counter()
+            take_case(store, case, work_root=settings.jobs.work_root, ready_marker=None)
+            take_s = time.perf_counter() - t0
+        with Dispatcher(settings=settings, watch_inbox=False) as dispatcher:
+            t0 = time.perf_counter()
+            assert dispatcher.run(until_idle=True, max_s=1800), "did not finish"
+            run_s = time.perf_counter() - t0
+            done = dispatcher.store.beams(states=[BeamState.COMPLETED])
+            assert len(done) == beams, f"only {len(done)} of {beams} completed"
+        if db_url is not None:
+            # Leave the shared server clean for the next run.
+            import sqlalchemy as sa
+
+            engine = sa.create_engine(db_url)
+            with engine.begin() as conn:
+                conn.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+            engine.dispose()
+        return take_s, run_s
+
+
+def run_parsl(tasks: int) -> float | None:
+    """Seconds for Parsl (ThreadPoolExecutor, 8 threads) to run ``tasks`` no-op bash_apps."""
+    try:
+        import parsl
+        from parsl.app.app import bash_app
+        from parsl.config import Config
+        from parsl.executors.threads import ThreadPoolExecutor
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory(prefix="parsl-bench-") as tmp:
+        cfg = Config(executors=[ThreadPoolExecutor(max_threads=8)], run_dir=tmp)
+        parsl.load(cfg)
+        try:
+
+            @bash_app  # type: ignore[untyped-decorator]
+            def noop() -> str:
+                return NOOP
+
+            noop().result()  # warm up
+            t0 = time.perf_counter()
+            futures = [noop() for _ in range(tasks)]
+            for fut in futures:
+                fut.result()
+            return time.perf_counter() - t0
+        finally:
+            parsl.dfk().cleanup()
+            parsl.clear()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--beams", type=int, default=2000)
+    ap.add_argument("--no-postgres", action="store_true")
+    ap.add_argument("--no-parsl", action="store_true")
+    args = ap.parse_args()
+    n = args.beams
+    rows: list[tuple[str, float, float | None]] = []
+    take_s, run_s = run_simbridge(n, None)
+    rows.append(("simbridge, SQLite (WAL)", run_s, take_s))
+    if not args.no_postgres:
+        with postgres() as url:
+            if url is None:
+                print("PostgreSQL: not available here (needs root and Debian's postgresql)")
+            else:
+                take_s, run_s = run_simbridge(n, url)
+                rows.append(("simbridge, PostgreSQL 15", run_s, take_s))
+    parsl_s = None if args.no_parsl else run_parsl(n)
+    if parsl_s is not None:
+        rows.append(("Parsl ThreadPool bash_app (same no-op)", parsl_s, None))
+    cpu = platform.processor() or platform.machine()
+    print(f"\njobs_local: {n} beams, no-op simulation `{NOOP}`, 8 GPU slots; {os.cpu_count()} cores, {cpu}")
+    print(f"{'what':42} {'total s':>9} {'ms/beam':>9} {'take ms/beam':>13}")
+    for what, total, take in rows:
+        take_txt = f"{take / n * 1000:13.2f}" if take is not None else f"{'-':>13}"
+        print(f"{what:42} {total:9.2f} {total / n * 1000:9.2f} {take_txt}")
+    print(f"{'Parsl, reported (anchor)':42} {'':9} {5.0:9.2f}")
+    print(f"{'AiiDA, reported (anchor)':42} {'':9} {250.0:9.2f}")
+    if parsl_s is not None:
+        print(f"\nsimbridge SQLite / Parsl (same run): {rows[0][1] / parsl_s:.2f}x the time")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The hot-path SQL of the jobs store, built once with bind parameters.
+
+Building a SQLAlchemy statement costs more than running it on SQLite; these are reused (and so
+hit the compiled cache) by every transition, launch and poll.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import sqlalchemy as sa
+
+from simbridge.jobs.store.schema import attempts, beams, events
+
+B = sa.bindparam
+
+BEAM_BY_ID = sa.select(beams).where(beams.c.id == B("_id"))
+BEAMS_BY_IDS = sa.select(beams).where(beams.c.id.in_(B("_ids", expanding=True))).order_by(beams.c.id)
+READY_IDS = (
+    sa.select(beams.c.id, beams.c.state)
+    .where(beams.c.state.in_(B("_states", expanding=True)))
+    .where(sa.or_(beams.c.not_before.is_(None), beams.c.not_before <= B("_now")))
+    .where(beams.c.id.not_in(B("_skip", expanding=True)))
+    .order_by(beams.c.id)
+    .limit(B("_limit"))
+)
+OPEN_ATTEMPTS = sa.select(attempts).where(attempts.c.ended_at.is_(None)).order_by(attempts.c.id)
+INSERT_EVENT = sa.insert(events)
+INSERT_ATTEMPT = sa.insert(attempts).returning(attempts.c.id)
+CLOSE_ATTEMPT = (
+    sa.update(attempts)
+    .where(attempts.c.id == B("_id"), attempts.c.ended_at.is_(None))
+    .values(ended_at=B("v_ended_at"), outcome=B("v_outcome"), exit_code=B("v_exit_code"))
+)
+LAUNCH_CHECK = sa.select(beams.c.case_id, beams.c.step_tries).where(
+    beams.c.id == B("_id"), beams.c.state == B("_expected")
+)
+OPEN_OF_BEAM = sa.select(attempts.c.id).where(attempts.c.beam_id == B("_id"), attempts.c.ended_at.is_(None))
+COUNT_OF_BEAM = sa.select(sa.func.count()).select_from(attempts).where(attempts.c.beam_id == B("_id"))
+RECORD_LAUNCH = (
+    sa.update(attempts)
+    .where(attempts.c.id == B("_id"))
+    .values(job_id=B("v_job_id"), pid=B("v_pid"), pid_start=B("v_pid_start"))
+)
+SET_JOB_ID = sa.update(beams).where(beams.c.id == B("_id")).values(hpc_job_id=B("v_job_id"))
+
+
+@functools.cache
+def update_beam(columns: tuple[str, ...], *, guarded: bool) -> sa.Update:
+    """UPDATE beams SET <columns> WHERE id = :_id [AND state = :_expected] RETURNING case_id."""
+    stmt = sa.update(beams).where(beams.c.id == B("_id"))
+    if guarded:
+        stmt = stmt.where(beams.c.state == B("_expected"))
+    return stmt.values({name: B(f"v_{name}") for name in columns}).returning(beams.c.case_id)
+
+
+def beam_values(values: dict[str, object]) -> tuple[tuple[str, ...], dict[str, object]]:
+    """The column tuple and the bind parameters for :func:`update_beam`."""
+    columns = tuple(sorted(values))
+    return columns, {f"v_{name}": values[name] for name in columns}
