@@ -158,6 +158,9 @@ class Block:
         # The owner unlinks at close, at garbage collection or at interpreter exit, whichever is first.
         release = _release_owned if self.is_owner else _release_reader
         self._finalizer = weakref.finalize(self, release, segment)
+        self._forked = False
+        if self.is_owner:
+            _OWNED.add(self)
 
     # ------------------------------------------------------------------ construction
 
@@ -316,6 +319,8 @@ class Block:
         ``iteration`` defaults to the previous one plus one (the first is 1) and must increase.
         Returns the iteration id readers will see.
         """
+        if self._forked:
+            raise self._forked_error()
         arr = array if array.__class__ is np.ndarray else np.asarray(array)
         if (arr.dtype is not self.dtype and arr.dtype != self.dtype) or arr.shape != self.shape:
             raise LayoutMismatch(
@@ -338,6 +343,12 @@ class Block:
             self.recorder.record(self.name, "publish", arr, iteration=it, commit=commit)
         return it
 
+    def _forked_error(self) -> PermissionError:
+        return PermissionError(
+            f"block {self.name!r} belongs to pid {self.writer_pid}; this forked child may read it "
+            "(Block.open) but never publish into it"
+        )
+
     @contextmanager
     def loan(self, iteration: int | None = None) -> Iterator[NDArray[Any]]:
         """Lend a writable view of the next slot for zero-copy writes; commits when the block exits.
@@ -345,6 +356,8 @@ class Block:
         An exception inside the block aborts the write and readers never see it. Do not keep the
         view after the ``with`` block: the slot is the writer's again.
         """
+        if self._forked:
+            raise self._forked_error()
         it = self._last_iteration + 1 if iteration is None else iteration
         slot, _offset = self._seg.begin_write()
         try:
@@ -544,6 +557,21 @@ class Block:
     def __repr__(self) -> str:
         role = "owner" if self.is_owner else "reader"
         return f"Block({self.name!r}, shape={self.shape}, dtype={self.dtype}, slots={self.slots}, {role})"
+
+
+# Owned blocks of this process, so that a forked child can be told it is not their writer.
+_OWNED: weakref.WeakSet[Block] = weakref.WeakSet()
+
+
+def _disown_after_fork() -> None:
+    # The child must neither unlink the parent's segments at its exit nor publish into them.
+    for block in list(_OWNED):
+        block._finalizer.detach()
+        block._forked = True
+    _OWNED.clear()
+
+
+os.register_at_fork(after_in_child=_disown_after_fork)
 
 
 def _release_reader(segment: _core.Segment) -> None:

@@ -139,3 +139,30 @@ def test_owner_unlinks_at_interpreter_exit_without_close(block_name: str) -> Non
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
     assert block_info(block_name) is None
+
+
+def test_a_forked_child_neither_publishes_nor_unlinks_the_parents_block(block_name: str) -> None:
+    with Block.create(block_name, 2, np.float32) as writer:
+        writer.publish(np.ones(2, np.float32))
+        code = (
+            "import os, sys, numpy as np\n"
+            "from simbridge.shm import Block\n"
+            f"b = Block.create({block_name!r} + '-own', 2, np.float32)\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    try:\n"
+            "        b.publish(np.zeros(2, np.float32))\n"
+            "    except PermissionError:\n"
+            "        sys.exit(7)\n"  # exits through atexit, as a careless child would
+            "    sys.exit(0)\n"
+            "_, status = os.waitpid(pid, 0)\n"
+            "assert os.waitstatus_to_exitcode(status) == 7, status\n"
+            f"assert os.path.exists('/dev/shm/simbridge.{block_name}-own'), 'the child unlinked it'\n"
+            "b.publish(np.zeros(2, np.float32))\n"
+            "print('parent ok')\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60
+        )
+        assert "parent ok" in result.stdout, result.stderr[-2000:]
+        assert block_info(f"{block_name}-own") is None  # the parent unlinked it at its own exit
