@@ -1,0 +1,1 @@
+../../src/simbridge/demos/eki/forward_model.c
