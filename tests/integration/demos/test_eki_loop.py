@@ -139,6 +139,24 @@ def test_killing_the_driver_makes_the_model_exit_with_a_clear_message(
     assert not [n for n in blocks_with(names.prefix) if n not in leftover_blocks]  # the model cleaned up
 
 
+def test_model_orphaned_before_any_block_exits_at_once(model_binary: Path, tmp_path: Path) -> None:
+    log = tmp_path / "model.log"
+    # A driver that starts the model and dies before creating a single block.
+    script = (
+        "import subprocess, sys\n"
+        f"p = subprocess.Popen([{str(model_binary)!r}, 'eki.orphan.{os.getpid()}', '60'],"
+        f" stdout=open({str(log)!r}, 'w'), stderr=subprocess.STDOUT)\n"
+        "print(p.pid)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    model_pid = int(done.stdout)
+    started = time.monotonic()
+    while time.monotonic() - started < 10.0 and process_running(model_pid):
+        time.sleep(0.02)
+    assert not process_running(model_pid), "the orphaned model waited for its 60 s timeout"
+    assert "the Python driver" in log.read_text() and "is gone before it created block" in log.read_text()
+
+
 def process_running(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie (an orphan may wait a while to be reaped)."""
     try:

@@ -235,6 +235,29 @@ static int read_input(sb_block *b, const char *name, void *dst, uint64_t min_it,
     }
 }
 
+/* Opens an input block, waiting in short slices: the driver that started us may die before it has
+ * created the block, and then there is no writer to watch, only our parent to miss. */
+static pid_t g_parent;
+static int open_input(sb_block *b, const char *name, double timeout_s) {
+    double t0 = now_s();
+    for (;;) {
+        int rc = sb_block_open(b, name, INT64_C(250000000));
+        if (rc == SB_OK) return EXIT_OK;
+        if (rc != SB_ENOENT && rc != SB_ENOTREADY) return shm_fail("open", name, rc);
+        if (g_stop) return EXIT_SIGNAL;
+        if (getppid() != g_parent) {
+            fprintf(stderr, "eki forward model: the Python driver (pid %d) is gone before it created block "
+                            "%s; exiting\n", (int)g_parent, name);
+            return EXIT_DRIVER_GONE;
+        }
+        if (now_s() - t0 > timeout_s) {
+            fprintf(stderr, "eki forward model: block %s did not appear within %.0f s; giving up\n", name,
+                    timeout_s);
+            return EXIT_TIMEOUT;
+        }
+    }
+}
+
 typedef struct {
     sb_block config, truth, states, obs0, ens_obs, timing;
     int have_config, have_truth, have_states, have_obs0, have_ens_obs, have_timing;
@@ -252,14 +275,13 @@ static void close_all(blocks *B) {
 
 static int serve(blocks *B, double timeout_s) {
     char name[SB_NAME_MAX + 1];
-    int64_t open_ns = (int64_t)(timeout_s * 1e9);
     sb_snapshot snap;
     double wait_s, copy_s;
     int rc;
 
     /* 1. configuration: sizes, checked against what this model was built with */
     block_name(name, sizeof name, "config");
-    if ((rc = sb_block_open(&B->config, name, open_ns)) != SB_OK) return shm_fail("open", name, rc);
+    if ((rc = open_input(&B->config, name, timeout_s)) != EXIT_OK) return rc;
     B->have_config = 1;
     uint64_t cfg_shape[1] = {EKI_CONFIG_LEN};
     if ((rc = expect_layout(&B->config, name, SB_DT_INT64, 1, cfg_shape)) != 0) return rc;
@@ -306,7 +328,7 @@ static int serve(blocks *B, double timeout_s) {
 
     /* 3. the true emissions -> the noise-free observations */
     block_name(name, sizeof name, "truth");
-    if ((rc = sb_block_open(&B->truth, name, open_ns)) != SB_OK) return shm_fail("open", name, rc);
+    if ((rc = open_input(&B->truth, name, timeout_s)) != EXIT_OK) return rc;
     B->have_truth = 1;
     uint64_t truth_shape[1] = {EKI_NPARAM};
     if ((rc = expect_layout(&B->truth, name, SB_DT_FLOAT32, 1, truth_shape)) != 0) return rc;
@@ -320,7 +342,7 @@ static int serve(blocks *B, double timeout_s) {
 
     /* 4. the iterations: states (NPARAM x members) in, observations (members x NREC x NSTEP) out */
     block_name(name, sizeof name, "states");
-    if ((rc = sb_block_open(&B->states, name, open_ns)) != SB_OK) return shm_fail("open", name, rc);
+    if ((rc = open_input(&B->states, name, timeout_s)) != EXIT_OK) return rc;
     B->have_states = 1;
     uint64_t states_shape[2] = {EKI_NPARAM, members};
     if ((rc = expect_layout(&B->states, name, SB_DT_FLOAT32, 2, states_shape)) != 0) return rc;
@@ -378,6 +400,7 @@ int main(int argc, char **argv) {
         return EXIT_USAGE;
     }
     g_prefix = argv[1];
+    g_parent = getppid();
     double timeout_s = argc == 3 ? strtod(argv[2], NULL) : 600.0;
     if (!(timeout_s > 0)) timeout_s = 600.0;
     struct sigaction sa;
