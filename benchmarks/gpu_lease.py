@@ -94,8 +94,10 @@ def main() -> None:
         pool_us, flock_us = uncontended(folder, args.cycles)
         pool_s = contended(folder / "c-pool", POOL_WORKER, args.procs, args.proc_cycles, args.slots)
         flock_s = contended(folder / "c-flock", FLOCK_WORKER, args.procs, args.proc_cycles, args.slots)
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"gpu_lease: {platform.machine()} {os.cpu_count()} cores, {datetime.now(tz=UTC):%Y-%m-%d %H:%M} UTC"
+        f"gpu_lease: {platform.machine()} {os.cpu_count()} cores, load average {load}, "
+        f"{datetime.now(tz=UTC):%Y-%m-%d %H:%M} UTC"
     )
     header = f"{'uncontended, us':<28}{'mean':>9}{'p50':>9}{'p99':>9}"
     print(header)

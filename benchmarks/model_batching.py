@@ -4,7 +4,8 @@ Modes, all on the same loaded all-MiniLM-L6-v2 (CPU, offline):
   batched   ModelManager.batched: concurrent single requests coalesced into one encode call
   locked    the shared model called under a lock, one sentence per call (the usual singleton)
   direct    each caller calls encode itself on the shared model, no lock
-Prints a table with throughput and the ratio to the locked baseline.
+Modes alternate in rounds, so that load from other work hits each alike. Prints a table with
+throughput and the ratio to the locked baseline.
 
 Run: python benchmarks/model_batching.py [--requests 2000] [--callers 64]
 """
@@ -108,6 +109,7 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per mode")
     args = parser.parse_args()
 
     import torch
@@ -119,9 +121,16 @@ def main() -> None:
         t0 = time.perf_counter()
         device = manager.load("minilm")
         load_s = time.perf_counter() - t0
-        with manager.use("minilm") as model:
+        with (
+            manager.use("minilm") as model,
+            manager.batched(
+                "minilm",
+                lambda m, items: list(m.encode(items, batch_size=args.max_batch)),
+                args.max_batch,
+                args.max_wait_ms,
+            ) as batcher,
+        ):
             model.encode(texts[:64])  # warm up kernels and the tokenizer once, for every mode
-
             lock = threading.Lock()
 
             def locked(text: str) -> Any:
@@ -131,26 +140,35 @@ def main() -> None:
             def direct(text: str) -> Any:
                 return model.encode([text])[0]
 
-            results: dict[str, tuple[float, list[float]]] = {}
-            results["locked"] = run(args.callers, texts, locked)
-            results["direct"] = run(args.callers, texts, direct)
-
-        with manager.batched(
-            "minilm",
-            lambda m, items: list(m.encode(items, batch_size=args.max_batch)),
-            args.max_batch,
-            args.max_wait_ms,
-        ) as batcher:
-            results["batched"] = run(args.callers, texts, batcher.submit)
+            modes: dict[str, Callable[[str], Any]] = {
+                "locked": locked,
+                "direct": direct,
+                "batched": batcher.submit,
+            }
+            # Rounds, each mode in turn with the order rotated: a noisy neighbour then slows
+            # every mode alike instead of whichever happened to run during its burst.
+            results: dict[str, tuple[float, list[float]]] = {mode: (0.0, []) for mode in modes}
+            names = list(modes)
+            for round_no in range(args.rounds):
+                chunk = texts[round_no :: args.rounds]
+                for mode in names[round_no % 3 :] + names[: round_no % 3]:
+                    elapsed, lat = run(args.callers, chunk, modes[mode])
+                    total, all_lat = results[mode]
+                    results[mode] = (total + elapsed, all_lat + lat)
         stats = manager.stats()["minilm"]
 
     base = args.requests / results["locked"][0]
     print(
-        f"model_batching: {args.requests} requests, {args.callers} callers, all-MiniLM-L6-v2 on "
+        f"model_batching: {args.requests} requests per mode in {args.rounds} interleaved rounds, "
+        f"{args.callers} callers, all-MiniLM-L6-v2 on "
         f"{device} (torch {torch.__version__}, {torch.get_num_threads()} threads), "
         f"load {load_s:.1f} s"
     )
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, {datetime.now(tz=UTC):%Y-%m-%d %H:%M} UTC")
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores, load average {load}, "
+        f"{datetime.now(tz=UTC):%Y-%m-%d %H:%M} UTC"
+    )
     header = f"{'mode':<10}{'seconds':>9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs locked':>11}"
     print(header)
     print("-" * len(header))

@@ -6,6 +6,7 @@ after the first item for more, calls ``fn(model, items)`` once and routes each r
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -84,7 +85,8 @@ class Batcher(Generic[Item, Result]):
         future = self.future(item)
         limit = self._timeout if timeout is None else timeout
         try:
-            return future.result(timeout=limit)
+            # Condition.wait cannot take math.inf: no limit is None there.
+            return future.result(timeout=limit if math.isfinite(limit) else None)
         except FutureTimeout:
             future.cancel()
             raise ModelWaitTimeout(

@@ -40,6 +40,8 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 _HOUSEKEEPING_S = 0.25
+# Condition.wait cannot take math.inf; "no limit" is many waits of this length.
+_LONGEST_WAIT_S = 3600.0
 _UNSET: Any = object()
 
 
@@ -225,7 +227,7 @@ class ModelManager(LoadingMixin):
                                 f"stayed busy for {access_limit:g} s; raise max_concurrent or "
                                 "the access timeout"
                             )
-                        entry.cond.wait(access_deadline - now)
+                        entry.cond.wait(min(access_deadline - now, _LONGEST_WAIT_S))
                         continue
                     if entry.state is ModelState.UNLOADED:
                         self._start_load(entry)
@@ -243,7 +245,7 @@ class ModelManager(LoadingMixin):
                             f"{wait_deadline - started:g} s of waiting; raise the wait timeout"
                         )
                     until = wait_deadline if load is None else min(wait_deadline, load.deadline)
-                    entry.cond.wait(until - now)
+                    entry.cond.wait(min(until - now, _LONGEST_WAIT_S))
             finally:
                 entry.waiting -= 1
                 self._publish(entry)

@@ -3,6 +3,7 @@ stress, config update and the one-load-per-process singleton under concurrency."
 
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -297,3 +298,18 @@ def test_a_loader_ignoring_cancel_is_never_run_twice_at_once(manager: ModelManag
     assert loader.calls == 2  # the abandoned one (result thrown away) and the one in use
     assert loader.peak_running == 1
     assert manager.stats()["m"].loads == 1
+
+
+def test_infinite_timeouts_are_accepted(manager: ModelManager, loader: Any) -> None:
+    manager.register("m", loader, max_concurrent=1)
+    waiter = ThreadPoolExecutor(1).submit(
+        lambda: _use_with(manager, "m", access_timeout=math.inf, wait_timeout=math.inf)
+    )
+    _wait_for_waiting(manager, "m", 1)
+    loader.gate.set()
+    assert waiter.result(timeout=30)["name"] == "m"
+
+
+def _use_with(manager: ModelManager, name: str, **timeouts: float) -> Any:
+    with manager.use(name, **timeouts) as model:
+        return model
