@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,9 @@ class Entry:
     zombie: Load | None = None
     active: int = 0
     waiting: int = 0
+    # Tickets of callers waiting for a free slot, in arrival order.
+    slot_line: deque[int] = field(default_factory=deque)
+    next_ticket: int = 0
     last_used: float = field(default_factory=time.monotonic)
     loads: int = 0
     loader_calls: int = 0

@@ -192,6 +192,8 @@ class ModelManager(LoadingMixin):
         awaited: Load | None = None
         with entry.cond:
             self._check_open()
+            entry.next_ticket += 1
+            ticket = entry.next_ticket
             ready = entry.state is ModelState.LOADED and (
                 not take_slot or entry.active < entry.spec.max_concurrent
             )
@@ -215,10 +217,16 @@ class ModelManager(LoadingMixin):
                         awaited = None
                         if not take_slot:
                             return entry.model
-                        if entry.active < entry.spec.max_concurrent:
+                        first = not entry.slot_line or entry.slot_line[0] == ticket
+                        if entry.active < entry.spec.max_concurrent and first:
+                            if entry.slot_line and entry.slot_line[0] == ticket:
+                                entry.slot_line.popleft()
+                                entry.cond.notify_all()  # the next in line may fit as well
                             break
                         if access_deadline is None:
+                            # Slots are handed out in arrival order: no caller starves.
                             access_deadline = now + access_limit
+                            entry.slot_line.append(ticket)
                         if now >= access_deadline:
                             entry.access_timeouts += 1
                             self._count(entry, "access_timeout", None)
@@ -248,6 +256,9 @@ class ModelManager(LoadingMixin):
                     entry.cond.wait(min(until - now, _LONGEST_WAIT_S))
             finally:
                 entry.waiting -= 1
+                if access_deadline is not None and ticket in entry.slot_line:
+                    entry.slot_line.remove(ticket)  # gave up (timeout, error): let the next go
+                    entry.cond.notify_all()
                 self._publish(entry)
             entry.active += 1
             entry.peak_active = max(entry.peak_active, entry.active)

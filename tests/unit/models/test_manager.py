@@ -313,3 +313,36 @@ def test_infinite_timeouts_are_accepted(manager: ModelManager, loader: Any) -> N
 def _use_with(manager: ModelManager, name: str, **timeouts: float) -> Any:
     with manager.use(name, **timeouts) as model:
         return model
+
+
+def test_slots_are_handed_out_in_arrival_order(manager: ModelManager, open_loader: Any) -> None:
+    manager.register("m", open_loader, max_concurrent=1, access_timeout=60)
+    order: list[int] = []
+    threads = []
+    with manager.use("m"):
+        for n in range(6):
+            thread = threading.Thread(target=_use_and_note, args=(manager, n, order))
+            thread.start()
+            threads.append(thread)
+            _wait_for_waiting(manager, "m", n + 1)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert order == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_caller_giving_up_does_not_block_the_line(manager: ModelManager, open_loader: Any) -> None:
+    manager.register("m", open_loader, max_concurrent=1, access_timeout=60)
+    order: list[int] = []
+    with manager.use("m"):
+        quitter = ThreadPoolExecutor(1).submit(_use_with, manager, "m", access_timeout=0.2)
+        _wait_for_waiting(manager, "m", 1)
+        patient = threading.Thread(target=_use_and_note, args=(manager, 1, order))
+        patient.start()
+        assert isinstance(quitter.exception(timeout=30), ModelAccessTimeout)
+    patient.join(timeout=30)
+    assert order == [1]
+
+
+def _use_and_note(manager: ModelManager, tag: int, order: list[int]) -> None:
+    with manager.use("m"):
+        order.append(tag)
