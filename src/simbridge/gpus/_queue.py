@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,6 +68,17 @@ def ensure_dir(path: Path, file_mode: int) -> None:
         )
 
 
+def open_lock_file(path: Path, mode: int, *, exclusive: bool = False) -> int:
+    """Open (creating) a lock file read-write; shared modes get exactly ``mode``, whatever the umask."""
+    fd = os.open(path, _OPEN_FLAGS | (os.O_EXCL if exclusive else 0), mode)
+    if mode & 0o077:
+        # Other users must be able to write the holder record: the umask may have cut that bit.
+        info = os.fstat(fd)
+        if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) != mode:
+            os.fchmod(fd, mode)
+    return fd
+
+
 def try_lock(fd: int, *, shared: bool = False) -> bool:
     """Take an flock without waiting; False when someone else holds a conflicting one."""
     try:
@@ -93,7 +105,7 @@ class TicketQueue:
     def _mutex(self) -> Iterator[int]:
         # A blocking flock is fine here: every critical section is a few syscalls long, and a
         # holder that dies inside one has its lock dropped by the kernel.
-        fd = os.open(self._mutex_path, _OPEN_FLAGS, self._mode)
+        fd = open_lock_file(self._mutex_path, self._mode)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield fd
@@ -110,7 +122,7 @@ class TicketQueue:
             entries = self._entries()
             ticket = self._next_ticket(mutex, entries)
             path = self._dir / f"{ticket:0{_TICKET_WIDTH}d}-{os.getpid()}"
-            fd = os.open(path, _OPEN_FLAGS | os.O_EXCL, self._mode)
+            fd = open_lock_file(path, self._mode, exclusive=True)
             # Created and locked under the mutex, so a scan (also under the mutex) never sees a
             # live waiter's file unlocked and mistakes it for a dead one.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

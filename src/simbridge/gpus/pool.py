@@ -24,7 +24,7 @@ from types import TracebackType
 import structlog
 
 from simbridge.config import Settings, load_settings
-from simbridge.gpus._queue import QueueTimeout, TicketQueue, ensure_dir, try_lock
+from simbridge.gpus._queue import QueueTimeout, TicketQueue, ensure_dir, open_lock_file, try_lock
 from simbridge.gpus.discovery import (
     GpuInfo,
     GpuSource,
@@ -43,7 +43,6 @@ from simbridge.gpus.errors import (
 
 log = structlog.get_logger(__name__)
 
-_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
 _FIRST_PAUSE_S = 0.0002
 
 
@@ -352,7 +351,7 @@ class GpuPool:
         return LeaseTimeout(message)
 
     def _open_lock(self, index: int) -> int:
-        return os.open(self._lock_dir / f"gpu-{index}.lock", _LOCK_FLAGS, self._mode)
+        return open_lock_file(self._lock_dir / f"gpu-{index}.lock", self._mode)
 
     def holders(self) -> list[GpuHolder]:
         """Per GPU: whether it is held, by which pid, since when (read from the lock files)."""

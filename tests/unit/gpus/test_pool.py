@@ -255,9 +255,14 @@ def test_lock_dir_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
 
 def test_shared_lock_mode_makes_a_shared_folder(tmp_path: Path) -> None:
     pool = GpuPool(slots=1, lock_dir=tmp_path / "shared", lock_mode=0o666)
-    with pool.lease():
-        assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o777
-        assert (tmp_path / "shared" / "gpu-0.lock").exists()
+    old = os.umask(0o022)  # a usual umask would cut the group and other write bits
+    try:
+        with pool.lease():
+            assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o777
+            assert (tmp_path / "shared" / "gpu-0.lock").stat().st_mode & 0o777 == 0o666
+            assert (tmp_path / "shared" / "queue.lock").stat().st_mode & 0o777 == 0o666
+    finally:
+        os.umask(old)
 
 
 def _lease_and_note(pool: GpuPool, tag: int, order: list[int], count: int = 1) -> None:
