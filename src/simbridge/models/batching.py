@@ -47,11 +47,12 @@ class Batcher(Generic[Item, Result]):
         max_wait_ms: float,
         on_batch: Callable[[int], None] | None = None,
         timeout: float = 300.0,
+        workers: int = 1,
     ) -> None:
-        if max_batch_size < 1 or not max_wait_ms >= 0:
+        if max_batch_size < 1 or not max_wait_ms >= 0 or workers < 1:
             raise InvalidModelOption(
-                f"batching {name!r}: max_batch_size must be >= 1 and max_wait_ms >= 0 "
-                f"(got {max_batch_size}, {max_wait_ms})"
+                f"batching {name!r}: max_batch_size and workers must be >= 1 and max_wait_ms >= 0 "
+                f"(got {max_batch_size}, {workers}, {max_wait_ms})"
             )
         self.name = name
         self._use = use
@@ -63,8 +64,14 @@ class Batcher(Generic[Item, Result]):
         self._queue: queue.SimpleQueue[tuple[Item, Future[Result]] | Any] = queue.SimpleQueue()
         self._closed = False
         self._close_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._collect, name=f"simbridge-batcher-{name}", daemon=True)
-        self._thread.start()
+        # More than one worker lets one batch be prepared (tokenised, in Python) while another
+        # runs in the model's native code; each worker holds the model as one user.
+        self._threads = [
+            threading.Thread(target=self._collect, name=f"simbridge-batcher-{name}-{n}", daemon=True)
+            for n in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def future(self, item: Item) -> Future[Result]:
         """Queue ``item``; the future resolves to its result (or the batch's error)."""
@@ -97,14 +104,16 @@ class Batcher(Generic[Item, Result]):
     __call__ = submit
 
     def close(self) -> None:
-        """Finish the batches already queued, then stop the collector thread (idempotent)."""
+        """Finish the batches already queued, then stop the worker threads (idempotent)."""
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
-            self._queue.put(_STOP)
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
+            for _ in self._threads:
+                self._queue.put(_STOP)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
 
     def __enter__(self) -> Batcher[Item, Result]:
         return self

@@ -352,6 +352,8 @@ class ModelManager(LoadingMixin):
         fn: Callable[[Any, list[Item]], Sequence[Result]],
         max_batch_size: int | None = None,
         max_wait_ms: float | None = None,
+        *,
+        workers: int = 1,
     ) -> Batcher[Item, Result]:
         """A :class:`Batcher` coalescing single items from many callers into ``fn(model, items)``.
 
@@ -367,6 +369,7 @@ class ModelManager(LoadingMixin):
             on_batch=lambda size: self._note_batch(entry, size),
             # A caller waits for a load, then for a slot, then for the batch itself.
             timeout=entry.spec.wait_timeout + entry.spec.access_timeout,
+            workers=workers,
         )
         with self._lock:
             self._check_open()

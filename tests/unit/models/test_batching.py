@@ -120,3 +120,17 @@ def test_a_caller_never_waits_forever_for_its_batch(manager: ModelManager) -> No
             batcher.submit(2, timeout=0.2)
         gate.set()
         assert first.result(timeout=20) == 1
+
+
+def test_several_workers_route_every_result_to_its_caller(manager: ModelManager) -> None:
+    model = Doubler()
+    manager.register("double", lambda ctx: model, max_concurrent=4)
+    with (
+        manager.batched("double", lambda m, items: m.run(items), 8, 2, workers=3) as batcher,
+        ThreadPoolExecutor(24) as pool,
+    ):
+        answers = list(pool.map(lambda n: (n, batcher(n)), range(600)))
+    assert all(result == 2 * n for n, result in answers)
+    assert sum(model.batch_sizes) == 600
+    assert max(model.batch_sizes) <= 8
+    assert manager.stats()["double"].peak_active_users <= 3
