@@ -18,7 +18,7 @@ class LeaseTimeout(GpuError, TimeoutError):
 
 
 class InvalidLeaseRequest(GpuError, ValueError):
-    """Raised when a lease asks for a bad count (below 1, or more GPUs than the pool has)."""
+    """Raised for a bad count (below 1, more GPUs than the pool has), timeout or pool option."""
 
 
 class NoSuchGpu(GpuError, LookupError):
