@@ -103,17 +103,24 @@ class Batcher(Generic[Item, Result]):
 
     __call__ = submit
 
-    def close(self) -> None:
-        """Finish the batches already queued, then stop the worker threads (idempotent)."""
+    def close(self, *, timeout: float | None = None) -> None:
+        """Finish the batches already queued, then stop the workers (idempotent).
+
+        Waits up to ``timeout`` seconds (None: as long as the batches take) for the workers.
+        """
         with self._close_lock:
-            if self._closed:
-                return
+            first = not self._closed
             self._closed = True
-            for _ in self._threads:
-                self._queue.put(_STOP)
+            if first:
+                for _ in self._threads:
+                    self._queue.put(_STOP)
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join()
+            if thread is threading.current_thread():
+                continue
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("models.batcher_still_running", model=self.name, thread=thread.name)
 
     def __enter__(self) -> Batcher[Item, Result]:
         return self

@@ -405,14 +405,19 @@ class ModelManager(LoadingMixin):
             entries = list(self._entries.values())
             batchers = list(self._batchers)
         self._wake.set()
-        for batcher in batchers:
-            batcher.close()
         deadline = time.monotonic() + timeout
+        # Loads stop and every waiter (batch workers among them) wakes to find the manager
+        # closed, before the batchers are joined: a worker waiting for a load must not hold
+        # up the shutdown.
         for entry in entries:
             with entry.cond:
                 if entry.load is not None:
                     self._abandon(entry, entry.load, ModelLoadCancelled, "cancelled by shutdown", "cancelled")
                 entry.cond.notify_all()
+        for batcher in batchers:
+            batcher.close(timeout=max(0.0, deadline - time.monotonic()))
+        for entry in entries:
+            with entry.cond:
                 while entry.active and time.monotonic() < deadline:
                     entry.cond.wait(deadline - time.monotonic())
                 busy = entry.active

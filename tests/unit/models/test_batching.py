@@ -11,6 +11,7 @@ import pytest
 from simbridge.models import (
     BatchError,
     InvalidModelOption,
+    ModelLoadCancelled,
     ModelManager,
     ModelManagerClosed,
     ModelWaitTimeout,
@@ -134,3 +135,15 @@ def test_several_workers_route_every_result_to_its_caller(manager: ModelManager)
     assert sum(model.batch_sizes) == 600
     assert max(model.batch_sizes) <= 8
     assert manager.stats()["double"].peak_active_users <= 3
+
+
+def test_shutdown_is_not_held_up_by_a_batch_waiting_for_a_load(loader: Any) -> None:
+    manager = ModelManager(cuda_available=lambda: False)
+    manager.register("slow", loader, device="cpu")
+    batcher = manager.batched("slow", lambda m, items: items, 4, 1)
+    pending = batcher.future(1)
+    loader.started.wait(10)  # the batch worker now waits for the load
+    manager.shutdown(timeout=20)
+    error = pending.exception(timeout=20)
+    assert isinstance(error, (ModelManagerClosed, ModelLoadCancelled))
+    loader.gate.set()
