@@ -250,6 +250,7 @@ class Dispatcher:
                         job_id=found.job_id,
                         pid=found.pid,
                         pid_start=found.pid_start,
+                        simulation=attempt.step is BeamState.RUNNING,
                     )
                     ref = dataclasses.replace(
                         ref, job_id=found.job_id, pid=found.pid, pid_start=found.pid_start
@@ -384,7 +385,11 @@ class Dispatcher:
                 if beam is not None:
                     action = functools.partial(self.pipeline.advance, beam, may_launch=may_launch)
                     self._submit(beam_id, action, launching=True)
-        # The GPU queue: strictly first come, first served (beam id order).
+        # The GPU queue: strictly first come, first served (beam id order). When our own runs
+        # already hold every GPU, asking the pool would only fail: skip the futile lease.
+        ours = sum(1 for a in self._open.values() if a.step is BeamState.RUNNING)
+        if queued and ours * self.jobs.gpus_per_beam + self.jobs.gpus_per_beam > len(self.gpus.gpus):
+            queued = []
         if queued:
             beams = {b.id: b for b in self.store.beams(ids=queued)}
             for beam_id in queued:

@@ -335,6 +335,7 @@ class Pipeline:
             job_id=launched.job_id,
             pid=launched.pid,
             pid_start=launched.pid_start,
+            simulation=step is BeamState.RUNNING,
         )
         log.debug("jobs.launched", beam=beam.id, step=step, job_id=launched.job_id)
         return attempt

@@ -12,7 +12,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -26,6 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 from simbridge.jobs.errors import CaseRejectedError, NotFoundError, StaleStateError, StoreError
 from simbridge.jobs.states import BeamState, check_transition
 from simbridge.jobs.store import statements as sql
+from simbridge.jobs.store.rows import AttemptRow, BeamRow, CaseRow, EventRow, attempt_row, beam_row
 from simbridge.jobs.store.schema import attempts, beams, cases, events
 
 log = structlog.get_logger(__name__)
@@ -33,90 +33,6 @@ log = structlog.get_logger(__name__)
 MIGRATIONS = Path(__file__).with_name("migrations")
 _PG_MIGRATE_LOCK = 0x5B1D6E  # advisory lock id: one migrator at a time on PostgreSQL
 _READ_ONLY = "simbridge_read_only"
-
-
-@dataclass(frozen=True)
-class CaseRow:
-    """One case as stored."""
-
-    id: int
-    key: str
-    name: str
-    source: str
-    root: str
-    created_at: float
-
-
-@dataclass(frozen=True)
-class BeamRow:
-    """One beam (task) as stored."""
-
-    id: int
-    case_id: int
-    key: str
-    name: str
-    path: str
-    state: BeamState
-    failed_step: BeamState | None
-    step_tries: int
-    not_before: float | None
-    gpu_id: str | None
-    hpc_job_id: str | None
-    exit_code: int | None
-    last_error: str | None
-    created_at: float
-    updated_at: float
-    started_at: float | None
-    finished_at: float | None
-
-
-@dataclass(frozen=True)
-class AttemptRow:
-    """One launch of a step's command (the unit that is found again after a crash)."""
-
-    id: int
-    beam_id: int
-    step: BeamState
-    number: int
-    token: str
-    executor: str
-    work_dir: str
-    gpu_id: str | None
-    job_id: str | None
-    pid: int | None
-    pid_start: int | None
-    deadline: float
-    started_at: float
-    ended_at: float | None
-    exit_code: int | None
-    outcome: str | None
-
-
-@dataclass(frozen=True)
-class EventRow:
-    """One line of the append-only history."""
-
-    id: int
-    at: float
-    case_id: int | None
-    beam_id: int | None
-    from_state: str | None
-    to_state: str | None
-    reason: str
-    actor: str
-
-
-def _beam(row: sa.Row[Any]) -> BeamRow:
-    m = dict(row._mapping)
-    m["state"] = BeamState(m["state"])
-    m["failed_step"] = BeamState(m["failed_step"]) if m["failed_step"] else None
-    return BeamRow(**m)
-
-
-def _attempt(row: sa.Row[Any]) -> AttemptRow:
-    m = dict(row._mapping)
-    m["step"] = BeamState(m["step"])
-    return AttemptRow(**m)
 
 
 def default_actor(role: str) -> str:
@@ -311,7 +227,7 @@ class Store:
             row = conn.execute(sql.BEAM_BY_ID, {"_id": beam_id}).first()
         if row is None:
             raise NotFoundError(f"no beam with id {beam_id}")
-        return _beam(row)
+        return beam_row(row)
 
     def beams(
         self,
@@ -323,7 +239,7 @@ class Store:
         """Beams, optionally of one case, in some states, or with given ids; in id order."""
         if ids is not None and case_id is None and states is None:
             with self.read() as conn:
-                return [_beam(r) for r in conn.execute(sql.BEAMS_BY_IDS, {"_ids": list(ids)}).all()]
+                return [beam_row(r) for r in conn.execute(sql.BEAMS_BY_IDS, {"_ids": list(ids)}).all()]
         q = sa.select(beams).order_by(beams.c.id)
         if ids is not None:
             q = q.where(beams.c.id.in_(list(ids)))
@@ -332,7 +248,7 @@ class Store:
         if states is not None:
             q = q.where(beams.c.state.in_([s.value for s in states]))
         with self.read() as conn:
-            return [_beam(r) for r in conn.execute(q).all()]
+            return [beam_row(r) for r in conn.execute(q).all()]
 
     def ready_ids(
         self, states: Iterable[BeamState], *, now: float, limit: int, skip: Iterable[int] = ()
@@ -505,15 +421,26 @@ class Store:
             )
 
     def record_launch(
-        self, attempt_id: int, *, beam_id: int, job_id: str, pid: int | None, pid_start: int | None
+        self,
+        attempt_id: int,
+        *,
+        beam_id: int,
+        job_id: str,
+        pid: int | None,
+        pid_start: int | None,
+        simulation: bool = True,
     ) -> None:
-        """Note how to find a launched attempt again (its job id / pid and pid start time)."""
+        """Note how to find a launched attempt again (its job id / pid and pid start time).
+
+        A simulation's job id is also the beam's ``hpc_job_id`` (what people look up).
+        """
         with self.tx() as conn:
             conn.execute(
                 sql.RECORD_LAUNCH,
                 {"_id": attempt_id, "v_job_id": job_id, "v_pid": pid, "v_pid_start": pid_start},
             )
-            conn.execute(sql.SET_JOB_ID, {"_id": beam_id, "v_job_id": job_id})
+            if simulation:
+                conn.execute(sql.SET_JOB_ID, {"_id": beam_id, "v_job_id": job_id})
 
     def close_attempt(self, attempt_id: int, *, outcome: str, exit_code: int | None) -> bool:
         """Mark an attempt ended (once; False if it was already closed)."""
@@ -535,13 +462,13 @@ class Store:
         if beam_id is not None:
             q = q.where(attempts.c.beam_id == beam_id)
         with self.read() as conn:
-            return [_attempt(r) for r in conn.execute(q).all()]
+            return [attempt_row(r) for r in conn.execute(q).all()]
 
     def attempts(self, beam_id: int) -> list[AttemptRow]:
         """Every attempt of a beam, first first."""
         q = sa.select(attempts).where(attempts.c.beam_id == beam_id).order_by(attempts.c.id)
         with self.read() as conn:
-            return [_attempt(r) for r in conn.execute(q).all()]
+            return [attempt_row(r) for r in conn.execute(q).all()]
 
     def count_active(self) -> int:
         """How many beams are not in a terminal state."""

@@ -1,0 +1,97 @@
+"""The rows the jobs store hands out: plain frozen dataclasses, never live ORM objects.
+
+Callers can keep them across transactions and threads; a fresh read is a new row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from simbridge.jobs.states import BeamState
+
+
+@dataclass(frozen=True)
+class CaseRow:
+    """One case as stored."""
+
+    id: int
+    key: str
+    name: str
+    source: str
+    root: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class BeamRow:
+    """One beam (task) as stored."""
+
+    id: int
+    case_id: int
+    key: str
+    name: str
+    path: str
+    state: BeamState
+    failed_step: BeamState | None
+    step_tries: int
+    not_before: float | None
+    gpu_id: str | None
+    hpc_job_id: str | None
+    exit_code: int | None
+    last_error: str | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    """One launch of a step's command (the unit that is found again after a crash)."""
+
+    id: int
+    beam_id: int
+    step: BeamState
+    number: int
+    token: str
+    executor: str
+    work_dir: str
+    gpu_id: str | None
+    job_id: str | None
+    pid: int | None
+    pid_start: int | None
+    deadline: float
+    started_at: float
+    ended_at: float | None
+    exit_code: int | None
+    outcome: str | None
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """One line of the append-only history."""
+
+    id: int
+    at: float
+    case_id: int | None
+    beam_id: int | None
+    from_state: str | None
+    to_state: str | None
+    reason: str
+    actor: str
+
+
+def beam_row(row: sa.Row[Any]) -> BeamRow:
+    m = dict(row._mapping)
+    m["state"] = BeamState(m["state"])
+    m["failed_step"] = BeamState(m["failed_step"]) if m["failed_step"] else None
+    return BeamRow(**m)
+
+
+def attempt_row(row: sa.Row[Any]) -> AttemptRow:
+    m = dict(row._mapping)
+    m["step"] = BeamState(m["step"])
+    return AttemptRow(**m)
