@@ -266,8 +266,9 @@ def run_inversion(
         best, stale = math.inf, 0
         for k in range(1, options.iterations + 2):
             t_start = time.perf_counter()
+            payload = u.astype(protocol.STATE_DTYPE)  # the conversion is the EKI's business, not transport
             t0 = time.perf_counter()
-            states.publish(u.astype(protocol.STATE_DTYPE), iteration=k)
+            states.publish(payload, iteration=k)
             publish_s = time.perf_counter() - t0
             what = f"the ensemble observations of iteration {k}"
             _, wait_s, read_s = peer.read(ens_obs, after=k - 1, what=what, out=received)
