@@ -61,7 +61,9 @@ class Batcher(Generic[Item, Result]):
         self._wait_s = max_wait_ms / 1000
         self._on_batch = on_batch
         self._timeout = timeout
-        self._queue: queue.SimpleQueue[tuple[Item, Future[Result]] | Any] = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: with several workers, SimpleQueue.get(timeout=...) was
+        # seen to overrun its timeout by seconds (CPython 3.11), stranding a half-built batch.
+        self._queue: queue.Queue[tuple[Item, Future[Result]] | Any] = queue.Queue()
         self._closed = False
         self._close_lock = threading.Lock()
         # More than one worker lets one batch be prepared (tokenised, in Python) while another
