@@ -32,10 +32,12 @@ def breakdown_table(result: EkiResult) -> Table:
             return float(sum(getattr(x, attr) for x in s)) / len(s)
 
         comm, total = mean("communication_s"), mean("total_s")
+        # Misfit and spread describe one ensemble; their mean over iterations means nothing.
+        single = len(s) == 1
         return [
             label,
-            f"{mean('misfit'):.3f}",
-            f"{mean('spread'):.2f}",
+            f"{s[0].misfit:.3f}" if single else "",
+            f"{s[0].spread:.2f}" if single else "",
             f"{mean('eki_s'):.4f}",
             f"{mean('wait_s'):.4f}",
             f"{mean('forward_s'):.4f}",
