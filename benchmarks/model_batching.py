@@ -110,10 +110,13 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per mode")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     texts = sentences(args.requests)
     settings = ModelSettings(max_concurrent=args.callers, load_timeout_s=600)
     with ModelManager(settings=settings) as manager:
