@@ -54,9 +54,10 @@ def fake_gpus() -> type[FakeGpuSource]:
 
 @pytest.fixture(autouse=True)
 def _default_logging() -> Iterator[None]:
-    # The CLI configures structlog for its process; put the defaults back for the next test.
+    # The CLI configures structlog for its process; put back what was there for the next test.
+    saved = structlog.get_config()
     yield
-    structlog.reset_defaults()
+    structlog.configure(**saved)
 
 
 @pytest.fixture
