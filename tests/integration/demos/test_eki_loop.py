@@ -106,8 +106,15 @@ def test_killing_the_model_mid_run_raises_peer_gone_quickly(model_binary: Path, 
     assert blocks_with(names.prefix) == []  # ours closed, the dead model's removed as stale
 
 
+@pytest.mark.parametrize(
+    ("members", "model_was"),
+    [
+        (100, "waiting"),  # killed right after an answer: the model waits for the next states
+        (800, "computing"),  # killed 0.3 s into a 2-3 s ensemble: the model checks every 0.2 s
+    ],
+)
 def test_killing_the_driver_makes_the_model_exit_with_a_clear_message(
-    model_binary: Path, tmp_path: Path, leftover_blocks: list[str]
+    model_binary: Path, tmp_path: Path, leftover_blocks: list[str], members: int, model_was: str
 ) -> None:
     names = protocol.Names.fresh()
     leftover_blocks.extend([names.config, names.truth, names.states])  # the killed driver's
@@ -115,14 +122,19 @@ def test_killing_the_driver_makes_the_model_exit_with_a_clear_message(
         "from pathlib import Path\n"
         "from simbridge.demos.eki import protocol\n"
         "from simbridge.demos.eki.driver import RunOptions, run_inversion\n"
-        "run_inversion(RunOptions(members=100, iterations=1000, tolerance=None,"
+        f"run_inversion(RunOptions(members={members}, iterations=1000, tolerance=None,"
         f" model=Path({str(model_binary)!r}), output_dir=Path({str(tmp_path)!r})),"
         f" names=protocol.Names({names.prefix!r}))\n"
     )
     driver = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.DEVNULL)
     try:
         with Block.open(names.timing, timeout=60) as timing:
-            timing.read(after=1, timeout=60)  # two iterations done: the loop is running
+            if model_was == "waiting":
+                timing.read(after=1, timeout=60)  # two iterations answered: the loop is running
+            else:
+                with Block.open(names.states, timeout=10) as states:
+                    states.read(after=1, timeout=60)  # the second ensemble is on its way
+                time.sleep(0.3)
             model_pid = timing.writer_pid
         driver.kill()
         driver.wait()
@@ -136,6 +148,8 @@ def test_killing_the_driver_makes_the_model_exit_with_a_clear_message(
             driver.wait()
     log = (tmp_path / "forward_model.log").read_text()
     assert f"the Python driver (pid {driver.pid}) is gone" in log
+    if model_was == "computing":
+        assert "is gone during iteration 2" in log
     assert not [n for n in blocks_with(names.prefix) if n not in leftover_blocks]  # the model cleaned up
 
 
