@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
-from tests.support import REPO, require_cc
+from tests.support import REPO, require, require_cc
 from typer.testing import CliRunner
 
 from simbridge.demos.eki import protocol
@@ -213,6 +214,29 @@ def test_model_checks_the_layout_of_the_states_it_is_given(model_binary: Path, t
     assert "holds 24 x 13 float32, this model expects 24 x 12 float32" in log
 
 
+def test_a_peer_with_other_sizes_that_does_not_check_is_refused_by_the_driver(tmp_path: Path) -> None:
+    # A peer written by someone else that ignores the configuration and publishes 8 receptors: the
+    # driver's own shape check (Block.open with shape=) refuses it before reading a byte.
+    peer = tmp_path / "careless_model"
+    peer.write_text(
+        f"#!{sys.executable}\n"
+        "import sys, numpy as np\n"
+        "from simbridge.shm import Block, PeerGone\n"
+        "prefix = sys.argv[1]\n"
+        "with Block.open(prefix + '.config', timeout=30) as config, "
+        "Block.create(prefix + '.obs0', (8, 216), np.float32) as obs0:\n"
+        "    obs0.publish(np.zeros((8, 216), np.float32))\n"
+        "    try:\n"
+        "        config.read(after=1, timeout=30)\n"
+        "    except PeerGone:\n"
+        "        pass\n"
+    )
+    peer.chmod(0o755)
+    options = RunOptions(members=5, iterations=1, model=peer, output_dir=tmp_path, timeout_s=30)
+    with pytest.raises(ModelLayoutMismatch, match=r"holds \(8, 216\) float32, expected \(16, 216\)"):
+        run_inversion(options)
+
+
 def test_a_model_that_dies_before_its_blocks_exist_is_named(tmp_path: Path) -> None:
     false = shutil.which("false")
     assert false is not None
@@ -224,7 +248,8 @@ def test_a_model_that_dies_before_its_blocks_exist_is_named(tmp_path: Path) -> N
 
 
 def test_cli_runs_records_and_plots(model_binary: Path, tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")  # the demos extra; without it the CLI says so and skips the plot
+    # The demos extra; without it the CLI says so and skips the plot, but CI must draw it.
+    require(importlib.util.find_spec("matplotlib") is not None, "matplotlib (pip install 'simbridge[demos]')")
     app = typer.Typer()
     app.command()(eki_command)
     record = tmp_path / "record"
