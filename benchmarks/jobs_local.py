@@ -83,8 +83,8 @@ def postgres() -> Iterator[str | None]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def run_simbridge(beams: int, db_url: str | None) -> tuple[float, float]:
-    """(seconds to take the case, seconds to run every beam to COMPLETED)."""
+def run_simbridge(beams: int, db_url: str | None) -> tuple[float, float, float]:
+    """(s to take the case, s to run every beam to COMPLETED, our CPU s meanwhile)."""
     with tempfile.TemporaryDirectory(prefix="simbridge-bench-") as tmp:
         root = Path(tmp)
         case = root / "incoming" / "bench"
@@ -112,9 +112,9 @@ def run_simbridge(beams: int, db_url: str | None) -> tuple[float, float]:
             take_case(store, case, work_root=settings.jobs.work_root, ready_marker=None)
             take_s = time.perf_counter() - t0
         with Dispatcher(settings=settings, watch_inbox=False) as dispatcher:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             assert dispatcher.run(until_idle=True, max_s=1800), "did not finish"
-            run_s = time.perf_counter() - t0
+            run_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
             done = dispatcher.store.beams(states=[BeamState.COMPLETED])
             assert len(done) == beams, f"only {len(done)} of {beams} completed"
         if db_url is not None:
@@ -125,10 +125,10 @@ def run_simbridge(beams: int, db_url: str | None) -> tuple[float, float]:
             with engine.begin() as conn:
                 conn.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
             engine.dispose()
-        return take_s, run_s
+        return take_s, run_s, cpu_s
 
 
-def run_parsl(tasks: int) -> float | None:
+def run_parsl(tasks: int) -> tuple[float, float] | None:
     """Seconds for Parsl (ThreadPoolExecutor, 8 threads) to run ``tasks`` no-op bash_apps."""
     try:
         import parsl
@@ -147,11 +147,11 @@ def run_parsl(tasks: int) -> float | None:
                 return NOOP
 
             noop().result()  # warm up
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             futures = [noop() for _ in range(tasks)]
             for fut in futures:
                 fut.result()
-            return time.perf_counter() - t0
+            return time.perf_counter() - t0, time.process_time() - c0
         finally:
             parsl.dfk().cleanup()
             parsl.clear()
@@ -167,29 +167,30 @@ def main() -> None:
     ap.add_argument("--no-parsl", action="store_true")
     args = ap.parse_args()
     n = args.beams
-    rows: list[tuple[str, float, float | None]] = []
-    take_s, run_s = run_simbridge(n, None)
-    rows.append(("simbridge, SQLite (WAL)", run_s, take_s))
+    rows: list[tuple[str, float, float, float | None]] = []
+    take_s, run_s, cpu_s = run_simbridge(n, None)
+    rows.append(("simbridge, SQLite (WAL)", run_s, cpu_s, take_s))
     if not args.no_postgres:
         with postgres() as url:
             if url is None:
                 print("PostgreSQL: not available here (needs root and Debian's postgresql)")
             else:
-                take_s, run_s = run_simbridge(n, url)
-                rows.append(("simbridge, PostgreSQL 15", run_s, take_s))
-    parsl_s = None if args.no_parsl else run_parsl(n)
-    if parsl_s is not None:
-        rows.append(("Parsl ThreadPool bash_app (same no-op)", parsl_s, None))
+                take_s, run_s, cpu_s = run_simbridge(n, url)
+                rows.append(("simbridge, PostgreSQL 15", run_s, cpu_s, take_s))
+    parsl = None if args.no_parsl else run_parsl(n)
+    if parsl is not None:
+        rows.append(("Parsl ThreadPool bash_app (same no-op)", parsl[0], parsl[1], None))
     cpu = platform.processor() or platform.machine()
     print(f"\njobs_local: {n} beams, no-op simulation `{NOOP}`, 8 GPU slots; {os.cpu_count()} cores, {cpu}")
-    print(f"{'what':42} {'total s':>9} {'ms/beam':>9} {'take ms/beam':>13}")
-    for what, total, take in rows:
+    print(f"{'what':42} {'total s':>9} {'ms/beam':>9} {'cpu ms/beam':>12} {'take ms/beam':>13}")
+    for what, total, cpu, take in rows:
         take_txt = f"{take / n * 1000:13.2f}" if take is not None else f"{'-':>13}"
-        print(f"{what:42} {total:9.2f} {total / n * 1000:9.2f} {take_txt}")
+        print(f"{what:42} {total:9.2f} {total / n * 1000:9.2f} {cpu / n * 1000:12.2f} {take_txt}")
     print(f"{'Parsl, reported (anchor)':42} {'':9} {5.0:9.2f}")
     print(f"{'AiiDA, reported (anchor)':42} {'':9} {250.0:9.2f}")
-    if parsl_s is not None:
-        print(f"\nsimbridge SQLite / Parsl (same run): {rows[0][1] / parsl_s:.2f}x the time")
+    if parsl is not None:
+        print(f"\nsimbridge SQLite / Parsl (same run): {rows[0][1] / parsl[0]:.2f}x the time")
+    print(f"load average after the run: {os.getloadavg()[0]:.1f} (2 cores; other work shares them)")
 
 
 if __name__ == "__main__":

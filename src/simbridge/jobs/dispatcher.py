@@ -178,8 +178,10 @@ class Dispatcher:
     def idle(self) -> bool:
         """Nothing left to do: no active beam, no step running, no case being taken or settling."""
         with self._lock:
-            if self._busy or self._ingesting:
+            if self._busy or self._ingesting or self._recent:
                 return False
+        if self._open:  # as of this tick's look; saves a count over every beam per tick
+            return False
         if self._inbox is not None and self._inbox.pending():
             return False
         return self.store.count_active() == 0
@@ -388,8 +390,8 @@ class Dispatcher:
         # The GPU queue: strictly first come, first served (beam id order). When our own runs
         # already hold every GPU, asking the pool would only fail: skip the futile lease.
         ours = sum(1 for a in self._open.values() if a.step is BeamState.RUNNING)
-        if queued and ours * self.jobs.gpus_per_beam + self.jobs.gpus_per_beam > len(self.gpus.gpus):
-            queued = []
+        free = (len(self.gpus.gpus) - ours * self.jobs.gpus_per_beam) // self.jobs.gpus_per_beam
+        queued = queued[: max(0, free)]
         if queued:
             beams = {b.id: b for b in self.store.beams(ids=queued)}
             for beam_id in queued:

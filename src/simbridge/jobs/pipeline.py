@@ -83,6 +83,7 @@ class Pipeline:
         self.work_root = settings.work_root.resolve()
         self.results_root = settings.results.resolve()
         self._cases: dict[int, CaseRow] = {}
+        self._paths: dict[int, BeamPaths] = {}
         where = config_file()
         self.config_dir = (where.parent if where is not None else Path.cwd()).resolve()
 
@@ -96,13 +97,17 @@ class Pipeline:
         return case
 
     def paths(self, beam: BeamRow) -> BeamPaths:
-        """Staging, log and results folders of a beam."""
+        """Staging, log and results folders of a beam (cached: they never change)."""
+        found = self._paths.get(beam.id)
+        if found is not None:
+            return found
         case = self.case_of(beam)
-        return BeamPaths(
+        found = self._paths[beam.id] = BeamPaths(
             staging=child_path(child_path(self.work_root / "staging", case.key), beam.key),
             logs=child_path(child_path(self.work_root / "logs", case.key), beam.key),
             results=child_path(child_path(self.results_root, case.key), beam.key),
         )
+        return found
 
     def fields(self, beam: BeamRow, work_dir: PurePath | str) -> dict[str, str]:
         """The named fields a step template may use."""
