@@ -74,7 +74,7 @@ def eki_command(
     ] = None,
     timeout: Annotated[
         float, typer.Option(min=0.1, help="Longest wait for any one message, seconds.")
-    ] = 120.0,
+    ] = 600.0,
     plot: Annotated[bool, typer.Option(help="Write eki.png (needs matplotlib).")] = True,
 ) -> None:
     """Ensemble Kalman inversion of a source's emissions, coupled to a C puff model over shared memory."""

@@ -63,7 +63,9 @@ class RunOptions:
     output_dir: Path = Path("eki-output")
     record: Path | None = None
     model: Path | None = None  # a prebuilt forward model; None compiles the packaged source
-    timeout_s: float = 120.0  # the longest wait for any one message from the model
+    # The longest wait for any one message, either way. A dead peer is noticed within a second, so this
+    # only bounds a hung one; generous, because 10,000 members take about a minute per side here.
+    timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.members < 2:
