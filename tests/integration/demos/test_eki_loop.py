@@ -77,7 +77,16 @@ def test_inversion_recovers_the_true_emissions(model_binary: Path, tmp_path: Pat
     assert "40 members" in log and "closed its blocks" in log
 
 
-def test_killing_the_model_mid_run_raises_peer_gone_quickly(model_binary: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("sig", "how"),
+    [
+        (signal.SIGKILL, "killed by SIGKILL"),  # no chance to say anything: the driver notices the pid
+        (signal.SIGTERM, "exit status 7 (SIGNAL)"),  # stops, closes its blocks, says why in its log
+    ],
+)
+def test_killing_the_model_mid_run_raises_peer_gone_quickly(
+    model_binary: Path, tmp_path: Path, sig: signal.Signals, how: str
+) -> None:
     names = protocol.Names.fresh()
     killed_at: list[float] = []
 
@@ -89,7 +98,7 @@ def test_killing_the_model_mid_run_raises_peer_gone_quickly(model_binary: Path, 
 
         def kill() -> None:
             killed_at.append(time.monotonic())
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
 
         threading.Timer(0.1, kill).start()  # while the model computes iteration 2 and we wait
 
@@ -101,8 +110,10 @@ def test_killing_the_model_mid_run_raises_peer_gone_quickly(model_binary: Path, 
     assert time.monotonic() - killed_at[0] < 5.0
     err = caught.value
     assert isinstance(err, ForwardModelDied)
-    assert err.returncode == -signal.SIGKILL
-    assert "forward model" in str(err) and "killed by SIGKILL" in str(err)
+    assert err.returncode == (-sig if sig == signal.SIGKILL else protocol.ModelExit.SIGNAL)
+    assert "forward model" in str(err) and how in str(err)
+    if sig == signal.SIGTERM:
+        assert "stopped by a signal" in str(err)  # the log's last lines come with the error
     assert str(tmp_path / "forward_model.log") in str(err)
     assert blocks_with(names.prefix) == []  # ours closed, the dead model's removed as stale
 
