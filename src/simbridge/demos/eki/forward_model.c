@@ -143,7 +143,8 @@ static void run_member(const float *q, size_t stride, float *out) {
             briggs(M->cls, P->travel, &sy, &sz);
             /* Sigma never shrinks when the class turns more stable: the puff keeps its size. */
             if (sy > P->sy) P->sy = sy;
-            if (sz > P->sz) P->sz = sz < SIGMA_Z_MAX ? sz : (P->sz > SIGMA_Z_MAX ? P->sz : SIGMA_Z_MAX);
+            if (sz > SIGMA_Z_MAX) sz = SIGMA_Z_MAX;
+            if (sz > P->sz) P->sz = sz;
             if (P->x * P->x + P->y * P->y > DOMAIN_R * DOMAIN_R) {
                 P->alive = 0;
                 continue;
