@@ -247,7 +247,8 @@ class GpuSettings(_Section):
     lock_dir: Path | None = Field(
         default=None,
         description="Folder of the per-GPU lock files; every process sharing the GPUs must name "
-        "the same one. None: <tmp>/simbridge-gpus-<uid>, private to the user. To share GPUs "
+        "the same one. None: /dev/shm/simbridge-gpus-<uid> (else /tmp/...), private to the user "
+        "and the same whatever TMPDIR a process has. To share GPUs "
         "between users, name a folder they can all write and set lock_mode=0o666.",
     )
     lock_mode: int = Field(

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import socket
-import tempfile
 import threading
 import time
 import weakref
@@ -47,8 +46,15 @@ _FIRST_PAUSE_S = 0.0002
 
 
 def default_lock_dir() -> Path:
-    """``<tmp>/simbridge-gpus-<uid>``: private to the user, shared by all the user's processes."""
-    return Path(tempfile.gettempdir()) / f"simbridge-gpus-{os.getuid()}"
+    """``/dev/shm/simbridge-gpus-<uid>`` (``/tmp/...`` without /dev/shm): one per user.
+
+    Fixed on purpose, never ``$TMPDIR``: a process with another TMPDIR (a Slurm job, a test
+    harness) would otherwise lock a different folder and share GPUs without knowing it.
+    """
+    root = Path("/dev/shm")
+    if not root.is_dir():
+        root = Path("/tmp")
+    return root / f"simbridge-gpus-{os.getuid()}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -292,3 +292,16 @@ def test_a_forgotten_lease_is_freed_when_collected(lock_dir: Path) -> None:
     gc.collect()
     with pool.lease(timeout=0) as lease:
         assert lease.indices == (0,)
+
+
+def test_default_lock_dir_ignores_tmpdir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import tempfile
+
+    from simbridge.gpus import default_lock_dir
+
+    before = default_lock_dir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # make tempfile re-read TMPDIR
+    assert tempfile.gettempdir() == str(tmp_path)
+    assert default_lock_dir() == before
+    assert before.name == f"simbridge-gpus-{os.getuid()}"
