@@ -38,7 +38,7 @@ class ModelLoadCancelled(ModelError, RuntimeError):
 
 
 class ModelTimeout(ModelError, TimeoutError):
-    """Base of the three timeouts: loading, waiting for a load, and waiting for a free slot."""
+    """Raised (as one of its subclasses) when a load, a wait for a load or a wait for a slot times out."""
 
 
 class ModelLoadTimeout(ModelTimeout):
