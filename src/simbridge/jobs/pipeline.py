@@ -147,6 +147,8 @@ class Pipeline:
         only if ``may_launch`` (the dispatcher's concurrency budget), else left for later.
         Each step returns the beam as it moved it, or None when the chain stops there.
         """
+        if self._fast_path(beam):
+            return
         current: BeamRow | None = beam
         while current is not None:
             state = current.state
@@ -166,6 +168,50 @@ class Pipeline:
                 current = self.postprocess(current)
             else:
                 return
+
+    def _fast_path(self, beam: BeamRow) -> bool:
+        """Steps without a command, done back to back with their moves in one transaction.
+
+        PENDING -> QUEUED (no prepare: check and upload) and COLLECTING -> COMPLETED (no
+        postprocess: download). Each copy is idempotent, so a crash before the commit only
+        repeats it. Anything unusual (no files, a copy error) takes the step-by-step path.
+        """
+        steps = self.settings.steps
+        case = self.case_of(beam)
+        remote = self.transport.beam_dir(case.key, beam.key)
+        try:
+            if beam.state is BeamState.PENDING and steps.prepare is None:
+                source = Path(beam.path)
+                if not source.is_dir() or not any(p.is_file() for p in source.rglob("*")):
+                    return False
+                count = self.transport.upload(source, remote)
+                self.store.path(
+                    beam.id,
+                    [
+                        (BeamState.PENDING, BeamState.PREPARING, "started"),
+                        (BeamState.PREPARING, BeamState.UPLOADING, "no prepare step"),
+                        (BeamState.UPLOADING, BeamState.QUEUED, f"uploaded {count} file(s)"),
+                    ],
+                )
+                return True
+            if beam.state is BeamState.COLLECTING and steps.postprocess is None:
+                results = self.paths(beam).results
+                got = self.transport.download(remote, steps.outputs, results)
+                self.store.path(
+                    beam.id,
+                    [
+                        (
+                            BeamState.COLLECTING,
+                            BeamState.POSTPROCESSING,
+                            f"downloaded {len(got)} file(s) to {results}",
+                        ),
+                        (BeamState.POSTPROCESSING, BeamState.COMPLETED, "done"),
+                    ],
+                )
+                return True
+        except TransferError:
+            return False  # the step-by-step path retries and reports it
+        return False
 
     def _move(self, beam: BeamRow, target: BeamState, reason: str) -> BeamRow:
         self.store.transition(beam.id, beam.state, target, reason=reason)

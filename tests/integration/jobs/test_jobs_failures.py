@@ -270,3 +270,16 @@ def test_case_removed_before_it_was_complete_is_never_taken(sqlite_env: JobsEnv)
         )
         assert later.exists()
     assert [c["case"] for c in env.status()] == ["kept"]
+
+
+def test_bad_input_gets_a_clear_error_and_exit_code_1(sqlite_env: JobsEnv) -> None:
+    env = sqlite_env
+    env.configure()  # no simulate step configured
+    out = env.cli("serve", "--until-idle", check=False)
+    assert out.returncode == 1 and "jobs.steps.simulate is not set" in out.stderr
+    out = env.cli("submit", str(env.root / "no-such-case"), check=False)
+    assert out.returncode == 1 and "is not a folder" in out.stderr
+    out = env.cli("status", "nope", check=False)
+    assert out.returncode == 1 and "no case 'nope'" in out.stderr
+    out = env.cli("cancel", "nope/b1", check=False)
+    assert out.returncode == 1 and "no case" in out.stderr

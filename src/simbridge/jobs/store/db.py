@@ -315,6 +315,45 @@ class Store:
                 },
             )
 
+    def path(self, beam_id: int, hops: Sequence[tuple[BeamState, BeamState, str]]) -> None:
+        """Several legal moves in a row, in one transaction: one guarded update, one event each.
+
+        For steps that ran back to back in process (each idempotent, so a crash before this
+        commit only repeats them); raises like :meth:`transition`.
+        """
+        for (here, there, _), nxt in zip(hops, [*hops[1:], None], strict=True):
+            check_transition(here, there)
+            if nxt is not None and nxt[0] is not there:
+                raise ValueError(f"hops do not chain: {there} then {nxt[0]}")
+        first, last = hops[0][0], hops[-1][1]
+        now = time.time()
+        values: dict[str, Any] = {"state": last.value, "updated_at": now, "step_tries": 0}
+        if last.terminal:
+            values["finished_at"] = now
+        columns, params = sql.beam_values(values)
+        with self.tx() as conn:
+            done = conn.execute(
+                sql.update_beam(columns, guarded=True),
+                {"_id": beam_id, "_expected": first.value, **params},
+            ).first()
+            if done is None:
+                raise StaleStateError(f"beam {beam_id} is no longer {first}; nothing changed")
+            conn.execute(
+                sql.INSERT_EVENT,
+                [
+                    {
+                        "at": now,
+                        "case_id": done[0],
+                        "beam_id": beam_id,
+                        "from_state": here.value,
+                        "to_state": there.value,
+                        "reason": reason[:4000],
+                        "actor": self.actor,
+                    }
+                    for here, there, reason in hops
+                ],
+            )
+
     def update_beam(self, beam_id: int, expected: BeamState, **fields: Any) -> bool:
         """Set fields on a beam still in ``expected``; False if it moved meanwhile."""
         with self.tx() as conn:
