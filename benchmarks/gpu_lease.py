@@ -89,14 +89,15 @@ def main() -> None:
     parser.add_argument("--proc-cycles", type=int, default=200)
     parser.add_argument("--slots", type=int, default=4)
     args = parser.parse_args()
+    # Sampled before starting: during the run the worker processes count in it too.
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         pool_us, flock_us = uncontended(folder, args.cycles)
         pool_s = contended(folder / "c-pool", POOL_WORKER, args.procs, args.proc_cycles, args.slots)
         flock_s = contended(folder / "c-flock", FLOCK_WORKER, args.procs, args.proc_cycles, args.slots)
-    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"gpu_lease: {platform.machine()} {os.cpu_count()} cores, load average {load}, "
+        f"gpu_lease: {platform.machine()} {os.cpu_count()} cores, load average before the run {load}, "
         f"{datetime.now(tz=UTC):%Y-%m-%d %H:%M} UTC"
     )
     header = f"{'uncontended, us':<28}{'mean':>9}{'p50':>9}{'p99':>9}"

@@ -117,6 +117,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Sampled before starting: during the run the 64 callers count in the load average too.
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     texts = sentences(args.requests)
     settings = ModelSettings(max_concurrent=args.callers, load_timeout_s=600)
     with ModelManager(settings=settings) as manager:
@@ -167,9 +169,8 @@ def main() -> None:
         f"{device} (torch {torch.__version__}, {torch.get_num_threads()} threads), "
         f"load {load_s:.1f} s"
     )
-    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"machine: {platform.machine()} {os.cpu_count()} cores, load average {load}, "
+        f"machine: {platform.machine()} {os.cpu_count()} cores, load average before the run {load}, "
         f"{datetime.now(tz=UTC):%Y-%m-%d %H:%M} UTC"
     )
     header = f"{'mode':<10}{'seconds':>9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs locked':>11}"
