@@ -166,6 +166,7 @@ def main() -> None:
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--no-parsl", action="store_true")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]  # during the run our own threads would count in it
     n = args.beams
     rows: list[tuple[str, float, float, float | None]] = []
     take_s, run_s, cpu_s = run_simbridge(n, None)
@@ -190,7 +191,7 @@ def main() -> None:
     print(f"{'AiiDA, reported (anchor)':42} {'':9} {250.0:9.2f}")
     if parsl is not None:
         print(f"\nsimbridge SQLite / Parsl (same run): {rows[0][1] / parsl[0]:.2f}x the time")
-    print(f"load average after the run: {os.getloadavg()[0]:.1f} (2 cores; other work shares them)")
+    print(f"load average before the run: {load_before:.1f} ({os.cpu_count()} cores, shared)")
 
 
 if __name__ == "__main__":
