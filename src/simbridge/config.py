@@ -139,7 +139,9 @@ class JobsTimeoutsSettings(_Section):
     prepare_s: float = Field(default=600.0, gt=0, description="Limit of the prepare command.")
     simulate_s: float = Field(default=86_400.0, gt=0, description="Limit of one simulation run.")
     postprocess_s: float = Field(default=600.0, gt=0, description="Limit of the postprocess command.")
-    transfer_s: float = Field(default=600.0, gt=0, description="Limit of one upload or download.")
+    transfer_s: float = Field(
+        default=600.0, gt=0, description="Time budget of an upload or download with its retries."
+    )
     kill_grace_s: float = Field(
         default=5.0, ge=0, description="Between SIGTERM and SIGKILL when a step is stopped."
     )

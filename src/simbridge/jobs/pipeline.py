@@ -18,7 +18,13 @@ from pathlib import Path, PurePath
 from typing import TypeVar
 
 import structlog
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from simbridge.config import JobsSettings, config_file
 from simbridge.gpus import GpuLease
@@ -324,7 +330,7 @@ class Pipeline:
         # times in-process; the step itself stays resumable if we are killed meanwhile.
         retrying = Retrying(
             retry=retry_if_exception_type(TransferError),
-            stop=stop_after_attempt(3),
+            stop=stop_after_attempt(3) | stop_after_delay(self.settings.timeouts.transfer_s),
             wait=wait_exponential(multiplier=0.2, max=2.0),
             reraise=True,
         )
