@@ -222,13 +222,19 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def env(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> JobsEnv:
-    monkeypatch.delenv("SIMBRIDGE_CONFIG", raising=False)
+    # setenv first, so monkeypatch restores "unset" at teardown: JobsEnv.configure sets the variable
+    # for the in-process store, and it must not leak into later tests.
+    monkeypatch.setenv("SIMBRIDGE_CONFIG", "")
+    monkeypatch.delenv("SIMBRIDGE_CONFIG")
     return JobsEnv(root=tmp_path, db_url=db_url)
 
 
 @pytest.fixture
 def sqlite_env(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> JobsEnv:
-    monkeypatch.delenv("SIMBRIDGE_CONFIG", raising=False)
+    # setenv first, so monkeypatch restores "unset" at teardown: JobsEnv.configure sets the variable
+    # for the in-process store, and it must not leak into later tests.
+    monkeypatch.setenv("SIMBRIDGE_CONFIG", "")
+    monkeypatch.delenv("SIMBRIDGE_CONFIG")
     return JobsEnv(root=tmp_path, db_url=sqlite_url)
 
 
