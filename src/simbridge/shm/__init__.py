@@ -8,6 +8,7 @@ from simbridge.shm.errors import (
     BlockExists,
     BlockNotFound,
     Corrupted,
+    HeaderNotFound,
     InvalidName,
     LayoutMismatch,
     NonFinite,
@@ -17,6 +18,7 @@ from simbridge.shm.errors import (
     Timeout,
     WriterClosed,
 )
+from simbridge.shm.headers import get_include
 from simbridge.shm.recorder import Recorder, diff, load_index
 from simbridge.shm.registry import BlockInfo, block_info, cleanup_stale, list_blocks, remove
 
@@ -26,6 +28,7 @@ __all__ = [
     "BlockInfo",
     "BlockNotFound",
     "Corrupted",
+    "HeaderNotFound",
     "InvalidName",
     "LayoutMismatch",
     "NoSpace",
@@ -39,6 +42,7 @@ __all__ = [
     "block_info",
     "cleanup_stale",
     "diff",
+    "get_include",
     "list_blocks",
     "load_index",
     "remove",

@@ -139,6 +139,14 @@ def clean_command() -> None:
     _console().print(f"{len(removed)} stale block(s) removed")
 
 
+@app.command("include")
+def include_command() -> None:
+    """Print the directory holding simbridge/shm.h, for `cc -I"$(simbridge shm include)" peer.c`."""
+    from simbridge.shm.headers import get_include
+
+    typer.echo(str(get_include()))
+
+
 @app.command("diff")
 def diff_command(directory: Path) -> None:
     """Compare recorded sends and receives; exit 1 if any received checksum differs from the sent one."""

@@ -63,3 +63,7 @@ class NoSpace(ShmError, OSError):
 
 class BlockNotFound(ShmError, FileNotFoundError):
     """Raised when a block does not exist (and, for ``open``, did not appear in time)."""
+
+
+class HeaderNotFound(ShmError, FileNotFoundError):
+    """Raised when simbridge/shm.h is neither installed with the package nor next to the sources."""

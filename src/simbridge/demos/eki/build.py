@@ -17,8 +17,9 @@ from typing import Final
 
 import structlog
 
-import simbridge
 from simbridge.demos.eki.errors import BuildFailed
+from simbridge.shm import headers as shm_headers
+from simbridge.shm.errors import HeaderNotFound
 
 log = structlog.get_logger("simbridge.demos.eki")
 
@@ -29,24 +30,11 @@ LIBS: Final = ("-lm", "-pthread")
 
 
 def get_include() -> Path:
-    """The directory holding ``simbridge/shm.h``, for ``cc -I``.
-
-    ``SIMBRIDGE_INCLUDE`` wins; then a copy shipped inside the package (``simbridge/include``); then
-    the repository's ``include/`` next to ``src/`` (editable and development installs).
-    """
-    package = Path(simbridge.__file__).resolve().parent
-    candidates = [package / "include", package.parents[1] / "include"]
-    env = os.environ.get("SIMBRIDGE_INCLUDE")
-    if env:
-        candidates.insert(0, Path(env))
-    for candidate in candidates:
-        if (candidate / HEADER).is_file():
-            return candidate
-    tried = ", ".join(str(c) for c in candidates)
-    raise BuildFailed(
-        f"cannot find {HEADER} (looked in {tried}); set SIMBRIDGE_INCLUDE to the directory that holds "
-        "simbridge/shm.h (the repository's include/)"
-    )
+    """The directory holding ``simbridge/shm.h`` (see :func:`simbridge.shm.get_include`)."""
+    try:
+        return shm_headers.get_include()
+    except HeaderNotFound as exc:
+        raise BuildFailed(str(exc)) from exc
 
 
 def default_cache_dir() -> Path:
