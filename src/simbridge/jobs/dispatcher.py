@@ -82,6 +82,12 @@ class Dispatcher:
             transport=LocalTransport(root=jobs.work_root.resolve() / "remote"),
         )
         self.gpus = GpuPool.from_settings(settings)
+        if jobs.gpus_per_beam > len(self.gpus.gpus):
+            self.gpus.close()
+            raise JobsConfigError(
+                f"jobs.gpus_per_beam is {jobs.gpus_per_beam} but the pool has {len(self.gpus.gpus)} GPU(s); "
+                "no beam could ever start: lower jobs.gpus_per_beam or configure more gpus.slots"
+            )
         self._threads = ThreadPoolExecutor(max_workers=jobs.workers, thread_name_prefix="sb-step")
         self._busy: set[int] = set()  # beams with an action on the pool
         self._launching: set[int] = set()  # beams whose attempt row may not have a pid yet

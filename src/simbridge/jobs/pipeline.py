@@ -293,6 +293,8 @@ class Pipeline:
                 env=lease.env,
                 pass_fds=lease.fds,
                 gpu_id=gpu_id,
+                # `simbridge gpus` then names the simulation, which keeps the GPU, not us.
+                on_started=lease.record_holder,
             )
 
     def collect(self, beam: BeamRow) -> BeamRow | None:
@@ -350,6 +352,7 @@ class Pipeline:
         pass_fds: tuple[int, ...] = (),
         gpu_id: str | None = None,
         setup: Callable[[], None] | None = None,
+        on_started: Callable[[int], None] | None = None,
     ) -> AttemptRow | None:
         """Write the attempt (intent), run ``setup``, start it, record how to find it.
 
@@ -395,6 +398,8 @@ class Pipeline:
             simulation=step is BeamState.RUNNING,
         )
         log.debug("jobs.launched", beam=beam.id, step=step, job_id=launched.job_id)
+        if on_started is not None and launched.pid is not None:
+            on_started(launched.pid)
         return attempt
 
     def finish(

@@ -283,3 +283,40 @@ def test_bad_input_gets_a_clear_error_and_exit_code_1(sqlite_env: JobsEnv) -> No
     assert out.returncode == 1 and "no case 'nope'" in out.stderr
     out = env.cli("cancel", "nope/b1", check=False)
     assert out.returncode == 1 and "no case" in out.stderr
+
+
+def test_the_gpu_holder_shown_is_the_running_simulation(sqlite_env: JobsEnv) -> None:
+    from simbridge.gpus import GpuPool
+
+    env = sqlite_env
+    env.slots = 1
+    _script(env, 'echo $$ > "$2/sim.pid"\nsleep 2\necho ok > raw\n')
+    settings = env.configure(steps={"simulate": SIM})
+    env.make_case("c1", {"b0": {"plan.json": "{}"}})
+    holders: list[list[int]] = []
+    with Dispatcher(settings=settings) as dispatcher:
+        thread = threading.Thread(target=dispatcher.run, kwargs={"until_idle": True, "max_s": 120})
+        thread.start()
+        wait_for((env.root / "sim.pid").exists, timeout=60, what="the simulation to start")
+        with GpuPool.from_settings(settings) as pool:
+            wait_for(
+                lambda: any(p != os.getpid() for p in pool.holders()[0].pids),
+                timeout=10,
+                what="the launched process recorded as a holder",
+            )
+            holders.append(list(pool.holders()[0].pids))
+        thread.join(timeout=120)
+    sim_pid = int((env.root / "sim.pid").read_text())
+    # Besides the dispatcher that leased it, the launched process that inherited the lock is named.
+    assert os.getpid() in holders[0] and any(pid != os.getpid() for pid in holders[0]), holders
+    assert sim_pid > 0
+
+
+def test_more_gpus_per_beam_than_the_pool_has_is_a_clear_config_error(sqlite_env: JobsEnv) -> None:
+    from simbridge.jobs.errors import JobsConfigError
+
+    env = sqlite_env
+    env.slots = 2
+    settings = env.configure(steps={"simulate": SIM}, gpus_per_beam=3)
+    with pytest.raises(JobsConfigError, match="gpus_per_beam is 3 but the pool has 2"):
+        Dispatcher(settings=settings)
