@@ -107,6 +107,26 @@ def reader_polling(shm_name: str, shape: tuple[int, ...], n: int, ack: Connectio
     shm.close()
 
 
+def reader_cross_core_copy(
+    shm_name: str, shape: tuple[int, ...], n: int, go: Connection, ack: Connection
+) -> None:
+    """The physical floor: time only np.copyto of an array the other process has just written."""
+    shm = SharedMemory(shm_name)
+    data = np.ndarray(shape, np.float32, shm.buf)
+    out = np.empty(shape, np.float32)
+    took = []
+    ack.send("ready")
+    for _ in range(n):
+        go.recv()  # the writer has finished writing: its cache lines are modified in its core
+        t0 = time.perf_counter_ns()
+        np.copyto(out, data)
+        took.append(time.perf_counter_ns() - t0)
+        ack.send(None)
+    ack.send(took)
+    del data
+    shm.close()
+
+
 def one_way(method: str, shape: tuple[int, ...], n: int) -> list[int]:
     """Run one round of ``n`` deliveries with ``method``; return the latencies in ns."""
     src = np.random.default_rng(0).random(shape, dtype=np.float32)
@@ -142,6 +162,22 @@ def one_way(method: str, shape: tuple[int, ...], n: int) -> list[int]:
         def send(it: int) -> None:
             stamp(src)
             queue.put(src)
+    elif method == "cross-core copy":
+        shm = SharedMemory(create=True, size=src.nbytes)
+        data = np.ndarray(shape, np.float32, shm.buf)
+        go_r, go_w = CTX.Pipe(duplex=False)
+        proc = CTX.Process(target=reader_cross_core_copy, args=(shm.name, shape, n, go_r, ack_w))
+
+        def send(it: int) -> None:
+            np.copyto(data, src)
+            stamp(data)
+            go_w.send(None)
+
+        def cleanup() -> None:
+            nonlocal data
+            del data
+            shm.close()
+            shm.unlink()
     elif method == "1-s polling":
         shm = SharedMemory(create=True, size=64 + src.nbytes)
         status = np.ndarray((2,), np.int64, shm.buf[:16])
@@ -335,6 +371,17 @@ def build_c_floor() -> Path:
     return out
 
 
+def c_floor_spread(binary: Path, n: int) -> str:
+    """The C spin round trip is bimodal on a shared VM (a core lost to another process costs ~7 us)."""
+    runs = []
+    for _ in range(3):
+        out = subprocess.run(
+            [str(binary), str(n), "10000000"], capture_output=True, text=True, check=True, timeout=120
+        ).stdout.split()
+        runs.append(f"{out[1]}/{out[0]}/{out[2]}")
+    return ", ".join(runs)
+
+
 def pingpong_c(binary: Path, n: int, spin_ns: int) -> list[int]:
     median = subprocess.run(
         [str(binary), str(n), str(spin_ns)], capture_output=True, text=True, check=True, timeout=120
@@ -375,6 +422,7 @@ def main() -> None:
     for label, shape in (("1,382,400 B float32 (100x16x216)", BIG), ("9,600 B float32 (24x100)", SMALL)):
         methods: dict[str, Callable[[], list[int]]] = {
             "np.copyto (same array, 1 process)": lambda s=shape: copyto_reference(s, n),
+            "np.copyto across cores (floor)": lambda s=shape: one_way("cross-core copy", s, n),
             "simbridge publish->read(out) spin": lambda s=shape: one_way("simbridge-publish-spin", s, n),
             "simbridge publish->read(out) futex": lambda s=shape: one_way("simbridge-publish-futex", s, n),
             "simbridge loan->read(out) spin": lambda s=shape: one_way("simbridge-loan-spin", s, n),
@@ -397,6 +445,8 @@ def main() -> None:
     }
     results = interleaved(methods, rounds)
     print(table("64-byte ping-pong round trip", results, "C on shm.h, spin", 1e3, "us"))
+    low = c_floor_spread(binary, pp)
+    print(f"C spin floor alone, 3 runs (p10/median/p90 ns): {low}")
     futex_ratio = results["simbridge Python, futex"] / results["C on shm.h, futex"]
     pipe_ratio = results["simbridge Python, spin"] / results["mp.Pipe"]
     print(f"\nsimbridge Python futex vs C futex: {futex_ratio:.2f}x")

@@ -3,7 +3,7 @@
 The layout and protocol are defined once, in ``include/simbridge/shm.h``; see :class:`Block`.
 """
 
-from simbridge.shm.block import Block, Snapshot, validate_name
+from simbridge.shm.block import Block
 from simbridge.shm.errors import (
     BlockExists,
     BlockNotFound,
@@ -19,8 +19,10 @@ from simbridge.shm.errors import (
     WriterClosed,
 )
 from simbridge.shm.headers import get_include
+from simbridge.shm.layout import validate_name
 from simbridge.shm.recorder import Recorder, diff, load_index
 from simbridge.shm.registry import BlockInfo, block_info, cleanup_stale, list_blocks, remove
+from simbridge.shm.snapshot import Snapshot
 
 __all__ = [
     "Block",

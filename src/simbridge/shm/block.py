@@ -28,7 +28,6 @@ from simbridge.shm import _core
 from simbridge.shm.errors import (
     BlockExists,
     BlockNotFound,
-    InvalidName,
     LayoutMismatch,
     NonFinite,
     NoSpace,
@@ -36,99 +35,13 @@ from simbridge.shm.errors import (
     Timeout,
     WriterClosed,
 )
+from simbridge.shm.layout import DTYPE_BY_CODE, dtype_code, validate_name
 from simbridge.shm.recorder import Recorder
+from simbridge.shm.snapshot import Snapshot
 
 log = structlog.get_logger("simbridge.shm")
 
 SHM_DIR: Final = Path("/dev/shm")
-
-# shm.h's dtype codes, keyed by numpy dtype; names in shm.h are numpy's names.
-_CODE_BY_DTYPE: Final[dict[np.dtype[Any], int]] = {
-    np.dtype(name): code for code, name in _core.DTYPES.items() if name != "bytes"
-}
-_DTYPE_BY_CODE: Final[dict[int, np.dtype[Any]]] = {
-    code: np.dtype("uint8" if name == "bytes" else name) for code, name in _core.DTYPES.items()
-}
-
-
-def validate_name(name: str) -> str:
-    """Return ``name`` if it is a valid block name, else raise :class:`InvalidName` saying why."""
-    if not isinstance(name, str):
-        raise InvalidName(f"a block name must be a str, got {type(name).__name__}")
-    if not _core.name_valid(name):
-        shown = name if len(name) <= 40 else name[:37] + "..."
-        raise InvalidName(
-            f"invalid block name {shown!r} ({len(name)} chars): use 1 to {_core.NAME_MAX} of "
-            "[A-Za-z0-9._-], not starting with '.' (no '/', spaces, NUL or non-ASCII)"
-        )
-    return name
-
-
-def dtype_code(dtype: DTypeLike) -> int:
-    """shm.h's code for a numpy dtype; :class:`LayoutMismatch` for dtypes a block cannot hold."""
-    dt = np.dtype(dtype)
-    if dt.byteorder not in ("=", "|") and dt.byteorder != np.dtype(dt.type).byteorder:
-        raise LayoutMismatch(f"dtype {dt} is not in native byte order; convert with .astype('{dt.name}')")
-    code = _CODE_BY_DTYPE.get(dt.newbyteorder("="))
-    if code is None:
-        supported = ", ".join(sorted(str(d) for d in _CODE_BY_DTYPE))
-        raise LayoutMismatch(f"dtype {dt} cannot live in a block; supported: {supported}")
-    return code
-
-
-class Snapshot:
-    """One committed iteration as a reader saw it.
-
-    ``array`` is a private copy, unless the read used ``copy=False``: then it is a read-only view of
-    the writer's slot, valid until the writer has published ``slots - 1`` more iterations (with the
-    default two slots: until the next-but-one publish starts). Call :meth:`valid` after using such a
-    view: if it returns False the view may have been overwritten while you used it; read again.
-    """
-
-    # Built on every read, so it keeps the raw tuple from the C core and derives fields on access.
-    __slots__ = ("_raw", "_segment", "array", "writer_pid")
-
-    def __init__(
-        self,
-        array: NDArray[Any],
-        raw: tuple[int, int, int, int, int, int],
-        writer_pid: int,
-        segment: _core.Segment | None,
-    ) -> None:
-        self.array = array
-        self._raw = raw
-        self.writer_pid = writer_pid
-        self._segment = segment
-
-    @property
-    def iteration(self) -> int:
-        """The iteration id the writer gave this publish."""
-        return self._raw[1]
-
-    @property
-    def commit(self) -> int:
-        """The writer's publish counter (1 for its first publish)."""
-        return self._raw[0]
-
-    @property
-    def published_at(self) -> float:
-        """When the writer committed it, in seconds since the epoch."""
-        return self._raw[2] / 1e9
-
-    @property
-    def checksum(self) -> int:
-        """The CRC32C the writer stored (0 when the block has checksums off)."""
-        return self._raw[3]
-
-    def valid(self) -> bool:
-        """True if the data is still what was read (always True for a copy)."""
-        return self._segment is None or self._segment.valid(self._raw[4], self._raw[5])
-
-    def __repr__(self) -> str:
-        return (
-            f"Snapshot(iteration={self.iteration}, commit={self.commit}, shape={self.array.shape}, "
-            f"dtype={self.array.dtype}, writer_pid={self.writer_pid})"
-        )
 
 
 class Block:
@@ -140,7 +53,7 @@ class Block:
         header = segment.header()
         self._seg = segment
         self.name = name
-        self.dtype: np.dtype[Any] = _DTYPE_BY_CODE[header["dtype"]]
+        self.dtype: np.dtype[Any] = DTYPE_BY_CODE[header["dtype"]]
         self.shape: tuple[int, ...] = tuple(header["shape"])
         self.nbytes: int = header["payload_bytes"]
         self.slots: int = header["slot_count"]

@@ -14,6 +14,7 @@ import structlog
 
 from simbridge.shm import _core
 from simbridge.shm.errors import BlockExists, BlockNotFound, LayoutMismatch
+from simbridge.shm.layout import validate_name
 
 log = structlog.get_logger("simbridge.shm")
 
@@ -106,8 +107,6 @@ def list_blocks() -> list[BlockInfo]:
 
 def remove(name: str, *, force: bool = False) -> None:
     """Unlink a block. One whose owner is alive needs ``force`` (its readers keep their mapping)."""
-    from simbridge.shm.block import validate_name
-
     validate_name(name)
     info = block_info(name)
     if info is None:
