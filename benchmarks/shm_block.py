@@ -138,7 +138,9 @@ def one_way(method: str, shape: tuple[int, ...], n: int) -> list[int]:
 
         copy = "view" not in method
         spin = SPIN_FOREVER_US if "spin" in method else 0
-        block = Block.create(f"bench-{os.getpid()}-{method}", shape, np.float32)
+        block = Block.create(
+            f"bench-{os.getpid()}-{method}", shape, np.float32, checksum="nocrc" not in method
+        )
         proc = CTX.Process(target=reader_simbridge, args=(block.name, shape, n, spin, copy, ack_w))
 
         def send(it: int) -> None:
@@ -425,6 +427,7 @@ def main() -> None:
             "np.copyto across cores (floor)": lambda s=shape: one_way("cross-core copy", s, n),
             "simbridge publish->read(out) spin": lambda s=shape: one_way("simbridge-publish-spin", s, n),
             "simbridge publish->read(out) futex": lambda s=shape: one_way("simbridge-publish-futex", s, n),
+            "  same, checksums off, spin": lambda s=shape: one_way("simbridge-publish-nocrc-spin", s, n),
             "simbridge loan->read(out) spin": lambda s=shape: one_way("simbridge-loan-spin", s, n),
             "simbridge publish->view spin": lambda s=shape: one_way("simbridge-publish-view-spin", s, n),
             "simbridge publish->view futex": lambda s=shape: one_way("simbridge-publish-view-futex", s, n),
