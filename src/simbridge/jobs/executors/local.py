@@ -1,14 +1,16 @@
 """The local executor: each attempt is a process group on this machine, detached from us.
 
 A tiny ``sh`` wrapper runs the argv (never parsed by the shell) and writes the exit code to a marker
-file atomically, so an attempt that outlives a killed orchestrator is still found (by its token in
-``/proc/PID/environ``) and its result still collected. Cancel and timeouts signal the whole group.
+file (whole once it ends in a newline), so an attempt that outlives a killed orchestrator is still
+found (by its token in ``/proc/PID/environ``) and its result still collected.
+Cancel and timeouts signal the whole group.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -32,7 +34,10 @@ from simbridge.jobs.executors.base import (
 log = structlog.get_logger(__name__)
 
 # $1 is the marker path; "$@" is the command, passed as argv so the shell never parses it.
-_WRAPPER = 'm=$1; shift; "$@"; c=$?; printf "%s\\n" "$c" > "$m.tmp" && mv -f "$m.tmp" "$m"; exit "$c"'
+# The marker is written in place by one write() of "CODE\n" (printf is a shell builtin: no extra
+# process, unlike a `mv` of a temporary file); a reader takes it only once the newline is there,
+# so a half-written marker reads as "not yet", never as a wrong code.
+_WRAPPER = 'm=$1; shift; "$@"; c=$?; printf "%s\\n" "$c" > "$m"; exit "$c"'
 
 
 def proc_start_time(pid: int) -> tuple[int, str] | None:
@@ -54,10 +59,16 @@ def _alive(pid: int, pid_start: int | None) -> bool:
 
 
 def read_exit_file(path: Path) -> int | None:
-    """The exit code written by the wrapper, or None if there is none (yet)."""
+    """The exit code written by the wrapper, or None if there is none (yet, or not whole)."""
     try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
+        text = path.read_bytes()
+    except OSError:
+        return None
+    if not text.endswith(b"\n"):
+        return None  # still being written (or torn by a kill mid-write: the process tells)
+    try:
+        return int(text)
+    except ValueError:
         return None
 
 
@@ -89,12 +100,12 @@ class LocalExecutor(Executor):
         # Our own children, so we can reap them (no zombies) and learn a signal death quickly.
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
+        self._reaper = _Reaper(notify) if notify is not None and _Reaper.supported() else None
 
     def submit(self, spec: LaunchSpec) -> Launched:
         """Start ``spec.argv`` in its own session with logs to files; the marker tells the end."""
         spec.log_prefix.parent.mkdir(parents=True, exist_ok=True)
-        for stale in (spec.exit_file, spec.exit_file.with_name(spec.exit_file.name + ".tmp")):
-            stale.unlink(missing_ok=True)
+        spec.exit_file.unlink(missing_ok=True)
         env = {**os.environ, **spec.env, TOKEN_ENV: spec.token}
         try:
             with open(spec.stdout, "ab") as out, open(spec.stderr, "ab") as err:
@@ -119,12 +130,15 @@ class LocalExecutor(Executor):
                 )
         except OSError as exc:
             raise LaunchError(f"cannot start {spec.argv[0]!r} in {spec.cwd}: {exc}") from exc
-        with self._lock:
-            self._children[spec.token] = proc
-        if self._notify is not None:
+        # Watched before anyone else can see (and so reap) it: its pid cannot be reused meanwhile.
+        if self._reaper is not None:
+            self._reaper.watch(proc)
+        elif self._notify is not None:
             threading.Thread(
                 target=self._wait_then_notify, args=(proc,), name="sb-child-wait", daemon=True
             ).start()
+        with self._lock:
+            self._children[spec.token] = proc
         info = proc_start_time(proc.pid)
         return Launched(job_id=str(proc.pid), pid=proc.pid, pid_start=info[0] if info else None)
 
@@ -204,6 +218,54 @@ class LocalExecutor(Executor):
                 os.killpg(pgid, signal.SIGKILL)
         self._reap(ref.token)
         return True
+
+
+class _Reaper:
+    """One thread that waits for all our children at once (pidfds in an epoll set).
+
+    It reaps each child as it ends and calls ``notify`` once per wake-up: one thread for every
+    child instead of one thread started (and switched to) per launch.
+    """
+
+    def __init__(self, notify: Callable[[], None]) -> None:
+        self._notify = notify
+        self._epoll = select.epoll()
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="sb-child-reaper", daemon=True).start()
+
+    @staticmethod
+    def supported() -> bool:
+        return hasattr(os, "pidfd_open") and hasattr(select, "epoll")
+
+    def watch(self, proc: subprocess.Popen[bytes]) -> None:
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except OSError:  # no pidfds in this kernel: wait for this one on its own thread
+            threading.Thread(target=self._wait_one, args=(proc,), name="sb-child-wait", daemon=True).start()
+            return
+        with self._lock:
+            self._procs[fd] = proc
+        # epoll_ctl takes effect even while the reaper sits in epoll_wait: no wake-up needed.
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def _wait_one(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.wait()
+        self._notify()
+
+    def _run(self) -> None:
+        while True:
+            events = self._epoll.poll()
+            for fd, _ in events:
+                with self._lock:
+                    proc = self._procs.pop(fd, None)
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
+                os.close(fd)
+                if proc is not None:
+                    proc.poll()  # reap it (no zombie); a poll from another thread is harmless
+            if events:
+                self._notify()
 
 
 def _group_alive(pgid: int) -> bool:

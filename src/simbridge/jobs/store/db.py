@@ -81,6 +81,45 @@ def make_engine(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
 
 
+class _Raw:
+    """A DBAPI cursor in one write transaction, running our prebuilt statements.
+
+    The hot writes (every transition, launch and close) skip SQLAlchemy's per-statement machinery,
+    which costs several times what SQLite itself does: each statement is compiled once for the
+    engine's dialect and run on the driver's cursor, inside the same BEGIN ... COMMIT.
+    """
+
+    def __init__(
+        self, cursor: Any, compiled: dict[int, tuple[object, str, tuple[str, ...] | None]], dialect: Any
+    ):
+        self._cursor = cursor
+        self._compiled = compiled
+        self._dialect = dialect
+
+    def _sql(self, stmt: sa.Executable) -> tuple[str, tuple[str, ...] | None]:
+        found = self._compiled.get(id(stmt))
+        if found is None or found[0] is not stmt:
+            compiled = stmt.compile(dialect=self._dialect)  # type: ignore[attr-defined]
+            positions = tuple(compiled.positiontup) if compiled.positiontup is not None else None
+            # Keep the statement itself alive so that its id is never reused for another.
+            found = self._compiled[id(stmt)] = (stmt, compiled.string, positions)
+        return found[1], found[2]
+
+    def run(self, stmt: sa.Executable, params: dict[str, Any]) -> Any:
+        """Execute ``stmt`` with named ``params``; the cursor (for rows or rowcount)."""
+        text, positions = self._sql(stmt)
+        self._cursor.execute(text, params if positions is None else [params[k] for k in positions])
+        return self._cursor
+
+    def run_many(self, stmt: sa.Executable, rows: Sequence[dict[str, Any]]) -> None:
+        """Execute ``stmt`` once per parameter set."""
+        text, positions = self._sql(stmt)
+        if positions is not None:
+            self._cursor.executemany(text, [[r[k] for k in positions] for r in rows])
+        else:
+            self._cursor.executemany(text, rows)
+
+
 class Store:
     """Job state in SQLite or PostgreSQL. A context manager: closing disposes the engine's pool."""
 
@@ -90,8 +129,11 @@ class Store:
         self._write_lock: contextlib.AbstractContextManager[object] = (
             threading.Lock() if url.startswith("sqlite") else contextlib.nullcontext()
         )
+        self._sqlite = url.startswith("sqlite")
+        self._compiled: dict[int, tuple[object, str, tuple[str, ...] | None]] = {}
         try:
             self.engine = make_engine(url)
+            self._dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
             if migrate:
                 self.migrate()
         except sa.exc.SQLAlchemyError as exc:
@@ -125,6 +167,29 @@ class Store:
             with self._write_lock, self.engine.begin() as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def fast_tx(self) -> Iterator[_Raw]:
+        """One write transaction on the driver's cursor (see :class:`_Raw`); same guarantees as
+        :meth:`tx`: all or nothing, committed when the block ends, errors as :class:`StoreError`."""
+        try:
+            with self._write_lock:
+                dbapi_conn = self.engine.raw_connection()
+                try:
+                    cursor = dbapi_conn.cursor()
+                    if self._sqlite:
+                        cursor.execute("BEGIN IMMEDIATE")  # take the write lock up front, as in tx()
+                    try:
+                        yield _Raw(cursor, self._compiled, self.engine.dialect)
+                    except BaseException:
+                        dbapi_conn.rollback()
+                        raise
+                    dbapi_conn.commit()
+                    cursor.close()
+                finally:
+                    dbapi_conn.close()  # back to the pool
+        except (sa.exc.SQLAlchemyError, self._dbapi_error) as exc:
             raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
 
     @contextlib.contextmanager
@@ -287,26 +352,26 @@ class Store:
         if target.terminal:
             values.setdefault("finished_at", now)
         columns, params = sql.beam_values(values)
-        with self.tx() as conn:
-            done = conn.execute(
+        with self.fast_tx() as tx:
+            done = tx.run(
                 sql.update_beam(columns, guarded=True),
                 {"_id": beam_id, "_expected": expected.value, **params},
-            ).first()
-            if done is None:
+            ).fetchall()
+            if not done:
                 raise StaleStateError(f"beam {beam_id} is no longer {expected}; nothing changed")
             if close is not None:
-                ended = conn.execute(
+                ended = tx.run(
                     sql.CLOSE_ATTEMPT,
                     {"_id": close[0], "v_ended_at": now, "v_outcome": close[1], "v_exit_code": close[2]},
                 )
                 if not ended.rowcount:
                     # Someone else already judged this attempt: raising rolls the move back.
                     raise StaleStateError(f"attempt {close[0]} was already closed")
-            conn.execute(
+            tx.run(
                 sql.INSERT_EVENT,
                 {
                     "at": now,
-                    "case_id": done[0],
+                    "case_id": done[0][0],
                     "beam_id": beam_id,
                     "from_state": expected.value,
                     "to_state": target.value,
@@ -331,19 +396,19 @@ class Store:
         if last.terminal:
             values["finished_at"] = now
         columns, params = sql.beam_values(values)
-        with self.tx() as conn:
-            done = conn.execute(
+        with self.fast_tx() as tx:
+            done = tx.run(
                 sql.update_beam(columns, guarded=True),
                 {"_id": beam_id, "_expected": first.value, **params},
-            ).first()
-            if done is None:
+            ).fetchall()
+            if not done:
                 raise StaleStateError(f"beam {beam_id} is no longer {first}; nothing changed")
-            conn.execute(
+            tx.run_many(
                 sql.INSERT_EVENT,
                 [
                     {
                         "at": now,
-                        "case_id": done[0],
+                        "case_id": done[0][0],
                         "beam_id": beam_id,
                         "from_state": here.value,
                         "to_state": there.value,
@@ -385,16 +450,17 @@ class Store:
         if target is not expected:
             check_transition(expected, target)
         now = time.time()
-        with self.tx() as conn:
-            row = conn.execute(sql.LAUNCH_CHECK, {"_id": beam_id, "_expected": expected.value}).first()
-            if row is None:
+        with self.fast_tx() as tx:
+            found = tx.run(sql.LAUNCH_CHECK, {"_id": beam_id, "_expected": expected.value}).fetchall()
+            if not found:
                 raise StaleStateError(f"beam {beam_id} is no longer {expected}; not launching")
-            still_open = conn.execute(sql.OPEN_OF_BEAM, {"_id": beam_id}).first()
+            case_id, step_tries = found[0]
+            still_open = tx.run(sql.OPEN_OF_BEAM, {"_id": beam_id}).fetchone()
             if still_open is not None:
                 # At most one live attempt per beam, whoever asks: never launch twice.
                 raise StaleStateError(f"beam {beam_id} has attempt {still_open[0]} still open")
-            number = conn.execute(sql.COUNT_OF_BEAM, {"_id": beam_id}).scalar_one()
-            attempt_id = conn.execute(
+            number = tx.run(sql.COUNT_OF_BEAM, {"_id": beam_id}).fetchone()[0]
+            attempt_id = tx.run(
                 sql.INSERT_ATTEMPT,
                 {
                     "beam_id": beam_id,
@@ -407,9 +473,9 @@ class Store:
                     "deadline": deadline,
                     "started_at": now,
                 },
-            ).scalar_one()
+            ).fetchall()[0][0]
             values: dict[str, Any] = {
-                "step_tries": row.step_tries + 1,
+                "step_tries": step_tries + 1,
                 "updated_at": now,
                 "not_before": None,
                 "state": target.value,
@@ -417,13 +483,13 @@ class Store:
             if gpu_id is not None:
                 values.update(gpu_id=gpu_id, started_at=now)
             columns, params = sql.beam_values(values)
-            conn.execute(sql.update_beam(columns, guarded=False), {"_id": beam_id, **params})
+            tx.run(sql.update_beam(columns, guarded=False), {"_id": beam_id, **params}).fetchall()
             if target is not expected:
-                conn.execute(
+                tx.run(
                     sql.INSERT_EVENT,
                     {
                         "at": now,
-                        "case_id": row.case_id,
+                        "case_id": case_id,
                         "beam_id": beam_id,
                         "from_state": expected.value,
                         "to_state": target.value,
@@ -473,18 +539,18 @@ class Store:
 
         A simulation's job id is also the beam's ``hpc_job_id`` (what people look up).
         """
-        with self.tx() as conn:
-            conn.execute(
+        with self.fast_tx() as tx:
+            tx.run(
                 sql.RECORD_LAUNCH,
                 {"_id": attempt_id, "v_job_id": job_id, "v_pid": pid, "v_pid_start": pid_start},
             )
             if simulation:
-                conn.execute(sql.SET_JOB_ID, {"_id": beam_id, "v_job_id": job_id})
+                tx.run(sql.SET_JOB_ID, {"_id": beam_id, "v_job_id": job_id})
 
     def close_attempt(self, attempt_id: int, *, outcome: str, exit_code: int | None) -> bool:
         """Mark an attempt ended (once; False if it was already closed)."""
-        with self.tx() as conn:
-            res = conn.execute(
+        with self.fast_tx() as tx:
+            res = tx.run(
                 sql.CLOSE_ATTEMPT,
                 {
                     "_id": attempt_id,

@@ -25,8 +25,22 @@ READY_IDS = (
     .limit(B("_limit"))
 )
 OPEN_ATTEMPTS = sa.select(attempts).where(attempts.c.ended_at.is_(None)).order_by(attempts.c.id)
-INSERT_EVENT = sa.insert(events)
-INSERT_ATTEMPT = sa.insert(attempts).returning(attempts.c.id)
+EVENT_COLUMNS = ("at", "case_id", "beam_id", "from_state", "to_state", "reason", "actor")
+INSERT_EVENT = sa.insert(events).values({name: B(name) for name in EVENT_COLUMNS})
+ATTEMPT_COLUMNS = (
+    "beam_id",
+    "step",
+    "number",
+    "token",
+    "executor",
+    "work_dir",
+    "gpu_id",
+    "deadline",
+    "started_at",
+)
+INSERT_ATTEMPT = (
+    sa.insert(attempts).values({name: B(name) for name in ATTEMPT_COLUMNS}).returning(attempts.c.id)
+)
 CLOSE_ATTEMPT = (
     sa.update(attempts)
     .where(attempts.c.id == B("_id"), attempts.c.ended_at.is_(None))
