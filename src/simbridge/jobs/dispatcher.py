@@ -386,20 +386,21 @@ class Dispatcher:
                 elif state in commands:
                     continue
             chosen.append((beam_id, may_launch))
-        if chosen:
-            beams = {b.id: b for b in self.store.beams(ids=[i for i, _ in chosen])}
-            for beam_id, may_launch in chosen:
-                beam = beams.get(beam_id)
-                if beam is not None:
-                    action = functools.partial(self.pipeline.advance, beam, may_launch=may_launch)
-                    self._submit(beam_id, action, launching=True)
         # The GPU queue: strictly first come, first served (beam id order). When our own runs
         # already hold every GPU, asking the pool would only fail: skip the futile lease.
         ours = sum(1 for a in self._open.values() if a.step is BeamState.RUNNING)
         free = (len(self.gpus.gpus) - ours * self.jobs.gpus_per_beam) // self.jobs.gpus_per_beam
         queued = queued[: max(0, free)]
+        wanted = [i for i, _ in chosen] + queued
+        # One read of every beam acted on this tick (two while they were read apart).
+        beams = {b.id: b for b in self.store.beams(ids=wanted)} if wanted else {}
+        if chosen:
+            for beam_id, may_launch in chosen:
+                beam = beams.get(beam_id)
+                if beam is not None:
+                    action = functools.partial(self.pipeline.advance, beam, may_launch=may_launch)
+                    self._submit(beam_id, action, launching=True)
         if queued:
-            beams = {b.id: b for b in self.store.beams(ids=queued)}
             for beam_id in queued:
                 beam = beams.get(beam_id)
                 if beam is None or beam.state is not BeamState.QUEUED:

@@ -25,7 +25,16 @@ from sqlalchemy.engine import Connection, Engine
 from simbridge.jobs.errors import CaseRejectedError, NotFoundError, StaleStateError, StoreError
 from simbridge.jobs.states import BeamState, check_transition
 from simbridge.jobs.store import statements as sql
-from simbridge.jobs.store.rows import AttemptRow, BeamRow, CaseRow, EventRow, attempt_row, beam_row
+from simbridge.jobs.store.rows import (
+    AttemptRow,
+    BeamRow,
+    CaseRow,
+    EventRow,
+    attempt_from_tuple,
+    attempt_row,
+    beam_from_tuple,
+    beam_row,
+)
 from simbridge.jobs.store.schema import attempts, beams, cases, events
 
 log = structlog.get_logger(__name__)
@@ -130,6 +139,7 @@ class Store:
             threading.Lock() if url.startswith("sqlite") else contextlib.nullcontext()
         )
         self._sqlite = url.startswith("sqlite")
+        self._mark = "?" if self._sqlite else "%s"  # the driver's positional placeholder
         self._compiled: dict[int, tuple[object, str, tuple[str, ...] | None]] = {}
         try:
             self.engine = make_engine(url)
@@ -191,6 +201,27 @@ class Store:
                     dbapi_conn.close()  # back to the pool
         except (sa.exc.SQLAlchemyError, self._dbapi_error) as exc:
             raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _fast_read(self) -> Iterator[Any]:
+        """A driver cursor for the dispatcher's per-tick reads (each SELECT sees committed data)."""
+        try:
+            dbapi_conn = self.engine.raw_connection()
+            try:
+                cursor = dbapi_conn.cursor()
+                try:
+                    yield cursor
+                finally:
+                    cursor.close()
+                    if not self._sqlite:
+                        dbapi_conn.rollback()  # end the read transaction the driver began
+            finally:
+                dbapi_conn.close()
+        except (sa.exc.SQLAlchemyError, self._dbapi_error) as exc:
+            raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
+
+    def _marks(self, count: int) -> str:
+        return ", ".join([self._mark] * count)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
@@ -303,8 +334,13 @@ class Store:
     ) -> list[BeamRow]:
         """Beams, optionally of one case, in some states, or with given ids; in id order."""
         if ids is not None and case_id is None and states is None:
-            with self.read() as conn:
-                return [beam_row(r) for r in conn.execute(sql.BEAMS_BY_IDS, {"_ids": list(ids)}).all()]
+            wanted = list(ids)
+            if not wanted:
+                return []
+            marks = self._marks(len(wanted))
+            query = f"SELECT {sql.BEAM_COLUMNS_SQL} FROM beams WHERE id IN ({marks}) ORDER BY id"
+            with self._fast_read() as cursor:
+                return [beam_from_tuple(r) for r in cursor.execute(query, wanted).fetchall()]
         q = sa.select(beams).order_by(beams.c.id)
         if ids is not None:
             q = q.where(beams.c.id.in_(list(ids)))
@@ -319,14 +355,17 @@ class Store:
         self, states: Iterable[BeamState], *, now: float, limit: int, skip: Iterable[int] = ()
     ) -> list[tuple[int, BeamState]]:
         """(id, state) of beams in ``states`` whose backoff has passed, oldest first, minus ``skip``."""
-        params = {
-            "_states": [s.value for s in states],
-            "_now": now,
-            "_skip": list(skip),
-            "_limit": limit,
-        }
-        with self.read() as conn:
-            return [(int(r[0]), BeamState(r[1])) for r in conn.execute(sql.READY_IDS, params).all()]
+        wanted = [s.value for s in states]
+        skipped = list(skip)
+        query = (
+            f"SELECT id, state FROM beams WHERE state IN ({self._marks(len(wanted))})"
+            f" AND (not_before IS NULL OR not_before <= {self._mark})"
+            + (f" AND id NOT IN ({self._marks(len(skipped))})" if skipped else "")
+            + f" ORDER BY id LIMIT {self._mark}"
+        )
+        with self._fast_read() as cursor:
+            rows = cursor.execute(query, [*wanted, now, *skipped, limit]).fetchall()
+        return [(int(r[0]), BeamState(r[1])) for r in rows]
 
     def transition(
         self,
@@ -563,11 +602,13 @@ class Store:
 
     def open_attempts(self, *, beam_id: int | None = None) -> list[AttemptRow]:
         """Attempts launched (or about to be) that have not ended."""
-        q = sql.OPEN_ATTEMPTS
         if beam_id is not None:
-            q = q.where(attempts.c.beam_id == beam_id)
-        with self.read() as conn:
-            return [attempt_row(r) for r in conn.execute(q).all()]
+            q = sql.OPEN_ATTEMPTS.where(attempts.c.beam_id == beam_id)
+            with self.read() as conn:
+                return [attempt_row(r) for r in conn.execute(q).all()]
+        query = f"SELECT {sql.ATTEMPT_COLUMNS_SQL} FROM attempts WHERE ended_at IS NULL ORDER BY id"
+        with self._fast_read() as cursor:
+            return [attempt_from_tuple(r) for r in cursor.execute(query).fetchall()]
 
     def attempts(self, beam_id: int) -> list[AttemptRow]:
         """Every attempt of a beam, first first."""

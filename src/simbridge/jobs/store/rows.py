@@ -5,7 +5,8 @@ Callers can keep them across transactions and threads; a fresh read is a new row
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
@@ -95,3 +96,26 @@ def attempt_row(row: sa.Row[Any]) -> AttemptRow:
     m = dict(row._mapping)
     m["step"] = BeamState(m["step"])
     return AttemptRow(**m)
+
+
+# Column lists in field order, for driver-level SELECTs that build rows positionally.
+BEAM_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BeamRow))
+ATTEMPT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AttemptRow))
+_STATE = BEAM_FIELDS.index("state")
+_FAILED_STEP = BEAM_FIELDS.index("failed_step")
+_STEP = ATTEMPT_FIELDS.index("step")
+
+
+def beam_from_tuple(values: Sequence[Any]) -> BeamRow:
+    """A beam from a driver row whose columns are :data:`BEAM_FIELDS`, in that order."""
+    v = list(values)
+    v[_STATE] = BeamState(v[_STATE])
+    v[_FAILED_STEP] = BeamState(v[_FAILED_STEP]) if v[_FAILED_STEP] else None
+    return BeamRow(*v)
+
+
+def attempt_from_tuple(values: Sequence[Any]) -> AttemptRow:
+    """An attempt from a driver row whose columns are :data:`ATTEMPT_FIELDS`, in that order."""
+    v = list(values)
+    v[_STEP] = BeamState(v[_STEP])
+    return AttemptRow(*v)

@@ -10,20 +10,17 @@ import functools
 
 import sqlalchemy as sa
 
+from simbridge.jobs.store.rows import ATTEMPT_FIELDS, BEAM_FIELDS
 from simbridge.jobs.store.schema import attempts, beams, events
 
 B = sa.bindparam
 
+# Quoted column lists for the per-tick reads run on the driver's cursor (SQL shared by SQLite and
+# PostgreSQL; only the placeholder differs, so the store fills those in).
+BEAM_COLUMNS_SQL = ", ".join(f'"{name}"' for name in BEAM_FIELDS)
+ATTEMPT_COLUMNS_SQL = ", ".join(f'"{name}"' for name in ATTEMPT_FIELDS)
+
 BEAM_BY_ID = sa.select(beams).where(beams.c.id == B("_id"))
-BEAMS_BY_IDS = sa.select(beams).where(beams.c.id.in_(B("_ids", expanding=True))).order_by(beams.c.id)
-READY_IDS = (
-    sa.select(beams.c.id, beams.c.state)
-    .where(beams.c.state.in_(B("_states", expanding=True)))
-    .where(sa.or_(beams.c.not_before.is_(None), beams.c.not_before <= B("_now")))
-    .where(beams.c.id.not_in(B("_skip", expanding=True)))
-    .order_by(beams.c.id)
-    .limit(B("_limit"))
-)
 OPEN_ATTEMPTS = sa.select(attempts).where(attempts.c.ended_at.is_(None)).order_by(attempts.c.id)
 EVENT_COLUMNS = ("at", "case_id", "beam_id", "from_state", "to_state", "reason", "actor")
 INSERT_EVENT = sa.insert(events).values({name: B(name) for name in EVENT_COLUMNS})
