@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path, PurePath, PurePosixPath
 from typing import TypeVar
 
 import structlog
@@ -90,6 +90,7 @@ class Pipeline:
         self.results_root = settings.results.resolve()
         self._cases: dict[int, CaseRow] = {}
         self._paths: dict[int, BeamPaths] = {}
+        self._remote: dict[int, PurePosixPath] = {}
         where = config_file()
         self.config_dir = (where.parent if where is not None else Path.cwd()).resolve()
 
@@ -113,6 +114,13 @@ class Pipeline:
             logs=child_path(child_path(self.work_root / "logs", case.key), beam.key),
             results=child_path(child_path(self.results_root, case.key), beam.key),
         )
+        return found
+
+    def remote_dir(self, beam: BeamRow) -> PurePosixPath:
+        """The beam's folder on the executor's side (cached: it never changes)."""
+        found = self._remote.get(beam.id)
+        if found is None:
+            found = self._remote[beam.id] = self.transport.beam_dir(self.case_of(beam).key, beam.key)
         return found
 
     def fields(self, beam: BeamRow, work_dir: PurePath | str) -> dict[str, str]:
@@ -183,8 +191,7 @@ class Pipeline:
         repeats it. Anything unusual (no files, a copy error) takes the step-by-step path.
         """
         steps = self.settings.steps
-        case = self.case_of(beam)
-        remote = self.transport.beam_dir(case.key, beam.key)
+        remote = self.remote_dir(beam)
         try:
             if beam.state is BeamState.PENDING and steps.prepare is None:
                 source = Path(beam.path)
@@ -261,9 +268,8 @@ class Pipeline:
 
     def upload(self, beam: BeamRow) -> BeamRow | None:
         """UPLOADING: copy the staged files (or the beam folder) to the per-beam folder."""
-        case = self.case_of(beam)
         local = self.paths(beam).staging if self.settings.steps.prepare else Path(beam.path)
-        remote = self.transport.beam_dir(case.key, beam.key)
+        remote = self.remote_dir(beam)
         try:
             count = self._transfer(lambda: self.transport.upload(local, remote))
         except TransferError as exc:
@@ -280,8 +286,7 @@ class Pipeline:
         """
         template = self.settings.steps.simulate
         assert template is not None  # checked when the dispatcher starts
-        case = self.case_of(beam)
-        remote = self.transport.beam_dir(case.key, beam.key)
+        remote = self.remote_dir(beam)
         gpu_id = ",".join(str(i) for i in lease.indices)
         with lease:
             return self.launch(
@@ -299,8 +304,7 @@ class Pipeline:
 
     def collect(self, beam: BeamRow) -> BeamRow | None:
         """COLLECTING: download the outputs into results/CASE/BEAM/."""
-        case = self.case_of(beam)
-        remote = self.transport.beam_dir(case.key, beam.key)
+        remote = self.remote_dir(beam)
         results = self.paths(beam).results
         patterns = self.settings.steps.outputs
         try:

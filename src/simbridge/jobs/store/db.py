@@ -141,6 +141,7 @@ class Store:
         self._sqlite = url.startswith("sqlite")
         self._mark = "?" if self._sqlite else "%s"  # the driver's positional placeholder
         self._compiled: dict[int, tuple[object, str, tuple[str, ...] | None]] = {}
+        self._writer: Any = None  # SQLite: the connection every fast_tx() writes on
         try:
             self.engine = make_engine(url)
             self._dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
@@ -165,6 +166,10 @@ class Store:
 
     def close(self) -> None:
         """Release every pooled connection."""
+        with self._write_lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
         self.engine.dispose()
 
     @contextlib.contextmanager
@@ -182,23 +187,36 @@ class Store:
     @contextlib.contextmanager
     def fast_tx(self) -> Iterator[_Raw]:
         """One write transaction on the driver's cursor (see :class:`_Raw`); same guarantees as
-        :meth:`tx`: all or nothing, committed when the block ends, errors as :class:`StoreError`."""
+        :meth:`tx`: all or nothing, committed when the block ends, errors as :class:`StoreError`.
+
+        On SQLite every such write goes through one connection kept out of the pool (writes are
+        one at a time anyway): no pool round per write, and its page cache stays valid.
+        """
         try:
             with self._write_lock:
-                dbapi_conn = self.engine.raw_connection()
+                dbapi_conn = self._writer or self.engine.raw_connection()
+                keep = self._sqlite  # a connection that failed is never kept
                 try:
                     cursor = dbapi_conn.cursor()
                     if self._sqlite:
                         cursor.execute("BEGIN IMMEDIATE")  # take the write lock up front, as in tx()
                     try:
                         yield _Raw(cursor, self._compiled, self.engine.dialect)
-                    except BaseException:
+                    except BaseException as exc:
+                        keep = keep and not isinstance(exc, self._dbapi_error)
                         dbapi_conn.rollback()
                         raise
                     dbapi_conn.commit()
                     cursor.close()
+                except self._dbapi_error:
+                    keep = False
+                    raise
                 finally:
-                    dbapi_conn.close()  # back to the pool
+                    if keep:
+                        self._writer = dbapi_conn
+                    else:
+                        self._writer = None
+                        dbapi_conn.close()  # back to the pool (which resets it)
         except (sa.exc.SQLAlchemyError, self._dbapi_error) as exc:
             raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
 
