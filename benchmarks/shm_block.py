@@ -14,6 +14,7 @@ Run: .venv/bin/python benchmarks/shm_block.py [--quick]
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing as mp
 import os
 import platform
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 
 REPO = Path(__file__).resolve().parent.parent
 BIG = (100, 16, 216)  # 1,382,400 bytes of float32
@@ -232,11 +234,14 @@ def send_publish(block: Any, src: np.ndarray) -> Callable[[int], None]:
     return send
 
 
-def copyto_reference(shape: tuple[int, ...], n: int) -> list[int]:
+def copyto_reference(shape: tuple[int, ...], n: int, idle_s: float = 0.0) -> list[int]:
+    """np.copyto in a hot loop, or after ``idle_s`` asleep (as every delivery here is sent)."""
     src = np.random.default_rng(0).random(shape, dtype=np.float32)
     dst = np.empty_like(src)
     out = []
     for _ in range(n):
+        if idle_s:
+            time.sleep(idle_s)
         t0 = time.perf_counter_ns()
         np.copyto(dst, src)
         out.append(time.perf_counter_ns() - t0)
@@ -415,15 +420,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     parser.add_argument("--polling", type=int, default=3, help="deliveries for the 1-s polling anchor")
     args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    from simbridge.shm import _core
+
     rounds, n, pp = (2, 30, 500) if args.quick else (5, 200, 5000)
     print(
         f"simbridge shm_block benchmark — {time.strftime('%Y-%m-%d %H:%M')} — "
         f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
     print(f"{rounds} interleaved rounds; one-way: {n} deliveries per round; ping-pong: {pp} round trips")
+    print(f"CRC32C path: {_core.crc32c_path()}; load average before: {os.getloadavg()[0]:.2f}")
     for label, shape in (("1,382,400 B float32 (100x16x216)", BIG), ("9,600 B float32 (24x100)", SMALL)):
         methods: dict[str, Callable[[], list[int]]] = {
             "np.copyto (same array, 1 process)": lambda s=shape: copyto_reference(s, n),
+            "  same, after 1 ms idle": lambda s=shape: copyto_reference(s, n, 0.001),
             "np.copyto across cores (floor)": lambda s=shape: one_way("cross-core copy", s, n),
             "simbridge publish->read(out) spin": lambda s=shape: one_way("simbridge-publish-spin", s, n),
             "simbridge publish->read(out) futex": lambda s=shape: one_way("simbridge-publish-futex", s, n),
@@ -455,6 +465,7 @@ def main() -> None:
     print(f"\nsimbridge Python futex vs C futex: {futex_ratio:.2f}x")
     print(f"simbridge Python spin vs mp.Pipe: {pipe_ratio:.2f}x")
     print(spin_sweep(rounds, max(200, pp // 5)))
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
  *   shm_peer wait IN TIMEOUT_MS           read IN after its latest iteration; print what happened
  *   shm_peer hold NAME D0 D1              create float32[D0][D1], publish once, sleep until killed
  * Exit status: 0 ok; 10 + (-code) for an SB_E* code; 2 usage.
+ * It compiles as C11 and as C++ (as a CUDA model's host code would include the header).
  */
 #include "simbridge/shm.h"
 
@@ -18,7 +19,7 @@ static int writer(const char *name, uint64_t elems) {
     sb_block b;
     int rc = sb_block_create(&b, name, SB_DT_UINT32, 1, &elems, 2, 0600, SB_FLAG_CHECKSUM);
     if (rc != SB_OK) return fail("create", rc);
-    uint32_t *buf = malloc(elems * sizeof *buf);
+    uint32_t *buf = (uint32_t *)malloc(elems * sizeof *buf);
     printf("ready\n");
     fflush(stdout);
     for (uint64_t it = 1;; it++) {
@@ -36,7 +37,7 @@ static int echo(const char *in_name, const char *out_name, uint64_t count, uint6
     uint64_t n = in.hdr->shape[0];
     rc = sb_block_create(&out, out_name, SB_DT_FLOAT64, 1, &n, 2, 0600, SB_FLAG_CHECKSUM);
     if (rc != SB_OK) return fail("create", rc);
-    double *x = malloc(n * sizeof *x);
+    double *x = (double *)malloc(n * sizeof *x);
     sb_snapshot snap;
     for (uint64_t i = 1; i <= count; i++) {
         rc = sb_block_read(&in, x, n * sizeof *x, i, INT64_C(20000000000), spin_ns, &snap);
@@ -73,7 +74,7 @@ static int hold(const char *name, uint64_t d0, uint64_t d1) {
     uint64_t shape[2] = {d0, d1};
     int rc = sb_block_create(&b, name, SB_DT_FLOAT32, 2, shape, 2, 0600, SB_FLAG_CHECKSUM);
     if (rc != SB_OK) return fail("create", rc);
-    float *buf = calloc(d0 * d1 > 0 ? d0 * d1 : 1, sizeof *buf);
+    float *buf = (float *)calloc(d0 * d1 > 0 ? d0 * d1 : 1, sizeof *buf);
     rc = sb_block_publish(&b, buf, d0 * d1 * sizeof *buf, 1);
     if (rc != SB_OK) return fail("publish", rc);
     printf("ready\n");

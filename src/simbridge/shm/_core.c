@@ -175,10 +175,10 @@ static PyObject *core_crc32c(PyObject *mod, PyObject *args) {
     return PyLong_FromUnsignedLong(out);
 }
 
-static PyObject *core_crc32c_hardware(PyObject *mod, PyObject *unused) {
+static PyObject *core_crc32c_path(PyObject *mod, PyObject *unused) {
     (void)mod;
     (void)unused;
-    return PyBool_FromLong(sb_crc32c_hardware());
+    return PyUnicode_FromString(sb_crc32c_path());
 }
 
 static PyObject *core_name_valid(PyObject *mod, PyObject *args) {
@@ -529,7 +529,7 @@ static PyMethodDef core_methods[] = {
     {"open", core_open, METH_VARARGS, "open(name) -> Segment | None (None: not initialised yet)"},
     {"unlink", core_unlink, METH_VARARGS, "unlink(name)"},
     {"crc32c", core_crc32c, METH_VARARGS, "crc32c(buffer, crc=0) -> int"},
-    {"crc32c_hardware", core_crc32c_hardware, METH_NOARGS, "whether the CPU's CRC32C instruction is used"},
+    {"crc32c_path", core_crc32c_path, METH_NOARGS, "the CRC32C path in use: fold, instruction or software"},
     {"name_valid", core_name_valid, METH_VARARGS, "name_valid(name) -> bool"},
     {NULL, NULL, 0, NULL},
 };

@@ -1,4 +1,7 @@
-"""A C peer compiled from shm.h exchanges arrays with Python both ways, woken through the futex."""
+"""A C peer compiled from shm.h exchanges arrays with Python both ways, woken through the futex.
+
+Every test runs with the peer built as C11 and as C++17 (a CUDA model's host code is C++).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,12 @@ from simbridge.shm import Block, LayoutMismatch, PeerGone
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(params=["c11", "c++17"])
+def peer_binary(request: pytest.FixtureRequest) -> Path:
+    path: Path = request.getfixturevalue("c_peer" if request.param == "c11" else "cpp_peer")
+    return path
+
+
 def read_line(proc: subprocess.Popen[str], expected: str, timeout: float = 20) -> str:
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
@@ -31,14 +40,14 @@ def read_line(proc: subprocess.Popen[str], expected: str, timeout: float = 20) -
 
 @pytest.mark.parametrize("spin_us", [0, 50], ids=["futex-only", "spin-then-futex"])
 def test_python_and_c_ping_pong_both_directions(
-    c_peer: Path, block_name: str, spin_us: int, monkeypatch: pytest.MonkeyPatch
+    peer_binary: Path, block_name: str, spin_us: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SIMBRIDGE_SHM__SPIN_US", str(spin_us))
     rounds = 200
     with Block.create(f"{block_name}.py2c", 1000, np.float64) as to_c:
         peer = subprocess.Popen(
             [
-                str(c_peer),
+                str(peer_binary),
                 "echo",
                 f"{block_name}.py2c",
                 f"{block_name}.c2py",
@@ -66,7 +75,7 @@ def test_python_and_c_ping_pong_both_directions(
             assert peer.wait(timeout=30) == 0, peer.stderr.read() if peer.stderr else ""
 
 
-def test_c_reader_sees_a_killed_python_writer_quickly(c_peer: Path, block_name: str) -> None:
+def test_c_reader_sees_a_killed_python_writer_quickly(peer_binary: Path, block_name: str) -> None:
     code = (
         "import sys, numpy as np\n"
         "from simbridge.shm import Block\n"
@@ -79,7 +88,9 @@ def test_c_reader_sees_a_killed_python_writer_quickly(c_peer: Path, block_name: 
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     read_line(owner, "ready")
-    peer = subprocess.Popen([str(c_peer), "wait", block_name, "30000"], stdout=subprocess.PIPE, text=True)
+    peer = subprocess.Popen(
+        [str(peer_binary), "wait", block_name, "30000"], stdout=subprocess.PIPE, text=True
+    )
     read_line(peer, "waiting")
     killed_at = time.monotonic()
     owner.send_signal(signal.SIGKILL)
@@ -92,8 +103,10 @@ def test_c_reader_sees_a_killed_python_writer_quickly(c_peer: Path, block_name: 
     Path(f"/dev/shm/simbridge.{block_name}").unlink(missing_ok=True)
 
 
-def test_python_reader_sees_a_killed_c_writer_quickly(c_peer: Path, block_name: str) -> None:
-    peer = subprocess.Popen([str(c_peer), "hold", block_name, "16", "216"], stdout=subprocess.PIPE, text=True)
+def test_python_reader_sees_a_killed_c_writer_quickly(peer_binary: Path, block_name: str) -> None:
+    peer = subprocess.Popen(
+        [str(peer_binary), "hold", block_name, "16", "216"], stdout=subprocess.PIPE, text=True
+    )
     read_line(peer, "ready")
     with Block.open(block_name, timeout=10, shape=(16, 216), dtype=np.float32) as reader:
         assert reader.read(timeout=5).iteration == 1
@@ -105,8 +118,10 @@ def test_python_reader_sees_a_killed_c_writer_quickly(c_peer: Path, block_name: 
         assert time.monotonic() - start < 5
 
 
-def test_a_c_model_built_with_other_sizes_is_refused(c_peer: Path, block_name: str) -> None:
-    peer = subprocess.Popen([str(c_peer), "hold", block_name, "16", "100"], stdout=subprocess.PIPE, text=True)
+def test_a_c_model_built_with_other_sizes_is_refused(peer_binary: Path, block_name: str) -> None:
+    peer = subprocess.Popen(
+        [str(peer_binary), "hold", block_name, "16", "100"], stdout=subprocess.PIPE, text=True
+    )
     try:
         read_line(peer, "ready")
         with pytest.raises(LayoutMismatch, match=r"holds \(16, 100\) float32, expected \(16, 216\)"):

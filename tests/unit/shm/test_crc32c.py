@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,24 +37,38 @@ def test_matches_bitwise_reference_at_any_alignment(data: bytes, skip: int) -> N
     assert _core.crc32c(view) == reference_crc32c(data)
 
 
+@given(st.binary(min_size=256, max_size=4000), st.integers(0, 31))
+@settings(max_examples=60, deadline=None)
+def test_folding_sizes_match_the_reference(data: bytes, skip: int) -> None:
+    view = memoryview(bytes(skip) + data)[skip:]
+    assert _core.crc32c(view) == reference_crc32c(data)
+
+
 @given(st.binary(max_size=300), st.binary(max_size=300))
 def test_can_be_continued(a: bytes, b: bytes) -> None:
     assert _core.crc32c(b, _core.crc32c(a)) == _core.crc32c(a + b)
 
 
-def test_hardware_and_software_paths_agree_on_large_buffers() -> None:
-    # Lengths around the 3 x 8 KiB and 3 x 256 B interleaving boundaries, at odd offsets.
+SIZES = [0, 1, 7, 8, 15, 16, 17, 31, 32, 33, 255, 256, 257, 271, 272, 383, 384, 385, 400, 767, 768]
+SIZES += [769, 24575, 24576, 24577, 49152 + 771, 65536, 199_000]
+
+
+def test_every_path_agrees_on_large_buffers() -> None:
+    # Lengths around the folding path's 256/128/32/16-byte steps and the instruction path's
+    # 3 x 8 KiB and 3 x 256 B interleaving boundaries, at odd offsets, whole and continued in pieces.
     script = (
-        "import os,sys,json\n"
+        "import json\n"
         "from simbridge.shm import _core\n"
         "blob = bytes((i * 7919 + 13) % 251 for i in range(200_003))\n"
-        "sizes = [0, 1, 7, 8, 767, 768, 769, 24575, 24576, 24577, 49152 + 771, 199_000]\n"
-        "print(json.dumps([_core.crc32c(memoryview(blob)[o:o + n]) for n in sizes for o in (0, 1, 3)]))\n"
-        "print(_core.crc32c_hardware())\n"
+        f"sizes = {SIZES}\n"
+        "whole = [_core.crc32c(memoryview(blob)[o:o + n]) for n in sizes for o in (0, 1, 3)]\n"
+        "pieces = _core.crc32c(memoryview(blob)[65536:], _core.crc32c(memoryview(blob)[:65536]))\n"
+        "print(json.dumps([whole, pieces, _core.crc32c(blob)]))\n"
+        "print(_core.crc32c_path())\n"
     )
     runs = {}
-    for force in ("0", "1"):
-        env = {**os.environ, "SIMBRIDGE_CRC32C_SOFTWARE": force}
+    for force in ("", "instruction", "software"):
+        env = {**os.environ, "SIMBRIDGE_CRC32C": force}
         out = subprocess.run(
             [sys.executable, "-c", script],
             env=env,
@@ -62,7 +78,14 @@ def test_hardware_and_software_paths_agree_on_large_buffers() -> None:
             timeout=120,
         ).stdout.split("\n")
         runs[force] = out
-    assert runs["1"][1] == "False"
-    assert runs["0"][0] == runs["1"][0]
+    assert runs["software"][1] == "software"
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    if {"avx2", "pclmulqdq", "vpclmulqdq", "sse4_2"} <= flags:
+        assert runs[""][1] == "fold"
+    assert runs["instruction"][1] in ("instruction", "software")  # no CRC instruction on this CPU
+    assert runs[""][0] == runs["instruction"][0] == runs["software"][0]
+    whole, pieces, full = json.loads(runs["software"][0])
+    assert pieces == full
     blob = bytes((i * 7919 + 13) % 251 for i in range(200_003))
+    assert whole[SIZES.index(400) * 3 + 1] == reference_crc32c(blob[1:401])
     assert _core.crc32c(blob[1:24578]) == reference_crc32c(blob[1:24578])
