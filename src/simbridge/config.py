@@ -46,7 +46,10 @@ class ShmSettings(_Section):
         default=50.0,
         ge=0,
         le=1_000_000,
-        description="How long a reader spins before parking on the futex, in microseconds.",
+        description=(
+            "How long a reader spins before parking on the futex, in microseconds (50: chosen from"
+            " the spin sweep of benchmarks/shm_block.py on a 2-core VM, see benchmarks/RESULTS.md)."
+        ),
     )
     peer_check_ms: float = Field(
         default=200.0,
