@@ -38,8 +38,8 @@
  *   A writer killed mid-publish leaves its slot's seq odd forever; `commit` still points at the last
  *   complete slot, so readers keep the last good data and then see the writer gone.
  *
- * All shared fields are C11 atomics (std::atomic in C++) with acquire/release (or seq_cst where a Dekker-style handshake
- * needs it), so the protocol is correct on weakly ordered CPUs (ARM, POWER), not only on x86.
+ * All shared fields are C11 atomics (std::atomic in C++) with acquire/release (or seq_cst where a
+ * Dekker-style handshake needs it), so the protocol is correct on weakly ordered CPUs (ARM, POWER), not only on x86.
  * ------------------------------------------------------------------------------------------------
  */
 #ifndef SIMBRIDGE_SHM_H
@@ -152,46 +152,46 @@ enum sb_status {
 
 typedef struct sb_header {
     /* identity: written once by the creator; `magic` last (release) */
-    SB_ATOMIC(uint64_t) magic;          /*   0 */
-    uint32_t abi_version;            /*   8 */
-    uint32_t header_bytes;           /*  12 bytes before the slot table (SB_HEADER_BYTES) */
-    uint32_t dtype;                  /*  16 sb_dtype */
-    uint32_t itemsize;               /*  20 */
-    uint32_t ndim;                   /*  24 */
-    uint32_t slot_count;             /*  28 */
-    uint64_t shape[SB_MAX_NDIM];     /*  32 unused dimensions are 0 */
-    uint64_t payload_bytes;          /*  96 bytes of one array */
-    uint64_t slot_stride;            /* 104 payload_bytes rounded up to 64 */
-    uint64_t payload_offset;         /* 112 offset of slot 0's payload */
-    uint64_t total_bytes;            /* 120 size of the whole segment */
-    uint32_t flags;                  /* 128 SB_FLAG_* */
-    uint32_t owner_pid;              /* 132 the creator, which is the one writer */
-    uint64_t owner_start_time;       /* 136 /proc/<pid>/stat starttime: tells a reused pid apart */
-    char boot_id[SB_BOOT_ID_BYTES];  /* 144 /proc/sys/kernel/random/boot_id at creation */
-    uint64_t created_ns;             /* 184 CLOCK_REALTIME */
+    SB_ATOMIC(uint64_t) magic;           /*   0 */
+    uint32_t abi_version;                /*   8 */
+    uint32_t header_bytes;               /*  12 bytes before the slot table (SB_HEADER_BYTES) */
+    uint32_t dtype;                      /*  16 sb_dtype */
+    uint32_t itemsize;                   /*  20 */
+    uint32_t ndim;                       /*  24 */
+    uint32_t slot_count;                 /*  28 */
+    uint64_t shape[SB_MAX_NDIM];         /*  32 unused dimensions are 0 */
+    uint64_t payload_bytes;              /*  96 bytes of one array */
+    uint64_t slot_stride;                /* 104 payload_bytes rounded up to 64 */
+    uint64_t payload_offset;             /* 112 offset of slot 0's payload */
+    uint64_t total_bytes;                /* 120 size of the whole segment */
+    uint32_t flags;                      /* 128 SB_FLAG_* */
+    uint32_t owner_pid;                  /* 132 the creator, which is the one writer */
+    uint64_t owner_start_time;           /* 136 /proc/<pid>/stat starttime: tells a reused pid apart */
+    char boot_id[SB_BOOT_ID_BYTES];      /* 144 /proc/sys/kernel/random/boot_id at creation */
+    uint64_t created_ns;                 /* 184 CLOCK_REALTIME */
     uint8_t pad_identity[256 - 192];
     /* writer line (offset 256): only the writer stores here */
-    SB_ATOMIC(uint64_t) commit;         /* 256 number of completed publishes */
-    SB_ATOMIC(uint32_t) futex;          /* 264 bumped after every commit and at close */
-    SB_ATOMIC(uint32_t) state;          /* 268 sb_state */
-    SB_ATOMIC(uint64_t) heartbeat_ns;   /* 272 CLOCK_REALTIME of the writer's last publish */
-    SB_ATOMIC(uint64_t) last_iteration; /* 280 iteration of the latest commit */
+    SB_ATOMIC(uint64_t) commit;          /* 256 number of completed publishes */
+    SB_ATOMIC(uint32_t) futex;           /* 264 bumped after every commit and at close */
+    SB_ATOMIC(uint32_t) state;           /* 268 sb_state */
+    SB_ATOMIC(uint64_t) heartbeat_ns;    /* 272 CLOCK_REALTIME of the writer's last publish */
+    SB_ATOMIC(uint64_t) last_iteration;  /* 280 iteration of the latest commit */
     uint8_t pad_writer[64 - 32];
     /* reader line (offset 320): readers store here, so they never bounce the writer's line */
-    SB_ATOMIC(uint32_t) waiters;        /* 320 readers parked on `futex` */
-    SB_ATOMIC(uint32_t) readers;        /* 324 attached readers (informational) */
-    SB_ATOMIC(uint64_t) reads;          /* 328 completed reads (informational) */
+    SB_ATOMIC(uint32_t) waiters;         /* 320 readers parked on `futex` */
+    SB_ATOMIC(uint32_t) readers;         /* 324 attached readers (informational) */
+    SB_ATOMIC(uint64_t) reads;           /* 328 completed reads (informational) */
     uint8_t pad_reader[64 - 16];
 } sb_header;
 
 typedef struct sb_slot {
-    SB_ATOMIC(uint64_t) seq;            /*  0 seqlock sequence: odd while the writer fills the slot */
-    SB_ATOMIC(uint64_t) commit;         /*  8 which publish this slot holds (0: never written) */
-    SB_ATOMIC(uint64_t) iteration;      /* 16 */
-    SB_ATOMIC(uint64_t) published_ns;   /* 24 CLOCK_REALTIME at commit */
-    SB_ATOMIC(uint32_t) crc;            /* 32 CRC32C of the payload (0 when checksums are off) */
+    SB_ATOMIC(uint64_t) seq;             /*  0 seqlock sequence: odd while the writer fills the slot */
+    SB_ATOMIC(uint64_t) commit;          /*  8 which publish this slot holds (0: never written) */
+    SB_ATOMIC(uint64_t) iteration;       /* 16 */
+    SB_ATOMIC(uint64_t) published_ns;    /* 24 CLOCK_REALTIME at commit */
+    SB_ATOMIC(uint32_t) crc;             /* 32 CRC32C of the payload (0 when checksums are off) */
     uint32_t pad0;
-    SB_ATOMIC(uint64_t) progress;       /* 40 payload bytes final in the publish under way (cut-through) */
+    SB_ATOMIC(uint64_t) progress;        /* 40 payload bytes final in the publish under way (cut-through) */
     uint8_t pad[64 - 48];
 } sb_slot;
 
@@ -559,7 +559,7 @@ SB__CRC_HW_ATTR static uint32_t sb__crc_hw_run(uint32_t crc, unsigned char *dst,
                             defined(__clang__) && __clang_major__ >= 7)
 #define SB__CRC_FOLD_ATTR __attribute__((target("avx2,pclmul,vpclmulqdq,sse4.2")))
 
-/* x * (x^(8D) folded) + next, for each 128-bit lane: lane bits 0..63 times k[0], 64..127 times k[1]. */
+/* Folds each 128-bit lane of x forward by D bytes (k holds D's constants per lane) and adds next. */
 SB__CRC_FOLD_ATTR static inline __m256i sb__fold256(__m256i x, __m256i k, __m256i next) {
     __m256i lo = _mm256_clmulepi64_epi128(x, k, 0x00), hi = _mm256_clmulepi64_epi128(x, k, 0x11);
     return _mm256_xor_si256(_mm256_xor_si256(lo, hi), next);
