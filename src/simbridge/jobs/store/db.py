@@ -7,8 +7,6 @@ the state the caller saw (optimistic), so two processes never both move the same
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,11 +18,12 @@ import sqlalchemy as sa
 import structlog
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
 from simbridge.jobs.errors import CaseRejectedError, NotFoundError, StaleStateError, StoreError
 from simbridge.jobs.states import BeamState, check_transition
 from simbridge.jobs.store import statements as sql
+from simbridge.jobs.store.engine import READ_ONLY, DriverCursor, default_actor, make_engine
 from simbridge.jobs.store.rows import (
     AttemptRow,
     BeamRow,
@@ -41,92 +40,6 @@ log = structlog.get_logger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _PG_MIGRATE_LOCK = 0x5B1D6E  # advisory lock id: one migrator at a time on PostgreSQL
-_READ_ONLY = "simbridge_read_only"
-
-
-def default_actor(role: str) -> str:
-    """``role@host:pid`` — who wrote an event."""
-    return f"{role}@{socket.gethostname()}:{os.getpid()}"
-
-
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, a busy timeout and write-locking transactions."""
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # A pool of connections (shared across threads, one at a time each): opening a SQLite
-        # connection and setting its pragmas costs more than most of our transactions.
-        engine = sa.create_engine(
-            url,
-            connect_args={"timeout": 30, "check_same_thread": False},
-            poolclass=sa.QueuePool,
-            pool_size=8,
-            max_overflow=8,
-        )
-
-        @sa.event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            # Driver-level autocommit so that we choose how each transaction begins (below).
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
-        @sa.event.listens_for(engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            # Writers take the write lock up front (IMMEDIATE): a deferred read-then-write
-            # transaction can fail with SQLITE_BUSY at once instead of waiting. Readers stay
-            # deferred so that, in WAL mode, they never wait for a writer.
-            if conn.get_execution_options().get(_READ_ONLY):
-                conn.exec_driver_sql("BEGIN")
-            else:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-        return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
-
-
-class _Raw:
-    """A DBAPI cursor in one write transaction, running our prebuilt statements.
-
-    The hot writes (every transition, launch and close) skip SQLAlchemy's per-statement machinery,
-    which costs several times what SQLite itself does: each statement is compiled once for the
-    engine's dialect and run on the driver's cursor, inside the same BEGIN ... COMMIT.
-    """
-
-    def __init__(
-        self, cursor: Any, compiled: dict[int, tuple[object, str, tuple[str, ...] | None]], dialect: Any
-    ):
-        self._cursor = cursor
-        self._compiled = compiled
-        self._dialect = dialect
-
-    def _sql(self, stmt: sa.Executable) -> tuple[str, tuple[str, ...] | None]:
-        found = self._compiled.get(id(stmt))
-        if found is None or found[0] is not stmt:
-            compiled = stmt.compile(dialect=self._dialect)  # type: ignore[attr-defined]
-            positions = tuple(compiled.positiontup) if compiled.positiontup is not None else None
-            # Keep the statement itself alive so that its id is never reused for another.
-            found = self._compiled[id(stmt)] = (stmt, compiled.string, positions)
-        return found[1], found[2]
-
-    def run(self, stmt: sa.Executable, params: dict[str, Any]) -> Any:
-        """Execute ``stmt`` with named ``params``; the cursor (for rows or rowcount)."""
-        text, positions = self._sql(stmt)
-        self._cursor.execute(text, params if positions is None else [params[k] for k in positions])
-        return self._cursor
-
-    def run_many(self, stmt: sa.Executable, rows: Sequence[dict[str, Any]]) -> None:
-        """Execute ``stmt`` once per parameter set."""
-        text, positions = self._sql(stmt)
-        if positions is not None:
-            self._cursor.executemany(text, [[r[k] for k in positions] for r in rows])
-        else:
-            self._cursor.executemany(text, rows)
 
 
 class Store:
@@ -185,8 +98,8 @@ class Store:
             raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
 
     @contextlib.contextmanager
-    def fast_tx(self) -> Iterator[_Raw]:
-        """One write transaction on the driver's cursor (see :class:`_Raw`); same guarantees as
+    def fast_tx(self) -> Iterator[DriverCursor]:
+        """One write transaction on the driver's cursor (see :class:`DriverCursor`); same guarantees as
         :meth:`tx`: all or nothing, committed when the block ends, errors as :class:`StoreError`.
 
         On SQLite every such write goes through one connection kept out of the pool (writes are
@@ -201,7 +114,7 @@ class Store:
                     if self._sqlite:
                         cursor.execute("BEGIN IMMEDIATE")  # take the write lock up front, as in tx()
                     try:
-                        yield _Raw(cursor, self._compiled, self.engine.dialect)
+                        yield DriverCursor(cursor, self._compiled, self.engine.dialect)
                     except BaseException as exc:
                         keep = keep and not isinstance(exc, self._dbapi_error)
                         dbapi_conn.rollback()
@@ -246,7 +159,7 @@ class Store:
         """One read-only transaction (never waits for writers on SQLite WAL)."""
         try:
             with (
-                self.engine.connect().execution_options(**{_READ_ONLY: True}) as conn,
+                self.engine.connect().execution_options(**{READ_ONLY: True}) as conn,
                 conn.begin(),
             ):
                 yield conn

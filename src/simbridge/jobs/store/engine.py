@@ -1,0 +1,102 @@
+"""The store's engine: SQLite (WAL, write-locking transactions) or PostgreSQL, and the driver cursor.
+
+Kept apart from :mod:`simbridge.jobs.store.db` so that the store's queries read on their own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+READ_ONLY = "simbridge_read_only"  # execution option: a deferred (non-locking) SQLite transaction
+
+
+def default_actor(role: str) -> str:
+    """``role@host:pid`` — who wrote an event."""
+    return f"{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and write-locking transactions."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # A pool of connections (shared across threads, one at a time each): opening a SQLite
+        # connection and setting its pragmas costs more than most of our transactions.
+        engine = sa.create_engine(
+            url,
+            connect_args={"timeout": 30, "check_same_thread": False},
+            poolclass=sa.QueuePool,
+            pool_size=8,
+            max_overflow=8,
+        )
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Driver-level autocommit so that we choose how each transaction begins (below).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            # Writers take the write lock up front (IMMEDIATE): a deferred read-then-write
+            # transaction can fail with SQLITE_BUSY at once instead of waiting. Readers stay
+            # deferred so that, in WAL mode, they never wait for a writer.
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+
+
+class DriverCursor:
+    """A DBAPI cursor in one write transaction, running our prebuilt statements.
+
+    The hot writes (every transition, launch and close) skip SQLAlchemy's per-statement machinery,
+    which costs several times what SQLite itself does: each statement is compiled once for the
+    engine's dialect and run on the driver's cursor, inside the same BEGIN ... COMMIT.
+    """
+
+    def __init__(
+        self, cursor: Any, compiled: dict[int, tuple[object, str, tuple[str, ...] | None]], dialect: Any
+    ):
+        self._cursor = cursor
+        self._compiled = compiled
+        self._dialect = dialect
+
+    def _sql(self, stmt: sa.Executable) -> tuple[str, tuple[str, ...] | None]:
+        found = self._compiled.get(id(stmt))
+        if found is None or found[0] is not stmt:
+            compiled = stmt.compile(dialect=self._dialect)  # type: ignore[attr-defined]
+            positions = tuple(compiled.positiontup) if compiled.positiontup is not None else None
+            # Keep the statement itself alive so that its id is never reused for another.
+            found = self._compiled[id(stmt)] = (stmt, compiled.string, positions)
+        return found[1], found[2]
+
+    def run(self, stmt: sa.Executable, params: dict[str, Any]) -> Any:
+        """Execute ``stmt`` with named ``params``; the cursor (for rows or rowcount)."""
+        text, positions = self._sql(stmt)
+        self._cursor.execute(text, params if positions is None else [params[k] for k in positions])
+        return self._cursor
+
+    def run_many(self, stmt: sa.Executable, rows: Sequence[dict[str, Any]]) -> None:
+        """Execute ``stmt`` once per parameter set."""
+        text, positions = self._sql(stmt)
+        if positions is not None:
+            self._cursor.executemany(text, [[r[k] for k in positions] for r in rows])
+        else:
+            self._cursor.executemany(text, rows)
