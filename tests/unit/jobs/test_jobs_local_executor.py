@@ -11,7 +11,7 @@ from simbridge.jobs.errors import StaleStateError
 from simbridge.jobs.executors.base import JobRef, JobStatus, LaunchSpec
 from simbridge.jobs.executors.local import LocalExecutor, read_exit_file
 from simbridge.jobs.states import BeamState
-from simbridge.jobs.store import Store
+from simbridge.jobs.store import AttemptRow, Store
 
 
 def test_exit_marker_counts_only_once_whole(tmp_path: Path) -> None:
@@ -49,25 +49,20 @@ def test_fast_writes_are_all_or_nothing(tmp_path: Path) -> None:
         store.transition(beam.id, BeamState.PENDING, BeamState.PREPARING, reason="started")
         with pytest.raises(StaleStateError):
             store.transition(beam.id, BeamState.PENDING, BeamState.PREPARING, reason="again")
-        attempt = store.open_attempt(
-            beam.id,
-            expected=BeamState.PREPARING,
-            target=BeamState.PREPARING,
-            token="t1",
-            executor="local",
-            work_dir=str(tmp_path),
-            deadline=1e12,
-        )
-        with pytest.raises(StaleStateError):  # one live attempt per beam
-            store.open_attempt(
+        def open_try(token: str) -> AttemptRow:
+            return store.open_attempt(
                 beam.id,
                 expected=BeamState.PREPARING,
                 target=BeamState.PREPARING,
-                token="t2",
+                token=token,
                 executor="local",
                 work_dir=str(tmp_path),
                 deadline=1e12,
             )
+
+        attempt = open_try("t1")
+        with pytest.raises(StaleStateError):  # one live attempt per beam
+            open_try("t2")
         store.close_attempt(attempt.id, outcome="ok", exit_code=0)
         # The move and the close commit together: a close that fails rolls the move back.
         with pytest.raises(StaleStateError):
