@@ -49,6 +49,7 @@ def test_fast_writes_are_all_or_nothing(tmp_path: Path) -> None:
         store.transition(beam.id, BeamState.PENDING, BeamState.PREPARING, reason="started")
         with pytest.raises(StaleStateError):
             store.transition(beam.id, BeamState.PENDING, BeamState.PREPARING, reason="again")
+
         def open_try(token: str) -> AttemptRow:
             return store.open_attempt(
                 beam.id,
