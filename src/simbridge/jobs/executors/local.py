@@ -100,7 +100,7 @@ class LocalExecutor(Executor):
         # Our own children, so we can reap them (no zombies) and learn a signal death quickly.
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
-        self._reaper = _Reaper(notify) if notify is not None and _Reaper.supported() else None
+        self._reaper = _Reaper(notify) if notify is not None else None
 
     def submit(self, spec: LaunchSpec) -> Launched:
         """Start ``spec.argv`` in its own session with logs to files; the marker tells the end."""
@@ -133,19 +133,10 @@ class LocalExecutor(Executor):
         # Watched before anyone else can see (and so reap) it: its pid cannot be reused meanwhile.
         if self._reaper is not None:
             self._reaper.watch(proc)
-        elif self._notify is not None:
-            threading.Thread(
-                target=self._wait_then_notify, args=(proc,), name="sb-child-wait", daemon=True
-            ).start()
         with self._lock:
             self._children[spec.token] = proc
         info = proc_start_time(proc.pid)
         return Launched(job_id=str(proc.pid), pid=proc.pid, pid_start=info[0] if info else None)
-
-    def _wait_then_notify(self, proc: subprocess.Popen[bytes]) -> None:
-        proc.wait()
-        if self._notify is not None:
-            self._notify()
 
     def find(self, ref: JobRef) -> Launched | None:
         """Find the attempt's process by recorded pid (if still the same process) or by token."""
@@ -224,43 +215,45 @@ class _Reaper:
     """One thread that waits for all our children at once (pidfds in an epoll set).
 
     It reaps each child as it ends and calls ``notify`` once per wake-up: one thread for every
-    child instead of one thread started (and switched to) per launch.
+    child instead of one thread started (and switched to) per launch. Where pidfds or epoll are
+    missing, each child is waited for on a thread of its own.
     """
 
     def __init__(self, notify: Callable[[], None]) -> None:
         self._notify = notify
-        self._epoll = select.epoll()
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
-        threading.Thread(target=self._run, name="sb-child-reaper", daemon=True).start()
-
-    @staticmethod
-    def supported() -> bool:
-        return hasattr(os, "pidfd_open") and hasattr(select, "epoll")
+        self._epoll = select.epoll() if hasattr(os, "pidfd_open") and hasattr(select, "epoll") else None
+        if self._epoll is not None:
+            reaper = threading.Thread(target=self._run, args=(self._epoll,), name="sb-child-reaper")
+            reaper.daemon = True
+            reaper.start()
 
     def watch(self, proc: subprocess.Popen[bytes]) -> None:
-        try:
-            fd = os.pidfd_open(proc.pid)
-        except OSError:  # no pidfds in this kernel: wait for this one on its own thread
+        epoll, fd = self._epoll, None
+        if epoll is not None:
+            with contextlib.suppress(OSError):  # no pidfds in this kernel
+                fd = os.pidfd_open(proc.pid)
+        if epoll is None or fd is None:  # wait for this one on a thread of its own
             threading.Thread(target=self._wait_one, args=(proc,), name="sb-child-wait", daemon=True).start()
             return
         with self._lock:
             self._procs[fd] = proc
         # epoll_ctl takes effect even while the reaper sits in epoll_wait: no wake-up needed.
-        self._epoll.register(fd, select.EPOLLIN)
+        epoll.register(fd, select.EPOLLIN)
 
     def _wait_one(self, proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
         self._notify()
 
-    def _run(self) -> None:
+    def _run(self, epoll: select.epoll) -> None:
         while True:
-            events = self._epoll.poll()
+            events = epoll.poll()
             for fd, _ in events:
                 with self._lock:
                     proc = self._procs.pop(fd, None)
                 with contextlib.suppress(OSError):
-                    self._epoll.unregister(fd)
+                    epoll.unregister(fd)
                 os.close(fd)
                 if proc is not None:
                     proc.poll()  # reap it (no zombie); a poll from another thread is harmless
