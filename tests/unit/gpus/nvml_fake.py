@@ -19,7 +19,9 @@ import pynvml
 GIB = 2**30
 
 
-def board(uuid: str, *, total: int = 80 * GIB, free: int | None = None, util: int | None = 3, **more: Any) -> dict[str, Any]:
+def board(
+    uuid: str, *, total: int = 80 * GIB, free: int | None = None, util: int | None = 3, **more: Any
+) -> dict[str, Any]:
     """One FAKE board: name, uuid, total/free bytes, utilisation (None: not supported)."""
     return {
         "name": "NVIDIA A100-SXM4-80GB",
@@ -33,8 +35,14 @@ def board(uuid: str, *, total: int = 80 * GIB, free: int | None = None, util: in
 
 def mig(uuid: str, *, total: int = 10 * GIB, free: int | None = None, slot: int = 0) -> dict[str, Any]:
     """One FAKE MIG instance, at MIG slot ``slot`` of its board (others are empty: NOT_FOUND)."""
-    return {"name": "NVIDIA A100-SXM4-80GB MIG 1g.10gb", "uuid": uuid, "total": total,
-            "free": total if free is None else free, "util": None, "slot": slot}
+    return {
+        "name": "NVIDIA A100-SXM4-80GB MIG 1g.10gb",
+        "uuid": uuid,
+        "total": total,
+        "free": total if free is None else free,
+        "util": None,
+        "slot": slot,
+    }
 
 
 def fake_nvml(boards: list[dict[str, Any]], *, init_error: type[Exception] | None = None) -> types.ModuleType:
@@ -71,7 +79,9 @@ def fake_nvml(boards: list[dict[str, Any]], *, init_error: type[Exception] | Non
     def memory(device: dict[str, Any]) -> Any:
         if device.get("fail_memory"):
             raise error(pynvml.NVML_ERROR_UNKNOWN)
-        return types.SimpleNamespace(total=device["total"], free=device["free"], used=device["total"] - device["free"])
+        return types.SimpleNamespace(
+            total=device["total"], free=device["free"], used=device["total"] - device["free"]
+        )
 
     def utilization(device: dict[str, Any]) -> Any:
         if device["util"] is None:

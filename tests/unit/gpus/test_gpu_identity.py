@@ -153,7 +153,9 @@ def test_mig_instances_are_enumerated_and_leased_by_their_uuid(
         assert mine.gpus[0].uuid == "MIG-bbbb"
 
 
-def test_a_mig_reconfigured_under_the_pool_is_refused(monkeypatch: pytest.MonkeyPatch, lock_dir: Path) -> None:
+def test_a_mig_reconfigured_under_the_pool_is_refused(
+    monkeypatch: pytest.MonkeyPatch, lock_dir: Path
+) -> None:
     boards = [board("GPU-mig0", migs=[mig("MIG-aaaa", slot=0)])]
     pool = GpuPool(source=_source(monkeypatch, boards), lock_dir=lock_dir)
     boards[0]["migs"][0]["uuid"] = "MIG-cccc"  # destroyed and re-created: a new instance

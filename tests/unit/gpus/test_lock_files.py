@@ -132,7 +132,9 @@ LINE_GARBAGE = [
 
 
 @pytest.mark.parametrize(("counter", "ticket"), LINE_GARBAGE, ids=range(len(LINE_GARBAGE)))
-def test_garbage_in_the_line_keeps_the_line_working(lock_dir: Path, counter: bytes, ticket: str | None) -> None:
+def test_garbage_in_the_line_keeps_the_line_working(
+    lock_dir: Path, counter: bytes, ticket: str | None
+) -> None:
     pool = GpuPool(slots=1, lock_dir=lock_dir, poll_interval=0.002)
     (lock_dir / "queue.lock").write_bytes(counter)
     if ticket is not None:
