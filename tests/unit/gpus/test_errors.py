@@ -67,9 +67,11 @@ def test_bad_lease_requests_are_typed(lock_dir: Path, request_: dict[str, Any]) 
 
 @pytest.mark.parametrize("pid", [0, -1, 2**64, "12", True, 1.0])
 def test_record_holder_refuses_what_is_not_a_pid(lock_dir: Path, pid: Any) -> None:
-    with GpuPool(slots=1, lock_dir=lock_dir).lease() as lease:
-        with pytest.raises(InvalidLeaseRequest, match="process id"):
-            lease.record_holder(pid)
+    with (
+        GpuPool(slots=1, lock_dir=lock_dir).lease() as lease,
+        pytest.raises(InvalidLeaseRequest, match="process id"),
+    ):
+        lease.record_holder(pid)
 
 
 def _lock_dirs_that_cannot_be_made(tmp_path: Path) -> list[tuple[Path, int]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.unit.gpus.nvml_fake import GIB, board, fake_nvml, mig
 
 from simbridge.config import GpuSettings, Settings
 from simbridge.gpus import (
@@ -22,7 +23,6 @@ from simbridge.gpus import (
     discover_gpus,
     open_source,
 )
-from tests.unit.gpus.nvml_fake import GIB, board, fake_nvml, mig
 
 FOUR = ["GPU-0000", "GPU-1111", "GPU-2222", "GPU-3333"]
 

@@ -19,11 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.unit.gpus.nvml_fake import GIB, board, fake_nvml
 
 import simbridge
 from simbridge.errors import SimbridgeError
 from simbridge.gpus import GpuPool, LockIOError, NvmlSource, NvmlUnavailable
-from tests.unit.gpus.nvml_fake import GIB, board, fake_nvml
 
 SRC = str(Path(simbridge.__file__).resolve().parents[1])
 

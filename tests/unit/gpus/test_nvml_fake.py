@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 import types
 from pathlib import Path
-from typing import Any
 
 import pynvml
 import pytest
+from tests.unit.gpus.nvml_fake import fake_nvml
 from typer.testing import CliRunner
 
 from simbridge.config import GpuSettings
 from simbridge.gpus import GpuPool, NoSuchGpu, NvmlSource, NvmlUnavailable, discover_gpus, open_source
 from simbridge.gpus.cli import app
-from tests.unit.gpus.nvml_fake import fake_nvml
 
 GIB = 2**30
 
