@@ -83,7 +83,9 @@ class GpuPool:
         self._source: GpuSource = source if source is not None else SlotSource(slots=slots)  # type: ignore[arg-type]
         self._gpus = tuple(select_gpus(self._source))
         self._names = {gpu.index: lock_name(gpu) for gpu in self._gpus}
-        self._lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir()
+        # Absolute: the folder is checked by path again at every grant, and a later chdir must
+        # neither move the pool to another folder nor make its own folder look replaced.
+        self._lock_dir = (Path(lock_dir) if lock_dir is not None else default_lock_dir()).absolute()
         self._default_timeout = float(default_timeout)
         self._poll = float(poll_interval)
         self._dir = LockDir(self._lock_dir, self._mode)

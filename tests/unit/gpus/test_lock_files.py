@@ -151,3 +151,16 @@ def test_garbage_in_the_line_keeps_the_line_working(
     waiter.join(timeout=30)
     assert served == [1]
     assert pool.waiting() == 0
+
+
+def test_a_relative_lock_folder_stays_put_after_chdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    pool = GpuPool(slots=1, lock_dir="locks")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pool.lease(timeout=0):
+        (shown,) = GpuPool(slots=1, lock_dir=tmp_path / "locks").holders()
+        assert shown.held
+    assert pool.lock_dir == tmp_path / "locks"
