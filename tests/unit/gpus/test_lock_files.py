@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from simbridge.gpus import GpuPool, LeaseTimeout, LockDirError, LockDirRemoved
@@ -164,3 +166,33 @@ def test_a_relative_lock_folder_stays_put_after_chdir(
         (shown,) = GpuPool(slots=1, lock_dir=tmp_path / "locks").holders()
         assert shown.held
     assert pool.lock_dir == tmp_path / "locks"
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=20,
+)
+_RECORDS = (
+    st.binary(max_size=300)
+    | _JSON.map(lambda v: json.dumps(v).encode())
+    | st.fixed_dictionaries(
+        {
+            "pids": st.lists(st.integers() | st.floats() | st.text(max_size=5), max_size=5),
+            "since": _JSON,
+            "host": _JSON,
+        }
+    ).map(lambda v: json.dumps(v).encode())
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(record=_RECORDS)
+def test_any_bytes_in_a_held_lock_file_read_as_valid_or_unknown(lock_dir: Path, record: bytes) -> None:
+    pool = GpuPool(slots=1, lock_dir=lock_dir)
+    with pool.lease(timeout=0):
+        (lock_dir / "gpu-0.lock").write_bytes(record)
+        (shown,) = pool.holders()
+    assert shown.held
+    assert all(isinstance(pid, int) and 1 <= pid <= 4 * 1024 * 1024 for pid in shown.pids)
+    assert shown.host is None or (shown.host.isprintable() and len(shown.host) <= 255)
