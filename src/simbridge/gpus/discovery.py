@@ -42,7 +42,11 @@ class GpuInfo:
 
 @runtime_checkable
 class GpuSource(Protocol):
-    """Where GPU facts come from: NVML, configured slots, or (in tests) a fake."""
+    """Where GPU facts come from: NVML, configured slots, or (in tests) a fake.
+
+    A source may also have ``skip_unreadable = True``: pools then leave out (and log) a GPU
+    whose read raises NvmlUnavailable instead of failing.
+    """
 
     kind: SourceKind
     note: str
@@ -290,8 +294,9 @@ def _percent(value: object) -> int | None:
 
 
 def _text(value: bytes | str) -> str:
-    # Older nvidia-ml-py releases return bytes, newer ones str.
-    return value.decode() if isinstance(value, bytes) else str(value)
+    # Older nvidia-ml-py releases return bytes, newer ones str; a driver's bytes are not
+    # necessarily UTF-8, and a name is never worth failing for (a UUID is checked after).
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def open_source(settings: GpuSettings | None = None) -> GpuSource:

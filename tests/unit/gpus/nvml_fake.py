@@ -20,7 +20,7 @@ GIB = 2**30
 
 
 def board(
-    uuid: str, *, total: int = 80 * GIB, free: int | None = None, util: int | None = 3, **more: Any
+    uuid: str | bytes, *, total: int = 80 * GIB, free: int | None = None, util: int | None = 3, **more: Any
 ) -> dict[str, Any]:
     """One FAKE board: name, uuid, total/free bytes, utilisation (None: not supported)."""
     return {
@@ -29,7 +29,7 @@ def board(
         "total": total,
         "free": total if free is None else free,
         "util": util,
-        **more,
+        **more,  # name=..., lost=True, fail_memory=True, migs=[...]
     }
 
 

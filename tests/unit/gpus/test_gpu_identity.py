@@ -164,3 +164,15 @@ def test_a_mig_reconfigured_under_the_pool_is_refused(
     boards[0]["migs"][0]["uuid"] = "MIG-aaaa"
     with pool.lease(timeout=0):
         pass
+
+
+def test_undecodable_names_and_uuids_from_the_driver_are_typed(
+    monkeypatch: pytest.MonkeyPatch, lock_dir: Path
+) -> None:
+    boards = [board("GPU-0000", name=b"\xff\xfeA100"), board(b"GPU-\xff\xfe"), board("GPU-2\n22")]
+    source = _source(monkeypatch, boards, skip_unreadable=True)
+    assert source.read(0).name.endswith("A100")
+    for index in (1, 2):
+        with pytest.raises(NvmlUnavailable):
+            source.read(index)
+    assert [g.uuid for g in GpuPool(source=source, lock_dir=lock_dir).gpus] == ["GPU-0000"]
