@@ -85,7 +85,7 @@ class GpuPool:
         self._names = {gpu.index: lock_name(gpu) for gpu in self._gpus}
         # Absolute: the folder is checked by path again at every grant, and a later chdir must
         # neither move the pool to another folder nor make its own folder look replaced.
-        self._lock_dir = (Path(lock_dir) if lock_dir is not None else default_lock_dir()).absolute()
+        self._lock_dir = _absolute(Path(lock_dir) if lock_dir is not None else default_lock_dir())
         self._default_timeout = float(default_timeout)
         self._poll = float(poll_interval)
         self._dir = LockDir(self._lock_dir, self._mode)
@@ -328,6 +328,13 @@ def lock_name(gpu: GpuInfo) -> str:
     if _SAFE_UUID.fullmatch(gpu.uuid):
         return f"{gpu.uuid}.lock"
     return f"uuid-{hashlib.sha256(gpu.uuid.encode()).hexdigest()[:32]}.lock"
+
+
+def _absolute(path: Path) -> Path:
+    try:
+        return path.absolute()
+    except OSError as exc:  # a relative path, and the working folder was removed
+        raise LockDirError(exc.errno, f"cannot resolve lock folder {path}: {exc.strerror}") from exc
 
 
 def _is_real(value: object) -> bool:
