@@ -91,10 +91,18 @@ WAITER = textwrap.dedent(
 )
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_gpu_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
 def _env() -> dict[str, str]:
     path = os.environ.get("PYTHONPATH")
     # REPO too: view workers import the FAKE NVML from tests/unit/gpus/nvml_fake.py.
-    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + REPO + (os.pathsep + path if path else "")}
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + REPO + (os.pathsep + path if path else "")}
+    # Pools stay inside an inherited CUDA_VISIBLE_DEVICES (slots too); the views are set per worker.
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
 
 
 def _python(code: str, *args: object, stdout: int | None = None) -> subprocess.Popen[str]:
