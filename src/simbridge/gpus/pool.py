@@ -20,7 +20,7 @@ from simbridge.config import Settings, load_settings
 from simbridge.errors import SimbridgeError
 from simbridge.gpus._files import LockDir, alive, check_lock_mode, close_all, read_record, try_lock
 from simbridge.gpus._queue import QueueTimeout, TicketQueue
-from simbridge.gpus.discovery import GpuInfo, GpuSource, SlotSource, open_source, read_all, select_gpus
+from simbridge.gpus.discovery import GpuInfo, GpuSource, SlotSource, open_source, read_usable, select_gpus
 from simbridge.gpus.errors import (
     InvalidLeaseRequest,
     LeaseTimeout,
@@ -295,8 +295,11 @@ class GpuPool:
         return self._queue.length()
 
     def read_gpus(self) -> list[GpuInfo]:
-        """The pool's GPUs as read now (memory and utilisation are fresh under NVML)."""
-        return read_all(self._source, [g.index for g in self._gpus])
+        """The pool's GPUs as read now (memory and utilisation are fresh under NVML).
+
+        A GPU that became unreadable is left out (logged) where the source skips such GPUs.
+        """
+        return read_usable(self._source, [g.index for g in self._gpus])
 
     def close(self) -> None:
         """Let go of the discovery library (NVML); leases already granted stay valid."""
