@@ -253,11 +253,16 @@ def write_record(fd: int, data: bytes) -> None:
             data = data.ljust(size)
         elif size > len(data):
             os.ftruncate(fd, len(data))  # a huge file is garbage: never pad up to it
-        written = os.pwrite(fd, data, 0)
+        done = 0
+        while done < len(data):
+            # A short write is legal (a file-size limit, a nearly full disk): write the rest, and
+            # the next call reports why it cannot (EFBIG, ENOSPC) instead of a torn record.
+            written = os.pwrite(fd, data[done:], done)
+            if written <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += written
     except OSError as exc:
         raise io_error(exc, "cannot write the holder record into a GPU lock file") from exc
-    if written != len(data):  # pragma: no cover - tmpfs and local disks write all or fail
-        raise LockIOError(errno.ENOSPC, "the holder record was cut short (disk full?)")
 
 
 def read_record(fd: int) -> HolderRecord:

@@ -198,3 +198,50 @@ def test_a_full_disk_while_writing_the_holder_record_holds_nothing(tmp_path: Pat
         with GpuPool(slots=1, lock_dir=lock_dir).lease(timeout=0) as lease:
             assert lease.indices == (0,)
         assert pool.waiting() == 0
+
+
+# Without root (no tmpfs to fill), a file-size limit makes the holder record's write fail the same
+# way (EFBIG): the record is ~80 bytes, the line's 16-byte counter fits under the limit.
+RECORD_TOO_BIG = textwrap.dedent(
+    """
+    import errno, gc, json, os, resource, signal, sys
+    from pathlib import Path
+    from simbridge.errors import SimbridgeError
+    from simbridge.gpus import GpuPool, LockIOError
+
+    lock_dir = Path(sys.argv[1])
+    pool = GpuPool(slots=1, lock_dir=lock_dir)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (40, hard))
+    try:
+        pool.lease(timeout=0)
+    except LockIOError as exc:
+        failed = [exc.errno == errno.EFBIG, isinstance(exc, SimbridgeError)]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    probe = os.open(lock_dir / "probe", os.O_RDWR | os.O_CREAT, 0o600)
+    gc.collect()
+    os.fstat(probe)
+    with GpuPool(slots=1, lock_dir=lock_dir).lease(timeout=0) as lease:
+        granted = list(lease.indices)
+    print(json.dumps({"failed": failed, "granted": granted, "waiting": pool.waiting()}))
+    """
+)
+
+
+def test_a_holder_record_over_the_file_size_limit_holds_nothing(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(
+        [sys.executable, "-c", RECORD_TOO_BIG, str(tmp_path / "locks")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "failed": [True, True],
+        "granted": [0],
+        "waiting": 0,
+    }
