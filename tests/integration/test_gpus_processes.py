@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from simbridge.gpus import GpuPool, LeaseTimeout
 pytestmark = pytest.mark.integration
 
 SRC = str(Path(simbridge.__file__).resolve().parents[1])
+REPO = str(Path(__file__).resolve().parents[2])
 
 # One worker: lease, prove exclusivity with an O_EXCL claim file, log the interval, release.
 STRESS_WORKER = textwrap.dedent(
@@ -89,9 +91,18 @@ WAITER = textwrap.dedent(
 )
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_gpu_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
 def _env() -> dict[str, str]:
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": SRC + (os.pathsep + path if path else "")}
+    # REPO too: view workers import the FAKE NVML from tests/unit/gpus/nvml_fake.py.
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + REPO + (os.pathsep + path if path else "")}
+    # Pools stay inside an inherited CUDA_VISIBLE_DEVICES (slots too); the views are set per worker.
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
 
 
 def _python(code: str, *args: object, stdout: int | None = None) -> subprocess.Popen[str]:
@@ -211,3 +222,108 @@ def test_a_killed_waiter_does_not_block_the_line(tmp_path: Path) -> None:
     assert order.read_text().split() == ["survivor"]
     assert pool.waiting() == 0
     assert list((lock_dir / "queue").iterdir()) == []
+
+
+# A worker with its own view of four FAKE GPUs (this machine has none): the boards NVML shows it
+# (all, or a container's subset numbered from 0) and its CUDA_VISIBLE_DEVICES. It leases 1 or 2,
+# claims each leased GPU by UUID (a claim left by a dead or zombie holder is stale), and loops
+# until the stop file appears. A live claimant found on a leased GPU is a violation.
+VIEW_WORKER = textwrap.dedent(
+    """
+    import os, random, sys
+    from pathlib import Path
+    from tests.unit.gpus.nvml_fake import board, install
+    lock_dir, claims, stop, log_path = map(Path, sys.argv[1:5])
+    shown, visible = sys.argv[5], sys.argv[6]
+    uuids = ["GPU-0000", "GPU-1111", "GPU-2222", "GPU-3333"]
+    install([board(uuids[int(n)]) for n in shown.split(",")])
+    if visible != "-":
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    from simbridge.gpus import GpuPool, NvmlSource
+    pool = GpuPool(source=NvmlSource(), lock_dir=lock_dir, poll_interval=0.002)
+
+    def live(pid):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as status:
+                return status.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+        except OSError:
+            return False
+
+    with open(log_path, "a") as log:
+        while not stop.exists():
+            count = random.choice([1, 1, 2]) if len(pool.gpus) > 1 else 1
+            with pool.lease(count, timeout=120) as lease:
+                held = [g.uuid for g in lease.gpus]
+                assert len(set(held)) == len(held)
+                for uuid in held:
+                    claim = claims / uuid
+                    try:
+                        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                    except FileExistsError:
+                        text = claim.read_text()
+                        if text and live(int(text)):
+                            log.write(f"violation {uuid} held by {text}\\n")
+                        claim.unlink()
+                        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                    os.write(fd, str(os.getpid()).encode())
+                    os.close(fd)
+                for uuid in held:
+                    (claims / uuid).unlink()
+            log.write("cycle\\n")
+            log.flush()
+    """
+)
+
+# (boards NVML shows, CUDA_VISIBLE_DEVICES): overlapping views of the same four GPUs.
+VIEWS = [
+    ("0,1,2,3", "-"),
+    ("2,3", "-"),  # a container: GPUs 2 and 3 are its 0 and 1
+    ("0,1,2,3", "1,2"),
+    ("0,1,2,3", "GPU-3333,0"),
+    ("1,2,3", "0,1"),  # a container's 0,1 = GPUs 1 and 2
+    ("0,1,2,3", "GPU-2222"),
+    ("3,2,1,0", "-"),  # enumerated in another order
+    ("1,3", "1"),  # the container's 1 = GPU 3
+]
+
+
+def test_16_processes_with_overlapping_views_and_sigkills_never_share_a_gpu(tmp_path: Path) -> None:
+    lock_dir, claims, stop = tmp_path / "locks", tmp_path / "claims", tmp_path / "stop"
+    claims.mkdir()
+    chaos = random.Random(9)
+    logs: list[Path] = []
+
+    def start(slot: int) -> subprocess.Popen[str]:
+        shown, visible = VIEWS[slot % len(VIEWS)]
+        log = tmp_path / f"log-{slot}-{len(logs)}"
+        logs.append(log)
+        return _python(VIEW_WORKER, lock_dir, claims, stop, log, shown, visible)
+
+    def cycles() -> int:
+        return sum(p.read_text().count("cycle") for p in logs if p.exists())
+
+    workers = [start(slot) for slot in range(16)]
+    try:
+        for kill in range(30):
+            goal = cycles() + 5
+            _wait_for(lambda goal=goal: cycles() >= goal, f"progress before kill {kill}", timeout=120)
+            slot = chaos.randrange(len(workers))
+            workers[slot].send_signal(signal.SIGKILL)
+            workers[slot].wait(timeout=30)
+            workers[slot] = start(slot)
+        goal = cycles() + 50
+        _wait_for(lambda: cycles() >= goal, "progress after the last kill", timeout=120)
+    finally:
+        stop.touch()
+        for worker in workers:
+            try:
+                worker.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(timeout=30)
+    violations = [
+        line for p in logs if p.exists() for line in p.read_text().splitlines() if "violation" in line
+    ]
+    assert violations == []
+    assert all(w.returncode == 0 for w in workers), [w.returncode for w in workers]
+    assert cycles() >= 200

@@ -17,6 +17,8 @@ from simbridge.gpus.errors import (
     LeaseReleased,
     LeaseTimeout,
     LockDirError,
+    LockDirRemoved,
+    LockIOError,
     NoSuchGpu,
     NvmlUnavailable,
 )
@@ -33,6 +35,8 @@ __all__ = [
     "LeaseReleased",
     "LeaseTimeout",
     "LockDirError",
+    "LockDirRemoved",
+    "LockIOError",
     "NoSuchGpu",
     "NvmlSource",
     "NvmlUnavailable",

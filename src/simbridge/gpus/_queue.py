@@ -8,30 +8,31 @@ waiter never blocks the line.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
-import stat
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
+from simbridge.gpus._files import LockDir, close_all, io_error, try_lock
 from simbridge.gpus.errors import GpuError, LockDirError
 
 # Tickets are zero-padded so that name order is ticket order.
 _TICKET_WIDTH = 16
-_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+_TICKET_LIMIT = 10**_TICKET_WIDTH
+# Only names we write count as tickets; anything else in the folder is ignored, never parsed.
+_TICKET_NAME = re.compile(rf"([0-9]{{{_TICKET_WIDTH}}})-[0-9]{{1,10}}", re.ASCII)
 _FIRST_POLL_S = 0.0002
 _NEXT_IN_LINE_POLL_S = 0.001
 
 
 @dataclass(frozen=True, slots=True)
 class Place:
-    """A waiter's place in the line: its ticket number, ticket file and the fd holding its flock."""
+    """A waiter's place in the line: its ticket number, ticket file name and the fd holding its flock."""
 
     ticket: int
-    path: Path
+    name: str
     fd: int
 
 
@@ -43,71 +44,26 @@ class QueueTimeout(GpuError):
         self.ahead = ahead
 
 
-def dir_mode(file_mode: int) -> int:
-    """Folder bits matching file bits: each class that may read a file may also enter the folder."""
-    return 0o700 | file_mode | ((file_mode & 0o444) >> 2)
-
-
-def ensure_dir(path: Path, file_mode: int) -> None:
-    """Create ``path`` (mode matched to ``file_mode``), or check it is a real folder we can use."""
-    try:
-        path.mkdir(parents=True, mode=dir_mode(file_mode))
-    except FileExistsError:
-        pass
-    else:
-        # mkdir's mode is cut by the umask; a shared folder must really be shared.
-        os.chmod(path, dir_mode(file_mode))
-        return
-    if path.is_symlink() or not path.is_dir():
-        raise LockDirError(
-            f"{path} exists but is not a folder (or is a symlink); remove it or set gpus.lock_dir"
-        )
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise LockDirError(
-            f"{path} is not writable by uid {os.getuid()}; fix its permissions or set gpus.lock_dir"
-        )
-
-
-def open_lock_file(path: Path, mode: int, *, exclusive: bool = False) -> int:
-    """Open (creating) a lock file read-write; shared modes get exactly ``mode``, whatever the umask."""
-    fd = os.open(path, _OPEN_FLAGS | (os.O_EXCL if exclusive else 0), mode)
-    if mode & 0o077:
-        # Other users must be able to write the holder record: the umask may have cut that bit.
-        info = os.fstat(fd)
-        if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) != mode:
-            os.fchmod(fd, mode)
-    return fd
-
-
-def try_lock(fd: int, *, shared: bool = False) -> bool:
-    """Take an flock without waiting; False when someone else holds a conflicting one."""
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as exc:  # pragma: no cover - EWOULDBLOCK under another name on odd platforms
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
-
-
 class TicketQueue:
     """FIFO line of waiters in ``root/queue``; the ticket counter lives in ``root/queue.lock``."""
 
-    def __init__(self, *, root: Path, mode: int) -> None:
-        self._dir = root / "queue"
-        self._mutex_path = root / "queue.lock"
-        self._mode = mode
-        ensure_dir(self._dir, mode)
+    def __init__(self, *, root: LockDir, mode: int) -> None:
+        self._root = root
+        self._dir = LockDir(root.path / "queue", mode)
 
     @contextlib.contextmanager
     def _mutex(self) -> Iterator[int]:
         # A blocking flock is fine here: every critical section is a few syscalls long, and a
         # holder that dies inside one has its lock dropped by the kernel.
-        fd = open_lock_file(self._mutex_path, self._mode)
+        fd = self._root.open("queue.lock")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                raise io_error(exc, "cannot lock the line's counter") from exc
+            # A line in a folder re-created under us would be a second, separate line.
+            self._root.verify_file("queue.lock", fd)
+            self._dir.verify()
             yield fd
         finally:
             os.close(fd)
@@ -116,58 +72,78 @@ class TicketQueue:
         """Take the next ticket and stand in line (holding the ticket file's flock).
 
         Returns the place, an fd on the nearest live waiter ahead (None when first) and how many
-        live waiters are ahead, all seen in one critical section.
+        live waiters are ahead, all seen in one critical section. When it raises, it holds
+        nothing: no ticket stays in line behind a process that is still alive.
         """
         with self._mutex() as mutex:
             entries = self._entries()
             ticket = self._next_ticket(mutex, entries)
-            path = self._dir / f"{ticket:0{_TICKET_WIDTH}d}-{os.getpid()}"
-            fd = open_lock_file(path, self._mode, exclusive=True)
-            # Created and locked under the mutex, so a scan (also under the mutex) never sees a
-            # live waiter's file unlocked and mistakes it for a dead one.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            place = Place(ticket=ticket, path=path, fd=fd)
-            nearest, alive = self._scan(place, entries)
+            name = f"{ticket:0{_TICKET_WIDTH}d}-{os.getpid()}"
+            fd = self._dir.open(name, exclusive=True)
+            place = Place(ticket=ticket, name=name, fd=fd)
+            try:
+                # Created and locked under the mutex, so a scan (also under the mutex) never sees a
+                # live waiter's file unlocked and mistakes it for a dead one.
+                if not try_lock(fd):  # pragma: no cover - a file we just created exclusively
+                    raise io_error(OSError(11, "ticket file locked by another"), f"cannot lock {name}")
+                nearest, alive = self._scan(place, entries)
+            except BaseException:
+                self.leave(place)
+                raise
         return place, nearest, alive
 
-    def _next_ticket(self, mutex: int, entries: list[tuple[int, Path]]) -> int:
-        raw = os.pread(mutex, _TICKET_WIDTH, 0).strip()
+    def _next_ticket(self, mutex: int, entries: list[tuple[int, str]]) -> int:
         try:
-            last = int(raw) if raw else 0
-        except ValueError:
-            last = 0
-        # The listing guards against a counter file that was removed or torn by a crash.
+            raw = os.pread(mutex, _TICKET_WIDTH, 0).strip()
+        except OSError as exc:
+            raise io_error(exc, "cannot read the line's counter") from exc
+        # The counter is anyone's file: only plain digits count, anything else starts from the
+        # listing, which also guards against a counter that was removed or torn by a crash.
+        last = int(raw) if raw.isdigit() and raw.isascii() else 0
         if entries:
             last = max(last, entries[-1][0])
+        elif last >= _TICKET_LIMIT - 1:
+            last = 0  # an empty line may start again; only order among live tickets matters
         ticket = last + 1
-        # Fixed width, so the counter is overwritten in place without a (slow) truncate.
-        os.pwrite(mutex, f"{ticket:0{_TICKET_WIDTH}d}".encode(), 0)
+        if ticket >= _TICKET_LIMIT:
+            raise LockDirError(
+                f"the ticket counter in {self._root.path} ran out (a garbage ticket?); "
+                f"remove {self._dir.path} when no lease is waiting"
+            )
+        try:
+            # Fixed width, so the counter is overwritten in place without a (slow) truncate.
+            os.pwrite(mutex, f"{ticket:0{_TICKET_WIDTH}d}".encode(), 0)
+        except OSError as exc:
+            raise io_error(exc, "cannot write the line's counter") from exc
         return ticket
 
-    def _entries(self) -> list[tuple[int, Path]]:
+    def _entries(self) -> list[tuple[int, str]]:
         entries = []
-        for path in self._dir.iterdir():
-            head, _, _ = path.name.partition("-")
-            if head.isdigit():
-                entries.append((int(head), path))
+        for name in self._dir.names():
+            match = _TICKET_NAME.fullmatch(name)
+            if match is not None:
+                entries.append((int(match.group(1)), name))
         entries.sort()
         return entries
 
-    def _scan(self, place: Place, entries: list[tuple[int, Path]]) -> tuple[int | None, int]:
+    def _scan(self, place: Place, entries: list[tuple[int, str]]) -> tuple[int | None, int]:
         # Under the mutex. Walks back from our ticket to the nearest live waiter only (one open in
         # the usual case), removing ticket files of dead waiters on the way; the entries further
         # ahead are counted, not probed.
-        earlier = [(ticket, path) for ticket, path in entries if ticket < place.ticket]
+        earlier = [(ticket, name) for ticket, name in entries if ticket < place.ticket]
         while earlier:
-            _, path = earlier.pop()
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except FileNotFoundError:
+            _, name = earlier.pop()
+            fd = self._dir.open_existing(name)
+            if fd is None:
                 continue  # it left between the listing and now
-            if try_lock(fd):
+            try:
+                free = try_lock(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if free:
                 # Nobody holds it: its waiter died (a leaving waiter unlinks first).
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                self._dir.unlink(name)
                 os.close(fd)
                 continue
             return fd, len(earlier) + 1
@@ -202,18 +178,20 @@ class TicketQueue:
 
     def leave(self, place: Place) -> None:
         """Step out of line; the waiter behind notices when the flock goes with the fd."""
-        with contextlib.suppress(FileNotFoundError):
-            place.path.unlink()
-        os.close(place.fd)
+        # Unlink first, then close: a file left unlocked but listed would read as a dead waiter,
+        # which is harmless; the close always runs, so our flock never outlives a failed lease.
+        try:
+            self._dir.unlink(place.name)
+        finally:
+            close_all([place.fd])
 
     def length(self) -> int:
         """How many live waiters stand in line now."""
         count = 0
         with self._mutex():
-            for _, path in self._entries():
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-                except FileNotFoundError:
+            for _, name in self._entries():
+                fd = self._dir.open_existing(name)
+                if fd is None:
                     continue
                 try:
                     if not try_lock(fd, shared=True):

@@ -15,6 +15,7 @@ from typing import Annotated, TextIO, cast
 import structlog
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from simbridge.config import load_settings
@@ -61,14 +62,20 @@ def show(
             waiting = pool.waiting()
             note = pool.source.note
             where = pool.lock_dir
-    except SimbridgeError as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+    except (SimbridgeError, OSError) as exc:
+        # One line whatever the message holds (a path may contain '[' or a newline) and however
+        # narrow the terminal; every error of the gpus package is typed, OSError is a last guard.
+        errors.print(f"[red]error:[/red] {escape(_one_line(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1) from exc
     if as_json:
         typer.echo(json.dumps(_as_json(gpus, holders, waiting), indent=2))
         return
     console.print(_table(gpus, holders, title=f"GPUs ({note})"))
     console.print(f"lock folder {where}; {waiting} lease(s) waiting")
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
 class _Stderr:

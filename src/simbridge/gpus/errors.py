@@ -35,3 +35,11 @@ class LockDirError(GpuError, OSError):
 
 class LeaseReleased(GpuError, RuntimeError):
     """Raised when a released lease is used again (its GPUs may already belong to someone else)."""
+
+
+class LockIOError(GpuError, OSError):
+    """Raised when the OS refuses a lock, ticket or holder-record file call (a failed lease holds nothing)."""
+
+
+class LockDirRemoved(LockDirError):
+    """Raised when the lock folder or a lock file was removed or replaced while this pool used it."""

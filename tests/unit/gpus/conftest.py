@@ -60,6 +60,13 @@ def _default_logging() -> Iterator[None]:
     structlog.configure(**saved)
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_gpu_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pools stay inside the CUDA_VISIBLE_DEVICES they are started with (slots too): a GPU
+    # machine or CI runner that sets it must not shrink the pools these tests build.
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
 @pytest.fixture
 def lock_dir(tmp_path: Path) -> Path:
     return tmp_path / "locks"

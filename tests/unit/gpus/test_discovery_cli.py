@@ -128,3 +128,22 @@ def test_cli_json_stays_clean_when_discovery_logs(monkeypatch: pytest.MonkeyPatc
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)  # logs went to stderr, not into the JSON
     assert len(data["gpus"]) >= 1
+
+
+def test_real_nvml_pool_locks_by_uuid_or_says_why_not(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real NVML path of UUID-keyed locks and MIG enumeration: exercised where a GPU exists.
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    source, reason = _nvml_or_reason()
+    if source is None:
+        assert "NVML" in reason or "nvidia-ml-py" in reason
+        return
+    with GpuPool(source=source, lock_dir=lock_dir) as pool, pool.lease(timeout=0) as lease:
+        (gpu,) = lease.gpus
+        assert gpu.uuid is not None and gpu.uuid.startswith(("GPU-", "MIG-"))
+        assert lease.env["CUDA_VISIBLE_DEVICES"] == gpu.uuid
+        assert (lock_dir / f"{gpu.uuid}.lock").exists()
+        assert gpu.memory_free is not None
+        if gpu.uuid.startswith("MIG-"):
+            assert gpu.parent_uuid is not None and gpu.parent_uuid.startswith("GPU-")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import types
 from pathlib import Path
-from typing import Any
 
 import pynvml
 import pytest
+from tests.unit.gpus.nvml_fake import fake_nvml
 from typer.testing import CliRunner
 
 from simbridge.config import GpuSettings
@@ -21,45 +21,6 @@ from simbridge.gpus import GpuPool, NoSuchGpu, NvmlSource, NvmlUnavailable, disc
 from simbridge.gpus.cli import app
 
 GIB = 2**30
-
-
-def fake_nvml(boards: list[dict[str, Any]], *, init_error: type[Exception] | None = None) -> types.ModuleType:
-    """A FAKE NVML: each board is a dict (name, uuid, total, free, util or None for unsupported)."""
-    fake = types.ModuleType("pynvml")
-    fake.NVMLError = pynvml.NVMLError  # type: ignore[attr-defined]
-    state = {"inits": 0, "shutdowns": 0}
-    fake.state = state  # type: ignore[attr-defined]
-
-    def init() -> None:
-        if init_error is not None:
-            raise init_error(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
-        state["inits"] += 1
-
-    def shutdown() -> None:
-        state["shutdowns"] += 1
-
-    def handle(index: int) -> dict[str, Any]:
-        if not 0 <= index < len(boards):
-            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-        return boards[index]
-
-    def utilization(board: dict[str, Any]) -> Any:
-        if board["util"] is None:
-            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
-        return types.SimpleNamespace(gpu=board["util"], memory=0)
-
-    fake.nvmlInit = init  # type: ignore[attr-defined]
-    fake.nvmlShutdown = shutdown  # type: ignore[attr-defined]
-    fake.nvmlDeviceGetCount = lambda: len(boards)  # type: ignore[attr-defined]
-    fake.nvmlSystemGetDriverVersion = lambda: b"550.54.15"  # type: ignore[attr-defined]
-    fake.nvmlDeviceGetHandleByIndex = handle  # type: ignore[attr-defined]
-    fake.nvmlDeviceGetName = lambda b: b["name"]  # type: ignore[attr-defined]
-    fake.nvmlDeviceGetUUID = lambda b: b["uuid"]  # type: ignore[attr-defined]
-    fake.nvmlDeviceGetMemoryInfo = lambda b: types.SimpleNamespace(  # type: ignore[attr-defined]
-        total=b["total"], free=b["free"], used=b["total"] - b["free"]
-    )
-    fake.nvmlDeviceGetUtilizationRates = utilization  # type: ignore[attr-defined]
-    return fake
 
 
 BOARDS = [
@@ -116,11 +77,12 @@ def test_pool_on_nvml_sets_device_order_and_honours_memory(nvml: types.ModuleTyp
     with GpuPool(source=NvmlSource(), lock_dir=lock_dir) as pool:
         with pool.lease(min_free_memory=40 * GIB) as lease:
             assert lease.indices == (0,)
-            assert lease.env == {"CUDA_VISIBLE_DEVICES": "0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+            # UUIDs name the same GPU in every view (container, cgroup, parent's CUDA_VISIBLE_DEVICES).
+            assert lease.env == {"CUDA_VISIBLE_DEVICES": "GPU-aaaa", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
         nvml.nvmlDeviceGetHandleByIndex(1)["free"] = 60 * GIB  # type: ignore[attr-defined]
         with pool.lease(2, min_free_memory=40 * GIB, timeout=0) as both:
             assert both.indices == (0, 1)
-            assert both.env["CUDA_VISIBLE_DEVICES"] == "0,1"
+            assert both.env["CUDA_VISIBLE_DEVICES"] == "GPU-aaaa,GPU-bbbb"
 
 
 def test_cli_shows_memory_and_utilisation(
@@ -149,7 +111,7 @@ def test_pool_stays_inside_the_gpus_a_parent_gave_us(
     with GpuPool(source=NvmlSource(), lock_dir=lock_dir) as pool:
         assert [g.index for g in pool.gpus] == [1]
         with pool.lease() as lease:
-            assert lease.env["CUDA_VISIBLE_DEVICES"] == "1"  # the physical index, PCI order
+            assert lease.env["CUDA_VISIBLE_DEVICES"] == "GPU-bbbb"  # the physical GPU, by UUID
 
 
 @pytest.mark.parametrize("visible", ["", "7", "GPU-zzzz", "GPU-"])
