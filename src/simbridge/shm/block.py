@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import operator
 import os
 import time
 import weakref
@@ -28,9 +29,11 @@ from simbridge.shm import _core
 from simbridge.shm.errors import (
     BlockExists,
     BlockNotFound,
+    ChecksumRequired,
     LayoutMismatch,
     NonFinite,
     NoSpace,
+    OutOfRange,
     PeerGone,
     Timeout,
     WriterClosed,
@@ -71,7 +74,6 @@ class Block:
         # The owner unlinks at close, at garbage collection or at interpreter exit, whichever is first.
         release = _release_owned if self.is_owner else _release_reader
         self._finalizer = weakref.finalize(self, release, segment)
-        self._forked = False
         if self.is_owner:
             _OWNED.add(self)
 
@@ -167,30 +169,39 @@ class Block:
         shape: int | tuple[int, ...] | None = None,
         dtype: DTypeLike | None = None,
         record: str | os.PathLike[str] | None = None,
+        require_checksum: bool = False,
     ) -> Block:
         """Attach as a reader, waiting up to ``timeout`` seconds for the block to appear.
 
         ``timeout=None`` uses ``shm.open_timeout_s`` from the configuration; ``0`` tries once.
         Give ``shape`` and/or ``dtype`` to have a peer built with other sizes refused with
-        :class:`LayoutMismatch` instead of read as garbage.
+        :class:`LayoutMismatch` instead of read as garbage. ``require_checksum`` refuses a writer
+        that publishes without CRC32C (a C peer may leave ``SB_FLAG_CHECKSUM`` off) with
+        :class:`ChecksumRequired`. Without write permission on the segment (another user's block
+        of mode 0o644) the reader attaches read-only and notices publishes by polling every 1 ms.
         """
         validate_name(name)
         settings = load_settings().shm
-        limit = settings.open_timeout_s if timeout is None else timeout
+        limit = _seconds(settings.open_timeout_s if timeout is None else timeout, "Block.open timeout")
         start = time.monotonic()
         delay = 0.0005
         while True:
             try:
                 segment = _core.open(name)
-            except FileNotFoundError:
+            except BlockNotFound:
                 segment = None
-            except ValueError as exc:  # LayoutMismatch is a ValueError too
-                if isinstance(exc, LayoutMismatch):
-                    raise LayoutMismatch(f"block {name!r}: {exc}") from exc
-                raise
+            except LayoutMismatch as exc:
+                raise LayoutMismatch(f"block {name!r}: {exc}") from exc
             if segment is not None:
                 block = cls(segment, name=name, settings=settings, record=cls._record_dir(record, settings))
                 block._expect(shape, dtype)
+                if require_checksum and not block.checksum:
+                    block.close()
+                    raise ChecksumRequired(
+                        f"block {name!r}: its writer (pid {block.writer_pid}) publishes without CRC32C "
+                        "checksums, so torn or damaged payloads could not be detected; create it with "
+                        "checksums (C: SB_FLAG_CHECKSUM) or open it with require_checksum=False"
+                    )
                 return block
             waited = time.monotonic() - start
             if waited >= limit:
@@ -229,11 +240,10 @@ class Block:
     def publish(self, array: ArrayLike, *, iteration: int | None = None, check_finite: bool = False) -> int:
         """Copy ``array`` into the next slot, checksum it, commit it and wake readers.
 
-        ``iteration`` defaults to the previous one plus one (the first is 1) and must increase.
-        Returns the iteration id readers will see.
+        ``iteration`` defaults to the previous one plus one (the first is 1) and must increase
+        (:class:`IterationOrder`); ids are integers 0..2**64-2 (:class:`OutOfRange`). Returns the
+        iteration id readers will see. A forked child of the writer gets :class:`NotWriter`.
         """
-        if self._forked:
-            raise self._forked_error()
         arr = array if array.__class__ is np.ndarray else np.asarray(array)
         if (arr.dtype is not self.dtype and arr.dtype != self.dtype) or arr.shape != self.shape:
             raise LayoutMismatch(
@@ -242,8 +252,6 @@ class Block:
         if check_finite:
             self._check_finite(arr, "publish")
         it = self._last_iteration + 1 if iteration is None else iteration
-        if it < 0:
-            raise ValueError(f"iteration must be >= 0, got {it}")
         try:
             commit = self._seg.publish(arr, it)
         except ValueError:
@@ -256,12 +264,6 @@ class Block:
             self.recorder.record(self.name, "publish", arr, iteration=it, commit=commit)
         return it
 
-    def _forked_error(self) -> PermissionError:
-        return PermissionError(
-            f"block {self.name!r} belongs to pid {self.writer_pid}; this forked child may read it "
-            "(Block.open) but never publish into it"
-        )
-
     @contextmanager
     def loan(self, iteration: int | None = None) -> Iterator[NDArray[Any]]:
         """Lend a writable view of the next slot for zero-copy writes; commits when the block exits.
@@ -269,9 +271,8 @@ class Block:
         An exception inside the block aborts the write and readers never see it. Do not keep the
         view after the ``with`` block: the slot is the writer's again.
         """
-        if self._forked:
-            raise self._forked_error()
-        it = self._last_iteration + 1 if iteration is None else iteration
+        # Checked before the slot is taken: a refused id must not leave a begun write behind.
+        it = _iteration_id(self._last_iteration + 1 if iteration is None else iteration)
         slot, _offset = self._seg.begin_write()
         try:
             yield self._view(slot, writable=True)
@@ -303,9 +304,9 @@ class Block:
         :class:`Snapshot`. Raises :class:`Timeout`, :class:`PeerGone`, :class:`WriterClosed`,
         :class:`Corrupted` or :class:`NonFinite`.
         """
-        min_iteration = 0 if after is None else after + 1
-        if min_iteration < 0:
-            raise ValueError(f"after must be >= -1, got {after}")
+        min_iteration = 0 if after is None else _after_id(after) + 1
+        if timeout is not None:
+            _seconds(timeout, "Block.read timeout")
         dst: NDArray[Any] | None
         if not copy:
             dst = None
@@ -347,7 +348,7 @@ class Block:
         timeout: float | None,
         status: Any,
     ) -> tuple[int, int, int, int, int, int]:
-        limit = self._read_timeout if timeout is None else timeout
+        limit = _seconds(self._read_timeout if timeout is None else timeout, "Block.read timeout")
         start = time.monotonic()
         deadline = start + limit if math.isfinite(limit) else math.inf
         next_progress = start + self._progress_s
@@ -472,15 +473,47 @@ class Block:
         return f"Block({self.name!r}, shape={self.shape}, dtype={self.dtype}, slots={self.slots}, {role})"
 
 
+def _seconds(value: object, what: str) -> float:
+    """A timeout in seconds: a number >= 0, ``math.inf`` for "wait forever"; NaN and negatives refused."""
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not seconds >= 0:  # also false for NaN
+        raise OutOfRange(f"{what} must be a number of seconds >= 0 (math.inf waits forever), got {value!r}")
+    return seconds
+
+
+def _iteration_id(value: object) -> int:
+    try:
+        it = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        it = -1
+    if not 0 <= it <= _core.MAX_ITERATION:
+        raise OutOfRange(f"iteration ids are integers 0..2**64-2, got {value!r}")
+    return it
+
+
+def _after_id(value: object) -> int:
+    try:
+        after = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        after = -2
+    # An iteration after 2**64-2 cannot exist (2**64-1 is reserved), so waiting for one is refused.
+    if not -1 <= after < _core.MAX_ITERATION:
+        raise OutOfRange(f"after must be None or an integer -1..2**64-3, got {value!r}")
+    return after
+
+
 # Owned blocks of this process, so that a forked child can be told it is not their writer.
 _OWNED: weakref.WeakSet[Block] = weakref.WeakSet()
 
 
 def _disown_after_fork() -> None:
-    # The child must neither unlink the parent's segments at its exit nor publish into them.
+    # The child must not unlink the parent's segments at its exit (the C core also refuses to mark
+    # them closed or to publish into them from the child).
     for block in list(_OWNED):
         block._finalizer.detach()
-        block._forked = True
     _OWNED.clear()
 
 
