@@ -12,7 +12,7 @@
  *   offset 0    sb_header   identity (written once by the creator, `magic` stored LAST with release
  *                           ordering so an opener never sees a half-initialised header)
  *   offset 256  writer line the writer's hot fields: commit counter, futex word, state, heartbeat
- *   offset 320  reader line readers' fields: parked-waiter count, read counter
+ *   offset 320  reader line readers' fields: parked-waiter flag, reader and read counters
  *   offset 384  sb_slot[slot_count]   one 64-byte descriptor per slot (seqlock sequence, commit,
  *                           iteration, publish time, CRC32C, bytes written so far)
  *   payload_offset (64-aligned)  slot_count payload areas of slot_stride bytes (64-aligned) each
@@ -24,19 +24,59 @@
  *   publish: slot = commit % slot_count  (the slot NOT holding the latest commit when slots >= 2)
  *            seq := seq+1 (odd) ; release fence ; copy payload + CRC32C ; fill descriptor ;
  *            seq := seq+1 (even, release) ; commit := commit+1 (seq_cst) ; futex += 1 ;
- *            FUTEX_WAKE only if waiters > 0 (so an un-watched publish costs no system call).
+ *            FUTEX_WAKE only if the `waiters` flag is up, clearing it (an un-watched publish costs no
+ *            system call, and a reader killed while parked costs at most one needless wake).
  *   read:    c := commit (acquire) ; slot := (c-1) % slot_count ; s1 := seq (acquire), retry if odd ;
  *            copy payload ; acquire fence ; s2 := seq ; retry if s1 != s2 ; verify CRC32C of the copy.
  *            A torn copy is never returned: it either fails the sequence check or the checksum.
+ *            A read returns the LATEST commit (if its iteration is new enough): a block holds the
+ *            latest state, not a queue, so commits published between two reads are skipped.
  *   cut-through (payloads >= SB_STREAM_MIN_BYTES): a publish writes in SB_STREAM_CHUNK pieces and
  *            release-stores `progress` after each; a reader already waiting for the next commit follows
  *            it, copying [done, progress) while the writer writes the rest, so a large array arrives
  *            about one chunk after the writer finishes instead of one whole copy later. It accepts the
  *            copy only if seq went from odd to exactly odd+1 and the CRC32C of what it copied matches.
- *   wait:    spin on `commit` for a bounded time, then waiters += 1 and FUTEX_WAIT on `futex` in slices
- *            so a dead writer is noticed (pid + process start time + boot id, see sb_writer_alive).
+ *   wait:    spin on `commit` for a bounded time, then raise the `waiters` flag and FUTEX_WAIT on
+ *            `futex` in slices so a dead writer is noticed (pid + process start time + boot id, see
+ *            sb_writer_alive). A reader without write permission (it mapped the segment read-only)
+ *            cannot raise the flag: it sleeps in SB_READONLY_POLL_NS slices instead.
  *   A writer killed mid-publish leaves its slot's seq odd forever; `commit` still points at the last
  *   complete slot, so readers keep the last good data and then see the writer gone.
+ *
+ * ITERATION IDS are the writer's numbers for its publishes: 0..SB_MAX_ITERATION, strictly increasing
+ * (the first may be any of them). SB_NEXT_ITERATION (UINT64_MAX, never a valid id) asks for "the
+ * previous id + 1", or 1 for the first publish. A reader asks for "an id >= min_iteration".
+ *
+ * FLAGS: SB_FLAG_CHECKSUM is the only one. With it every publish stores the payload's CRC32C and every
+ * read verifies its copy (SB_ECORRUPT on a mismatch, e.g. memory corrupted by a stray write). Without
+ * it a damaged payload cannot be detected; a Python reader can refuse such a writer with
+ * Block.open(name, require_checksum=True).
+ *
+ * NEVER TRUST SHARED BYTES. A handle (sb_block) copies the header's write-once identity (the first
+ * SB_IDENTITY_BYTES) when it is made, validates the copy, and takes every address, size and loop bound
+ * from it, never again from shared memory. Each operation compares the segment's identity with the
+ * copy and returns SB_EHEADER if a peer wrote into it; slot indexes come from the private slot_count,
+ * so garbage in the protocol fields (commit, seq, progress) gives wrong answers or timeouts at worst,
+ * never a fault or an endless loop. One thing no check can catch: a peer with write permission on
+ * the segment can truncate it (the next access then faults with SIGBUS). Give peers you do not trust
+ * read permission only (mode 0640/0644): readers need no more.
+ *
+ * THREADS AND PROCESSES. A handle is not thread-safe: use it from one thread at a time, and never
+ * close it while another thread is inside a call on it (several threads may each open their own
+ * reader handle). The CRC32C tables initialise once, thread-safely. A forked child inherits its
+ * parent's handles: it may read through them, must not publish through the parent's writer handle,
+ * and its sb_block_close only unmaps (the block stays the parent's). The Python binding enforces
+ * both and makes Block.close() safe against calls in flight in other threads.
+ *
+ * THE C API (everything else in this header is the machinery behind it):
+ *   sb_block_create / sb_block_open / sb_block_close      make and end a handle
+ *   sb_block_publish                                      copy an array in and commit it
+ *   sb_block_begin_write / _commit_write / _abort_write   write in place (zero-copy) and commit
+ *   sb_block_read                                         wait for and copy the latest commit
+ *   sb_block_dtype, _itemsize, _ndim, _shape, _payload_bytes, _slot_count, _checksummed,
+ *   _owner_pid, _writer_alive                              what the block holds, who writes it
+ *   sb_strerror                                           a status code in words
+ * Every call returns SB_OK (0) or a negative sb_status; SB_ESYS leaves errno set.
  *
  * All shared fields are C11 atomics (std::atomic in C++) with acquire/release (or seq_cst where a
  * Dekker-style handshake needs it), so the protocol is correct on weakly ordered CPUs (ARM, POWER), not only on x86.
@@ -187,9 +227,10 @@ typedef struct sb_header {
     SB_ATOMIC(uint64_t) last_iteration;  /* 280 iteration of the latest commit */
     uint8_t pad_writer[64 - 32];
     /* reader line (offset 320): readers store here, so they never bounce the writer's line */
-    SB_ATOMIC(uint32_t) waiters;         /* 320 readers parked on `futex` */
-    SB_ATOMIC(uint32_t) readers;         /* 324 attached readers (informational) */
-    SB_ATOMIC(uint64_t) reads;           /* 328 completed reads (informational) */
+    SB_ATOMIC(uint32_t) waiters;         /* 320 flag: nonzero while a reader may be parked on `futex`;
+                                                 readers raise it, the writer clears it as it wakes them */
+    SB_ATOMIC(uint32_t) readers;         /* 324 attached read-write readers (informational) */
+    SB_ATOMIC(uint64_t) reads;           /* 328 completed reads by read-write readers (informational) */
     uint8_t pad_reader[64 - 16];
 } sb_header;
 
@@ -331,7 +372,8 @@ static inline int sb_proc_stat(uint32_t pid, char *state, uint64_t *start_time) 
     return 1;
 }
 
-/* Alive = same boot, the pid exists, is not a zombie, and started when the creator did. */
+/* Alive = same boot, the pid exists, is not a zombie, and started when the creator did. This reads
+   the identity from h as it is: for a handle use sb_block_writer_alive, which reads the validated copy. */
 static inline int sb_writer_alive(const sb_header *h) {
     char boot[SB_BOOT_ID_BYTES];
     if (sb_read_boot_id(boot) == SB_OK && strncmp(boot, h->boot_id, SB_BOOT_ID_BYTES) != 0)

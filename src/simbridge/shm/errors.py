@@ -82,7 +82,7 @@ class IterationOrder(ShmError, ValueError):
 
 
 class OutOfRange(ShmError, ValueError):
-    """Raised when an argument (iteration id, ``after``, a timeout) is outside the range its message states."""
+    """Raised when an argument (iteration id, ``after``, a timeout) is outside the range its message gives."""
 
 
 class ChecksumRequired(LayoutMismatch):

@@ -161,7 +161,11 @@ API_CHECKS = [
 
 def test_the_c_api_does_what_shm_h_documents(peer_binary: Path, block_name: str) -> None:
     proc = subprocess.run(
-        [str(peer_binary), "api", block_name], capture_output=True, text=True, timeout=60
+        [str(peer_binary), "api", block_name],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.split() == [word for check in API_CHECKS for word in (check, "ok")]

@@ -88,6 +88,7 @@ LIVE = [
 def run_case(block_name: str, field: str, width: int, value: int) -> dict[str, str]:
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, block_name, field, str(width), str(value)],
+        check=False,
         capture_output=True,
         text=True,
         timeout=60,
@@ -117,4 +118,5 @@ def test_garbage_in_protocol_fields_gives_typed_errors_or_works(
 ) -> None:
     outcomes = run_case(block_name, field, width, value)
     assert set(outcomes) >= {"read", "publish", "header"}, outcomes
-    assert all(o in {"ok", "Timeout", "WriterClosed", "PeerGone", "Corrupted"} for o in outcomes.values()), outcomes
+    typed = {"ok", "Timeout", "WriterClosed", "PeerGone", "Corrupted"}
+    assert all(outcome in typed for outcome in outcomes.values()), outcomes
