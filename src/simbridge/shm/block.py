@@ -304,8 +304,14 @@ class Block:
         :class:`Snapshot`. Raises :class:`Timeout`, :class:`PeerGone`, :class:`WriterClosed`,
         :class:`Corrupted` or :class:`NonFinite`.
         """
-        min_iteration = 0 if after is None else _after_id(after) + 1
-        if timeout is not None:
+        # Plain ints and floats in range take the cheap checks; anything else gets the full ones.
+        if after is None:
+            min_iteration = 0
+        elif after.__class__ is int and -1 <= after < _MAX_ITERATION:
+            min_iteration = after + 1
+        else:
+            min_iteration = _after_id(after) + 1
+        if timeout is not None and not (timeout.__class__ in _PLAIN_NUMBERS and timeout >= 0):
             _seconds(timeout, "Block.read timeout")
         dst: NDArray[Any] | None
         if not copy:
@@ -471,6 +477,10 @@ class Block:
     def __repr__(self) -> str:
         role = "owner" if self.is_owner else "reader"
         return f"Block({self.name!r}, shape={self.shape}, dtype={self.dtype}, slots={self.slots}, {role})"
+
+
+_MAX_ITERATION: Final = _core.MAX_ITERATION
+_PLAIN_NUMBERS: Final = (int, float)
 
 
 def _seconds(value: object, what: str) -> float:
