@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
-import operator
 import os
 import time
 import weakref
@@ -26,6 +25,7 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from simbridge.config import ShmSettings, load_settings
 from simbridge.shm import _core
+from simbridge.shm.checks import MAX_ITERATION, PLAIN_NUMBERS, after_id, iteration_id, seconds
 from simbridge.shm.errors import (
     BlockExists,
     BlockNotFound,
@@ -33,7 +33,6 @@ from simbridge.shm.errors import (
     LayoutMismatch,
     NonFinite,
     NoSpace,
-    OutOfRange,
     PeerGone,
     Timeout,
     WriterClosed,
@@ -182,7 +181,7 @@ class Block:
         """
         validate_name(name)
         settings = load_settings().shm
-        limit = _seconds(settings.open_timeout_s if timeout is None else timeout, "Block.open timeout")
+        limit = seconds(settings.open_timeout_s if timeout is None else timeout, "Block.open timeout")
         start = time.monotonic()
         delay = 0.0005
         while True:
@@ -222,7 +221,13 @@ class Block:
 
     def _expect(self, shape: int | tuple[int, ...] | None, dtype: DTypeLike | None) -> None:
         want_shape = (shape,) if isinstance(shape, int) else shape
-        want_dtype = None if dtype is None else np.dtype(dtype)
+        try:
+            want_dtype = None if dtype is None else np.dtype(dtype)
+        except TypeError as exc:
+            self.close()
+            raise LayoutMismatch(
+                f"block {self.name!r}: expected dtype {dtype!r} is not a dtype: {exc}"
+            ) from exc
         if (want_shape is not None and tuple(want_shape) != self.shape) or (
             want_dtype is not None and want_dtype != self.dtype
         ):
@@ -272,7 +277,7 @@ class Block:
         view after the ``with`` block: the slot is the writer's again.
         """
         # Checked before the slot is taken: a refused id must not leave a begun write behind.
-        it = _iteration_id(self._last_iteration + 1 if iteration is None else iteration)
+        it = iteration_id(self._last_iteration + 1 if iteration is None else iteration)
         slot, _offset = self._seg.begin_write()
         try:
             yield self._view(slot, writable=True)
@@ -307,18 +312,22 @@ class Block:
         # Plain ints and floats in range take the cheap checks; anything else gets the full ones.
         if after is None:
             min_iteration = 0
-        elif after.__class__ is int and -1 <= after < _MAX_ITERATION:
+        elif after.__class__ is int and -1 <= after < MAX_ITERATION:
             min_iteration = after + 1
         else:
-            min_iteration = _after_id(after) + 1
-        if timeout is not None and not (timeout.__class__ in _PLAIN_NUMBERS and timeout >= 0):
-            _seconds(timeout, "Block.read timeout")
+            min_iteration = after_id(after) + 1
+        if timeout is not None and not (timeout.__class__ in PLAIN_NUMBERS and timeout >= 0):
+            seconds(timeout, "Block.read timeout")
         dst: NDArray[Any] | None
         if not copy:
             dst = None
         elif out is None:
             dst = np.empty(self.shape, self.dtype)
-        elif (out.dtype is not self.dtype and out.dtype != self.dtype) or out.shape != self.shape:
+        elif (
+            not isinstance(out, np.ndarray)
+            or (out.dtype is not self.dtype and out.dtype != self.dtype)
+            or out.shape != self.shape
+        ):
             raise self._out_mismatch(out)
         else:
             dst = out
@@ -354,7 +363,7 @@ class Block:
         timeout: float | None,
         status: Any,
     ) -> tuple[int, int, int, int, int, int]:
-        limit = _seconds(self._read_timeout if timeout is None else timeout, "Block.read timeout")
+        limit = seconds(self._read_timeout if timeout is None else timeout, "Block.read timeout")
         start = time.monotonic()
         deadline = start + limit if math.isfinite(limit) else math.inf
         next_progress = start + self._progress_s
@@ -417,10 +426,9 @@ class Block:
             self._views[slot] = view
         return view
 
-    def _out_mismatch(self, out: NDArray[Any]) -> LayoutMismatch:
-        return LayoutMismatch(
-            f"out must be a C-contiguous {self.shape} {self.dtype} array; got {out.shape} {out.dtype}"
-        )
+    def _out_mismatch(self, out: object) -> LayoutMismatch:
+        got = f"{out.shape} {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__
+        return LayoutMismatch(f"out must be a C-contiguous {self.shape} {self.dtype} array; got {got}")
 
     def _check_finite(self, arr: NDArray[Any], what: str) -> None:
         if arr.dtype.kind not in "fc":
@@ -477,42 +485,6 @@ class Block:
     def __repr__(self) -> str:
         role = "owner" if self.is_owner else "reader"
         return f"Block({self.name!r}, shape={self.shape}, dtype={self.dtype}, slots={self.slots}, {role})"
-
-
-_MAX_ITERATION: Final = _core.MAX_ITERATION
-_PLAIN_NUMBERS: Final = (int, float)
-
-
-def _seconds(value: object, what: str) -> float:
-    """A timeout in seconds: a number >= 0, ``math.inf`` for "wait forever"; NaN and negatives refused."""
-    try:
-        seconds = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        seconds = math.nan
-    if not seconds >= 0:  # also false for NaN
-        raise OutOfRange(f"{what} must be a number of seconds >= 0 (math.inf waits forever), got {value!r}")
-    return seconds
-
-
-def _iteration_id(value: object) -> int:
-    try:
-        it = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        it = -1
-    if not 0 <= it <= _core.MAX_ITERATION:
-        raise OutOfRange(f"iteration ids are integers 0..2**64-2, got {value!r}")
-    return it
-
-
-def _after_id(value: object) -> int:
-    try:
-        after = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        after = -2
-    # An iteration after 2**64-2 cannot exist (2**64-1 is reserved), so waiting for one is refused.
-    if not -1 <= after < _core.MAX_ITERATION:
-        raise OutOfRange(f"after must be None or an integer -1..2**64-3, got {value!r}")
-    return after
 
 
 # Owned blocks of this process, so that a forked child can be told it is not their writer.

@@ -83,6 +83,8 @@ def test_every_misuse_raises_a_simbridge_error(block_name: str) -> None:
         raises(IterationOrder, lambda: writer.publish(np.zeros(3, np.float32), iteration=5), "not after")
         raises(NotWriter, lambda: reader.publish(np.zeros(3, np.float32)), "only the creator")
         raises(LayoutMismatch, lambda: reader.read(out=np.empty(4, np.float32)))
+        raises(LayoutMismatch, lambda: reader.read(out=[0.0, 0.0, 0.0]))  # type: ignore[arg-type]
+        raises(LayoutMismatch, lambda: Block.open(block_name, timeout=0, dtype="no such dtype"))
         raises(BlockExists, lambda: _core.create(block_name, dtype_code(np.float32), (3,), 2, 0o600, True))
         other = Block.open(block_name, timeout=1)
         other.close()
