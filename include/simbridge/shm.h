@@ -1053,15 +1053,17 @@ static inline int sb__wait(sb_block *b, uint64_t seen, SB_ATOMIC(uint64_t) *seq,
     if (park_ns == 0) return SB__CHANGED(memory_order_acquire);
     uint64_t park_end = sb_now_ns(CLOCK_MONOTONIC) + park_ns;
     for (;;) {
-        /* Flag first, then look: the writer stores `commit` first, then looks at the flag (seq_cst
-           on both sides), so either it sees the flag and wakes us or we see its commit. */
-        if (b->writable && atomic_load_explicit(&h->waiters, memory_order_relaxed) == 0)
-            atomic_store_explicit(&h->waiters, 1u, memory_order_seq_cst);
-        atomic_thread_fence(memory_order_seq_cst);
+        /* Flag, then the futex word, then look (all seq_cst); the writer stores `commit`, bumps the
+           word, then looks at the flag. Either it sees our flag and wakes us, or we see its commit,
+           or our FUTEX_WAIT finds the word moved. One hole is left: a publish we do not wait for may
+           take our flag down after we raised it; so the flag is read again after the word, and if it
+           is down we raise it again instead of sleeping unannounced. */
+        if (b->writable) atomic_store_explicit(&h->waiters, 1u, memory_order_seq_cst);
         uint32_t word = atomic_load_explicit(&h->futex, memory_order_seq_cst);
         if (SB__CHANGED(memory_order_seq_cst)) return 1;
         uint64_t now = sb_now_ns(CLOCK_MONOTONIC);
         if (now >= park_end) return 0;
+        if (b->writable && atomic_load_explicit(&h->waiters, memory_order_seq_cst) == 0) continue;
         uint64_t left = park_end - now;
         if (!b->writable && left > SB_READONLY_POLL_NS) left = SB_READONLY_POLL_NS;
         struct timespec ts = {(time_t)(left / 1000000000u), (long)(left % 1000000000u)};
