@@ -307,7 +307,8 @@ class Block:
         ``timeout=None`` uses ``shm.read_timeout_s`` (300 s by default; ``math.inf`` waits forever).
         ``out`` receives the copy (no allocation). ``copy=False`` returns a read-only view, see
         :class:`Snapshot`. Raises :class:`Timeout`, :class:`PeerGone`, :class:`WriterClosed`,
-        :class:`Corrupted` or :class:`NonFinite`.
+        :class:`Corrupted` (a bad checksum, or a header a peer overwrote), :class:`NonFinite`,
+        :class:`OutOfRange` (``after`` or ``timeout``) or :class:`BlockClosed`.
         """
         # Plain ints and floats in range take the cheap checks; anything else gets the full ones.
         if after is None:
@@ -466,7 +467,9 @@ class Block:
         """Detach. The owner also marks the block closed (waking readers) and unlinks its name.
 
         Read-only views handed out with ``copy=False`` stay valid after close: the mapping goes away
-        with the last of them.
+        with the last of them. Safe to call while other threads are inside ``read``, ``publish`` or
+        ``loan`` on this Block: those calls end with :class:`BlockClosed` (a wait within one
+        ``shm.peer_check_ms`` slice) and the mapping is unmapped once the last of them is back.
         """
         self._views = [None] * self.slots
         self._finalizer()
