@@ -276,6 +276,10 @@ static PyObject *seg_publish(Segment *self, PyObject *args) {
     if (!segment_may_write(self)) return NULL;
     Py_buffer src;
     if (PyObject_GetBuffer(src_obj, &src, PyBUF_C_CONTIGUOUS) != 0) return NULL;
+    if (!segment_usable(self)) { /* an exporter written in Python could have let close() run */
+        PyBuffer_Release(&src);
+        return NULL;
+    }
     uint64_t commit = 0;
     int rc;
     if (src.len >= GIL_RELEASE_BYTES) {
@@ -374,6 +378,10 @@ static PyObject *seg_read(Segment *self, PyObject *args) {
     void *dst_ptr = NULL;
     if (dst_obj != Py_None) {
         if (PyObject_GetBuffer(dst_obj, &dst, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) return NULL;
+        if (!segment_usable(self)) {
+            PyBuffer_Release(&dst);
+            return NULL;
+        }
         if ((uint64_t)dst.len != n) {
             PyBuffer_Release(&dst);
             return PyErr_Format(LayoutMismatchError, "%s: destination is %zd bytes, the block holds %llu",
