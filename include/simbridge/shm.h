@@ -229,7 +229,8 @@ typedef struct sb_header {
     /* reader line (offset 320): readers store here, so they never bounce the writer's line */
     SB_ATOMIC(uint32_t) waiters;         /* 320 flag: nonzero while a reader may be parked on `futex`;
                                                  readers raise it, the writer clears it as it wakes them */
-    SB_ATOMIC(uint32_t) readers;         /* 324 attached read-write readers (informational) */
+    SB_ATOMIC(uint32_t) readers;         /* 324 attached read-write readers (informational; a killed
+                                                 reader stays counted) */
     SB_ATOMIC(uint64_t) reads;           /* 328 completed reads by read-write readers (informational) */
     uint8_t pad_reader[64 - 16];
 } sb_header;
