@@ -12,7 +12,7 @@
  *   offset 0    sb_header   identity (written once by the creator, `magic` stored LAST with release
  *                           ordering so an opener never sees a half-initialised header)
  *   offset 256  writer line the writer's hot fields: commit counter, futex word, state, heartbeat
- *   offset 320  reader line readers' fields: parked-waiter count, read counter
+ *   offset 320  reader line readers' fields: parked-waiter flag, reader and read counters
  *   offset 384  sb_slot[slot_count]   one 64-byte descriptor per slot (seqlock sequence, commit,
  *                           iteration, publish time, CRC32C, bytes written so far)
  *   payload_offset (64-aligned)  slot_count payload areas of slot_stride bytes (64-aligned) each
@@ -24,19 +24,59 @@
  *   publish: slot = commit % slot_count  (the slot NOT holding the latest commit when slots >= 2)
  *            seq := seq+1 (odd) ; release fence ; copy payload + CRC32C ; fill descriptor ;
  *            seq := seq+1 (even, release) ; commit := commit+1 (seq_cst) ; futex += 1 ;
- *            FUTEX_WAKE only if waiters > 0 (so an un-watched publish costs no system call).
+ *            FUTEX_WAKE only if the `waiters` flag is up, clearing it (an un-watched publish costs no
+ *            system call, and a reader killed while parked costs at most one needless wake).
  *   read:    c := commit (acquire) ; slot := (c-1) % slot_count ; s1 := seq (acquire), retry if odd ;
  *            copy payload ; acquire fence ; s2 := seq ; retry if s1 != s2 ; verify CRC32C of the copy.
  *            A torn copy is never returned: it either fails the sequence check or the checksum.
+ *            A read returns the LATEST commit (if its iteration is new enough): a block holds the
+ *            latest state, not a queue, so commits published between two reads are skipped.
  *   cut-through (payloads >= SB_STREAM_MIN_BYTES): a publish writes in SB_STREAM_CHUNK pieces and
  *            release-stores `progress` after each; a reader already waiting for the next commit follows
  *            it, copying [done, progress) while the writer writes the rest, so a large array arrives
  *            about one chunk after the writer finishes instead of one whole copy later. It accepts the
  *            copy only if seq went from odd to exactly odd+1 and the CRC32C of what it copied matches.
- *   wait:    spin on `commit` for a bounded time, then waiters += 1 and FUTEX_WAIT on `futex` in slices
- *            so a dead writer is noticed (pid + process start time + boot id, see sb_writer_alive).
+ *   wait:    spin on `commit` for a bounded time, then raise the `waiters` flag and FUTEX_WAIT on
+ *            `futex` in slices so a dead writer is noticed (pid + process start time + boot id, see
+ *            sb_writer_alive). A reader without write permission (it mapped the segment read-only)
+ *            cannot raise the flag: it sleeps in SB_READONLY_POLL_NS slices instead.
  *   A writer killed mid-publish leaves its slot's seq odd forever; `commit` still points at the last
  *   complete slot, so readers keep the last good data and then see the writer gone.
+ *
+ * ITERATION IDS are the writer's numbers for its publishes: 0..SB_MAX_ITERATION, strictly increasing
+ * (the first may be any of them). SB_NEXT_ITERATION (UINT64_MAX, never a valid id) asks for "the
+ * previous id + 1", or 1 for the first publish. A reader asks for "an id >= min_iteration".
+ *
+ * FLAGS: SB_FLAG_CHECKSUM is the only one. With it every publish stores the payload's CRC32C and every
+ * read verifies its copy (SB_ECORRUPT on a mismatch, e.g. memory corrupted by a stray write). Without
+ * it a damaged payload cannot be detected; a Python reader can refuse such a writer with
+ * Block.open(name, require_checksum=True).
+ *
+ * NEVER TRUST SHARED BYTES. A handle (sb_block) copies the header's write-once identity (the first
+ * SB_IDENTITY_BYTES) when it is made, validates the copy, and takes every address, size and loop bound
+ * from it, never again from shared memory. Each operation compares the segment's identity with the
+ * copy and returns SB_EHEADER if a peer wrote into it; slot indexes come from the private slot_count,
+ * so garbage in the protocol fields (commit, seq, progress) gives wrong answers or timeouts at worst,
+ * never a fault or an endless loop. One thing no check can catch: a peer with write permission on
+ * the segment can truncate it (the next access then faults with SIGBUS). Give peers you do not trust
+ * read permission only (mode 0640/0644): readers need no more.
+ *
+ * THREADS AND PROCESSES. A handle is not thread-safe: use it from one thread at a time, and never
+ * close it while another thread is inside a call on it (several threads may each open their own
+ * reader handle). The CRC32C tables initialise once, thread-safely. A forked child inherits its
+ * parent's handles: it may read through them, must not publish through the parent's writer handle,
+ * and its sb_block_close only unmaps (the block stays the parent's). The Python binding enforces
+ * both and makes Block.close() safe against calls in flight in other threads.
+ *
+ * THE C API (everything else in this header is the machinery behind it):
+ *   sb_block_create / sb_block_open / sb_block_close      make and end a handle
+ *   sb_block_publish                                      copy an array in and commit it
+ *   sb_block_begin_write / _commit_write / _abort_write   write in place (zero-copy) and commit
+ *   sb_block_read                                         wait for and copy the latest commit
+ *   sb_block_dtype, _itemsize, _ndim, _shape, _payload_bytes, _slot_count, _checksummed,
+ *   _owner_pid, _writer_alive                              what the block holds, who writes it
+ *   sb_strerror                                           a status code in words
+ * Every call returns SB_OK (0) or a negative sb_status; SB_ESYS leaves errno set.
  *
  * All shared fields are C11 atomics (std::atomic in C++) with acquire/release (or seq_cst where a
  * Dekker-style handshake needs it), so the protocol is correct on weakly ordered CPUs (ARM, POWER), not only on x86.
@@ -74,6 +114,7 @@
 #define SB_ATOMIC(T) std::atomic<T>
 using std::atomic_fetch_add_explicit;
 using std::atomic_fetch_sub_explicit;
+using std::atomic_exchange_explicit;
 using std::atomic_load;
 using std::atomic_load_explicit;
 using std::atomic_store_explicit;
@@ -114,7 +155,14 @@ extern "C" {
 #define SB_NAME_MAX 200u          /* user part of the name; the prefix is added on top */
 #define SB_BOOT_ID_BYTES 40u
 
-#define SB_FLAG_CHECKSUM 1u       /* publishes carry a CRC32C that readers verify */
+#define SB_IDENTITY_BYTES 192u    /* the header's write-once part, compared on every operation */
+#define SB_DEFAULT_MODE 0600u     /* sb_block_create's mode 0: this user only */
+#define SB_MAX_PAYLOAD_BYTES (UINT64_C(1) << 46) /* 64 TiB per array: anything larger is a mistake */
+#define SB_MAX_ITERATION (UINT64_MAX - 1)  /* iteration ids are 0 .. SB_MAX_ITERATION */
+#define SB_NEXT_ITERATION UINT64_MAX       /* publish: "the previous id + 1" (1 for the first) */
+#define SB_READONLY_POLL_NS UINT64_C(1000000) /* a read-only reader's sleep slice while it waits */
+
+#define SB_FLAG_CHECKSUM 1u       /* publishes carry a CRC32C that readers verify (the only flag) */
 #define SB_STREAM_MIN_BYTES (256u * 1024u) /* payloads this large are delivered cut-through */
 #define SB_STREAM_CHUNK (64u * 1024u)      /* granularity of the writer's progress counter */
 
@@ -145,7 +193,8 @@ enum sb_status {
     SB_ESYS = -10,     /* a system call failed; see errno */
     SB_EITER = -11,    /* iteration ids must increase strictly */
     SB_ENOTREADY = -12, /* the segment exists but its creator has not finished initialising it */
-    SB_ERETRY = -13     /* a cut-through read lost the writer (lapped, aborted): read normally */
+    SB_ERETRY = -13,    /* a cut-through read lost the writer (lapped, aborted): read normally */
+    SB_EHEADER = -14    /* the header's write-once part changed after this handle validated it */
 };
 
 /* ---------------------------------------------------------------- layout */
@@ -178,9 +227,11 @@ typedef struct sb_header {
     SB_ATOMIC(uint64_t) last_iteration;  /* 280 iteration of the latest commit */
     uint8_t pad_writer[64 - 32];
     /* reader line (offset 320): readers store here, so they never bounce the writer's line */
-    SB_ATOMIC(uint32_t) waiters;         /* 320 readers parked on `futex` */
-    SB_ATOMIC(uint32_t) readers;         /* 324 attached readers (informational) */
-    SB_ATOMIC(uint64_t) reads;           /* 328 completed reads (informational) */
+    SB_ATOMIC(uint32_t) waiters;         /* 320 flag: nonzero while a reader may be parked on `futex`;
+                                                 readers raise it, the writer clears it as it wakes them */
+    SB_ATOMIC(uint32_t) readers;         /* 324 attached read-write readers (informational; a killed
+                                                 reader stays counted) */
+    SB_ATOMIC(uint64_t) reads;           /* 328 completed reads by read-write readers (informational) */
     uint8_t pad_reader[64 - 16];
 } sb_header;
 
@@ -206,9 +257,6 @@ SB_STATIC_ASSERT(ATOMIC_LLONG_LOCK_FREE == 2 && ATOMIC_INT_LOCK_FREE == 2,
 
 static inline sb_slot *sb_slots(sb_header *h) {
     return (sb_slot *)((char *)h + SB_HEADER_BYTES);
-}
-static inline char *sb_payload(sb_header *h, uint32_t slot) {
-    return (char *)h + h->payload_offset + (uint64_t)slot * h->slot_stride;
 }
 
 /* ---------------------------------------------------------------- small helpers */
@@ -263,6 +311,7 @@ static inline const char *sb_strerror(int code) {
     case SB_EITER: return "iteration ids must increase strictly";
     case SB_ENOTREADY: return "block not initialised yet";
     case SB_ERETRY: return "cut-through read abandoned; retry";
+    case SB_EHEADER: return "the block's header was overwritten after it was opened";
     default: return "unknown error";
     }
 }
@@ -324,7 +373,8 @@ static inline int sb_proc_stat(uint32_t pid, char *state, uint64_t *start_time) 
     return 1;
 }
 
-/* Alive = same boot, the pid exists, is not a zombie, and started when the creator did. */
+/* Alive = same boot, the pid exists, is not a zombie, and started when the creator did. This reads
+   the identity from h as it is: for a handle use sb_block_writer_alive, which reads the validated copy. */
 static inline int sb_writer_alive(const sb_header *h) {
     char boot[SB_BOOT_ID_BYTES];
     if (sb_read_boot_id(boot) == SB_OK && strncmp(boot, h->boot_id, SB_BOOT_ID_BYTES) != 0)
@@ -644,9 +694,16 @@ static inline long sb__futex(SB_ATOMIC(uint32_t) *addr, int op, uint32_t val, co
     return syscall(SYS_futex, (uint32_t *)addr, op, val, ts, NULL, 0);
 }
 
+/*
+ * Bumps the futex word and wakes parked readers. `waiters` is a flag, not a count: a reader sets it
+ * before it parks and the writer clears it when it wakes them, so a reader killed while parked costs
+ * at most one needless FUTEX_WAKE (the next publish clears its flag) instead of one on every publish.
+ * The plain load first keeps the un-watched publish from taking the readers' cache line exclusively.
+ */
 static inline void sb__wake_all(sb_header *h) {
     atomic_fetch_add_explicit(&h->futex, 1u, memory_order_seq_cst);
-    if (atomic_load_explicit(&h->waiters, memory_order_seq_cst) > 0)
+    if (atomic_load_explicit(&h->waiters, memory_order_seq_cst) != 0 &&
+        atomic_exchange_explicit(&h->waiters, 0u, memory_order_seq_cst) != 0)
         sb__futex(&h->futex, FUTEX_WAKE, INT_MAX, NULL);
 }
 
@@ -658,24 +715,34 @@ typedef struct sb_layout {
     uint64_t payload_bytes, slot_stride, payload_offset, total_bytes;
 } sb_layout;
 
+/*
+ * Computes the geometry of a block. Refused (SB_EINVAL): an unknown dtype, ndim > SB_MAX_NDIM,
+ * slot_count outside 1..SB_MAX_SLOTS, and shapes whose non-zero dimensions multiply to more than
+ * SB_MAX_PAYLOAD_BYTES of data (a zero dimension does not excuse a huge one: no array library can
+ * represent a (0, 2**63) array).
+ */
 static inline int sb_layout_compute(sb_layout *L, uint32_t dtype, uint32_t ndim, const uint64_t *shape,
                                     uint32_t slot_count, uint32_t flags) {
     memset(L, 0, sizeof *L);
     uint32_t itemsize = sb_dtype_itemsize(dtype);
     if (itemsize == 0 || ndim > SB_MAX_NDIM || slot_count < 1 || slot_count > SB_MAX_SLOTS)
         return SB_EINVAL;
-    uint64_t count = 1;
+    const uint64_t limit = SB_MAX_PAYLOAD_BYTES / itemsize; /* elements */
+    uint64_t count = 1, nonzero = 1;
     for (uint32_t i = 0; i < ndim; i++) {
-        if (shape[i] > 0 && count > UINT64_MAX / 2 / shape[i]) return SB_EINVAL; /* overflow */
-        count *= shape[i];
+        if (shape[i] > limit) return SB_EINVAL;
+        if (shape[i] > 0) {
+            if (nonzero > limit / shape[i]) return SB_EINVAL;
+            nonzero *= shape[i];
+        }
+        count *= shape[i]; /* <= nonzero: cannot overflow */
         L->shape[i] = shape[i];
     }
-    if (count > (UINT64_C(1) << 46) / itemsize) return SB_EINVAL; /* 64 TiB: surely a mistake */
     L->dtype = dtype;
     L->itemsize = itemsize;
     L->ndim = ndim;
     L->slot_count = slot_count;
-    L->flags = flags;
+    L->flags = flags & SB_FLAG_CHECKSUM;
     L->payload_bytes = count * itemsize;
     L->slot_stride = sb_round_up(L->payload_bytes ? L->payload_bytes : 1, SB_CACHELINE);
     L->payload_offset = sb_round_up(SB_HEADER_BYTES + (uint64_t)slot_count * sizeof(sb_slot), SB_CACHELINE);
@@ -683,13 +750,18 @@ static inline int sb_layout_compute(sb_layout *L, uint32_t dtype, uint32_t ndim,
     return SB_OK;
 }
 
-/* Checks a mapped header against itself and the mapping size. 0 = fine, else SB_ELAYOUT/SB_ENOTREADY. */
-static inline int sb_header_check(const sb_header *h, uint64_t mapped_bytes) {
+/*
+ * Checks a header against itself and the mapping size, and fills *out with its geometry.
+ * 0 = fine, else SB_ELAYOUT / SB_ENOTREADY. Pass a private copy of a shared header (see
+ * sb_block_open): a hostile peer could otherwise change a field between this check and its use.
+ */
+static inline int sb_header_check(const sb_header *h, uint64_t mapped_bytes, sb_layout *out) {
     if (mapped_bytes < SB_HEADER_BYTES) return SB_ENOTREADY;
     uint64_t magic = atomic_load_explicit(&((sb_header *)h)->magic, memory_order_acquire);
     if (magic == 0) return SB_ENOTREADY;
     if (magic != SB_MAGIC || h->abi_version != SB_ABI_VERSION || h->header_bytes != SB_HEADER_BYTES)
         return SB_ELAYOUT;
+    if (h->flags & ~SB_FLAG_CHECKSUM) return SB_ELAYOUT;
     sb_layout L;
     if (sb_layout_compute(&L, h->dtype, h->ndim, h->shape, h->slot_count, h->flags) != SB_OK)
         return SB_ELAYOUT;
@@ -699,6 +771,7 @@ static inline int sb_header_check(const sb_header *h, uint64_t mapped_bytes) {
         return SB_ELAYOUT;
     for (uint32_t i = h->ndim; i < SB_MAX_NDIM; i++)
         if (h->shape[i] != 0) return SB_ELAYOUT;
+    if (out != NULL) *out = L;
     return SB_OK;
 }
 
@@ -727,24 +800,101 @@ static inline void sb_header_init(sb_header *h, const sb_layout *L) {
     atomic_store_explicit(&h->magic, SB_MAGIC, memory_order_release);
 }
 
+/* ---------------------------------------------------------------- the handle */
+
+/*
+ * A handle on a mapped block. Fill it with sb_block_create or sb_block_open, never by hand. The
+ * geometry is copied out of the header when the handle is made and validated there: every address,
+ * size and loop bound comes from that private copy, never again from shared memory, so a peer that
+ * scribbles on the header cannot make this process fault; it gets SB_EHEADER instead.
+ */
+typedef struct sb_block {
+    int fd;
+    int owner;                 /* this handle created the block: it is the one writer */
+    int writable;              /* mapped PROT_WRITE (a reader without write permission maps read-only) */
+    int published;             /* the writer has published at least once through this handle */
+    pid_t pid;                 /* the process that made the handle: a forked child never closes it as its own */
+    sb_header *hdr;            /* the mapping; read its fields through the sb_block_* accessors */
+    uint64_t size;             /* bytes mapped */
+    uint64_t last_iteration;   /* the writer's latest iteration id (valid when published) */
+    sb_layout layout;          /* the validated geometry */
+    unsigned char identity[SB_IDENTITY_BYTES]; /* the header's identity bytes as validated */
+    char path[SB_NAME_MAX + 16];
+} sb_block;
+
+/* Whether the header's identity still reads as it did when the handle was made. */
+static inline int sb_header_intact(const sb_block *b) {
+    return memcmp((const void *)b->hdr, b->identity, SB_IDENTITY_BYTES) == 0;
+}
+
+static inline char *sb_payload(const sb_block *b, uint32_t slot) {
+    return (char *)b->hdr + b->layout.payload_offset + (uint64_t)slot * b->layout.slot_stride;
+}
+
+/* Accessors: the validated geometry (never re-read from shared memory). */
+static inline uint32_t sb_block_dtype(const sb_block *b) { return b->layout.dtype; }
+static inline uint32_t sb_block_itemsize(const sb_block *b) { return b->layout.itemsize; }
+static inline uint32_t sb_block_ndim(const sb_block *b) { return b->layout.ndim; }
+/* Dimension i (0 when i >= ndim). */
+static inline uint64_t sb_block_shape(const sb_block *b, uint32_t i) {
+    return i < b->layout.ndim ? b->layout.shape[i] : 0;
+}
+static inline uint64_t sb_block_payload_bytes(const sb_block *b) { return b->layout.payload_bytes; }
+static inline uint32_t sb_block_slot_count(const sb_block *b) { return b->layout.slot_count; }
+/* Whether publishes carry a CRC32C (SB_FLAG_CHECKSUM) that sb_block_read verifies. */
+static inline int sb_block_checksummed(const sb_block *b) { return (b->layout.flags & SB_FLAG_CHECKSUM) != 0; }
+/* The writer's pid as recorded at creation. */
+static inline uint32_t sb_block_owner_pid(const sb_block *b) {
+    uint32_t pid;
+    memcpy(&pid, b->identity + offsetof(sb_header, owner_pid), sizeof pid);
+    return pid;
+}
+
+/* Whether the writer still runs, judged from the identity validated when the handle was made. */
+static inline int sb_block_writer_alive(const sb_block *b) {
+    sb_header id;
+    memcpy((void *)&id, b->identity, SB_IDENTITY_BYTES);
+    return sb_writer_alive(&id);
+}
+
 /* ---------------------------------------------------------------- writer side */
 
-/* Starts filling the next slot; returns its payload. Pair with sb_write_commit (or sb_write_abort). */
-static inline char *sb_write_begin(sb_header *h, uint32_t *slot_out) {
+static inline int sb_iteration_ok(const sb_block *b, uint64_t iteration) {
+    return iteration <= SB_MAX_ITERATION && (!b->published || iteration > b->last_iteration);
+}
+
+/*
+ * Starts filling the next slot and returns its payload in *payload (payload_bytes long). Pair with
+ * sb_write_commit or sb_write_abort. SB_EHEADER if the header was overwritten since the handle was made.
+ */
+static inline int sb_write_begin(sb_block *b, uint32_t *slot_out, char **payload) {
+    sb_header *h = b->hdr;
+    if (!sb_header_intact(b)) return SB_EHEADER;
     uint64_t c = atomic_load_explicit(&h->commit, memory_order_relaxed);
-    uint32_t slot = (uint32_t)(c % h->slot_count);
+    uint32_t slot = (uint32_t)(c % b->layout.slot_count);
     sb_slot *s = &sb_slots(h)[slot];
     uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed);
     atomic_store_explicit(&s->progress, 0, memory_order_relaxed);
     atomic_store_explicit(&s->seq, seq | 1u, memory_order_release); /* progress = 0 is seen first */
     atomic_thread_fence(memory_order_release); /* the odd sequence is visible before any payload store */
-    if (h->payload_bytes >= SB_STREAM_MIN_BYTES) sb__wake_all(h); /* parked readers may follow along */
+    if (b->layout.payload_bytes >= SB_STREAM_MIN_BYTES) sb__wake_all(h); /* parked readers may follow along */
     *slot_out = slot;
-    return sb_payload(h, slot);
+    *payload = sb_payload(b, slot);
+    return SB_OK;
 }
 
-static inline uint64_t sb_write_commit(sb_header *h, uint32_t slot, uint64_t iteration, uint32_t crc) {
+/* Commits a begun write as `iteration` (checked as for sb_publish; refused ids abort the write). */
+static inline int sb_write_commit(sb_block *b, uint32_t slot, uint64_t iteration, uint32_t crc,
+                                  uint64_t *commit_out) {
+    sb_header *h = b->hdr;
+    if (slot >= b->layout.slot_count) return SB_EINVAL;
     sb_slot *s = &sb_slots(h)[slot];
+    if (!sb_iteration_ok(b, iteration)) {
+        atomic_store_explicit(&s->commit, 0, memory_order_relaxed);
+        uint64_t odd = atomic_load_explicit(&s->seq, memory_order_relaxed);
+        atomic_store_explicit(&s->seq, odd + 1, memory_order_release);
+        return SB_EITER;
+    }
     uint64_t c = atomic_load_explicit(&h->commit, memory_order_relaxed) + 1;
     uint64_t now = sb_now_ns(CLOCK_REALTIME);
     atomic_store_explicit(&s->commit, c, memory_order_relaxed);
@@ -757,32 +907,33 @@ static inline uint64_t sb_write_commit(sb_header *h, uint32_t slot, uint64_t ite
     atomic_store_explicit(&h->heartbeat_ns, now, memory_order_relaxed);
     atomic_store_explicit(&h->commit, c, memory_order_seq_cst);
     sb__wake_all(h);
-    return c;
+    b->published = 1;
+    b->last_iteration = iteration;
+    if (commit_out) *commit_out = c;
+    return SB_OK;
 }
 
 /* Gives up a begun write: the slot is left even but never becomes the latest. */
-static inline void sb_write_abort(sb_header *h, uint32_t slot) {
-    sb_slot *s = &sb_slots(h)[slot];
+static inline void sb_write_abort(sb_block *b, uint32_t slot) {
+    if (slot >= b->layout.slot_count) return;
+    sb_slot *s = &sb_slots(b->hdr)[slot];
     atomic_store_explicit(&s->commit, 0, memory_order_relaxed);
     uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed);
     atomic_store_explicit(&s->seq, seq + 1, memory_order_release);
 }
 
-static inline int sb_iteration_ok(sb_header *h, uint64_t iteration) {
-    return atomic_load_explicit(&h->commit, memory_order_relaxed) == 0 ||
-           iteration > atomic_load_explicit(&h->last_iteration, memory_order_relaxed);
-}
-
 /* Copies nbytes (must equal payload_bytes) into the next slot, checksums in the same pass, commits. */
-static inline int sb_publish(sb_header *h, const void *src, uint64_t nbytes, uint64_t iteration,
+static inline int sb_publish(sb_block *b, const void *src, uint64_t nbytes, uint64_t iteration,
                              uint64_t *commit_out) {
-    if (nbytes != h->payload_bytes) return SB_ELAYOUT;
-    if (!sb_iteration_ok(h, iteration)) return SB_EITER;
+    if (nbytes != b->layout.payload_bytes) return SB_ELAYOUT;
+    if (!sb_iteration_ok(b, iteration)) return SB_EITER;
     uint32_t slot;
-    char *dst = sb_write_begin(h, &slot);
-    sb_slot *s = &sb_slots(h)[slot];
+    char *dst;
+    int rc = sb_write_begin(b, &slot, &dst);
+    if (rc != SB_OK) return rc;
+    sb_slot *s = &sb_slots(b->hdr)[slot];
     uint32_t crc = 0;
-    int check = (h->flags & SB_FLAG_CHECKSUM) != 0;
+    int check = (b->layout.flags & SB_FLAG_CHECKSUM) != 0;
     uint64_t chunk = nbytes >= SB_STREAM_MIN_BYTES ? SB_STREAM_CHUNK : nbytes;
     for (uint64_t off = 0; off < nbytes; off += chunk) {
         uint64_t len = nbytes - off < chunk ? nbytes - off : chunk;
@@ -792,9 +943,7 @@ static inline int sb_publish(sb_header *h, const void *src, uint64_t nbytes, uin
             memcpy(dst + off, (const char *)src + off, len);
         atomic_store_explicit(&s->progress, off + len, memory_order_release);
     }
-    uint64_t c = sb_write_commit(h, slot, iteration, crc);
-    if (commit_out) *commit_out = c;
-    return SB_OK;
+    return sb_write_commit(b, slot, iteration, crc, commit_out);
 }
 
 /* Marks the block closed and wakes every reader (they then get SB_ECLOSED once drained). */
@@ -811,17 +960,19 @@ typedef struct sb_snapshot {
 } sb_snapshot;
 
 /*
- * One attempt to read the latest commit whose iteration >= min_iteration.
+ * One attempt to read the LATEST commit, accepted only if its iteration >= min_iteration.
  * dst != NULL: copies the payload there (checksummed in the same pass when verify != 0).
  * dst == NULL: zero-copy; verifies in place and reports slot + seq so the caller can re-check later.
- * Returns SB_OK, SB_EAGAIN (nothing that new yet), SB_ECORRUPT; torn attempts are retried here.
+ * Returns SB_OK, SB_EAGAIN (nothing that new yet), SB_ECORRUPT, SB_EHEADER; torn attempts are retried.
  */
-static inline int sb_try_read(sb_header *h, void *dst, uint64_t min_iteration, int verify,
-                              sb_snapshot *out) {
+static inline int sb_try_read(sb_block *b, void *dst, uint64_t min_iteration, int verify, sb_snapshot *out) {
+    sb_header *h = b->hdr;
+    const uint64_t n = b->layout.payload_bytes;
+    if (!sb_header_intact(b)) return SB_EHEADER;
     for (int attempt = 0; attempt < 1000; attempt++) {
         uint64_t c = atomic_load_explicit(&h->commit, memory_order_acquire);
         if (c == 0) return SB_EAGAIN;
-        uint32_t slot = (uint32_t)((c - 1) % h->slot_count);
+        uint32_t slot = (uint32_t)((c - 1) % b->layout.slot_count);
         sb_slot *s = &sb_slots(h)[slot];
         uint64_t s1 = atomic_load_explicit(&s->seq, memory_order_acquire);
         if (s1 & 1u) { /* lapped by the writer: the latest moved on, look again */
@@ -838,16 +989,16 @@ static inline int sb_try_read(sb_header *h, void *dst, uint64_t min_iteration, i
             if (atomic_load_explicit(&s->seq, memory_order_relaxed) == s1) return SB_EAGAIN;
             continue;
         }
-        const char *src = sb_payload(h, slot);
+        const char *src = sb_payload(b, slot);
         uint32_t got = 0;
-        int check = verify && (h->flags & SB_FLAG_CHECKSUM);
+        int check = verify && (b->layout.flags & SB_FLAG_CHECKSUM);
         if (dst != NULL) {
             if (check)
-                got = sb_crc32c_copy(dst, src, h->payload_bytes, 0);
+                got = sb_crc32c_copy(dst, src, n, 0);
             else
-                memcpy(dst, src, h->payload_bytes);
+                memcpy(dst, src, n);
         } else if (check) {
-            got = sb_crc32c(src, h->payload_bytes, 0);
+            got = sb_crc32c(src, n, 0);
         }
         atomic_thread_fence(memory_order_acquire); /* payload loads happen before the re-check */
         uint64_t s2 = atomic_load_explicit(&s->seq, memory_order_relaxed);
@@ -859,25 +1010,29 @@ static inline int sb_try_read(sb_header *h, void *dst, uint64_t min_iteration, i
         out->crc = crc;
         out->slot = slot;
         out->seq = s1;
-        atomic_fetch_add_explicit(&h->reads, 1, memory_order_relaxed);
+        if (b->writable) atomic_fetch_add_explicit(&h->reads, 1, memory_order_relaxed);
         return SB_OK;
     }
     return SB_EAGAIN; /* pathological livelock: let the caller's wait loop come back */
 }
 
 /* True while a zero-copy snapshot's slot has not been reused by the writer. */
-static inline int sb_snapshot_valid(sb_header *h, const sb_snapshot *snap) {
+static inline int sb_snapshot_valid(const sb_block *b, const sb_snapshot *snap) {
+    if (snap->slot >= b->layout.slot_count) return 0;
     atomic_thread_fence(memory_order_acquire);
-    return atomic_load_explicit(&sb_slots(h)[snap->slot].seq, memory_order_relaxed) == snap->seq;
+    return atomic_load_explicit(&sb_slots(b->hdr)[snap->slot].seq, memory_order_relaxed) == snap->seq;
 }
 
 /*
  * Waits until `commit` differs from `seen`, the block is closed, or (when `seq` is not NULL) *seq moves
  * away from `seq_was`: spins for spin_ns, then parks on the futex for at most park_ns in total.
- * Returns 1 when something changed, 0 when the slice elapsed.
+ * A read-only handle cannot raise the waiters flag, so the writer does not wake it: it sleeps in
+ * SB_READONLY_POLL_NS slices instead (a wake meant for another reader still ends a slice early).
+ * Returns 1 when something changed, 0 when the slice elapsed or a signal arrived.
  */
-static inline int sb__wait(sb_header *h, uint64_t seen, SB_ATOMIC(uint64_t) *seq, uint64_t seq_was,
+static inline int sb__wait(sb_block *b, uint64_t seen, SB_ATOMIC(uint64_t) *seq, uint64_t seq_was,
                            uint64_t spin_ns, uint64_t park_ns) {
+    sb_header *h = b->hdr;
 #define SB__CHANGED(order)                                                              \
     (atomic_load_explicit(&h->commit, order) != seen ||                                 \
      atomic_load_explicit(&h->state, order) != SB_STATE_OPEN ||                         \
@@ -898,29 +1053,31 @@ static inline int sb__wait(sb_header *h, uint64_t seen, SB_ATOMIC(uint64_t) *seq
     }
     if (park_ns == 0) return SB__CHANGED(memory_order_acquire);
     uint64_t park_end = sb_now_ns(CLOCK_MONOTONIC) + park_ns;
-    int changed = 0;
-    atomic_fetch_add_explicit(&h->waiters, 1u, memory_order_seq_cst);
     for (;;) {
+        /* Flag, then the futex word, then look (all seq_cst); the writer stores `commit`, bumps the
+           word, then looks at the flag. Either it sees our flag and wakes us, or we see its commit,
+           or our FUTEX_WAIT finds the word moved. One hole is left: a publish we do not wait for may
+           take our flag down after we raised it; so the flag is read again after the word, and if it
+           is down we raise it again instead of sleeping unannounced. */
+        if (b->writable) atomic_store_explicit(&h->waiters, 1u, memory_order_seq_cst);
         uint32_t word = atomic_load_explicit(&h->futex, memory_order_seq_cst);
-        if (SB__CHANGED(memory_order_seq_cst)) {
-            changed = 1;
-            break;
-        }
+        if (SB__CHANGED(memory_order_seq_cst)) return 1;
         uint64_t now = sb_now_ns(CLOCK_MONOTONIC);
-        if (now >= park_end) break;
+        if (now >= park_end) return 0;
+        if (b->writable && atomic_load_explicit(&h->waiters, memory_order_seq_cst) == 0) continue;
         uint64_t left = park_end - now;
+        if (!b->writable && left > SB_READONLY_POLL_NS) left = SB_READONLY_POLL_NS;
         struct timespec ts = {(time_t)(left / 1000000000u), (long)(left % 1000000000u)};
         long rc = sb__futex(&h->futex, FUTEX_WAIT, word, &ts);
-        if (rc == -1 && errno == EINTR) break; /* let the caller handle the signal */
+        if (rc == -1 && errno == EINTR) return SB__CHANGED(memory_order_seq_cst); /* caller handles it */
+        if (rc == -1 && errno != EAGAIN && errno != ETIMEDOUT) nanosleep(&ts, NULL); /* never a hot loop */
     }
-    atomic_fetch_sub_explicit(&h->waiters, 1u, memory_order_seq_cst);
-    return changed;
 #undef SB__CHANGED
 }
 
 /* Waits until `commit` differs from `seen` or the block is closed (see sb__wait). */
-static inline int sb_wait_change(sb_header *h, uint64_t seen, uint64_t spin_ns, uint64_t park_ns) {
-    return sb__wait(h, seen, NULL, 0, spin_ns, park_ns);
+static inline int sb_wait_change(sb_block *b, uint64_t seen, uint64_t spin_ns, uint64_t park_ns) {
+    return sb__wait(b, seen, NULL, 0, spin_ns, park_ns);
 }
 
 static inline uint32_t sb__take(void *dst, const char *src, uint64_t len, int check, uint32_t crc) {
@@ -933,26 +1090,28 @@ static inline uint32_t sb__take(void *dst, const char *src, uint64_t len, int ch
  * Cut-through read of the commit after the current one (payloads >= SB_STREAM_MIN_BYTES): waits up to
  * spin_ns + park_ns for the writer to start it, then copies (and checksums) each chunk as soon as the
  * writer's `progress` covers it. dst == NULL verifies in place (zero-copy). Returns SB_OK, SB_ECORRUPT,
- * SB_EAGAIN (nothing started within the slice) or SB_ERETRY (the writer finished first, lapped the
- * reader or aborted: fall back to sb_try_read, which then finds the commit complete).
+ * SB_EHEADER, SB_EAGAIN (nothing started within the slice) or SB_ERETRY (the writer finished first,
+ * lapped the reader or aborted: fall back to sb_try_read, which then finds the commit complete).
  */
-static inline int sb_read_cut_through(sb_header *h, void *dst, uint64_t min_iteration, int verify,
+static inline int sb_read_cut_through(sb_block *b, void *dst, uint64_t min_iteration, int verify,
                                       uint64_t spin_ns, uint64_t park_ns, sb_snapshot *out) {
+    sb_header *h = b->hdr;
+    if (!sb_header_intact(b)) return SB_EHEADER;
     uint64_t seen = atomic_load_explicit(&h->commit, memory_order_acquire);
-    uint32_t slot = (uint32_t)(seen % h->slot_count);
+    uint32_t slot = (uint32_t)(seen % b->layout.slot_count);
     sb_slot *s = &sb_slots(h)[slot];
     uint64_t odd = atomic_load_explicit(&s->seq, memory_order_acquire);
     if (!(odd & 1u)) { /* not started yet: wait for the odd sequence (the writer wakes us) */
-        if (!sb__wait(h, seen, &s->seq, odd, spin_ns, park_ns)) return SB_EAGAIN;
+        if (!sb__wait(b, seen, &s->seq, odd, spin_ns, park_ns)) return SB_EAGAIN;
         uint64_t now_seq = atomic_load_explicit(&s->seq, memory_order_acquire);
         if (now_seq != odd + 1 || atomic_load_explicit(&h->commit, memory_order_acquire) != seen)
             return SB_ERETRY;
         odd = now_seq;
     }
-    const uint64_t n = h->payload_bytes;
-    const char *src = sb_payload(h, slot);
+    const uint64_t n = b->layout.payload_bytes;
+    const char *src = sb_payload(b, slot);
     char *to = (char *)dst;
-    int check = verify && (h->flags & SB_FLAG_CHECKSUM);
+    int check = verify && (b->layout.flags & SB_FLAG_CHECKSUM);
     uint32_t crc = 0;
     uint64_t done = 0, idle = 0;
     for (;;) {
@@ -966,7 +1125,7 @@ static inline int sb_read_cut_through(sb_header *h, void *dst, uint64_t min_iter
         uint64_t q = atomic_load_explicit(&s->seq, memory_order_acquire);
         if (q == odd) {
             if (++idle > 4096) { /* a loan or a stalled writer: wait for the commit instead */
-                sb__wait(h, seen, &s->seq, odd, 0, park_ns);
+                sb__wait(b, seen, &s->seq, odd, 0, park_ns);
                 if (atomic_load_explicit(&s->seq, memory_order_acquire) == odd) return SB_EAGAIN;
                 idle = 0;
             }
@@ -989,34 +1148,54 @@ static inline int sb_read_cut_through(sb_header *h, void *dst, uint64_t min_iter
         out->crc = want;
         out->slot = slot;
         out->seq = q;
-        atomic_fetch_add_explicit(&h->reads, 1, memory_order_relaxed);
+        if (b->writable) atomic_fetch_add_explicit(&h->reads, 1, memory_order_relaxed);
         return SB_OK;
     }
 }
 
 /* ---------------------------------------------------------------- the C peer API */
 
-typedef struct sb_block {
-    int fd;
-    int owner;
-    sb_header *hdr;
-    uint64_t size;
-    uint64_t next_iteration;
-    char path[SB_NAME_MAX + 16];
-} sb_block;
+/* Copies the identity out of a fresh mapping and validates the copy into b. */
+static inline int sb__adopt(sb_block *b, sb_header *p, uint64_t mapped_bytes) {
+    /* `magic` is stored last (release) by the creator: load it first (acquire), then copy the rest. */
+    if (atomic_load_explicit(&p->magic, memory_order_acquire) == 0) return SB_ENOTREADY;
+    sb_header copy;
+    memset((void *)&copy, 0, sizeof copy);
+    memcpy((void *)&copy, (const void *)p, SB_IDENTITY_BYTES);
+    int rc = sb_header_check(&copy, mapped_bytes, &b->layout);
+    if (rc != SB_OK) return rc;
+    memcpy(b->identity, (const void *)&copy, SB_IDENTITY_BYTES);
+    b->hdr = p;
+    b->size = mapped_bytes;
+    return SB_OK;
+}
 
-/* Creates "/simbridge.<name>" (0600 unless mode says otherwise); the caller becomes the writer. */
+/*
+ * Creates "/simbridge.<name>" and makes the caller its one writer.
+ *   dtype, ndim, shape  the array (see sb_layout_compute for what is refused)
+ *   slot_count          1..SB_MAX_SLOTS (2 lets a reader finish the latest while the next is written)
+ *   mode                permission bits 0..0777; 0 means SB_DEFAULT_MODE (0600, this user only). Give
+ *                       readers of other users read permission (e.g. 0644): they attach read-only.
+ *   flags               SB_FLAG_CHECKSUM: every publish stores a CRC32C of its payload and readers
+ *                       verify it (SB_ECORRUPT on a mismatch). Without it readers cannot detect a
+ *                       bad payload; a Python reader can insist on it (Block.open(require_checksum=True)).
+ * Returns SB_OK, SB_EINVAL (bad name, layout, mode or flags), SB_EEXIST (the name exists: decide
+ * whether it is stale with sb_block_open + sb_block_writer_alive) or SB_ESYS (errno set).
+ */
 static inline int sb_block_create(sb_block *b, const char *name, uint32_t dtype, uint32_t ndim,
                                   const uint64_t *shape, uint32_t slot_count, uint32_t mode, uint32_t flags) {
-    memset(b, 0, sizeof *b);
+    memset((void *)b, 0, sizeof *b);
     b->fd = -1;
     sb_layout L;
     int rc = sb_shm_path(name, b->path, sizeof b->path);
     if (rc != SB_OK) return rc;
+    if (mode > 0777u || (flags & ~SB_FLAG_CHECKSUM) != 0) return SB_EINVAL;
+    if (mode == 0) mode = SB_DEFAULT_MODE;
     rc = sb_layout_compute(&L, dtype, ndim, shape, slot_count, flags);
     if (rc != SB_OK) return rc;
     int fd = shm_open(b->path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, (mode_t)mode);
     if (fd < 0) return errno == EEXIST ? SB_EEXIST : SB_ESYS;
+    /* fchmod: shm_open applies the umask, and a 0644 block must really be readable by others. */
     if (fchmod(fd, (mode_t)mode) != 0 || ftruncate(fd, (off_t)L.total_bytes) != 0) {
         int e = errno;
         close(fd);
@@ -1040,78 +1219,144 @@ static inline int sb_block_create(sb_block *b, const char *name, uint32_t dtype,
         errno = e;
         return SB_ESYS;
     }
+    sb_header_init((sb_header *)p, &L);
     b->fd = fd;
     b->owner = 1;
+    b->writable = 1;
+    b->pid = getpid();
     b->hdr = (sb_header *)p;
     b->size = L.total_bytes;
-    b->next_iteration = 1;
-    sb_header_init(b->hdr, &L);
+    b->layout = L;
+    memcpy(b->identity, (const void *)p, SB_IDENTITY_BYTES);
     return SB_OK;
 }
 
-/* Attaches to an existing block as a reader, waiting up to timeout_ns (< 0: forever) for it to appear. */
+/* One attempt to attach: read-write if permitted, else read-only. */
+static inline int sb__open_once(sb_block *b) {
+    int writable = 1;
+    int fd = shm_open(b->path, O_RDWR | O_CLOEXEC, 0);
+    if (fd < 0 && errno == EACCES) { /* e.g. a 0644 block of another user: a reader needs no more */
+        writable = 0;
+        fd = shm_open(b->path, O_RDONLY | O_CLOEXEC, 0);
+    }
+    if (fd < 0) return errno == ENOENT ? SB_ENOENT : SB_ESYS;
+    struct stat st;
+    int rc = SB_OK;
+    if (fstat(fd, &st) != 0) {
+        rc = SB_ESYS;
+    } else if ((uint64_t)st.st_size < SB_HEADER_BYTES) {
+        rc = SB_ENOTREADY;
+    } else {
+        int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
+        void *p = mmap(NULL, (size_t)st.st_size, prot, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED) {
+            rc = SB_ESYS;
+        } else {
+            rc = sb__adopt(b, (sb_header *)p, (uint64_t)st.st_size);
+            if (rc == SB_OK) {
+                b->fd = fd;
+                b->writable = writable;
+                b->pid = getpid();
+                if (writable) atomic_fetch_add_explicit(&b->hdr->readers, 1u, memory_order_relaxed);
+                return SB_OK;
+            }
+            munmap(p, (size_t)st.st_size);
+        }
+    }
+    int e = errno;
+    close(fd);
+    errno = e;
+    return rc;
+}
+
+/*
+ * Attaches to an existing block as a reader. Waits up to timeout_ns (< 0: forever) for the block to
+ * appear and be initialised; then returns SB_ETIMEDOUT. timeout_ns == 0 tries once and says what it
+ * found: SB_ENOENT (no such name) or SB_ENOTREADY (its creator is still initialising it).
+ * Other results: SB_OK, SB_EINVAL (bad name), SB_ELAYOUT (not a block of this ABI), SB_ESYS (errno).
+ * The reader maps the block read-write when the segment's mode allows, else read-only: a read-only
+ * reader is not woken by the writer's futex wake and notices a publish within SB_READONLY_POLL_NS.
+ */
 static inline int sb_block_open(sb_block *b, const char *name, int64_t timeout_ns) {
-    memset(b, 0, sizeof *b);
+    memset((void *)b, 0, sizeof *b);
     b->fd = -1;
     int rc = sb_shm_path(name, b->path, sizeof b->path);
     if (rc != SB_OK) return rc;
     uint64_t deadline = sb_now_ns(CLOCK_MONOTONIC) + (uint64_t)(timeout_ns < 0 ? 0 : timeout_ns);
     useconds_t backoff = 200;
     for (;;) {
-        int fd = shm_open(b->path, O_RDWR | O_CLOEXEC, 0);
-        rc = fd < 0 ? (errno == ENOENT ? SB_ENOENT : SB_ESYS) : SB_OK;
-        if (fd >= 0) {
-            struct stat st;
-            if (fstat(fd, &st) != 0) {
-                rc = SB_ESYS;
-            } else if ((uint64_t)st.st_size < SB_HEADER_BYTES) {
-                rc = SB_ENOTREADY;
-            } else {
-                void *p = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-                if (p == MAP_FAILED) {
-                    rc = SB_ESYS;
-                } else {
-                    rc = sb_header_check((sb_header *)p, (uint64_t)st.st_size);
-                    if (rc == SB_OK) {
-                        b->fd = fd;
-                        b->hdr = (sb_header *)p;
-                        b->size = (uint64_t)st.st_size;
-                        atomic_fetch_add_explicit(&b->hdr->readers, 1u, memory_order_relaxed);
-                        return SB_OK;
-                    }
-                    munmap(p, (size_t)st.st_size);
-                }
-            }
-            close(fd);
-        }
+        rc = sb__open_once(b);
         if (rc != SB_ENOENT && rc != SB_ENOTREADY) return rc;
-        if (timeout_ns >= 0 && sb_now_ns(CLOCK_MONOTONIC) >= deadline) return rc;
+        if (timeout_ns == 0) return rc;
+        if (timeout_ns > 0 && sb_now_ns(CLOCK_MONOTONIC) >= deadline) return SB_ETIMEDOUT;
         usleep(backoff);
         if (backoff < 20000) backoff *= 2;
     }
 }
 
-/* Publishes with the next iteration id (1, 2, ...) unless the caller manages ids itself. */
+/*
+ * Publishes nbytes (== sb_block_payload_bytes) from src as `iteration`, which must be greater than
+ * the previous one (any value 0..SB_MAX_ITERATION for the first publish); pass SB_NEXT_ITERATION for
+ * "the previous id + 1" (1 for the first publish). Only the creator's handle, in the creator's process,
+ * may publish. Returns SB_OK, SB_EITER, SB_ELAYOUT (wrong size), SB_EINVAL (not the writer's handle) or
+ * SB_EHEADER.
+ */
 static inline int sb_block_publish(sb_block *b, const void *src, uint64_t nbytes, uint64_t iteration) {
     if (!b->owner) return SB_EINVAL;
-    int rc = sb_publish(b->hdr, src, nbytes, iteration, NULL);
-    if (rc == SB_OK) b->next_iteration = iteration + 1;
-    return rc;
+    if (iteration == SB_NEXT_ITERATION) {
+        if (b->published && b->last_iteration >= SB_MAX_ITERATION) return SB_EITER;
+        iteration = b->published ? b->last_iteration + 1 : 1;
+    }
+    return sb_publish(b, src, nbytes, iteration, NULL);
 }
 
 /*
- * Blocking read of the first commit with iteration >= min_iteration into dst (nbytes = payload size).
- * timeout_ns < 0 waits forever. Spins spin_ns first; parked waits wake every 200 ms to check the writer.
+ * The in-place (zero-copy) write path: sb_block_begin_write hands out the next slot's payload
+ * (sb_block_payload_bytes long); fill it, then sb_block_commit_write(b, slot, iteration) (iteration
+ * as for sb_block_publish, SB_NEXT_ITERATION included) or sb_block_abort_write(b, slot). Readers never
+ * see a slot before its commit; a writer that dies between the two leaves the previous commit the latest.
+ */
+static inline int sb_block_begin_write(sb_block *b, uint32_t *slot, void **payload) {
+    if (!b->owner) return SB_EINVAL;
+    char *p = NULL;
+    int rc = sb_write_begin(b, slot, &p);
+    *payload = p;
+    return rc;
+}
+
+static inline int sb_block_commit_write(sb_block *b, uint32_t slot, uint64_t iteration) {
+    if (!b->owner) return SB_EINVAL;
+    /* SB_NEXT_ITERATION past SB_MAX_ITERATION stays out of range: sb_write_commit refuses it. */
+    if (iteration == SB_NEXT_ITERATION && !(b->published && b->last_iteration >= SB_MAX_ITERATION))
+        iteration = b->published ? b->last_iteration + 1 : 1;
+    uint32_t crc = 0;
+    if (slot < b->layout.slot_count && (b->layout.flags & SB_FLAG_CHECKSUM))
+        crc = sb_crc32c(sb_payload(b, slot), b->layout.payload_bytes, 0);
+    return sb_write_commit(b, slot, iteration, crc, NULL);
+}
+
+static inline void sb_block_abort_write(sb_block *b, uint32_t slot) {
+    if (b->owner) sb_write_abort(b, slot);
+}
+
+/*
+ * Blocking read of the LATEST commit into dst (nbytes = sb_block_payload_bytes), once its iteration
+ * is >= min_iteration. A block holds the latest state, not a queue: commits published between two
+ * reads are skipped (use a ring for a stream). timeout_ns < 0 waits forever. Spins spin_ns first;
+ * parked waits wake every 200 ms to check the writer.
+ * Returns SB_OK (out filled), SB_ETIMEDOUT, SB_ECLOSED (the writer closed the block and nothing that
+ * new was published), SB_EPEERGONE (the writer died), SB_ECORRUPT (the copy failed its CRC32C),
+ * SB_EHEADER (the header was overwritten) or SB_ELAYOUT (nbytes is not the payload size).
  */
 static inline int sb_block_read(sb_block *b, void *dst, uint64_t nbytes, uint64_t min_iteration,
                                 int64_t timeout_ns, uint64_t spin_ns, sb_snapshot *out) {
     sb_header *h = b->hdr;
-    if (nbytes != h->payload_bytes) return SB_ELAYOUT;
+    if (nbytes != b->layout.payload_bytes) return SB_ELAYOUT;
     uint64_t start = sb_now_ns(CLOCK_MONOTONIC);
     const uint64_t slice = UINT64_C(200000000);
     for (;;) {
         uint64_t seen = atomic_load_explicit(&h->commit, memory_order_acquire);
-        int rc = sb_try_read(h, dst, min_iteration, 1, out);
+        int rc = sb_try_read(b, dst, min_iteration, 1, out);
         if (rc != SB_EAGAIN) return rc;
         if (atomic_load_explicit(&h->state, memory_order_acquire) != SB_STATE_OPEN) return SB_ECLOSED;
         uint64_t now = sb_now_ns(CLOCK_MONOTONIC);
@@ -1119,23 +1364,28 @@ static inline int sb_block_read(sb_block *b, void *dst, uint64_t nbytes, uint64_
         uint64_t park = slice;
         if (timeout_ns >= 0 && (uint64_t)timeout_ns - (now - start) < park)
             park = (uint64_t)timeout_ns - (now - start);
-        if (!sb_wait_change(h, seen, spin_ns, park) && !sb_writer_alive(h)) return SB_EPEERGONE;
+        if (!sb_wait_change(b, seen, spin_ns, park) && !sb_block_writer_alive(b)) return SB_EPEERGONE;
         spin_ns = 0; /* spin only once per call */
     }
 }
 
-/* Unmaps; the owner also marks the block closed (waking readers) and unlinks the name. */
+/*
+ * Unmaps and closes. The writer's handle also marks the block closed (waking readers) and unlinks the
+ * name. In a forked child a handle inherited from the parent is only unmapped: the block stays the
+ * parent's. Must not run while another thread uses the same handle.
+ */
 static inline void sb_block_close(sb_block *b) {
+    int mine = b->pid == getpid();
     if (b->hdr != NULL) {
-        if (b->owner)
+        if (mine && b->owner)
             sb_mark_closed(b->hdr);
-        else
+        else if (mine && b->writable)
             atomic_fetch_sub_explicit(&b->hdr->readers, 1u, memory_order_relaxed);
-        munmap(b->hdr, b->size);
+        munmap((void *)b->hdr, b->size);
     }
     if (b->fd >= 0) close(b->fd);
-    if (b->owner && b->path[0] != '\0') shm_unlink(b->path);
-    memset(b, 0, sizeof *b);
+    if (mine && b->owner && b->path[0] != '\0') shm_unlink(b->path);
+    memset((void *)b, 0, sizeof *b);
     b->fd = -1;
 }
 

@@ -3,7 +3,7 @@
  *
  * It owns nothing of the layout: every offset, check and protocol step comes from shm.h. This file
  * maps segments, exports them through the buffer protocol (so numpy views are zero-copy), releases
- * the GIL around copies and waits, and raises the classes of simbridge.shm.errors.
+ * the GIL around copies and waits, and raises the classes of simbridge.shm.errors (never a builtin).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -13,64 +13,150 @@
 /* Copies at least this large run with the GIL released; smaller ones cost less than the hand-off. */
 #define GIL_RELEASE_BYTES (64 * 1024)
 
-static PyObject *LayoutMismatchError;
-static PyObject *CorruptedError;
-static PyObject *ShmError;
+static PyObject *ShmError, *LayoutMismatchError, *CorruptedError, *BlockClosedError, *NotWriterError,
+    *IterationOrderError, *OutOfRangeError, *BlockExistsError, *BlockNotFoundError, *NoSpaceError,
+    *AccessDeniedError, *ShmOSErrorError, *InvalidNameError;
+
+/* Bumped in every forked child (pthread_atfork): a Segment made before the fork is the parent's, and
+   telling so costs one load instead of a getpid() system call on the publish path. */
+static volatile unsigned long fork_generation;
+static void after_fork_in_child(void) { fork_generation++; }
 
 typedef struct {
     PyObject_HEAD
-    int fd;
-    sb_header *hdr;
-    Py_ssize_t size;
-    int owner;
+    sb_block b;
     int closed;
+    /* Calls running with the GIL released on this mapping. close() from another thread defers the
+       munmap until the last of them is back (they then raise BlockClosed): never a SIGSEGV. */
+    int busy;
     Py_ssize_t exports;
-    char path[SB_NAME_MAX + 16];
+    unsigned long fork_gen;
 } Segment;
 
 static PyTypeObject SegmentType;
 
 static void segment_unmap(Segment *self) {
-    if (self->hdr != NULL) {
-        munmap(self->hdr, (size_t)self->size);
-        self->hdr = NULL;
+    if (self->b.hdr != NULL) {
+        munmap((void *)self->b.hdr, (size_t)self->b.size);
+        self->b.hdr = NULL;
     }
-    if (self->fd >= 0) {
-        close(self->fd);
-        self->fd = -1;
+    if (self->b.fd >= 0) {
+        close(self->b.fd);
+        self->b.fd = -1;
     }
 }
 
+static void segment_unmap_if_unused(Segment *self) {
+    if (self->closed && self->busy == 0 && self->exports == 0) segment_unmap(self);
+}
+
+/* This process made the handle (a forked child only inherited it: it neither closes nor unlinks). */
+static int segment_mine(Segment *self) { return self->b.pid == getpid(); }
+
 static int segment_usable(Segment *self) {
-    if (self->closed || self->hdr == NULL) {
-        PyErr_SetString(PyExc_ValueError, "the block is closed");
+    if (self->closed || self->b.hdr == NULL) {
+        PyErr_Format(BlockClosedError, "%s: the block is closed", self->b.path);
         return 0;
     }
     return 1;
 }
 
+static int segment_may_write(Segment *self) {
+    if (!segment_usable(self)) return 0;
+    if (!self->b.owner) {
+        PyErr_Format(NotWriterError, "%s: only the creator publishes; this handle is a reader", self->b.path);
+        return 0;
+    }
+    if (self->fork_gen != fork_generation) {
+        PyErr_Format(NotWriterError,
+                     "%s: belongs to pid %u; this forked child may read it (Block.open) but never "
+                     "publish into it", self->b.path, sb_block_owner_pid(&self->b));
+        return 0;
+    }
+    return 1;
+}
+
+/* After a call that released the GIL: if close() ran meanwhile, finish it and raise. */
+static int segment_closed_meanwhile(Segment *self, const char *what) {
+    if (!self->closed) return 0;
+    segment_unmap_if_unused(self);
+    PyErr_Format(BlockClosedError, "%s: the block was closed by another thread during %s", self->b.path, what);
+    return 1;
+}
+
+/* errno -> the matching simbridge class, errno and filename kept. */
+static PyObject *raise_errno(int err, const char *path) {
+    PyObject *cls = err == ENOENT ? BlockNotFoundError
+                    : err == EEXIST ? BlockExistsError
+                    : err == ENOSPC ? NoSpaceError
+                    : (err == EACCES || err == EPERM) ? AccessDeniedError
+                    : ShmOSErrorError;
+    PyObject *exc = PyObject_CallFunction(cls, "iss", err, strerror(err), path);
+    if (exc != NULL) {
+        PyErr_SetObject(cls, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
 static PyObject *raise_status(int rc, const char *path) {
     switch (rc) {
-    case SB_ESYS: return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
-    case SB_EEXIST: return PyErr_Format(PyExc_FileExistsError, "%s: %s", path, sb_strerror(rc));
-    case SB_ENOENT: return PyErr_Format(PyExc_FileNotFoundError, "%s: %s", path, sb_strerror(rc));
-    case SB_EINVAL: return PyErr_Format(PyExc_ValueError, "%s: %s", path, sb_strerror(rc));
+    case SB_ESYS: return raise_errno(errno, path);
+    case SB_EEXIST: return PyErr_Format(BlockExistsError, "%s: %s", path, sb_strerror(rc));
+    case SB_ENOENT: return PyErr_Format(BlockNotFoundError, "%s: %s", path, sb_strerror(rc));
+    case SB_EINVAL:
+        return PyErr_Format(OutOfRangeError,
+                            "%s: invalid argument (name, dtype, shape, slots 1..%u, mode 0..0o777 or flags)",
+                            path, SB_MAX_SLOTS);
     case SB_ELAYOUT: return PyErr_Format(LayoutMismatchError, "%s: %s", path, sb_strerror(rc));
     case SB_ECORRUPT: return PyErr_Format(CorruptedError, "%s: %s", path, sb_strerror(rc));
+    case SB_EHEADER:
+        return PyErr_Format(CorruptedError,
+                            "%s: %s (a peer wrote into its identity part); reopen it or recreate it",
+                            path, sb_strerror(rc));
     default: return PyErr_Format(ShmError, "%s: %s (code %d)", path, sb_strerror(rc), rc);
     }
+}
+
+/* O& converters: a Python int in range, else OutOfRange saying the rule (never a silent wrap). */
+static int u64_arg(PyObject *obj, uint64_t *out, uint64_t max, const char *rule) {
+    PyObject *idx = PyNumber_Index(obj);
+    if (idx == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError)) return 0;
+        PyErr_Clear();
+        PyErr_Format(OutOfRangeError, "%s, got %R", rule, obj);
+        return 0;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(idx);
+    int bad = v == (unsigned long long)-1 && PyErr_Occurred();
+    if (bad) PyErr_Clear();
+    if (bad || v > max) {
+        PyErr_Format(OutOfRangeError, "%s, got %R", rule, idx);
+        Py_DECREF(idx);
+        return 0;
+    }
+    Py_DECREF(idx);
+    *out = v;
+    return 1;
+}
+
+static int iteration_arg(PyObject *obj, void *out) {
+    return u64_arg(obj, (uint64_t *)out, SB_MAX_ITERATION, "iteration ids are integers 0..2**64-2");
+}
+
+static int min_iteration_arg(PyObject *obj, void *out) {
+    return u64_arg(obj, (uint64_t *)out, SB_MAX_ITERATION, "the minimum iteration is an integer 0..2**64-2");
 }
 
 static Segment *segment_new(void) {
     Segment *self = PyObject_New(Segment, &SegmentType);
     if (self == NULL) return NULL;
-    self->fd = -1;
-    self->hdr = NULL;
-    self->size = 0;
-    self->owner = 0;
+    memset((void *)&self->b, 0, sizeof self->b);
+    self->b.fd = -1;
     self->closed = 0;
+    self->busy = 0;
     self->exports = 0;
-    self->path[0] = '\0';
+    self->fork_gen = fork_generation;
     return self;
 }
 
@@ -92,33 +178,29 @@ static PyObject *core_create(PyObject *mod, PyObject *args, PyObject *kw) {
     uint64_t shape[SB_MAX_NDIM] = {0};
     if (ndim > (Py_ssize_t)SB_MAX_NDIM) {
         Py_DECREF(seq);
-        return PyErr_Format(PyExc_ValueError, "at most %u dimensions, got %zd", SB_MAX_NDIM, ndim);
+        return PyErr_Format(LayoutMismatchError, "at most %u dimensions, got %zd", SB_MAX_NDIM, ndim);
     }
     for (Py_ssize_t i = 0; i < ndim; i++) {
-        unsigned long long v = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
-        if (PyErr_Occurred()) {
+        if (!u64_arg(PySequence_Fast_GET_ITEM(seq, i), &shape[i], UINT64_MAX,
+                     "dimensions are integers 0..2**64-1")) {
             Py_DECREF(seq);
             return NULL;
         }
-        shape[i] = v;
     }
     Py_DECREF(seq);
     Segment *self = segment_new();
     if (self == NULL) return NULL;
-    sb_block b;
-    int rc = sb_block_create(&b, name, dtype, (uint32_t)ndim, shape, slots, mode,
+    int rc = sb_block_create(&self->b, name, dtype, (uint32_t)ndim, shape, slots, mode,
                              checksum ? SB_FLAG_CHECKSUM : 0u);
     if (rc != SB_OK) {
         char path[SB_NAME_MAX + 16];
         snprintf(path, sizeof path, "/%s%.200s", SB_SHM_PREFIX, name);
+        int err = errno;
+        self->closed = 1;
         Py_DECREF(self);
+        errno = err;
         return raise_status(rc, path);
     }
-    self->fd = b.fd;
-    self->hdr = b.hdr;
-    self->size = (Py_ssize_t)b.size;
-    self->owner = 1;
-    memcpy(self->path, b.path, sizeof self->path);
     return (PyObject *)self;
 }
 
@@ -127,23 +209,19 @@ static PyObject *core_open(PyObject *mod, PyObject *args) {
     (void)mod;
     const char *name;
     if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
-    sb_block b;
-    int rc = sb_block_open(&b, name, 0);
-    if (rc == SB_ENOTREADY) Py_RETURN_NONE;
+    Segment *self = segment_new();
+    if (self == NULL) return NULL;
+    int rc = sb_block_open(&self->b, name, 0);
     if (rc != SB_OK) {
         char path[SB_NAME_MAX + 16];
         snprintf(path, sizeof path, "/%s%.200s", SB_SHM_PREFIX, name);
+        int err = errno;
+        self->closed = 1;
+        Py_DECREF(self);
+        if (rc == SB_ENOTREADY) Py_RETURN_NONE;
+        errno = err;
         return raise_status(rc, path);
     }
-    Segment *self = segment_new();
-    if (self == NULL) {
-        sb_block_close(&b);
-        return NULL;
-    }
-    self->fd = b.fd;
-    self->hdr = b.hdr;
-    self->size = (Py_ssize_t)b.size;
-    memcpy(self->path, b.path, sizeof self->path);
     return (PyObject *)self;
 }
 
@@ -153,8 +231,8 @@ static PyObject *core_unlink(PyObject *mod, PyObject *args) {
     if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
     char path[SB_NAME_MAX + 16];
     if (sb_shm_path(name, path, sizeof path) != SB_OK)
-        return PyErr_Format(PyExc_ValueError, "invalid block name %R", PyTuple_GET_ITEM(args, 0));
-    if (shm_unlink(path) != 0) return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+        return PyErr_Format(InvalidNameError, "invalid block name %R", PyTuple_GET_ITEM(args, 0));
+    if (shm_unlink(path) != 0) return raise_errno(errno, path);
     Py_RETURN_NONE;
 }
 
@@ -193,74 +271,88 @@ static PyObject *core_name_valid(PyObject *mod, PyObject *args) {
 
 static PyObject *seg_publish(Segment *self, PyObject *args) {
     PyObject *src_obj;
-    unsigned long long iteration;
-    if (!PyArg_ParseTuple(args, "OK", &src_obj, &iteration)) return NULL;
-    if (!segment_usable(self)) return NULL;
-    if (!self->owner) return PyErr_Format(PyExc_PermissionError, "%s: only the creator publishes", self->path);
+    uint64_t iteration;
+    if (!PyArg_ParseTuple(args, "OO&", &src_obj, iteration_arg, &iteration)) return NULL;
+    if (!segment_may_write(self)) return NULL;
     Py_buffer src;
     if (PyObject_GetBuffer(src_obj, &src, PyBUF_C_CONTIGUOUS) != 0) return NULL;
+    if (!segment_usable(self)) { /* an exporter written in Python could have let close() run */
+        PyBuffer_Release(&src);
+        return NULL;
+    }
     uint64_t commit = 0;
     int rc;
     if (src.len >= GIL_RELEASE_BYTES) {
+        self->busy++;
         Py_BEGIN_ALLOW_THREADS
-        rc = sb_publish(self->hdr, src.buf, (uint64_t)src.len, iteration, &commit);
+        rc = sb_publish(&self->b, src.buf, (uint64_t)src.len, iteration, &commit);
         Py_END_ALLOW_THREADS
+        self->busy--;
     } else {
-        rc = sb_publish(self->hdr, src.buf, (uint64_t)src.len, iteration, &commit);
+        rc = sb_publish(&self->b, src.buf, (uint64_t)src.len, iteration, &commit);
     }
     Py_ssize_t nbytes = src.len;
     PyBuffer_Release(&src);
+    if (segment_closed_meanwhile(self, "publish")) return NULL;
+    if (rc == SB_OK) return PyLong_FromUnsignedLongLong(commit);
     if (rc == SB_ELAYOUT)
         return PyErr_Format(LayoutMismatchError, "%s: payload is %zd bytes, the block holds %llu",
-                            self->path, nbytes, (unsigned long long)self->hdr->payload_bytes);
+                            self->b.path, nbytes, (unsigned long long)self->b.layout.payload_bytes);
     if (rc == SB_EITER)
-        return PyErr_Format(PyExc_ValueError, "%s: iteration %llu is not after the last one (%llu)",
-                            self->path, iteration,
-                            (unsigned long long)atomic_load(&self->hdr->last_iteration));
-    if (rc != SB_OK) return raise_status(rc, self->path);
-    return PyLong_FromUnsignedLongLong(commit);
+        return PyErr_Format(IterationOrderError, "%s: iteration %llu is not after the last one (%llu)",
+                            self->b.path, (unsigned long long)iteration,
+                            (unsigned long long)self->b.last_iteration);
+    return raise_status(rc, self->b.path);
 }
 
 static PyObject *seg_begin_write(Segment *self, PyObject *unused) {
     (void)unused;
-    if (!segment_usable(self)) return NULL;
-    if (!self->owner) return PyErr_Format(PyExc_PermissionError, "%s: only the creator publishes", self->path);
+    if (!segment_may_write(self)) return NULL;
     uint32_t slot;
-    char *p = sb_write_begin(self->hdr, &slot);
-    return Py_BuildValue("(IK)", slot, (unsigned long long)(p - (char *)self->hdr));
+    char *p;
+    int rc = sb_write_begin(&self->b, &slot, &p);
+    if (rc != SB_OK) return raise_status(rc, self->b.path);
+    return Py_BuildValue("(IK)", slot, (unsigned long long)(p - (char *)self->b.hdr));
 }
 
 static PyObject *seg_commit_write(Segment *self, PyObject *args) {
     unsigned int slot;
-    unsigned long long iteration;
-    if (!PyArg_ParseTuple(args, "IK", &slot, &iteration)) return NULL;
-    if (!segment_usable(self)) return NULL;
-    sb_header *h = self->hdr;
-    if (slot >= h->slot_count) return PyErr_Format(PyExc_ValueError, "no slot %u", slot);
-    if (!sb_iteration_ok(h, iteration)) {
-        sb_write_abort(h, slot);
-        return PyErr_Format(PyExc_ValueError, "%s: iteration %llu is not after the last one (%llu)",
-                            self->path, iteration, (unsigned long long)atomic_load(&h->last_iteration));
-    }
+    uint64_t iteration;
+    if (!PyArg_ParseTuple(args, "IO&", &slot, iteration_arg, &iteration)) return NULL;
+    if (!segment_may_write(self)) return NULL;
+    sb_block *b = &self->b;
+    if (slot >= b->layout.slot_count)
+        return PyErr_Format(OutOfRangeError, "%s: no slot %u (slots are 0..%u)", b->path, slot,
+                            b->layout.slot_count - 1);
     uint32_t crc = 0;
-    if (h->flags & SB_FLAG_CHECKSUM) {
-        if (h->payload_bytes >= GIL_RELEASE_BYTES) {
+    if (sb_iteration_ok(b, iteration) && (b->layout.flags & SB_FLAG_CHECKSUM)) {
+        if (b->layout.payload_bytes >= GIL_RELEASE_BYTES) {
+            self->busy++;
             Py_BEGIN_ALLOW_THREADS
-            crc = sb_crc32c(sb_payload(h, slot), h->payload_bytes, 0);
+            crc = sb_crc32c(sb_payload(b, slot), b->layout.payload_bytes, 0);
             Py_END_ALLOW_THREADS
+            self->busy--;
+            if (segment_closed_meanwhile(self, "commit of a loan")) return NULL;
         } else {
-            crc = sb_crc32c(sb_payload(h, slot), h->payload_bytes, 0);
+            crc = sb_crc32c(sb_payload(b, slot), b->layout.payload_bytes, 0);
         }
     }
-    return PyLong_FromUnsignedLongLong(sb_write_commit(h, slot, iteration, crc));
+    uint64_t commit = 0;
+    int rc = sb_write_commit(b, slot, iteration, crc, &commit);
+    if (rc == SB_EITER)
+        return PyErr_Format(IterationOrderError, "%s: iteration %llu is not after the last one (%llu)",
+                            b->path, (unsigned long long)iteration, (unsigned long long)b->last_iteration);
+    if (rc != SB_OK) return raise_status(rc, b->path);
+    return PyLong_FromUnsignedLongLong(commit);
 }
 
 static PyObject *seg_abort_write(Segment *self, PyObject *args) {
     unsigned int slot;
     if (!PyArg_ParseTuple(args, "I", &slot)) return NULL;
-    if (!segment_usable(self)) return NULL;
-    if (slot >= self->hdr->slot_count) return PyErr_Format(PyExc_ValueError, "no slot %u", slot);
-    sb_write_abort(self->hdr, slot);
+    if (!segment_may_write(self)) return NULL;
+    if (slot >= self->b.layout.slot_count)
+        return PyErr_Format(OutOfRangeError, "%s: no slot %u", self->b.path, slot);
+    sb_write_abort(&self->b, slot);
     Py_RETURN_NONE;
 }
 
@@ -272,36 +364,45 @@ static PyObject *seg_abort_write(Segment *self, PyObject *args) {
  */
 static PyObject *seg_read(Segment *self, PyObject *args) {
     PyObject *dst_obj;
-    unsigned long long min_iteration, spin_ns, park_ns;
+    uint64_t min_iteration;
+    unsigned long long spin_ns, park_ns;
     int verify;
-    if (!PyArg_ParseTuple(args, "OKKKp", &dst_obj, &min_iteration, &spin_ns, &park_ns, &verify))
+    if (!PyArg_ParseTuple(args, "OO&KKp", &dst_obj, min_iteration_arg, &min_iteration, &spin_ns, &park_ns,
+                          &verify))
         return NULL;
     if (!segment_usable(self)) return NULL;
-    sb_header *h = self->hdr;
+    sb_block *b = &self->b;
+    sb_header *h = b->hdr;
+    const uint64_t n = b->layout.payload_bytes;
     Py_buffer dst;
     void *dst_ptr = NULL;
     if (dst_obj != Py_None) {
         if (PyObject_GetBuffer(dst_obj, &dst, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) return NULL;
-        if ((uint64_t)dst.len != h->payload_bytes) {
+        if (!segment_usable(self)) {
+            PyBuffer_Release(&dst);
+            return NULL;
+        }
+        if ((uint64_t)dst.len != n) {
             PyBuffer_Release(&dst);
             return PyErr_Format(LayoutMismatchError, "%s: destination is %zd bytes, the block holds %llu",
-                                self->path, dst.len, (unsigned long long)h->payload_bytes);
+                                b->path, dst.len, (unsigned long long)n);
         }
         dst_ptr = dst.buf;
     }
     sb_snapshot snap;
     int rc = SB_EAGAIN;
-    int big = h->payload_bytes >= SB_STREAM_MIN_BYTES;
+    int big = n >= SB_STREAM_MIN_BYTES;
     /* Fast path: data already there and small enough to copy while holding the GIL. */
-    if (h->payload_bytes < GIL_RELEASE_BYTES) rc = sb_try_read(h, dst_ptr, min_iteration, verify, &snap);
-    if (h->payload_bytes >= GIL_RELEASE_BYTES ||
+    if (n < GIL_RELEASE_BYTES) rc = sb_try_read(b, dst_ptr, min_iteration, verify, &snap);
+    if (n >= GIL_RELEASE_BYTES ||
         (rc == SB_EAGAIN && (spin_ns | park_ns) != 0 && atomic_load(&h->state) == SB_STATE_OPEN)) {
+        self->busy++;
         Py_BEGIN_ALLOW_THREADS
         uint64_t deadline = sb_now_ns(CLOCK_MONOTONIC) + spin_ns + park_ns;
         uint64_t spin = spin_ns;
         for (;;) {
             uint64_t seen = atomic_load_explicit(&h->commit, memory_order_acquire);
-            rc = sb_try_read(h, dst_ptr, min_iteration, verify, &snap);
+            rc = sb_try_read(b, dst_ptr, min_iteration, verify, &snap);
             if (rc != SB_EAGAIN || atomic_load(&h->state) != SB_STATE_OPEN) break;
             uint64_t now = sb_now_ns(CLOCK_MONOTONIC);
             if (now >= deadline) break;
@@ -309,21 +410,23 @@ static PyObject *seg_read(Segment *self, PyObject *args) {
             uint64_t spin_now = spin < budget ? spin : budget;
             spin = 0;
             if (big) { /* follow the next publish while it is being written */
-                rc = sb_read_cut_through(h, dst_ptr, min_iteration, verify, spin_now, budget - spin_now, &snap);
-                if (rc == SB_OK || rc == SB_ECORRUPT) break;
+                rc = sb_read_cut_through(b, dst_ptr, min_iteration, verify, spin_now, budget - spin_now, &snap);
+                if (rc == SB_OK || rc == SB_ECORRUPT || rc == SB_EHEADER) break;
                 rc = SB_EAGAIN;
                 continue;
             }
-            if (!sb_wait_change(h, seen, spin_now, budget - spin_now)) break;
+            if (!sb_wait_change(b, seen, spin_now, budget - spin_now)) break;
         }
         Py_END_ALLOW_THREADS
+        self->busy--;
     }
     if (dst_ptr != NULL) PyBuffer_Release(&dst);
+    if (segment_closed_meanwhile(self, "read")) return NULL;
     if (rc == SB_OK)
         return Py_BuildValue("(KKKIIK)", (unsigned long long)snap.commit,
                              (unsigned long long)snap.iteration, (unsigned long long)snap.published_ns,
                              snap.crc, snap.slot, (unsigned long long)snap.seq);
-    if (rc == SB_ECORRUPT) return raise_status(rc, self->path);
+    if (rc == SB_ECORRUPT || rc == SB_EHEADER) return raise_status(rc, b->path);
     if (rc == SB_EAGAIN && atomic_load(&h->state) != SB_STATE_OPEN) return PyLong_FromLong(SB_ECLOSED);
     return PyLong_FromLong(rc);
 }
@@ -332,42 +435,52 @@ static PyObject *seg_valid(Segment *self, PyObject *args) {
     unsigned int slot;
     unsigned long long seq;
     if (!PyArg_ParseTuple(args, "IK", &slot, &seq)) return NULL;
-    if (self->closed || self->hdr == NULL || slot >= self->hdr->slot_count) Py_RETURN_FALSE;
+    if (self->closed || self->b.hdr == NULL) Py_RETURN_FALSE;
     sb_snapshot snap = {.slot = slot, .seq = seq};
-    return PyBool_FromLong(sb_snapshot_valid(self->hdr, &snap));
+    return PyBool_FromLong(sb_snapshot_valid(&self->b, &snap));
 }
 
 static PyObject *seg_writer_alive(Segment *self, PyObject *unused) {
     (void)unused;
     if (!segment_usable(self)) return NULL;
-    return PyBool_FromLong(sb_writer_alive(self->hdr));
+    return PyBool_FromLong(sb_block_writer_alive(&self->b));
 }
 
 static PyObject *seg_payload_offset(Segment *self, PyObject *args) {
     unsigned int slot;
     if (!PyArg_ParseTuple(args, "I", &slot)) return NULL;
     if (!segment_usable(self)) return NULL;
-    if (slot >= self->hdr->slot_count) return PyErr_Format(PyExc_ValueError, "no slot %u", slot);
-    return PyLong_FromUnsignedLongLong((unsigned long long)(sb_payload(self->hdr, slot) - (char *)self->hdr));
+    if (slot >= self->b.layout.slot_count)
+        return PyErr_Format(OutOfRangeError, "%s: no slot %u", self->b.path, slot);
+    return PyLong_FromUnsignedLongLong((unsigned long long)(sb_payload(&self->b, slot) - (char *)self->b.hdr));
 }
 
+/*
+ * Every header field. The write-once part comes from the copy validated at open (after checking that
+ * the segment still agrees with it: Corrupted otherwise), so no shared value becomes a loop bound here.
+ */
 static PyObject *seg_header(Segment *self, PyObject *unused) {
     (void)unused;
     if (!segment_usable(self)) return NULL;
-    sb_header *h = self->hdr;
-    PyObject *shape = PyTuple_New(h->ndim);
+    sb_block *b = &self->b;
+    sb_header *h = b->hdr;
+    if (!sb_header_intact(b)) return raise_status(SB_EHEADER, b->path);
+    const sb_layout *L = &b->layout;
+    sb_header id;
+    memcpy((void *)&id, b->identity, SB_IDENTITY_BYTES);
+    PyObject *shape = PyTuple_New(L->ndim);
     if (shape == NULL) return NULL;
-    for (uint32_t i = 0; i < h->ndim; i++)
-        PyTuple_SET_ITEM(shape, i, PyLong_FromUnsignedLongLong(h->shape[i]));
+    for (uint32_t i = 0; i < L->ndim; i++)
+        PyTuple_SET_ITEM(shape, i, PyLong_FromUnsignedLongLong(L->shape[i]));
     char boot[SB_BOOT_ID_BYTES + 1];
-    memcpy(boot, h->boot_id, SB_BOOT_ID_BYTES);
+    memcpy(boot, id.boot_id, SB_BOOT_ID_BYTES);
     boot[SB_BOOT_ID_BYTES] = '\0';
-    PyObject *slots = PyList_New(h->slot_count);
+    PyObject *slots = PyList_New(L->slot_count);
     if (slots == NULL) {
         Py_DECREF(shape);
         return NULL;
     }
-    for (uint32_t i = 0; i < h->slot_count; i++) {
+    for (uint32_t i = 0; i < L->slot_count; i++) {
         sb_slot *s = &sb_slots(h)[i];
         PyList_SET_ITEM(slots, i,
                         Py_BuildValue("{sKsKsKsKsI}", "seq", (unsigned long long)atomic_load(&s->seq),
@@ -376,8 +489,7 @@ static PyObject *seg_header(Segment *self, PyObject *unused) {
                                       "published_ns", (unsigned long long)atomic_load(&s->published_ns),
                                       "crc", (unsigned int)atomic_load(&s->crc)));
     }
-    /* The boot id is text only if the header is sane: decode leniently so inspecting a damaged
-       segment still works. */
+    /* Decode leniently: inspecting a damaged segment must still work. */
     PyObject *boot_obj = PyUnicode_DecodeASCII(boot, (Py_ssize_t)strnlen(boot, SB_BOOT_ID_BYTES), "replace");
     if (boot_obj == NULL) {
         Py_DECREF(shape);
@@ -385,17 +497,16 @@ static PyObject *seg_header(Segment *self, PyObject *unused) {
         return NULL;
     }
     return Py_BuildValue(
-        "{sKsIsIsIsssIsNsIsKsKsKsKsOsIsKsNsKsKsIsIsKsKsIsIsKsN}", "magic",
-        (unsigned long long)atomic_load(&h->magic), "abi_version", h->abi_version, "header_bytes",
-        h->header_bytes, "dtype", h->dtype, "dtype_name",
-        sb_dtype_name(h->dtype) ? sb_dtype_name(h->dtype) : "?", "itemsize", h->itemsize, "shape",
-        shape, "slot_count", h->slot_count, "payload_bytes", (unsigned long long)h->payload_bytes,
-        "slot_stride", (unsigned long long)h->slot_stride, "payload_offset",
-        (unsigned long long)h->payload_offset, "total_bytes", (unsigned long long)h->total_bytes,
-        "checksum", (h->flags & SB_FLAG_CHECKSUM) ? Py_True : Py_False, "owner_pid", h->owner_pid,
-        "owner_start_time", (unsigned long long)h->owner_start_time, "boot_id", boot_obj, "created_ns",
-        (unsigned long long)h->created_ns, "commit", (unsigned long long)atomic_load(&h->commit),
-        "futex", (unsigned int)atomic_load(&h->futex), "state", (unsigned int)atomic_load(&h->state),
+        "{sKsIsIsIsssIsNsIsKsKsKsKsOsIsKsNsKsKsIsIsKsKsIsIsKsN}", "magic", (unsigned long long)SB_MAGIC,
+        "abi_version", id.abi_version, "header_bytes", id.header_bytes, "dtype", L->dtype, "dtype_name",
+        sb_dtype_name(L->dtype), "itemsize", L->itemsize, "shape", shape, "slot_count", L->slot_count,
+        "payload_bytes", (unsigned long long)L->payload_bytes, "slot_stride",
+        (unsigned long long)L->slot_stride, "payload_offset", (unsigned long long)L->payload_offset,
+        "total_bytes", (unsigned long long)L->total_bytes, "checksum",
+        (L->flags & SB_FLAG_CHECKSUM) ? Py_True : Py_False, "owner_pid", id.owner_pid,
+        "owner_start_time", (unsigned long long)id.owner_start_time, "boot_id", boot_obj, "created_ns",
+        (unsigned long long)id.created_ns, "commit", (unsigned long long)atomic_load(&h->commit), "futex",
+        (unsigned int)atomic_load(&h->futex), "state", (unsigned int)atomic_load(&h->state),
         "heartbeat_ns", (unsigned long long)atomic_load(&h->heartbeat_ns), "last_iteration",
         (unsigned long long)atomic_load(&h->last_iteration), "waiters",
         (unsigned int)atomic_load(&h->waiters), "readers", (unsigned int)atomic_load(&h->readers),
@@ -404,35 +515,40 @@ static PyObject *seg_header(Segment *self, PyObject *unused) {
 
 /*
  * Unlinks the name only if it still names this very segment: after a crashed owner was replaced, an old
- * handle must never remove its successor.
+ * handle must never remove its successor; nor does a forked child remove its parent's block.
  */
 static PyObject *seg_unlink(Segment *self, PyObject *unused) {
     (void)unused;
-    if (self->fd < 0) Py_RETURN_FALSE;
+    if (self->b.fd < 0 || !segment_mine(self)) Py_RETURN_FALSE;
     char fs_path[SB_NAME_MAX + 32];
-    snprintf(fs_path, sizeof fs_path, "/dev/shm%s", self->path);
+    snprintf(fs_path, sizeof fs_path, "/dev/shm%s", self->b.path);
     struct stat mine, named;
-    if (fstat(self->fd, &mine) != 0 || stat(fs_path, &named) != 0) Py_RETURN_FALSE;
+    if (fstat(self->b.fd, &mine) != 0 || stat(fs_path, &named) != 0) Py_RETURN_FALSE;
     if (mine.st_ino != named.st_ino || mine.st_dev != named.st_dev) Py_RETURN_FALSE;
-    if (shm_unlink(self->path) != 0) {
+    if (shm_unlink(self->b.path) != 0) {
         if (errno == ENOENT) Py_RETURN_FALSE;
-        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, self->path);
+        return raise_errno(errno, self->b.path);
     }
     Py_RETURN_TRUE;
 }
 
-/* Marks the block closed (owner: wakes readers) and unmaps once no numpy view is left. */
+/* Leaves the block as this handle's process found it: the writer marks it closed (waking readers), a
+   read-write reader takes itself off the readers count; a handle inherited through fork() does neither. */
+static void segment_detach(Segment *self) {
+    if (self->b.hdr == NULL || !segment_mine(self)) return;
+    if (self->b.owner)
+        sb_mark_closed(self->b.hdr);
+    else if (self->b.writable)
+        atomic_fetch_sub_explicit(&self->b.hdr->readers, 1u, memory_order_relaxed);
+}
+
+/* Marks the handle closed; unmaps once no numpy view and no call in another thread uses the mapping. */
 static PyObject *seg_close(Segment *self, PyObject *unused) {
     (void)unused;
     if (self->closed) Py_RETURN_NONE;
     self->closed = 1;
-    if (self->hdr != NULL) {
-        if (self->owner)
-            sb_mark_closed(self->hdr);
-        else
-            atomic_fetch_sub_explicit(&self->hdr->readers, 1u, memory_order_relaxed);
-    }
-    if (self->exports == 0) segment_unmap(self);
+    segment_detach(self);
+    segment_unmap_if_unused(self);
     Py_RETURN_NONE;
 }
 
@@ -442,7 +558,11 @@ static PyObject *seg_get_closed(Segment *self, void *unused) {
 }
 static PyObject *seg_get_owner(Segment *self, void *unused) {
     (void)unused;
-    return PyBool_FromLong(self->owner);
+    return PyBool_FromLong(self->b.owner);
+}
+static PyObject *seg_get_writable(Segment *self, void *unused) {
+    (void)unused;
+    return PyBool_FromLong(self->b.writable);
 }
 static PyObject *seg_get_exports(Segment *self, void *unused) {
     (void)unused;
@@ -450,16 +570,19 @@ static PyObject *seg_get_exports(Segment *self, void *unused) {
 }
 static PyObject *seg_get_path(Segment *self, void *unused) {
     (void)unused;
-    return PyUnicode_FromString(self->path);
+    return PyUnicode_FromString(self->b.path);
 }
 
 static int seg_getbuffer(Segment *self, Py_buffer *view, int flags) {
-    if (self->hdr == NULL || self->closed) {
-        PyErr_SetString(PyExc_BufferError, "the block is closed");
+    if (self->b.hdr == NULL || self->closed) {
+        PyErr_Format(BlockClosedError, "%s: the block is closed", self->b.path);
         view->obj = NULL;
         return -1;
     }
-    if (PyBuffer_FillInfo(view, (PyObject *)self, self->hdr, self->size, 0, flags) != 0) return -1;
+    /* A read-only mapping is exported read-only: a write through it would fault. */
+    if (PyBuffer_FillInfo(view, (PyObject *)self, (void *)self->b.hdr, (Py_ssize_t)self->b.size,
+                          !self->b.writable, flags) != 0)
+        return -1;
     self->exports++;
     return 0;
 }
@@ -468,16 +591,11 @@ static void seg_releasebuffer(Segment *self, Py_buffer *view) {
     (void)view;
     self->exports--;
     /* A view outlived close(): the mapping stayed valid for it and goes away with the last one. */
-    if (self->exports == 0 && self->closed) segment_unmap(self);
+    segment_unmap_if_unused(self);
 }
 
 static void seg_dealloc(Segment *self) {
-    if (!self->closed && self->hdr != NULL) {
-        if (self->owner)
-            sb_mark_closed(self->hdr);
-        else
-            atomic_fetch_sub_explicit(&self->hdr->readers, 1u, memory_order_relaxed);
-    }
+    if (!self->closed) segment_detach(self);
     segment_unmap(self);
     PyObject_Free(self);
 }
@@ -506,6 +624,7 @@ static PyMethodDef seg_methods[] = {
 static PyGetSetDef seg_getset[] = {
     {"closed", (getter)seg_get_closed, NULL, "whether close() was called", NULL},
     {"owner", (getter)seg_get_owner, NULL, "whether this handle created the segment", NULL},
+    {"writable", (getter)seg_get_writable, NULL, "whether the mapping is writable (else a read-only reader)", NULL},
     {"exports", (getter)seg_get_exports, NULL, "live buffer exports (numpy views)", NULL},
     {"path", (getter)seg_get_path, NULL, "the POSIX shm name", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -540,15 +659,36 @@ static struct PyModuleDef core_module = {
     NULL, NULL, NULL, NULL,
 };
 
+static PyObject *error_class(PyObject *errors, const char *name) {
+    return PyObject_GetAttrString(errors, name);
+}
+
 PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&SegmentType) < 0) return NULL;
     PyObject *errors = PyImport_ImportModule("simbridge.shm.errors");
     if (errors == NULL) return NULL;
-    LayoutMismatchError = PyObject_GetAttrString(errors, "LayoutMismatch");
-    CorruptedError = PyObject_GetAttrString(errors, "Corrupted");
-    ShmError = PyObject_GetAttrString(errors, "ShmError");
+    ShmError = error_class(errors, "ShmError");
+    LayoutMismatchError = error_class(errors, "LayoutMismatch");
+    CorruptedError = error_class(errors, "Corrupted");
+    BlockClosedError = error_class(errors, "BlockClosed");
+    NotWriterError = error_class(errors, "NotWriter");
+    IterationOrderError = error_class(errors, "IterationOrder");
+    OutOfRangeError = error_class(errors, "OutOfRange");
+    BlockExistsError = error_class(errors, "BlockExists");
+    BlockNotFoundError = error_class(errors, "BlockNotFound");
+    NoSpaceError = error_class(errors, "NoSpace");
+    AccessDeniedError = error_class(errors, "AccessDenied");
+    ShmOSErrorError = error_class(errors, "ShmOSError");
+    InvalidNameError = error_class(errors, "InvalidName");
     Py_DECREF(errors);
-    if (!LayoutMismatchError || !CorruptedError || !ShmError) return NULL;
+    if (!ShmError || !LayoutMismatchError || !CorruptedError || !BlockClosedError || !NotWriterError ||
+        !IterationOrderError || !OutOfRangeError || !BlockExistsError || !BlockNotFoundError ||
+        !NoSpaceError || !AccessDeniedError || !ShmOSErrorError || !InvalidNameError)
+        return NULL;
+    if (pthread_atfork(NULL, NULL, after_fork_in_child) != 0) {
+        PyErr_SetString(ShmError, "pthread_atfork failed");
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&core_module);
     if (m == NULL) return NULL;
     Py_INCREF(&SegmentType);
@@ -562,6 +702,26 @@ PyMODINIT_FUNC PyInit__core(void) {
         Py_DECREF(v);
     }
     PyModule_AddObject(m, "DTYPES", dtypes);
+    /* Byte offsets of the header's fields (tests scribble on them; tools may show them). */
+    PyObject *offsets = Py_BuildValue(
+        "{snsnsnsnsnsnsnsnsnsnsnsnsnsnsnsnsnsnsnsnsnsnsnsn}", "magic", (Py_ssize_t)offsetof(sb_header, magic),
+        "abi_version", (Py_ssize_t)offsetof(sb_header, abi_version), "header_bytes",
+        (Py_ssize_t)offsetof(sb_header, header_bytes), "dtype", (Py_ssize_t)offsetof(sb_header, dtype),
+        "itemsize", (Py_ssize_t)offsetof(sb_header, itemsize), "ndim", (Py_ssize_t)offsetof(sb_header, ndim),
+        "slot_count", (Py_ssize_t)offsetof(sb_header, slot_count), "shape",
+        (Py_ssize_t)offsetof(sb_header, shape), "payload_bytes", (Py_ssize_t)offsetof(sb_header, payload_bytes),
+        "slot_stride", (Py_ssize_t)offsetof(sb_header, slot_stride), "payload_offset",
+        (Py_ssize_t)offsetof(sb_header, payload_offset), "total_bytes",
+        (Py_ssize_t)offsetof(sb_header, total_bytes), "flags", (Py_ssize_t)offsetof(sb_header, flags),
+        "owner_pid", (Py_ssize_t)offsetof(sb_header, owner_pid), "owner_start_time",
+        (Py_ssize_t)offsetof(sb_header, owner_start_time), "boot_id", (Py_ssize_t)offsetof(sb_header, boot_id),
+        "commit", (Py_ssize_t)offsetof(sb_header, commit), "futex", (Py_ssize_t)offsetof(sb_header, futex),
+        "state", (Py_ssize_t)offsetof(sb_header, state), "last_iteration",
+        (Py_ssize_t)offsetof(sb_header, last_iteration), "waiters", (Py_ssize_t)offsetof(sb_header, waiters),
+        "slot.seq", (Py_ssize_t)(SB_HEADER_BYTES + offsetof(sb_slot, seq)), "slot.iteration",
+        (Py_ssize_t)(SB_HEADER_BYTES + offsetof(sb_slot, iteration)), "slot.progress",
+        (Py_ssize_t)(SB_HEADER_BYTES + offsetof(sb_slot, progress)));
+    PyModule_AddObject(m, "FIELD_OFFSETS", offsets);
     PyModule_AddIntConstant(m, "ABI_VERSION", SB_ABI_VERSION);
     PyModule_AddIntConstant(m, "HEADER_BYTES", SB_HEADER_BYTES);
     PyModule_AddIntConstant(m, "MAX_NDIM", SB_MAX_NDIM);
@@ -573,6 +733,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyModule_AddIntConstant(m, "EAGAIN", SB_EAGAIN);
     PyModule_AddIntConstant(m, "ECLOSED", SB_ECLOSED);
     PyModule_AddObject(m, "MAGIC", PyLong_FromUnsignedLongLong(SB_MAGIC));
+    PyModule_AddObject(m, "MAX_ITERATION", PyLong_FromUnsignedLongLong(SB_MAX_ITERATION));
     PyModule_AddStringConstant(m, "SHM_PREFIX", SB_SHM_PREFIX);
     return m;
 }

@@ -14,8 +14,10 @@ STATE_CLOSED: Final[int]
 EAGAIN: Final[int]
 ECLOSED: Final[int]
 MAGIC: Final[int]
+MAX_ITERATION: Final[int]
 SHM_PREFIX: Final[str]
 DTYPES: Final[dict[int, str]]
+FIELD_OFFSETS: Final[dict[str, int]]
 
 ReadResult = tuple[int, int, int, int, int, int]
 # Anything exporting the buffer protocol (numpy arrays included); Python 3.11 typing has no better
@@ -27,6 +29,8 @@ class Segment:
     def closed(self) -> bool: ...
     @property
     def owner(self) -> bool: ...
+    @property
+    def writable(self) -> bool: ...
     @property
     def exports(self) -> int: ...
     @property

@@ -25,9 +25,11 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from simbridge.config import ShmSettings, load_settings
 from simbridge.shm import _core
+from simbridge.shm.checks import MAX_ITERATION, PLAIN_NUMBERS, after_id, iteration_id, seconds
 from simbridge.shm.errors import (
     BlockExists,
     BlockNotFound,
+    ChecksumRequired,
     LayoutMismatch,
     NonFinite,
     NoSpace,
@@ -71,7 +73,6 @@ class Block:
         # The owner unlinks at close, at garbage collection or at interpreter exit, whichever is first.
         release = _release_owned if self.is_owner else _release_reader
         self._finalizer = weakref.finalize(self, release, segment)
-        self._forked = False
         if self.is_owner:
             _OWNED.add(self)
 
@@ -167,30 +168,39 @@ class Block:
         shape: int | tuple[int, ...] | None = None,
         dtype: DTypeLike | None = None,
         record: str | os.PathLike[str] | None = None,
+        require_checksum: bool = False,
     ) -> Block:
         """Attach as a reader, waiting up to ``timeout`` seconds for the block to appear.
 
         ``timeout=None`` uses ``shm.open_timeout_s`` from the configuration; ``0`` tries once.
         Give ``shape`` and/or ``dtype`` to have a peer built with other sizes refused with
-        :class:`LayoutMismatch` instead of read as garbage.
+        :class:`LayoutMismatch` instead of read as garbage. ``require_checksum`` refuses a writer
+        that publishes without CRC32C (a C peer may leave ``SB_FLAG_CHECKSUM`` off) with
+        :class:`ChecksumRequired`. Without write permission on the segment (another user's block
+        of mode 0o644) the reader attaches read-only and notices publishes by polling every 1 ms.
         """
         validate_name(name)
         settings = load_settings().shm
-        limit = settings.open_timeout_s if timeout is None else timeout
+        limit = seconds(settings.open_timeout_s if timeout is None else timeout, "Block.open timeout")
         start = time.monotonic()
         delay = 0.0005
         while True:
             try:
                 segment = _core.open(name)
-            except FileNotFoundError:
+            except BlockNotFound:
                 segment = None
-            except ValueError as exc:  # LayoutMismatch is a ValueError too
-                if isinstance(exc, LayoutMismatch):
-                    raise LayoutMismatch(f"block {name!r}: {exc}") from exc
-                raise
+            except LayoutMismatch as exc:
+                raise LayoutMismatch(f"block {name!r}: {exc}") from exc
             if segment is not None:
                 block = cls(segment, name=name, settings=settings, record=cls._record_dir(record, settings))
                 block._expect(shape, dtype)
+                if require_checksum and not block.checksum:
+                    block.close()
+                    raise ChecksumRequired(
+                        f"block {name!r}: its writer (pid {block.writer_pid}) publishes without CRC32C "
+                        "checksums, so torn or damaged payloads could not be detected; create it with "
+                        "checksums (C: SB_FLAG_CHECKSUM) or open it with require_checksum=False"
+                    )
                 return block
             waited = time.monotonic() - start
             if waited >= limit:
@@ -211,7 +221,13 @@ class Block:
 
     def _expect(self, shape: int | tuple[int, ...] | None, dtype: DTypeLike | None) -> None:
         want_shape = (shape,) if isinstance(shape, int) else shape
-        want_dtype = None if dtype is None else np.dtype(dtype)
+        try:
+            want_dtype = None if dtype is None else np.dtype(dtype)
+        except TypeError as exc:
+            self.close()
+            raise LayoutMismatch(
+                f"block {self.name!r}: expected dtype {dtype!r} is not a dtype: {exc}"
+            ) from exc
         if (want_shape is not None and tuple(want_shape) != self.shape) or (
             want_dtype is not None and want_dtype != self.dtype
         ):
@@ -229,11 +245,10 @@ class Block:
     def publish(self, array: ArrayLike, *, iteration: int | None = None, check_finite: bool = False) -> int:
         """Copy ``array`` into the next slot, checksum it, commit it and wake readers.
 
-        ``iteration`` defaults to the previous one plus one (the first is 1) and must increase.
-        Returns the iteration id readers will see.
+        ``iteration`` defaults to the previous one plus one (the first is 1) and must increase
+        (:class:`IterationOrder`); ids are integers 0..2**64-2 (:class:`OutOfRange`). Returns the
+        iteration id readers will see. A forked child of the writer gets :class:`NotWriter`.
         """
-        if self._forked:
-            raise self._forked_error()
         arr = array if array.__class__ is np.ndarray else np.asarray(array)
         if (arr.dtype is not self.dtype and arr.dtype != self.dtype) or arr.shape != self.shape:
             raise LayoutMismatch(
@@ -242,8 +257,6 @@ class Block:
         if check_finite:
             self._check_finite(arr, "publish")
         it = self._last_iteration + 1 if iteration is None else iteration
-        if it < 0:
-            raise ValueError(f"iteration must be >= 0, got {it}")
         try:
             commit = self._seg.publish(arr, it)
         except ValueError:
@@ -256,12 +269,6 @@ class Block:
             self.recorder.record(self.name, "publish", arr, iteration=it, commit=commit)
         return it
 
-    def _forked_error(self) -> PermissionError:
-        return PermissionError(
-            f"block {self.name!r} belongs to pid {self.writer_pid}; this forked child may read it "
-            "(Block.open) but never publish into it"
-        )
-
     @contextmanager
     def loan(self, iteration: int | None = None) -> Iterator[NDArray[Any]]:
         """Lend a writable view of the next slot for zero-copy writes; commits when the block exits.
@@ -269,9 +276,8 @@ class Block:
         An exception inside the block aborts the write and readers never see it. Do not keep the
         view after the ``with`` block: the slot is the writer's again.
         """
-        if self._forked:
-            raise self._forked_error()
-        it = self._last_iteration + 1 if iteration is None else iteration
+        # Checked before the slot is taken: a refused id must not leave a begun write behind.
+        it = iteration_id(self._last_iteration + 1 if iteration is None else iteration)
         slot, _offset = self._seg.begin_write()
         try:
             yield self._view(slot, writable=True)
@@ -301,17 +307,28 @@ class Block:
         ``timeout=None`` uses ``shm.read_timeout_s`` (300 s by default; ``math.inf`` waits forever).
         ``out`` receives the copy (no allocation). ``copy=False`` returns a read-only view, see
         :class:`Snapshot`. Raises :class:`Timeout`, :class:`PeerGone`, :class:`WriterClosed`,
-        :class:`Corrupted` or :class:`NonFinite`.
+        :class:`Corrupted` (a bad checksum, or a header a peer overwrote), :class:`NonFinite`,
+        :class:`OutOfRange` (``after`` or ``timeout``) or :class:`BlockClosed`.
         """
-        min_iteration = 0 if after is None else after + 1
-        if min_iteration < 0:
-            raise ValueError(f"after must be >= -1, got {after}")
+        # Plain ints and floats in range take the cheap checks; anything else gets the full ones.
+        if after is None:
+            min_iteration = 0
+        elif after.__class__ is int and -1 <= after < MAX_ITERATION:
+            min_iteration = after + 1
+        else:
+            min_iteration = after_id(after) + 1
+        if timeout is not None and not (timeout.__class__ in PLAIN_NUMBERS and timeout >= 0):
+            seconds(timeout, "Block.read timeout")
         dst: NDArray[Any] | None
         if not copy:
             dst = None
         elif out is None:
             dst = np.empty(self.shape, self.dtype)
-        elif (out.dtype is not self.dtype and out.dtype != self.dtype) or out.shape != self.shape:
+        elif (
+            not isinstance(out, np.ndarray)
+            or (out.dtype is not self.dtype and out.dtype != self.dtype)
+            or out.shape != self.shape
+        ):
             raise self._out_mismatch(out)
         else:
             dst = out
@@ -347,7 +364,7 @@ class Block:
         timeout: float | None,
         status: Any,
     ) -> tuple[int, int, int, int, int, int]:
-        limit = self._read_timeout if timeout is None else timeout
+        limit = seconds(self._read_timeout if timeout is None else timeout, "Block.read timeout")
         start = time.monotonic()
         deadline = start + limit if math.isfinite(limit) else math.inf
         next_progress = start + self._progress_s
@@ -410,10 +427,9 @@ class Block:
             self._views[slot] = view
         return view
 
-    def _out_mismatch(self, out: NDArray[Any]) -> LayoutMismatch:
-        return LayoutMismatch(
-            f"out must be a C-contiguous {self.shape} {self.dtype} array; got {out.shape} {out.dtype}"
-        )
+    def _out_mismatch(self, out: object) -> LayoutMismatch:
+        got = f"{out.shape} {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__
+        return LayoutMismatch(f"out must be a C-contiguous {self.shape} {self.dtype} array; got {got}")
 
     def _check_finite(self, arr: NDArray[Any], what: str) -> None:
         if arr.dtype.kind not in "fc":
@@ -451,7 +467,9 @@ class Block:
         """Detach. The owner also marks the block closed (waking readers) and unlinks its name.
 
         Read-only views handed out with ``copy=False`` stay valid after close: the mapping goes away
-        with the last of them.
+        with the last of them. Safe to call while other threads are inside ``read``, ``publish`` or
+        ``loan`` on this Block: those calls end with :class:`BlockClosed` (a wait within one
+        ``shm.peer_check_ms`` slice) and the mapping is unmapped once the last of them is back.
         """
         self._views = [None] * self.slots
         self._finalizer()
@@ -477,10 +495,10 @@ _OWNED: weakref.WeakSet[Block] = weakref.WeakSet()
 
 
 def _disown_after_fork() -> None:
-    # The child must neither unlink the parent's segments at its exit nor publish into them.
+    # The child must not unlink the parent's segments at its exit (the C core also refuses to mark
+    # them closed or to publish into them from the child).
     for block in list(_OWNED):
         block._finalizer.detach()
-        block._forked = True
     _OWNED.clear()
 
 

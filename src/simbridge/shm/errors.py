@@ -67,3 +67,31 @@ class BlockNotFound(ShmError, FileNotFoundError):
 
 class HeaderNotFound(ShmError, FileNotFoundError):
     """Raised when simbridge/shm.h is neither installed with the package nor next to the sources."""
+
+
+class BlockClosed(ShmError, ValueError):
+    """Raised when a closed Block is used, or when close() ran while this call was in flight."""
+
+
+class NotWriter(ShmError, PermissionError):
+    """Raised when a handle that is not the writer (a reader, or a forked child of it) publishes."""
+
+
+class IterationOrder(ShmError, ValueError):
+    """Raised when a publish's iteration id is not greater than the previous publish's."""
+
+
+class OutOfRange(ShmError, ValueError):
+    """Raised when an argument (iteration id, ``after``, a timeout) is outside the range its message gives."""
+
+
+class ChecksumRequired(LayoutMismatch):
+    """Raised by ``Block.open(require_checksum=True)`` when the writer publishes without CRC32C."""
+
+
+class AccessDenied(ShmError, PermissionError):
+    """Raised when the segment's owner or mode does not let this process open or remove it."""
+
+
+class ShmOSError(ShmError, OSError):
+    """Raised when a system call on a segment fails for another reason (errno and filename kept)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simbridge.shm import Block, LayoutMismatch, PeerGone
+from simbridge.shm import Block, ChecksumRequired, LayoutMismatch, PeerGone
 
 pytestmark = pytest.mark.integration
 
@@ -126,6 +126,62 @@ def test_a_c_model_built_with_other_sizes_is_refused(peer_binary: Path, block_na
         read_line(peer, "ready")
         with pytest.raises(LayoutMismatch, match=r"holds \(16, 100\) float32, expected \(16, 216\)"):
             Block.open(block_name, timeout=10, shape=(16, 216), dtype=np.float32)
+    finally:
+        peer.kill()
+        peer.wait(timeout=10)
+        Path(f"/dev/shm/simbridge.{block_name}").unlink(missing_ok=True)
+
+
+API_CHECKS = [
+    "open-timeout",  # sb_block_open returns SB_ETIMEDOUT when its timeout elapses
+    "open-once",  # timeout 0 tries once and says what it found (SB_ENOENT)
+    "huge-zero-shape",  # (0, 2**63) is refused: no array library can hold it
+    "bad-mode",  # mode bits beyond 0777 are refused
+    "create",
+    "mode-zero-is-0600",  # mode 0 means the documented 0600
+    "accessors",  # dtype, ndim, shape, itemsize, payload bytes, slots, checksum, owner pid
+    "next-iteration-first",  # SB_NEXT_ITERATION starts at 1...
+    "explicit-iteration",
+    "next-iteration",  # ...and continues from the caller's own last id
+    "order",
+    "begin-write",  # the in-place write path
+    "commit-write",
+    "abort-write",
+    "open",
+    "reader-accessors",
+    "reader-may-not-publish",
+    "read-latest",  # sb_block_read returns the latest commit, not the first >= min_iteration
+    "read-timeout",
+    "fork-close",  # a forked child's close leaves the parent's block open and named
+    "scribbled-read",  # slot_count = 0 under an attached reader: SB_EHEADER, not SIGFPE
+    "scribbled-publish",
+    "repaired",
+]
+
+
+def test_the_c_api_does_what_shm_h_documents(peer_binary: Path, block_name: str) -> None:
+    proc = subprocess.run(
+        [str(peer_binary), "api", block_name],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split() == [word for check in API_CHECKS for word in (check, "ok")]
+    assert not Path(f"/dev/shm/simbridge.{block_name}").exists()
+
+
+def test_a_python_reader_can_require_checksums_from_a_c_writer(peer_binary: Path, block_name: str) -> None:
+    peer = subprocess.Popen(
+        [str(peer_binary), "hold", block_name, "2", "3", "plain"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        read_line(peer, "ready")
+        with pytest.raises(ChecksumRequired, match="publishes without CRC32C"):
+            Block.open(block_name, timeout=10, require_checksum=True)
+        with Block.open(block_name, timeout=10) as reader:  # still readable by whoever accepts that
+            assert not reader.checksum and reader.read(timeout=5).iteration == 1
     finally:
         peer.kill()
         peer.wait(timeout=10)

@@ -244,7 +244,7 @@ static int open_input(sb_block *b, const char *name, double timeout_s) {
     for (;;) {
         int rc = sb_block_open(b, name, INT64_C(250000000));
         if (rc == SB_OK) return EXIT_OK;
-        if (rc != SB_ENOENT && rc != SB_ENOTREADY) return shm_fail("open", name, rc);
+        if (rc != SB_ETIMEDOUT) return shm_fail("open", name, rc); /* not there yet: look again */
         if (g_stop) return EXIT_SIGNAL;
         if (getppid() != g_parent) {
             fprintf(stderr, "eki forward model: the Python driver (pid %d) is gone before it created block "
