@@ -7,7 +7,6 @@ lifecycle (the owner unlinks at close and at exit) and the optional recorder.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import math
 import os
@@ -28,15 +27,27 @@ from simbridge.shm import _core
 from simbridge.shm.errors import (
     BlockExists,
     BlockNotFound,
+    InvalidLayout,
     LayoutMismatch,
     NonFinite,
     NoSpace,
     PeerGone,
+    ShmError,
     Timeout,
     WriterClosed,
 )
-from simbridge.shm.layout import DTYPE_BY_CODE, dtype_code, validate_name
+from simbridge.shm.layout import (
+    DTYPE_BY_CODE,
+    check_flag,
+    check_mode,
+    check_shape,
+    check_slots,
+    dtype_code,
+    validate_name,
+)
+from simbridge.shm.namelock import name_lock, translate_os_error
 from simbridge.shm.recorder import Recorder
+from simbridge.shm.registry import judge, unlink_if_same
 from simbridge.shm.snapshot import Snapshot
 
 log = structlog.get_logger("simbridge.shm")
@@ -93,70 +104,86 @@ class Block:
         """Create ``/dev/shm/simbridge.<name>`` and become its one writer.
 
         A segment of that name left by a dead owner (or a previous boot) is replaced when
-        ``replace_stale``; one held by a live process raises :class:`BlockExists`.
+        ``replace_stale``; one held by a live process raises :class:`BlockExists`. Arguments out of
+        range raise :class:`InvalidArgument` (shape and dtype: :class:`InvalidLayout`) saying the rule.
         """
         validate_name(name)
-        shape_t = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
-        if any(d < 0 for d in shape_t):
-            raise LayoutMismatch(f"negative dimension in shape {shape_t}")
-        if len(shape_t) > _core.MAX_NDIM:
-            raise LayoutMismatch(f"shape {shape_t} has {len(shape_t)} dimensions; at most {_core.MAX_NDIM}")
-        if not 1 <= slots <= _core.MAX_SLOTS:
-            raise ValueError(f"slots must be 1..{_core.MAX_SLOTS}, got {slots}")
-        settings = load_settings().shm
         code = dtype_code(dtype)
-        perm = settings.mode if mode is None else mode
+        itemsize = np.dtype(dtype).itemsize
+        shape_t = check_shape(shape, itemsize)
+        slots = check_slots(slots)
+        checksum = check_flag(checksum, "checksum")
+        replace_stale = check_flag(replace_stale, "replace_stale")
+        settings = load_settings().shm
+        perm = check_mode(settings.mode if mode is None else mode)
+        # The record folder is made before the segment: a bad path then leaves nothing behind.
+        record_dir = cls._record_dir(record, settings)
 
         def make() -> _core.Segment:
             return _core.create(name, code, shape_t, slots, perm, checksum)
 
-        try:
-            segment = make()
-        except FileExistsError:
-            segment = cls._replace_if_stale(name, make, replace_stale=replace_stale)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
+        # Under the name's lock no other simbridge process creates, replaces or removes this name.
+        with name_lock(name):
+            try:
+                segment = make()
+            except FileExistsError:
+                segment = cls._replace_if_stale(name, make, replace_stale=replace_stale)
+            except ShmError:
                 raise
-            size = int(np.prod(shape_t, dtype=np.int64)) * np.dtype(dtype).itemsize * slots
-            raise NoSpace(
-                errno.ENOSPC,
-                f"{SHM_DIR} has no room for block {name!r} (about {size:,} bytes); free space "
-                f"(`simbridge shm clean`, `df -h {SHM_DIR}`) or enlarge {SHM_DIR}",
-            ) from exc
-        except ValueError as exc:
-            raise LayoutMismatch(
-                f"block {name!r}: cannot hold shape {shape_t} of {np.dtype(dtype)}: {exc}"
-            ) from exc
-        record_dir = cls._record_dir(record, settings)
-        log.debug("block created", name=name, shape=shape_t, dtype=str(np.dtype(dtype)), slots=slots)
-        return cls(segment, name=name, settings=settings, record=record_dir)
+            except OSError as exc:
+                size = math.prod(shape_t) * itemsize * slots
+                raise _create_error(exc, name, size) from exc
+            except ValueError as exc:
+                raise InvalidLayout(
+                    f"block {name!r}: cannot hold shape {shape_t} of {np.dtype(dtype)}: {exc}"
+                ) from exc
+            block: Block | None = None
+            try:
+                block = cls(segment, name=name, settings=settings, record=record_dir)
+                log.debug("block created", name=name, shape=shape_t, dtype=str(np.dtype(dtype)), slots=slots)
+            except BaseException:
+                # Nothing may outlive a failed create: a leaked name would refuse the retry as ours.
+                if block is not None:
+                    block.close()
+                else:
+                    _discard(segment)
+                raise
+        return block
 
     @staticmethod
     def _replace_if_stale(
         name: str, make: Callable[[], _core.Segment], *, replace_stale: bool
     ) -> _core.Segment:
-        from simbridge.shm.registry import block_info
-
-        info = block_info(name)
-        if info is not None and not info.stale:
-            raise BlockExists(
-                f"block {name!r} exists and its owner pid {info.owner_pid} is alive; "
-                "pick another name or stop that process"
-            ) from None
-        if not replace_stale:
-            raise BlockExists(
-                f"block {name!r} exists (stale: owner gone); remove it with "
-                f"`simbridge shm rm {name}` or pass replace_stale=True"
-            ) from None
-        log.warning("replacing stale block", name=name, owner_pid=None if info is None else info.owner_pid)
-        with contextlib.suppress(FileNotFoundError):
-            _core.unlink(name)
-        try:
-            return make()
-        except FileExistsError:
-            raise BlockExists(
-                f"block {name!r} was created by another process while replacing a stale one"
-            ) from None
+        # Called with the name's lock held: the verdict and the unlink concern the same segment, and
+        # no other simbridge process can replace it in between, so exactly one replacer wins.
+        for _ in range(3):  # the name changes under the lock only when a live owner unlinks its own
+            info, identity = judge(name)
+            if info is not None and not info.stale:
+                raise BlockExists(
+                    f"block {name!r} exists and "
+                    + (
+                        f"its owner pid {info.owner_pid} is alive"
+                        if info.alive
+                        else f"is {info.state} ({info.error or 'being created'})"
+                    )
+                    + "; pick another name or stop that process"
+                ) from None
+            if info is not None and not replace_stale:
+                raise BlockExists(
+                    f"block {name!r} exists (stale: owner gone); remove it with "
+                    f"`simbridge shm rm {name}` or pass replace_stale=True"
+                ) from None
+            if info is not None and identity is not None:
+                log.warning("replacing stale block", name=name, owner_pid=info.owner_pid)
+                unlink_if_same(name, identity)
+            try:
+                return make()
+            except FileExistsError:
+                continue
+        raise BlockExists(
+            f"block {name!r} kept reappearing while a stale one was replaced; a process outside "
+            "simbridge's lock (a C peer?) is creating it: pick another name or stop that process"
+        )
 
     @classmethod
     def open(
@@ -205,9 +232,10 @@ class Block:
 
     @staticmethod
     def _record_dir(record: str | os.PathLike[str] | None, settings: ShmSettings) -> Path | None:
-        if record is not None:
-            return Path(record)
-        return settings.record
+        directory = Path(record) if record is not None else settings.record
+        if directory is not None:
+            Recorder(directory)  # makes the folder now, so that a bad path fails before any segment
+        return directory
 
     def _expect(self, shape: int | tuple[int, ...] | None, dtype: DTypeLike | None) -> None:
         want_shape = (shape,) if isinstance(shape, int) else shape
@@ -497,3 +525,27 @@ def _release_owned(segment: _core.Segment) -> None:
         segment.unlink()
     finally:
         segment.close()
+
+
+def _discard(segment: _core.Segment) -> None:
+    # Unlink (only if the name is still this segment's), then unmap: the undo of a create.
+    try:
+        segment.unlink()
+    finally:
+        segment.close()
+
+
+def _create_error(exc: OSError, name: str, size: int) -> ShmError:
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+        return NoSpace(
+            errno.ENOSPC,
+            f"{SHM_DIR} has no room for block {name!r} (about {size:,} bytes: {exc.strerror}); free "
+            f"space (`simbridge shm clean`, `df -h {SHM_DIR}`) or enlarge {SHM_DIR}",
+        )
+    if (
+        exc.filename is not None
+        and str(exc.filename).startswith("/")
+        and not str(exc.filename).startswith(str(SHM_DIR))
+    ):
+        exc.filename = f"{SHM_DIR}{exc.filename}"
+    return translate_os_error(exc, f"create block {name!r}")

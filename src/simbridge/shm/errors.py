@@ -67,3 +67,38 @@ class BlockNotFound(ShmError, FileNotFoundError):
 
 class HeaderNotFound(ShmError, FileNotFoundError):
     """Raised when simbridge/shm.h is neither installed with the package nor next to the sources."""
+
+
+# ---------------------------------------------------------------- lifecycle: create, lock, remove, record
+
+
+class InvalidArgument(ShmError, ValueError):
+    """Raised when an argument of create (shape, dtype, slots, mode, a flag) breaks its rule; says it."""
+
+
+class InvalidLayout(InvalidArgument, LayoutMismatch):
+    """Raised when a shape or dtype given to create cannot describe a block (also a LayoutMismatch)."""
+
+
+class SegmentError(ShmError, OSError):
+    """Raised when the operating system refuses an operation on a segment or its lock file (errno kept)."""
+
+
+class AccessDenied(SegmentError, PermissionError):
+    """Raised when a segment or its lock file belongs to another user who did not let this one in."""
+
+
+class LockTimeout(Timeout):
+    """Raised when another process holds a block name's lifecycle lock longer than the lock timeout."""
+
+
+class RecordingError(ShmError, OSError):
+    """Raised when the recorder cannot create or write its folder, NPZ files or index."""
+
+
+class RecordingInvalid(ShmError, ValueError):
+    """Raised when a recording's metadata.json is not what the recorder writes (edited, truncated)."""
+
+
+class DemoFailed(ShmError, RuntimeError):
+    """Raised by the blocks demo when its model process fails or exits with an error."""
