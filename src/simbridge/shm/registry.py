@@ -210,11 +210,11 @@ class CleanReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def clean() -> CleanReport:
-    """Remove every stale block (dead owner, other boot, or abandoned half-created)."""
+def clean(*, prefix: str = "") -> CleanReport:
+    """Remove every stale block (dead owner, other boot, or abandoned half-created) named ``prefix...``."""
     report = CleanReport()
     for candidate in list_blocks():
-        if not candidate.stale:
+        if not candidate.stale or not candidate.name.startswith(prefix):
             continue
         try:
             with name_lock(candidate.name):
@@ -232,6 +232,6 @@ def clean() -> CleanReport:
     return report
 
 
-def cleanup_stale() -> list[BlockInfo]:
+def cleanup_stale(*, prefix: str = "") -> list[BlockInfo]:
     """Remove every stale block (dead owner, other boot, or abandoned half-created); return them."""
-    return clean().removed
+    return clean(prefix=prefix).removed
