@@ -238,9 +238,14 @@ class Block:
         return directory
 
     def _expect(self, shape: int | tuple[int, ...] | None, dtype: DTypeLike | None) -> None:
-        want_shape = (shape,) if isinstance(shape, int) else shape
-        want_dtype = None if dtype is None else np.dtype(dtype)
-        if (want_shape is not None and tuple(want_shape) != self.shape) or (
+        try:
+            # The same rules as create: an expectation no block could meet is the caller's mistake.
+            want_dtype = None if dtype is None else DTYPE_BY_CODE[dtype_code(dtype)]
+            want_shape = None if shape is None else check_shape(shape, self.dtype.itemsize)
+        except InvalidLayout:
+            self.close()
+            raise
+        if (want_shape is not None and want_shape != self.shape) or (
             want_dtype is not None and want_dtype != self.dtype
         ):
             found = f"{self.shape} {self.dtype}"

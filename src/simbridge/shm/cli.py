@@ -23,7 +23,7 @@ from rich.table import Table
 from simbridge.errors import SimbridgeError
 from simbridge.shm import registry
 from simbridge.shm.block import Block
-from simbridge.shm.errors import Corrupted, Timeout
+from simbridge.shm.errors import Corrupted, PeerGone, Timeout
 from simbridge.shm.namelock import SHM_DIR
 from simbridge.shm.recorder import diff as diff_recording
 
@@ -157,6 +157,8 @@ def inspect_command(name: str) -> None:
             snap = block.read(timeout=0)
         except Timeout:
             table.add_row("latest", "nothing published yet")
+        except PeerGone as exc:  # closed or dead before its first publish
+            table.add_row("latest", f"nothing published ({exc})")
         except Corrupted as exc:
             table.add_row("latest", "[red]corrupted: its payload does not match its checksum[/red]")
             problem = exc

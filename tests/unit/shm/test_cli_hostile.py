@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -241,3 +243,17 @@ def test_a_killed_cli_leaves_no_lock_behind(block_name: str) -> None:
     os.waitpid(pid, 0)
     with Block.create(block_name, 1, np.int8):  # takes the same lock
         pass
+
+
+def test_inspect_of_a_block_closed_before_its_first_publish(block_name: str) -> None:
+    code = (
+        "import os, sys, numpy as np\n"
+        "from simbridge.shm import Block\n"
+        f"b = Block.create({block_name!r}, 2, np.float32)\n"
+        "b._seg.close()\n"  # marked closed, name kept: what a C peer's close without unlink leaves
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
+    result = runner.invoke(app, ["inspect", block_name])
+    assert result.exit_code == 0, result.output
+    assert "nothing published" in result.stdout

@@ -21,7 +21,15 @@ from hypothesis import strategies as st
 
 from simbridge.errors import SimbridgeError
 from simbridge.shm import Block, _core, block_info
-from simbridge.shm.errors import InvalidArgument, InvalidLayout, LayoutMismatch, RecordingError
+from simbridge.shm.errors import (
+    InvalidArgument,
+    InvalidLayout,
+    LayoutMismatch,
+    LockTimeout,
+    RecordingError,
+    SegmentError,
+)
+from simbridge.shm.namelock import lock_path, name_lock
 
 SHM = Path("/dev/shm")
 
@@ -213,3 +221,59 @@ def test_create_accepts_exactly_the_valid_shapes_and_modes(
             block.publish(np.zeros(block.shape, dtype))
             assert reader.read(timeout=1).array.shape == block.shape
     assert block_info(block_name) is None
+
+
+@pytest.mark.parametrize(("shape", "dtype"), [(3.5, None), ("abc", None), (None, object), (None, "nope")])
+def test_open_refuses_impossible_expectations_typed_and_detaches(
+    block_name: str, shape: Any, dtype: Any
+) -> None:
+    with Block.create(block_name, 3, np.float32) as writer:
+        with pytest.raises(InvalidLayout):
+            Block.open(block_name, timeout=0, shape=shape, dtype=dtype)
+        assert writer.header()["readers"] == 0  # the refused reader detached
+        with Block.open(block_name, timeout=0, shape=(3,), dtype="float32"):
+            pass
+
+
+# ---------------------------------------------------------------- the name's lock
+
+
+def test_a_held_lock_times_out_naming_the_lock_file(block_name: str) -> None:
+    ready, release = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child holds the lock until told
+        with name_lock(block_name):
+            os.write(ready[1], b"x")
+            os.read(release[0], 1)
+        os._exit(0)
+    try:
+        assert os.read(ready[0], 1) == b"x"
+        with (
+            pytest.raises(LockTimeout, match=r"\.simbridge\..*\.lock stayed held for 0\.2 s") as info,
+            name_lock(block_name, timeout=0.2),
+        ):
+            pass
+        assert isinstance(info.value, TimeoutError) and isinstance(info.value, SimbridgeError)
+    finally:
+        os.write(release[1], b"x")
+        os.waitpid(pid, 0)
+    with name_lock(block_name, timeout=5):  # free again once its holder let go
+        pass
+
+
+def test_a_hostile_lock_path_is_a_typed_error(block_name: str, tmp_path: Path) -> None:
+    lock = lock_path(block_name)
+    lock.mkdir()
+    try:
+        with pytest.raises(SegmentError, match="not a regular file; remove it"):
+            Block.create(block_name, 1, np.int8)
+    finally:
+        lock.rmdir()
+    lock.symlink_to(tmp_path / "elsewhere")
+    try:
+        with pytest.raises(SegmentError, match="symbolic link"):
+            Block.create(block_name, 1, np.int8)
+        assert not (tmp_path / "elsewhere").exists()
+    finally:
+        lock.unlink()
+    assert not segment(block_name).exists()
