@@ -146,7 +146,7 @@ class Block:
                 if block is not None:
                     block.close()
                 else:
-                    _discard(segment)
+                    _release_owned(segment)
                 raise
         return block
 
@@ -526,14 +526,6 @@ def _release_reader(segment: _core.Segment) -> None:
 
 def _release_owned(segment: _core.Segment) -> None:
     # Unlink before close: the name must only go while our fd can still prove it is ours.
-    try:
-        segment.unlink()
-    finally:
-        segment.close()
-
-
-def _discard(segment: _core.Segment) -> None:
-    # Unlink (only if the name is still this segment's), then unmap: the undo of a create.
     try:
         segment.unlink()
     finally:
