@@ -18,6 +18,7 @@ import click
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from simbridge.errors import SimbridgeError
@@ -70,9 +71,11 @@ def one_line_errors(command: Callable[P, R]) -> Callable[P, R]:
     return run
 
 
-def _shown(name: str) -> str:
-    # A name read from /dev/shm may hold bytes that are not UTF-8 (kept as surrogates by Python).
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
+def _shown(text: str) -> str:
+    """``text`` from outside (a file name, a recording, a header) safe to print in a Rich table."""
+    # A name read from /dev/shm may hold bytes that are not UTF-8 (kept as surrogates by Python), and
+    # brackets that Rich would read as markup: hidden text, or a MarkupError for a stray "[/x]".
+    return escape(os.fsencode(text).decode("utf-8", "backslashreplace"))
 
 
 def _console() -> Console:
@@ -120,7 +123,7 @@ def list_command(
         table.add_column(col)
     for i in infos:
         table.add_row(
-            _shown(i.name) if i.error is None else f"{_shown(i.name)} ({i.error})",
+            _shown(i.name if i.error is None else f"{i.name} ({i.error})"),
             str(i.owner_pid or "-"),
             "yes" if i.alive else "[red]no[/red]",
             i.state,
@@ -148,7 +151,7 @@ def inspect_command(name: str) -> None:
         table = Table(title=f"block {name}", show_header=False)
         for key, value in header.items():
             if key != "slots":
-                table.add_row(key, hex(value) if key == "magic" else str(value))
+                table.add_row(key, hex(value) if key == "magic" else _shown(str(value)))
         table.add_row("writer alive", str(block.writer_alive()))
         for index, slot in enumerate(header["slots"]):
             table.add_row(f"slot {index}", ", ".join(f"{k}={v}" for k, v in slot.items()))
@@ -158,7 +161,7 @@ def inspect_command(name: str) -> None:
         except Timeout:
             table.add_row("latest", "nothing published yet")
         except PeerGone as exc:  # closed or dead before its first publish
-            table.add_row("latest", f"nothing published ({exc})")
+            table.add_row("latest", _shown(f"nothing published ({exc})"))
         except Corrupted as exc:
             table.add_row("latest", "[red]corrupted: its payload does not match its checksum[/red]")
             problem = exc
@@ -247,13 +250,13 @@ def diff_command(folder: Annotated[str, typer.Argument(metavar="DIRECTORY")]) ->
             table.add_column(col)
         for sent, got in report.mismatches:
             table.add_row(
-                sent["name"],
+                _shown(sent["name"]),
                 str(sent["iteration"]),
                 str(sent["commit"]),
                 f"{sent['checksum']:08x}",
                 f"{got['checksum']:08x}",
-                sent["file"],
-                got["file"],
+                _shown(sent["file"]),
+                _shown(got["file"]),
             )
         _console().print(table)
         raise typer.Exit(1)

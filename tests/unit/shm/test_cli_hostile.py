@@ -257,3 +257,19 @@ def test_inspect_of_a_block_closed_before_its_first_publish(block_name: str) -> 
     result = runner.invoke(app, ["inspect", block_name])
     assert result.exit_code == 0, result.output
     assert "nothing published" in result.stdout
+
+
+def test_text_from_a_recording_or_a_file_name_is_not_read_as_markup(tmp_path: Path) -> None:
+    entry = {"iteration": 1, "commit": 1, "writer_pid": 1, "name": "[/oops]", "file": "[bold]f"}
+    entries = [entry | {"direction": "publish", "checksum": 1}, entry | {"direction": "read", "checksum": 2}]
+    (tmp_path / "metadata.json").write_text(json.dumps(entries))
+    result = runner.invoke(app, ["diff", str(tmp_path)], env={"COLUMNS": "300"})
+    assert result.exit_code == 1 and "1 mismatched" in result.stdout, result.output
+    assert "[/oops]" in result.stdout and "[bold]f" in result.stdout
+    hidden = SHM / "simbridge.[red]tag"
+    hidden.touch()
+    try:
+        result = runner.invoke(app, ["ls"], env={"COLUMNS": "300"})
+        assert result.exit_code == 0 and "[red]tag" in result.stdout, result.output
+    finally:
+        hidden.unlink()
