@@ -95,8 +95,9 @@ class Recorder:
         return entry
 
     def _folder(self, name: str) -> Path:
-        folder = self.directory / validate_name(name)
-        if name not in self._confined:
+        folder = self.directory / name
+        if name not in self._confined:  # checked once per block name: record runs on every transfer
+            validate_name(name)
             try:
                 folder.mkdir(exist_ok=True)
                 inside = folder.resolve().parent == self.directory.resolve()
@@ -117,11 +118,15 @@ class Recorder:
         # that an earlier entry of the index names.
         while True:
             relative = f"{name}/{stem}-{next(self._counter):06d}.npz"
+            target = self.directory / relative
             try:
-                with open(self.directory / relative, "xb") as out:
+                with open(target, "xb") as out:
                     np.savez(out, array=array)
             except FileExistsError:
                 continue
+            except BaseException:
+                target.unlink(missing_ok=True)  # a half-written NPZ (disk full) is nobody's record
+                raise
             return relative
 
 
@@ -136,21 +141,21 @@ def append_entry(index: Path, entry: dict[str, Any]) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.lseek(fd, 0, os.SEEK_END)
         if size == 0:
-            _write_at(fd, 0, b"[\n" + line + _TAIL, index)
+            _write_at(fd, 0, b"[\n" + line + _TAIL)
             return
         if size < len(_TAIL) or os.pread(fd, len(_TAIL), size - len(_TAIL)) != _TAIL:
             raise RecordingInvalid(
                 f"{index} does not end with the recorder's closing bracket; "
                 "it was edited by hand — move it aside to start a new index"
             )
-        _write_at(fd, size - len(_TAIL), b",\n" + line + _TAIL, index)
+        _write_at(fd, size - len(_TAIL), b",\n" + line + _TAIL)
     except OSError as exc:
         raise _recording_error(exc, f"append to the recording index {index}") from exc
     finally:
         os.close(fd)
 
 
-def _write_at(fd: int, offset: int, data: bytes, index: Path) -> None:
+def _write_at(fd: int, offset: int, data: bytes) -> None:
     # A short write (disk full) would leave an index no JSON parser reads: restore the old end.
     end = os.lseek(fd, 0, os.SEEK_END)
     try:

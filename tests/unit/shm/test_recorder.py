@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import resource
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +130,33 @@ def test_a_reused_pid_never_overwrites_an_earlier_recording(tmp_path: Path) -> N
     assert first["file"] != second["file"]
     np.testing.assert_array_equal(np.load(tmp_path / first["file"])["array"], np.zeros(2))
     assert [e["file"] for e in load_index(tmp_path)] == [first["file"], second["file"]]
+
+
+def test_a_full_disk_mid_append_leaves_the_index_valid(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE makes writes past a size fail for real (EFBIG), as a full disk does mid-append."""
+    index = tmp_path / INDEX_NAME
+    append_entry(index, {"first": 1})
+    limit = index.stat().st_size + 20
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+            try:
+                append_entry(index, {"second": "x" * 200})
+            except RecordingError:
+                code = 0
+            try:  # the NPZ of a transfer: no half-written file stays behind
+                Recorder(tmp_path).record("b", "publish", np.zeros(1000), iteration=1, commit=1)
+            except RecordingError:
+                code += 0 if not any((tmp_path / "b").iterdir()) else 2
+            else:
+                code = 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert json.loads(index.read_text()) == [{"first": 1}]
+    append_entry(index, {"third": 3})  # and later appends still work
+    assert json.loads(index.read_text()) == [{"first": 1}, {"third": 3}]
