@@ -71,11 +71,15 @@ def one_line_errors(command: Callable[P, R]) -> Callable[P, R]:
     return run
 
 
+def _printable(text: str) -> str:
+    # A name read from /dev/shm may hold bytes that are not UTF-8 (kept as surrogates by Python).
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 def _shown(text: str) -> str:
     """``text`` from outside (a file name, a recording, a header) safe to print in a Rich table."""
-    # A name read from /dev/shm may hold bytes that are not UTF-8 (kept as surrogates by Python), and
-    # brackets that Rich would read as markup: hidden text, or a MarkupError for a stray "[/x]".
-    return escape(os.fsencode(text).decode("utf-8", "backslashreplace"))
+    # Brackets would be read as Rich markup: hidden text, or a MarkupError for a stray "[/x]".
+    return escape(_printable(text))
 
 
 def _console() -> Console:
@@ -105,7 +109,7 @@ def list_command(
     """List every block: owner pid and whether it is alive, dtype, shape, iteration, last publish, size."""
     infos = registry.list_blocks()
     if as_json:
-        rows = [asdict(i) | {"name": _shown(i.name), "stale": i.stale} for i in infos]
+        rows = [asdict(i) | {"name": _printable(i.name), "stale": i.stale} for i in infos]
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table(title=f"simbridge blocks in {SHM_DIR}")

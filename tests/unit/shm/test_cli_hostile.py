@@ -271,5 +271,7 @@ def test_text_from_a_recording_or_a_file_name_is_not_read_as_markup(tmp_path: Pa
     try:
         result = runner.invoke(app, ["ls"], env={"COLUMNS": "300"})
         assert result.exit_code == 0 and "[red]tag" in result.stdout, result.output
+        result = runner.invoke(app, ["ls", "--json"])
+        assert "[red]tag" in [b["name"] for b in json.loads(result.stdout)]
     finally:
         hidden.unlink()
