@@ -153,7 +153,11 @@ def judge(name: str) -> tuple[BlockInfo | None, Identity | None]:
 
 
 def unlink_if_same(name: str, identity: Identity) -> bool:
-    """Unlink ``name`` if it still names the segment of ``identity``; call it under the name's lock."""
+    """Unlink ``name`` if it still names the segment of ``identity``; call it under the name's lock.
+
+    POSIX has no "unlink if still this inode": between the check and the unlink only a process outside
+    the lock (a C peer's create after a hand-run ``rm``) could swap the name, never a simbridge one.
+    """
     path = _path(name)
     try:
         now = os.lstat(path)
