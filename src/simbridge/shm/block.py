@@ -128,11 +128,11 @@ class Block:
                 segment = make()
             except FileExistsError:
                 segment = cls._replace_if_stale(name, make, replace_stale=replace_stale)
-            except ShmError:
-                raise
-            except OSError as exc:
+            except OSError as exc:  # typed by the C core or not: said again with the size and the fix
                 size = math.prod(shape_t) * itemsize * slots
                 raise _create_error(exc, name, size) from exc
+            except ShmError:
+                raise
             except ValueError as exc:
                 raise InvalidLayout(
                     f"block {name!r}: cannot hold shape {shape_t} of {np.dtype(dtype)}: {exc}"
@@ -532,7 +532,7 @@ def _release_owned(segment: _core.Segment) -> None:
         segment.close()
 
 
-def _create_error(exc: OSError, name: str, size: int) -> ShmError:
+def _create_error(exc: OSError, name: str, size: int) -> OSError:
     if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
         return NoSpace(
             errno.ENOSPC,

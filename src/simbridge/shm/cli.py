@@ -53,15 +53,9 @@ def one_line_errors(command: Callable[P, R]) -> Callable[P, R]:
         except (typer.Exit, typer.Abort, click.exceptions.ClickException):
             raise
         except SimbridgeError as exc:
-            # OSError-based ones were built as (errno, message): show the message, not "[Errno n]".
-            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise _fail(text) from exc
+            raise _fail(_describe(exc)) from exc
         except OSError as exc:
-            where = f" {exc.filename}" if exc.filename else ""
-            raise _fail(
-                f"{exc.strerror or exc}{where}; check the path and its permissions "
-                "(run as the user who owns it, or as root)"
-            ) from exc
+            raise _fail(f"{_describe(exc)}; check the path and its permissions") from exc
         except Exception as exc:  # a bug: still one line, with what to report
             raise _fail(
                 f"unexpected {type(exc).__name__}: {exc}; this is a simbridge bug, please report it "
@@ -69,6 +63,16 @@ def one_line_errors(command: Callable[P, R]) -> Callable[P, R]:
             ) from exc
 
     return run
+
+
+def _describe(exc: Exception) -> str:
+    # OSError-based errors show strerror and filename, not "[Errno n] ..."; a refusal says the way out.
+    if not isinstance(exc, OSError) or not exc.strerror:
+        return str(exc)
+    text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    if isinstance(exc, PermissionError) and "root" not in text:
+        text += "; run as the user who owns it, or as root"
+    return text
 
 
 def _printable(text: str) -> str:

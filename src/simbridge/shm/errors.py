@@ -53,39 +53,12 @@ class NonFinite(ShmError, ValueError):
         self.first_index = first_index
 
 
-class BlockExists(ShmError, FileExistsError):
-    """Raised when creating a block whose name is held by a live owner."""
-
-
-class NoSpace(ShmError, OSError):
-    """Raised when /dev/shm has no room left for a new block's memory."""
-
-
-class BlockNotFound(ShmError, FileNotFoundError):
-    """Raised when a block does not exist (and, for ``open``, did not appear in time)."""
-
-
-class HeaderNotFound(ShmError, FileNotFoundError):
-    """Raised when simbridge/shm.h is neither installed with the package nor next to the sources."""
-
-
-# ---------------------------------------------------------------- lifecycle: create, lock, remove, record
-
-
 class InvalidArgument(ShmError, ValueError):
     """Raised when an argument of create (shape, dtype, slots, mode, a flag) breaks its rule; says it."""
 
 
 class InvalidLayout(InvalidArgument, LayoutMismatch):
     """Raised when a shape or dtype given to create cannot describe a block (also a LayoutMismatch)."""
-
-
-class SegmentError(ShmError, OSError):
-    """Raised when the operating system refuses an operation on a segment or its lock file (errno kept)."""
-
-
-class AccessDenied(SegmentError, PermissionError):
-    """Raised when a segment or its lock file belongs to another user who did not let this one in."""
 
 
 class LockTimeout(Timeout):
@@ -102,3 +75,27 @@ class RecordingInvalid(ShmError, ValueError):
 
 class DemoFailed(ShmError, RuntimeError):
     """Raised by the blocks demo when its model process fails or exits with an error."""
+
+
+class BlockExists(ShmError, FileExistsError):
+    """Raised when creating a block whose name is held by a live owner."""
+
+
+class NoSpace(ShmError, OSError):
+    """Raised when /dev/shm has no room left for a new block's memory."""
+
+
+class BlockNotFound(ShmError, FileNotFoundError):
+    """Raised when a block does not exist (and, for ``open``, did not appear in time)."""
+
+
+class HeaderNotFound(ShmError, FileNotFoundError):
+    """Raised when simbridge/shm.h is neither installed with the package nor next to the sources."""
+
+
+class AccessDenied(ShmError, PermissionError):
+    """Raised when the segment's owner or mode does not let this process open or remove it."""
+
+
+class ShmOSError(ShmError, OSError):
+    """Raised when a system call on a segment fails for another reason (errno and filename kept)."""

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
-from simbridge.shm.errors import AccessDenied, LockTimeout, SegmentError
+from simbridge.shm.errors import AccessDenied, LockTimeout, ShmOSError
 
 SHM_DIR: Final = Path("/dev/shm")
 # Creating a block of many GiB (fallocate) holds the lock for seconds; far beyond that, the holder hangs.
@@ -29,12 +29,12 @@ def lock_path(name: str) -> Path:
     return SHM_DIR / f".simbridge.{name}.lock"
 
 
-def translate_os_error(exc: OSError, doing: str) -> SegmentError:
+def translate_os_error(exc: OSError, doing: str) -> AccessDenied | ShmOSError:
     """``exc`` as the typed error a caller gets, with what was being done and how to fix it."""
     where = f" ({exc.filename})" if exc.filename else ""
     reason = exc.strerror or str(exc)
     code = exc.errno or 0
-    if code in (errno.EACCES, errno.EPERM):
+    if code in (errno.EACCES, errno.EPERM) or isinstance(exc, PermissionError):
         owner = _owner_of(exc.filename)
         return AccessDenied(
             code,
@@ -47,7 +47,7 @@ def translate_os_error(exc: OSError, doing: str) -> SegmentError:
         errno.ENFILE: "the system has too many open files; close some",
         errno.EROFS: f"{SHM_DIR} is read-only; mount it read-write",
     }.get(code, f"check {SHM_DIR} (`ls -la {SHM_DIR}`, `df -h {SHM_DIR}`)")
-    return SegmentError(code, f"cannot {doing}{where}: {reason}; {hint}")
+    return ShmOSError(code, f"cannot {doing}{where}: {reason}; {hint}")
 
 
 def _owner_of(filename: object) -> str:
@@ -128,7 +128,7 @@ def _open_lock_file(path: Path) -> int:
             raise translate_os_error(exc, f"open the lock file {path}") from exc
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise SegmentError(
+            raise ShmOSError(
                 errno.EINVAL, f"{path} should be a lock file but is not a regular file; remove it"
             )
         return fd

@@ -27,7 +27,7 @@ from simbridge.shm.errors import (
     LayoutMismatch,
     LockTimeout,
     RecordingError,
-    SegmentError,
+    ShmOSError,
 )
 from simbridge.shm.namelock import lock_path, name_lock
 
@@ -265,13 +265,13 @@ def test_a_hostile_lock_path_is_a_typed_error(block_name: str, tmp_path: Path) -
     lock = lock_path(block_name)
     lock.mkdir()
     try:
-        with pytest.raises(SegmentError, match="not a regular file; remove it"):
+        with pytest.raises(ShmOSError, match="not a regular file; remove it"):
             Block.create(block_name, 1, np.int8)
     finally:
         lock.rmdir()
     lock.symlink_to(tmp_path / "elsewhere")
     try:
-        with pytest.raises(SegmentError, match="symbolic link"):
+        with pytest.raises(ShmOSError, match="symbolic link"):
             Block.create(block_name, 1, np.int8)
         assert not (tmp_path / "elsewhere").exists()
     finally:
