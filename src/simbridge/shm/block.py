@@ -7,12 +7,11 @@ lifecycle (the owner unlinks at close and at exit) and the optional recorder.
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -25,29 +24,18 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 from simbridge.config import ShmSettings, load_settings
 from simbridge.shm import _core
 from simbridge.shm.errors import (
-    BlockExists,
     BlockNotFound,
     InvalidLayout,
     LayoutMismatch,
     NonFinite,
-    NoSpace,
     PeerGone,
-    ShmError,
     Timeout,
     WriterClosed,
 )
-from simbridge.shm.layout import (
-    DTYPE_BY_CODE,
-    check_flag,
-    check_mode,
-    check_shape,
-    check_slots,
-    dtype_code,
-    validate_name,
-)
-from simbridge.shm.namelock import name_lock, translate_os_error
+from simbridge.shm.layout import DTYPE_BY_CODE, check_create_args, check_shape, dtype_code, validate_name
+from simbridge.shm.namelock import name_lock
 from simbridge.shm.recorder import Recorder
-from simbridge.shm.registry import judge, unlink_if_same
+from simbridge.shm.registry import create_segment
 from simbridge.shm.snapshot import Snapshot
 
 log = structlog.get_logger("simbridge.shm")
@@ -108,82 +96,30 @@ class Block:
         range raise :class:`InvalidArgument` (shape and dtype: :class:`InvalidLayout`) saying the rule.
         """
         validate_name(name)
-        code = dtype_code(dtype)
-        itemsize = np.dtype(dtype).itemsize
-        shape_t = check_shape(shape, itemsize)
-        slots = check_slots(slots)
-        checksum = check_flag(checksum, "checksum")
-        replace_stale = check_flag(replace_stale, "replace_stale")
         settings = load_settings().shm
-        perm = check_mode(settings.mode if mode is None else mode)
+        args = check_create_args(
+            shape,
+            dtype,
+            slots=slots,
+            mode=settings.mode if mode is None else mode,
+            checksum=checksum,
+            replace_stale=replace_stale,
+        )
         # The record folder is made before the segment: a bad path then leaves nothing behind.
         record_dir = cls._record_dir(record, settings)
-
-        def make() -> _core.Segment:
-            return _core.create(name, code, shape_t, slots, perm, checksum)
-
         # Under the name's lock no other simbridge process creates, replaces or removes this name.
         with name_lock(name):
-            try:
-                segment = make()
-            except FileExistsError:
-                segment = cls._replace_if_stale(name, make, replace_stale=replace_stale)
-            except OSError as exc:  # typed by the C core or not: said again with the size and the fix
-                size = math.prod(shape_t) * itemsize * slots
-                raise _create_error(exc, name, size) from exc
-            except ShmError:
-                raise
-            except ValueError as exc:
-                raise InvalidLayout(
-                    f"block {name!r}: cannot hold shape {shape_t} of {np.dtype(dtype)}: {exc}"
-                ) from exc
-            block: Block | None = None
+            segment = create_segment(name, args)
             try:
                 block = cls(segment, name=name, settings=settings, record=record_dir)
-                log.debug("block created", name=name, shape=shape_t, dtype=str(np.dtype(dtype)), slots=slots)
+                log.debug(
+                    "block created", name=name, shape=args.shape, dtype=str(args.dtype), slots=args.slots
+                )
             except BaseException:
                 # Nothing may outlive a failed create: a leaked name would refuse the retry as ours.
-                if block is not None:
-                    block.close()
-                else:
-                    _release_owned(segment)
+                _release_owned(segment)
                 raise
         return block
-
-    @staticmethod
-    def _replace_if_stale(
-        name: str, make: Callable[[], _core.Segment], *, replace_stale: bool
-    ) -> _core.Segment:
-        # Called with the name's lock held: the verdict and the unlink concern the same segment, and
-        # no other simbridge process can replace it in between, so exactly one replacer wins.
-        for _ in range(3):  # the name changes under the lock only when a live owner unlinks its own
-            info, identity = judge(name)
-            if info is not None and not info.stale:
-                raise BlockExists(
-                    f"block {name!r} exists and "
-                    + (
-                        f"its owner pid {info.owner_pid} is alive"
-                        if info.alive
-                        else f"is {info.state} ({info.error or 'being created'})"
-                    )
-                    + "; pick another name or stop that process"
-                ) from None
-            if info is not None and not replace_stale:
-                raise BlockExists(
-                    f"block {name!r} exists (stale: owner gone); remove it with "
-                    f"`simbridge shm rm {name}` or pass replace_stale=True"
-                ) from None
-            if info is not None and identity is not None:
-                log.warning("replacing stale block", name=name, owner_pid=info.owner_pid)
-                unlink_if_same(name, identity)
-            try:
-                return make()
-            except FileExistsError:
-                continue
-        raise BlockExists(
-            f"block {name!r} kept reappearing while a stale one was replaced; a process outside "
-            "simbridge's lock (a C peer?) is creating it: pick another name or stop that process"
-        )
 
     @classmethod
     def open(
@@ -530,19 +466,3 @@ def _release_owned(segment: _core.Segment) -> None:
         segment.unlink()
     finally:
         segment.close()
-
-
-def _create_error(exc: OSError, name: str, size: int) -> OSError:
-    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
-        return NoSpace(
-            errno.ENOSPC,
-            f"{SHM_DIR} has no room for block {name!r} (about {size:,} bytes: {exc.strerror}); free "
-            f"space (`simbridge shm clean`, `df -h {SHM_DIR}`) or enlarge {SHM_DIR}",
-        )
-    if (
-        exc.filename is not None
-        and str(exc.filename).startswith("/")
-        and not str(exc.filename).startswith(str(SHM_DIR))
-    ):
-        exc.filename = f"{SHM_DIR}{exc.filename}"
-    return translate_os_error(exc, f"create block {name!r}")

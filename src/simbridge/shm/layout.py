@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Any, Final, SupportsIndex
 
 import numpy as np
@@ -126,3 +127,41 @@ def check_flag(value: object, what: str) -> bool:
     if not isinstance(value, bool | np.bool_):
         raise InvalidArgument(f"{what} must be True or False, got {value!r}")
     return bool(value)
+
+
+@dataclass(frozen=True)
+class CreateArgs:
+    """The arguments of Block.create once each has passed its rule."""
+
+    code: int
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    slots: int
+    mode: int
+    checksum: bool
+    replace_stale: bool
+
+    @property
+    def total_bytes(self) -> int:
+        """About what the segment takes in /dev/shm (its payload slots), for messages."""
+        size = self.dtype.itemsize * self.slots
+        for d in self.shape:
+            size *= d
+        return size
+
+
+def check_create_args(
+    shape: object, dtype: DTypeLike, *, slots: object, mode: object, checksum: object, replace_stale: object
+) -> CreateArgs:
+    """Block.create's arguments checked, or :class:`InvalidArgument` stating the rule one breaks."""
+    code = dtype_code(dtype)
+    dt = DTYPE_BY_CODE[code]
+    return CreateArgs(
+        code=code,
+        dtype=dt,
+        shape=check_shape(shape, dt.itemsize),
+        slots=check_slots(slots),
+        mode=check_mode(mode),
+        checksum=check_flag(checksum, "checksum"),
+        replace_stale=check_flag(replace_stale, "replace_stale"),
+    )

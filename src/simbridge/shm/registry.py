@@ -7,17 +7,19 @@ segment again under it and unlinks only that very segment, so a live owner's new
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
 from simbridge.shm import _core
-from simbridge.shm.errors import BlockExists, BlockNotFound, ShmError
-from simbridge.shm.layout import validate_name
+from simbridge.shm.errors import BlockExists, BlockNotFound, InvalidLayout, NoSpace, ShmError
+from simbridge.shm.layout import CreateArgs, validate_name
 from simbridge.shm.namelock import SHM_DIR, name_lock, translate_os_error
 
 log = structlog.get_logger("simbridge.shm")
@@ -180,6 +182,70 @@ def _unlink(name: str) -> bool:
             exc.filename = str(SHM_DIR) + str(exc.filename)  # shm_unlink names it without /dev/shm
         raise translate_os_error(exc, f"remove block {name!r}") from exc
     return True
+
+
+def create_segment(name: str, args: CreateArgs) -> _core.Segment:
+    """Make block ``name``'s segment, replacing a stale one; call it under the name's lock."""
+
+    def make() -> _core.Segment:
+        return _core.create(name, args.code, args.shape, args.slots, args.mode, args.checksum)
+
+    try:
+        return make()
+    except FileExistsError:
+        return _replace_stale(name, make, replace_stale=args.replace_stale)
+    except OSError as exc:  # typed by the C core or not: said again with the size and the fix
+        raise _create_error(exc, name, args.total_bytes) from exc
+    except ShmError:
+        raise
+    except ValueError as exc:
+        raise InvalidLayout(f"block {name!r}: cannot hold shape {args.shape} of {args.dtype}: {exc}") from exc
+
+
+def _replace_stale(name: str, make: Callable[[], _core.Segment], *, replace_stale: bool) -> _core.Segment:
+    # Under the name's lock the verdict and the unlink concern the same segment, and no other
+    # simbridge process can replace it in between, so exactly one replacer wins.
+    for _ in range(3):  # the name changes under the lock only when a live owner unlinks its own
+        info, identity = judge(name)
+        if info is not None and not info.stale:
+            held = (
+                f"its owner pid {info.owner_pid} is alive"
+                if info.alive
+                else f"is {info.state} ({info.error or 'being created'})"
+            )
+            raise BlockExists(f"block {name!r} exists and {held}; pick another name or stop that process")
+        if info is not None and not replace_stale:
+            raise BlockExists(
+                f"block {name!r} exists (stale: owner gone); remove it with "
+                f"`simbridge shm rm {name}` or pass replace_stale=True"
+            )
+        if info is not None and identity is not None:
+            log.warning("replacing stale block", name=name, owner_pid=info.owner_pid)
+            unlink_if_same(name, identity)
+        try:
+            return make()
+        except FileExistsError:
+            continue
+    raise BlockExists(
+        f"block {name!r} kept reappearing while a stale one was replaced; a process outside "
+        "simbridge's lock (a C peer?) is creating it: pick another name or stop that process"
+    )
+
+
+def _create_error(exc: OSError, name: str, size: int) -> OSError:
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+        return NoSpace(
+            errno.ENOSPC,
+            f"{SHM_DIR} has no room for block {name!r} (about {size:,} bytes: {exc.strerror}); free "
+            f"space (`simbridge shm clean`, `df -h {SHM_DIR}`) or enlarge {SHM_DIR}",
+        )
+    if (
+        isinstance(exc.filename, str)
+        and exc.filename.startswith("/")
+        and not exc.filename.startswith(str(SHM_DIR))
+    ):
+        exc.filename = f"{SHM_DIR}{exc.filename}"  # shm_open names it without /dev/shm
+    return translate_os_error(exc, f"create block {name!r}")
 
 
 def remove(name: str, *, force: bool = False) -> None:
