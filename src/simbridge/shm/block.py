@@ -7,13 +7,11 @@ lifecycle (the owner unlinks at close and at exit) and the optional recorder.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import math
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -27,18 +25,19 @@ from simbridge.config import ShmSettings, load_settings
 from simbridge.shm import _core
 from simbridge.shm.checks import MAX_ITERATION, PLAIN_NUMBERS, after_id, iteration_id, seconds
 from simbridge.shm.errors import (
-    BlockExists,
     BlockNotFound,
     ChecksumRequired,
+    InvalidLayout,
     LayoutMismatch,
     NonFinite,
-    NoSpace,
     PeerGone,
     Timeout,
     WriterClosed,
 )
-from simbridge.shm.layout import DTYPE_BY_CODE, dtype_code, validate_name
+from simbridge.shm.layout import DTYPE_BY_CODE, check_create_args, check_shape, dtype_code, validate_name
+from simbridge.shm.namelock import name_lock
 from simbridge.shm.recorder import Recorder
+from simbridge.shm.registry import create_segment
 from simbridge.shm.snapshot import Snapshot
 
 log = structlog.get_logger("simbridge.shm")
@@ -94,70 +93,34 @@ class Block:
         """Create ``/dev/shm/simbridge.<name>`` and become its one writer.
 
         A segment of that name left by a dead owner (or a previous boot) is replaced when
-        ``replace_stale``; one held by a live process raises :class:`BlockExists`.
+        ``replace_stale``; one held by a live process raises :class:`BlockExists`. Arguments out of
+        range raise :class:`InvalidArgument` (shape and dtype: :class:`InvalidLayout`) saying the rule.
         """
         validate_name(name)
-        shape_t = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
-        if any(d < 0 for d in shape_t):
-            raise LayoutMismatch(f"negative dimension in shape {shape_t}")
-        if len(shape_t) > _core.MAX_NDIM:
-            raise LayoutMismatch(f"shape {shape_t} has {len(shape_t)} dimensions; at most {_core.MAX_NDIM}")
-        if not 1 <= slots <= _core.MAX_SLOTS:
-            raise ValueError(f"slots must be 1..{_core.MAX_SLOTS}, got {slots}")
         settings = load_settings().shm
-        code = dtype_code(dtype)
-        perm = settings.mode if mode is None else mode
-
-        def make() -> _core.Segment:
-            return _core.create(name, code, shape_t, slots, perm, checksum)
-
-        try:
-            segment = make()
-        except FileExistsError:
-            segment = cls._replace_if_stale(name, make, replace_stale=replace_stale)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-            size = int(np.prod(shape_t, dtype=np.int64)) * np.dtype(dtype).itemsize * slots
-            raise NoSpace(
-                errno.ENOSPC,
-                f"{SHM_DIR} has no room for block {name!r} (about {size:,} bytes); free space "
-                f"(`simbridge shm clean`, `df -h {SHM_DIR}`) or enlarge {SHM_DIR}",
-            ) from exc
-        except ValueError as exc:
-            raise LayoutMismatch(
-                f"block {name!r}: cannot hold shape {shape_t} of {np.dtype(dtype)}: {exc}"
-            ) from exc
+        args = check_create_args(
+            shape,
+            dtype,
+            slots=slots,
+            mode=settings.mode if mode is None else mode,
+            checksum=checksum,
+            replace_stale=replace_stale,
+        )
+        # The record folder is made before the segment: a bad path then leaves nothing behind.
         record_dir = cls._record_dir(record, settings)
-        log.debug("block created", name=name, shape=shape_t, dtype=str(np.dtype(dtype)), slots=slots)
-        return cls(segment, name=name, settings=settings, record=record_dir)
-
-    @staticmethod
-    def _replace_if_stale(
-        name: str, make: Callable[[], _core.Segment], *, replace_stale: bool
-    ) -> _core.Segment:
-        from simbridge.shm.registry import block_info
-
-        info = block_info(name)
-        if info is not None and not info.stale:
-            raise BlockExists(
-                f"block {name!r} exists and its owner pid {info.owner_pid} is alive; "
-                "pick another name or stop that process"
-            ) from None
-        if not replace_stale:
-            raise BlockExists(
-                f"block {name!r} exists (stale: owner gone); remove it with "
-                f"`simbridge shm rm {name}` or pass replace_stale=True"
-            ) from None
-        log.warning("replacing stale block", name=name, owner_pid=None if info is None else info.owner_pid)
-        with contextlib.suppress(FileNotFoundError):
-            _core.unlink(name)
-        try:
-            return make()
-        except FileExistsError:
-            raise BlockExists(
-                f"block {name!r} was created by another process while replacing a stale one"
-            ) from None
+        # Under the name's lock no other simbridge process creates, replaces or removes this name.
+        with name_lock(name):
+            segment = create_segment(name, args)
+            try:
+                block = cls(segment, name=name, settings=settings, record=record_dir)
+                log.debug(
+                    "block created", name=name, shape=args.shape, dtype=str(args.dtype), slots=args.slots
+                )
+            except BaseException:
+                # Nothing may outlive a failed create: a leaked name would refuse the retry as ours.
+                _release_owned(segment)
+                raise
+        return block
 
     @classmethod
     def open(
@@ -215,20 +178,20 @@ class Block:
 
     @staticmethod
     def _record_dir(record: str | os.PathLike[str] | None, settings: ShmSettings) -> Path | None:
-        if record is not None:
-            return Path(record)
-        return settings.record
+        directory = Path(record) if record is not None else settings.record
+        if directory is not None:
+            Recorder(directory)  # makes the folder now, so that a bad path fails before any segment
+        return directory
 
     def _expect(self, shape: int | tuple[int, ...] | None, dtype: DTypeLike | None) -> None:
-        want_shape = (shape,) if isinstance(shape, int) else shape
         try:
-            want_dtype = None if dtype is None else np.dtype(dtype)
-        except TypeError as exc:
+            # The same rules as create: an expectation no block could meet is the caller's mistake.
+            want_dtype = None if dtype is None else DTYPE_BY_CODE[dtype_code(dtype)]
+            want_shape = None if shape is None else check_shape(shape, self.dtype.itemsize)
+        except InvalidLayout:
             self.close()
-            raise LayoutMismatch(
-                f"block {self.name!r}: expected dtype {dtype!r} is not a dtype: {exc}"
-            ) from exc
-        if (want_shape is not None and tuple(want_shape) != self.shape) or (
+            raise
+        if (want_shape is not None and want_shape != self.shape) or (
             want_dtype is not None and want_dtype != self.dtype
         ):
             found = f"{self.shape} {self.dtype}"

@@ -1,25 +1,89 @@
-"""``simbridge shm ...`` (list, inspect, remove, clean, diff recordings) and ``simbridge demo blocks``."""
+"""``simbridge shm ...`` (list, inspect, remove, clean, diff recordings) and ``simbridge demo blocks``.
+
+Every command ends in one line on stderr and a non-zero exit when it fails, never in a traceback.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ParamSpec, TypeVar
 
+import click
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from simbridge.errors import SimbridgeError
 from simbridge.shm import registry
 from simbridge.shm.block import Block
-from simbridge.shm.errors import ShmError, Timeout
+from simbridge.shm.errors import Corrupted, PeerGone, Timeout
+from simbridge.shm.namelock import SHM_DIR
 from simbridge.shm.recorder import diff as diff_recording
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 demo_app = typer.Typer(no_args_is_help=True, add_completion=False)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    # One line whatever the message holds; backslashreplace keeps undecodable bytes printable.
+    line = " ".join(message.split()).encode("utf-8", "backslashreplace").decode("utf-8")
+    typer.echo(f"error: {line}", err=True)
+    return typer.Exit(code)
+
+
+def one_line_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Turn every error of ``command`` into one line on stderr and exit status 1."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except SimbridgeError as exc:
+            raise _fail(_describe(exc)) from exc
+        except OSError as exc:
+            raise _fail(f"{_describe(exc)}; check the path and its permissions") from exc
+        except Exception as exc:  # a bug: still one line, with what to report
+            raise _fail(
+                f"unexpected {type(exc).__name__}: {exc}; this is a simbridge bug, please report it "
+                "with the command line"
+            ) from exc
+
+    return run
+
+
+def _describe(exc: Exception) -> str:
+    # OSError-based errors show strerror and filename, not "[Errno n] ..."; a refusal says the way out.
+    if not isinstance(exc, OSError) or not exc.strerror:
+        return str(exc)
+    text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    if isinstance(exc, PermissionError) and "root" not in text:
+        text += "; run as the user who owns it, or as root"
+    return text
+
+
+def _printable(text: str) -> str:
+    # A name read from /dev/shm may hold bytes that are not UTF-8 (kept as surrogates by Python).
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def _shown(text: str) -> str:
+    """``text`` from outside (a file name, a recording, a header) safe to print in a Rich table."""
+    # Brackets would be read as Rich markup: hidden text, or a MarkupError for a stray "[/x]".
+    return escape(_printable(text))
 
 
 def _console() -> Console:
@@ -42,15 +106,17 @@ def _age(ts: float | None) -> str:
 
 
 @app.command("ls")
+@one_line_errors
 def list_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List every block: owner pid and whether it is alive, dtype, shape, iteration, last publish, size."""
     infos = registry.list_blocks()
     if as_json:
-        typer.echo(json.dumps([asdict(i) | {"stale": i.stale} for i in infos], indent=2))
+        rows = [asdict(i) | {"name": _printable(i.name), "stale": i.stale} for i in infos]
+        typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"simbridge blocks in {registry.SHM_DIR}")
+    table = Table(title=f"simbridge blocks in {SHM_DIR}")
     table.add_column("name", overflow="fold")
     for col in (
         "owner pid",
@@ -65,7 +131,7 @@ def list_command(
         table.add_column(col)
     for i in infos:
         table.add_row(
-            i.name,
+            _shown(i.name if i.error is None else f"{i.name} ({i.error})"),
             str(i.owner_pid or "-"),
             "yes" if i.alive else "[red]no[/red]",
             i.state,
@@ -79,26 +145,34 @@ def list_command(
 
 
 @app.command("inspect")
+@one_line_errors
 def inspect_command(name: str) -> None:
     """Show a block's header and min/max/mean/NaN count of its latest iteration."""
-    try:
-        block = Block.open(name, timeout=0)
-    except ShmError as exc:
-        _console().print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
-    with block:
+    info = registry.block_info(name)
+    if info is not None and info.state == "invalid":
+        raise _fail(
+            f"block {name!r} cannot be inspected: {info.error}; it is not a block of this simbridge "
+            f"version, is damaged, or is not yours — `simbridge shm rm {name}` removes it if unneeded"
+        )
+    with Block.open(name, timeout=0) as block:
         header = block.header()
         table = Table(title=f"block {name}", show_header=False)
         for key, value in header.items():
             if key != "slots":
-                table.add_row(key, hex(value) if key == "magic" else str(value))
+                table.add_row(key, hex(value) if key == "magic" else _shown(str(value)))
         table.add_row("writer alive", str(block.writer_alive()))
         for index, slot in enumerate(header["slots"]):
             table.add_row(f"slot {index}", ", ".join(f"{k}={v}" for k, v in slot.items()))
+        problem = None
         try:
             snap = block.read(timeout=0)
         except Timeout:
             table.add_row("latest", "nothing published yet")
+        except PeerGone as exc:  # closed or dead before its first publish
+            table.add_row("latest", _shown(f"nothing published ({exc})"))
+        except Corrupted as exc:
+            table.add_row("latest", "[red]corrupted: its payload does not match its checksum[/red]")
+            problem = exc
         else:
             data = snap.array
             if data.dtype.kind in "fc":
@@ -114,32 +188,41 @@ def inspect_command(name: str) -> None:
                     f"{finite.min():.6g} / {finite.max():.6g} / {finite.mean():.6g}",
                 )
         _console().print(table)
+    if problem is not None:
+        raise _fail(
+            f"block {name!r}: the latest iteration is corrupted ({problem}); its writer or a peer "
+            "wrote into the segment outside the protocol — restart the writer"
+        )
 
 
 @app.command("rm")
+@one_line_errors
 def remove_command(
     name: str,
     force: Annotated[bool, typer.Option(help="Remove even if the owner is alive.")] = False,
 ) -> None:
     """Remove a block (its owner must be gone unless --force)."""
-    try:
-        registry.remove(name, force=force)
-    except (ShmError, ValueError) as exc:
-        _console().print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
+    registry.remove(name, force=force)
     _console().print(f"removed {name}")
 
 
 @app.command("clean")
-def clean_command() -> None:
+@one_line_errors
+def clean_command(
+    prefix: Annotated[str, typer.Option(help="Only blocks whose name starts with this.")] = "",
+) -> None:
     """Remove stale blocks only: dead owner, previous boot, or abandoned while being created."""
-    removed = registry.cleanup_stale()
-    for info in removed:
+    report = registry.clean(prefix=prefix)
+    for info in report.removed:
         _console().print(f"removed {info.name} (owner pid {info.owner_pid}, {info.state})")
-    _console().print(f"{len(removed)} stale block(s) removed")
+    _console().print(f"{len(report.removed)} stale block(s) removed")
+    if report.failed:
+        reasons = "; ".join(f"{_shown(name)}: {why}" for name, why in report.failed)
+        raise _fail(f"{len(report.failed)} stale block(s) could not be removed: {reasons}")
 
 
 @app.command("include")
+@one_line_errors
 def include_command() -> None:
     """Print the directory holding simbridge/shm.h, for `cc -I"$(simbridge shm include)" peer.c`."""
     from simbridge.shm.headers import get_include
@@ -148,11 +231,13 @@ def include_command() -> None:
 
 
 @app.command("diff")
-def diff_command(directory: Path) -> None:
+@one_line_errors
+def diff_command(folder: Annotated[str, typer.Argument(metavar="DIRECTORY")]) -> None:
     """Compare recorded sends and receives; exit 1 if any received checksum differs from the sent one."""
-    if not directory.is_dir():
-        _console().print(f"[red]{directory} is not a directory[/red]")
-        raise typer.Exit(2)
+    # Taken as text, so that a NUL byte is this command's one-line error rather than a usage box.
+    directory = Path(folder.replace("\x00", "\\x00"))
+    if "\x00" in folder or not directory.is_dir():
+        raise _fail(f"{directory} is not a directory; give the folder passed as record=", code=2)
     report = diff_recording(directory)
     _console().print(
         f"{report.matched} transfer(s) matched, {len(report.mismatches)} mismatched, "
@@ -173,19 +258,20 @@ def diff_command(directory: Path) -> None:
             table.add_column(col)
         for sent, got in report.mismatches:
             table.add_row(
-                sent["name"],
+                _shown(sent["name"]),
                 str(sent["iteration"]),
                 str(sent["commit"]),
                 f"{sent['checksum']:08x}",
                 f"{got['checksum']:08x}",
-                sent["file"],
-                got["file"],
+                _shown(sent["file"]),
+                _shown(got["file"]),
             )
         _console().print(table)
         raise typer.Exit(1)
 
 
 @demo_app.command("blocks")
+@one_line_errors
 def demo_blocks(iterations: Annotated[int, typer.Option(min=1, max=100_000)] = 20) -> None:
     """Two processes exchange arrays through Blocks (states out, observations back)."""
     from simbridge.shm.demo import OBSERVATIONS, STATES, run_driver
@@ -207,4 +293,4 @@ def demo_blocks(iterations: Annotated[int, typer.Option(min=1, max=100_000)] = 2
         "(includes the model's matrix product)"
     )
     if not all(r.checksum_ok for r in rounds):
-        raise typer.Exit(1)
+        raise _fail("some round trips returned a wrong result; see the table above")

@@ -6,6 +6,7 @@ reads them, applies a fixed linear forward operator and publishes observations (
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import numpy as np
 
 from simbridge.config import configure_logging
 from simbridge.shm.block import Block
+from simbridge.shm.errors import DemoFailed
 
 STATES = (24, 100)
 OBSERVATIONS = (100, 16, 216)
@@ -53,7 +55,7 @@ def run_model(prefix: str, iterations: int) -> None:
 
 def run_driver(iterations: int = 20) -> list[DemoRound]:
     """The driver side: start the model process and steer it for ``iterations`` rounds."""
-    prefix = f"demo-{__import__('os').getpid()}"
+    prefix = f"demo-{os.getpid()}"
     operator = forward_operator()
     rng = np.random.default_rng(1)
     rounds = []
@@ -72,8 +74,14 @@ def run_driver(iterations: int = 20) -> list[DemoRound]:
                     rounds.append(DemoRound(it, elapsed, bool(np.allclose(received, expected))))
                 states.publish(np.zeros(STATES, np.float32), iteration=iterations + 1)
         finally:
-            if child.wait(timeout=30) != 0:
-                raise RuntimeError(f"the model process exited with {child.returncode}")
+            try:
+                code = child.wait(timeout=30)
+            except subprocess.TimeoutExpired as exc:
+                child.kill()
+                child.wait(timeout=30)
+                raise DemoFailed("the model process did not finish within 30 s; it was killed") from exc
+            if code != 0:
+                raise DemoFailed(f"the model process exited with {code}; its error is on stderr above")
     return rounds
 
 

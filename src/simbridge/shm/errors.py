@@ -53,6 +53,30 @@ class NonFinite(ShmError, ValueError):
         self.first_index = first_index
 
 
+class InvalidArgument(ShmError, ValueError):
+    """Raised when an argument of create (shape, dtype, slots, mode, a flag) breaks its rule; says it."""
+
+
+class InvalidLayout(InvalidArgument, LayoutMismatch):
+    """Raised when a shape or dtype given to create cannot describe a block (also a LayoutMismatch)."""
+
+
+class LockTimeout(Timeout):
+    """Raised when another process holds a block name's lifecycle lock longer than the lock timeout."""
+
+
+class RecordingError(ShmError, OSError):
+    """Raised when the recorder cannot create or write its folder, NPZ files or index."""
+
+
+class RecordingInvalid(ShmError, ValueError):
+    """Raised when a recording's metadata.json is not what the recorder writes (edited, truncated)."""
+
+
+class DemoFailed(ShmError, RuntimeError):
+    """Raised by the blocks demo when its model process fails or exits with an error."""
+
+
 class BlockExists(ShmError, FileExistsError):
     """Raised when creating a block whose name is held by a live owner."""
 

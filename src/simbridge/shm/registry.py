@@ -1,25 +1,33 @@
 """What blocks exist in /dev/shm, whose they are, and the removal of stale ones.
 
 A block is stale when its owner process is gone (or it was made before the last boot), or when its
-creator died before finishing initialisation. Only stale blocks are removed by :func:`cleanup_stale`.
+creator died before finishing initialisation. Removal takes the name's lifecycle lock, judges the
+segment again under it and unlinks only that very segment, so a live owner's new block is never hit.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
 from simbridge.shm import _core
-from simbridge.shm.errors import BlockExists, BlockNotFound, LayoutMismatch
-from simbridge.shm.layout import validate_name
+from simbridge.shm.errors import BlockExists, BlockNotFound, InvalidLayout, NoSpace, ShmError
+from simbridge.shm.layout import CreateArgs, validate_name
+from simbridge.shm.namelock import SHM_DIR, name_lock, translate_os_error
 
 log = structlog.get_logger("simbridge.shm")
 
-SHM_DIR = Path("/dev/shm")
 UNINITIALISED_GRACE_S = 60.0
+
+# (st_dev, st_ino) of the segment a verdict was made on.
+Identity = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -47,30 +55,41 @@ class BlockInfo:
         return self.state in ("open", "closed") and not self.alive
 
 
+def _path(name: str) -> Path:
+    return SHM_DIR / f"{_core.SHM_PREFIX}{name}"
+
+
+def _invalid(name: str, st: os.stat_result, age: float, error: str) -> BlockInfo:
+    return BlockInfo(name=name, size=st.st_size, state="invalid", age_s=age, error=error)
+
+
 def _info_from_path(path: Path) -> BlockInfo | None:
     name = path.name[len(_core.SHM_PREFIX) :]
     try:
-        stat = path.stat()
+        st = path.lstat()
     except FileNotFoundError:
         return None
-    age = max(0.0, time.time() - stat.st_mtime)
-    if not _core.name_valid(name):
-        return BlockInfo(
-            name=name, size=stat.st_size, state="invalid", age_s=age, error="not a valid block name"
-        )
+    except OSError as exc:
+        raise translate_os_error(exc, f"look at {path}") from exc
+    age = max(0.0, time.time() - st.st_mtime)
+    # A name from a directory listing may be anything, bytes that are not UTF-8 included.
+    if not name.isascii() or not _core.name_valid(name):
+        return _invalid(name, st, age, "not a valid block name")
+    if not stat.S_ISREG(st.st_mode):
+        return _invalid(name, st, age, "not a regular file (a directory or link named like a block)")
     try:
         segment = _core.open(name)
     except FileNotFoundError:
         return None
-    except LayoutMismatch as exc:
-        return BlockInfo(name=name, size=stat.st_size, state="invalid", age_s=age, error=str(exc))
-    except OSError as exc:
-        return BlockInfo(name=name, size=stat.st_size, state="invalid", age_s=age, error=str(exc))
+    except (ShmError, OSError, ValueError) as exc:  # layout mismatch, permission, a damaged header
+        return _invalid(name, st, age, str(exc))
     if segment is None:
-        return BlockInfo(name=name, size=stat.st_size, state="uninitialised", age_s=age)
+        return BlockInfo(name=name, size=st.st_size, state="uninitialised", age_s=age)
     try:
         header = segment.header()
         alive = bool(segment.writer_alive())
+    except (ShmError, OSError, ValueError) as exc:  # a peer rewrote the header under us
+        return _invalid(name, st, age, str(exc))
     finally:
         segment.close()
     published = header["commit"] > 0
@@ -92,7 +111,8 @@ def _info_from_path(path: Path) -> BlockInfo | None:
 
 def block_info(name: str) -> BlockInfo | None:
     """The block called ``name``, or None if there is none."""
-    return _info_from_path(SHM_DIR / f"{_core.SHM_PREFIX}{name}")
+    validate_name(name)
+    return _info_from_path(_path(name))
 
 
 def list_blocks() -> list[BlockInfo]:
@@ -105,33 +125,183 @@ def list_blocks() -> list[BlockInfo]:
     return infos
 
 
-def remove(name: str, *, force: bool = False) -> None:
-    """Unlink a block. One whose owner is alive needs ``force`` (its readers keep their mapping)."""
-    validate_name(name)
-    info = block_info(name)
-    if info is None:
-        raise BlockNotFound(f"no block named {name!r} in {SHM_DIR}")
-    if info.alive and not force:
-        raise BlockExists(
-            f"block {name!r} is held by live pid {info.owner_pid}; stop it first, or force the removal"
-        )
+def judge(name: str) -> tuple[BlockInfo | None, Identity | None]:
+    """The block under ``name`` and the identity of the very segment judged; call it under the lock.
+
+    The identity is None when the segment cannot be pinned (e.g. another user's), and the verdict is
+    ``(None, None)`` when the name is missing or changed while it was judged.
+    """
+    path = _path(name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None, None
+    except OSError:
+        return _info_from_path(path), None  # unreadable to us: described, never judged stale by us
+    try:
+        pinned = os.fstat(fd)
+        info = _info_from_path(path)
+        # Our fd keeps the inode alive, so its number cannot be reused: if the name points to it
+        # before and after the judgement, the judgement was about this very segment.
+        try:
+            now = os.lstat(path)
+        except FileNotFoundError:
+            return None, None
+        if (now.st_dev, now.st_ino) != (pinned.st_dev, pinned.st_ino):
+            return None, None
+        return info, (pinned.st_dev, pinned.st_ino)
+    finally:
+        os.close(fd)
+
+
+def unlink_if_same(name: str, identity: Identity) -> bool:
+    """Unlink ``name`` if it still names the segment of ``identity``; call it under the name's lock.
+
+    POSIX has no "unlink if still this inode": between the check and the unlink only a process outside
+    the lock (a C peer's create after a hand-run ``rm``) could swap the name, never a simbridge one.
+    """
+    path = _path(name)
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise translate_os_error(exc, f"look at block {name!r}") from exc
+    if (now.st_dev, now.st_ino) != identity:
+        return False
+    return _unlink(name)
+
+
+def _unlink(name: str) -> bool:
     try:
         _core.unlink(name)
     except FileNotFoundError:
-        raise BlockNotFound(f"block {name!r} vanished while removing it") from None
+        return False
+    except OSError as exc:
+        if exc.filename is not None and str(exc.filename).startswith("/"):
+            exc.filename = str(SHM_DIR) + str(exc.filename)  # shm_unlink names it without /dev/shm
+        raise translate_os_error(exc, f"remove block {name!r}") from exc
+    return True
+
+
+def create_segment(name: str, args: CreateArgs) -> _core.Segment:
+    """Make block ``name``'s segment, replacing a stale one; call it under the name's lock."""
+
+    def make() -> _core.Segment:
+        return _core.create(name, args.code, args.shape, args.slots, args.mode, args.checksum)
+
+    try:
+        return make()
+    except FileExistsError:
+        return _replace_stale(name, make, replace_stale=args.replace_stale)
+    except OSError as exc:  # typed by the C core or not: said again with the size and the fix
+        raise _create_error(exc, name, args.total_bytes) from exc
+    except ShmError:
+        raise
+    except ValueError as exc:
+        raise InvalidLayout(f"block {name!r}: cannot hold shape {args.shape} of {args.dtype}: {exc}") from exc
+
+
+def _replace_stale(name: str, make: Callable[[], _core.Segment], *, replace_stale: bool) -> _core.Segment:
+    # Under the name's lock the verdict and the unlink concern the same segment, and no other
+    # simbridge process can replace it in between, so exactly one replacer wins.
+    for _ in range(3):  # the name changes under the lock only when a live owner unlinks its own
+        info, identity = judge(name)
+        if info is not None and not info.stale:
+            held = (
+                f"its owner pid {info.owner_pid} is alive"
+                if info.alive
+                else f"is {info.state} ({info.error or 'being created'})"
+            )
+            raise BlockExists(f"block {name!r} exists and {held}; pick another name or stop that process")
+        if info is not None and not replace_stale:
+            raise BlockExists(
+                f"block {name!r} exists (stale: owner gone); remove it with "
+                f"`simbridge shm rm {name}` or pass replace_stale=True"
+            )
+        if info is not None and identity is not None:
+            log.warning("replacing stale block", name=name, owner_pid=info.owner_pid)
+            unlink_if_same(name, identity)
+        try:
+            return make()
+        except FileExistsError:
+            continue
+    raise BlockExists(
+        f"block {name!r} kept reappearing while a stale one was replaced; a process outside "
+        "simbridge's lock (a C peer?) is creating it: pick another name or stop that process"
+    )
+
+
+def _create_error(exc: OSError, name: str, size: int) -> OSError:
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+        return NoSpace(
+            errno.ENOSPC,
+            f"{SHM_DIR} has no room for block {name!r} (about {size:,} bytes: {exc.strerror}); free "
+            f"space (`simbridge shm clean`, `df -h {SHM_DIR}`) or enlarge {SHM_DIR}",
+        )
+    if (
+        isinstance(exc.filename, str)
+        and exc.filename.startswith("/")
+        and not exc.filename.startswith(str(SHM_DIR))
+    ):
+        exc.filename = f"{SHM_DIR}{exc.filename}"  # shm_open names it without /dev/shm
+    return translate_os_error(exc, f"create block {name!r}")
+
+
+def remove(name: str, *, force: bool = False) -> None:
+    """Unlink a block. One whose owner is alive, or that is still being created, needs ``force``."""
+    validate_name(name)
+    with name_lock(name):
+        info, identity = judge(name)
+        if info is None:
+            raise BlockNotFound(f"no block named {name!r} in {SHM_DIR}")
+        if not force:
+            if info.alive:
+                raise BlockExists(
+                    f"block {name!r} is held by live pid {info.owner_pid}; stop it first, "
+                    "or force the removal"
+                )
+            if info.state == "uninitialised" and not info.stale:
+                raise BlockExists(
+                    f"block {name!r} is being created ({info.age_s:.0f} s old, not initialised); wait "
+                    f"{UNINITIALISED_GRACE_S:g} s for it to count as abandoned, or force the removal"
+                )
+        removed = unlink_if_same(name, identity) if identity is not None else _unlink(name)
+        if not removed:
+            raise BlockNotFound(f"block {name!r} vanished while removing it")
     log.info("block removed", name=name, owner_pid=info.owner_pid, forced=force and info.alive)
 
 
-def cleanup_stale() -> list[BlockInfo]:
-    """Remove every stale block (dead owner, other boot, or abandoned half-created); return them."""
-    removed = []
-    for info in list_blocks():
-        if not info.stale:
+@dataclass
+class CleanReport:
+    """What :func:`clean` did: the stale blocks removed, and those it could not remove with why."""
+
+    removed: list[BlockInfo] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def clean(*, prefix: str = "") -> CleanReport:
+    """Remove every stale block (dead owner, other boot, or abandoned half-created) named ``prefix...``."""
+    report = CleanReport()
+    for candidate in list_blocks():
+        if not candidate.stale or not candidate.name.startswith(prefix):
             continue
         try:
-            _core.unlink(info.name)
-        except FileNotFoundError:
+            with name_lock(candidate.name):
+                # Judged again under the lock: since the listing, the name may hold a live owner's block.
+                info, identity = judge(candidate.name)
+                if info is None or identity is None or not info.stale:
+                    continue
+                if not unlink_if_same(candidate.name, identity):
+                    continue
+        except ShmError as exc:
+            report.failed.append((candidate.name, str(exc)))
             continue
         log.info("stale block removed", name=info.name, owner_pid=info.owner_pid, state=info.state)
-        removed.append(info)
-    return removed
+        report.removed.append(info)
+    return report
+
+
+def cleanup_stale(*, prefix: str = "") -> list[BlockInfo]:
+    """Remove every stale block (dead owner, other boot, or abandoned half-created); return them."""
+    return clean(prefix=prefix).removed

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import resource
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from simbridge.config import load_settings
-from simbridge.shm import Block, diff, load_index
+from simbridge.errors import SimbridgeError
+from simbridge.shm import Block, InvalidName, Recorder, diff, load_index
+from simbridge.shm.errors import RecordingError, RecordingInvalid
 from simbridge.shm.recorder import INDEX_NAME, append_entry
 
 
@@ -85,3 +90,73 @@ def test_a_hand_edited_index_is_refused_not_corrupted(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="edited by hand"):
         append_entry(index, {"b": 2})
     assert index.read_text() == '[{"a": 1}]'
+
+
+def test_record_folder_errors_are_typed(block_name: str, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(RecordingError, match="record folder") as info:
+        Recorder(blocker / "rec")
+    assert isinstance(info.value, SimbridgeError) and isinstance(info.value, OSError)
+    with pytest.raises(RecordingInvalid, match="edited by hand"):
+        (tmp_path / INDEX_NAME).write_bytes(b"x")  # shorter than the closing bracket
+        append_entry(tmp_path / INDEX_NAME, {"a": 1})
+    with pytest.raises(RecordingError, match="recording index"):
+        append_entry(tmp_path / "missing-folder" / INDEX_NAME, {"a": 1})
+
+
+def test_recorded_files_stay_inside_the_record_folder(block_name: str, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    record = tmp_path / "rec"
+    record.mkdir()
+    (record / block_name).symlink_to(outside)  # planted in a shared record folder
+    with (
+        Block.create(block_name, 2, np.float32, record=record) as writer,
+        pytest.raises(RecordingError, match="outside the record folder"),
+    ):
+        writer.publish(np.ones(2, np.float32))
+    assert list(outside.iterdir()) == []
+    recorder = Recorder(tmp_path / "rec2")
+    with pytest.raises(InvalidName):
+        recorder.record("../escape", "publish", np.ones(2), iteration=1, commit=1)
+    assert not (tmp_path / "escape").exists()
+
+
+def test_a_reused_pid_never_overwrites_an_earlier_recording(tmp_path: Path) -> None:
+    first = Recorder(tmp_path).record("b", "publish", np.zeros(2), iteration=1, commit=1)
+    # A later process with the same pid starts its counter at 0 again and records the same iteration.
+    second = Recorder(tmp_path).record("b", "publish", np.ones(2), iteration=1, commit=1)
+    assert first["file"] != second["file"]
+    np.testing.assert_array_equal(np.load(tmp_path / first["file"])["array"], np.zeros(2))
+    assert [e["file"] for e in load_index(tmp_path)] == [first["file"], second["file"]]
+
+
+def test_a_full_disk_mid_append_leaves_the_index_valid(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE makes writes past a size fail for real (EFBIG), as a full disk does mid-append."""
+    index = tmp_path / INDEX_NAME
+    append_entry(index, {"first": 1})
+    limit = index.stat().st_size + 20
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+            try:
+                append_entry(index, {"second": "x" * 200})
+            except RecordingError:
+                code = 0
+            try:  # the NPZ of a transfer: no half-written file stays behind
+                Recorder(tmp_path).record("b", "publish", np.zeros(1000), iteration=1, commit=1)
+            except RecordingError:
+                code += 0 if not any((tmp_path / "b").iterdir()) else 2
+            else:
+                code = 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert json.loads(index.read_text()) == [{"first": 1}]
+    append_entry(index, {"third": 3})  # and later appends still work
+    assert json.loads(index.read_text()) == [{"first": 1}, {"third": 3}]
