@@ -45,6 +45,9 @@ class ModelStats:
     max_wait_seconds: float
     batches: int
     batched_items: int
+    # True while a loader runs, including an abandoned one that has not returned yet.
+    loader_running: bool = False
+    use_out_of_memory: int = 0
 
 
 _LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
