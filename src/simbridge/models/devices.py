@@ -33,7 +33,7 @@ class DeviceRequest:
     name: str
 
     def __post_init__(self) -> None:
-        if not _DEVICE.match(self.name):
+        if not isinstance(self.name, str) or not _DEVICE.match(self.name):
             raise InvalidModelOption(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.name!r}")
 
     @property

@@ -482,6 +482,7 @@ class ModelManager(LoadingMixin):
             batcher.close(timeout=left())
         with self._lock:
             self._stopped = True
+        self._wake.set()  # the housekeeper may have gone back to sleep since the first wake
         # Loads stop and every remaining waiter (a batch worker past the bound) wakes to find
         # the manager stopped.
         for entry in entries:

@@ -4,7 +4,6 @@ shutdown, and the Prometheus metrics."""
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -101,15 +100,33 @@ def test_other_errors_on_the_gpu_do_not_fall_back() -> None:
 def test_out_of_memory_recognition() -> None:
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    # Only the exception itself counts: neither what it was raised from nor what it was handling.
     try:
         try:
             raise torch.OutOfMemoryError("CUDA out of memory")
         except torch.OutOfMemoryError as inner:
             raise ValueError("while loading layer 3") from inner
     except ValueError as wrapped:
-        assert is_out_of_memory(wrapped)
+        assert not is_out_of_memory(wrapped)
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError:
+            raise KeyError("a bug in the OOM handler") from None
+    except KeyError as unrelated:
+        assert unrelated.__context__ is not None
+        assert not is_out_of_memory(unrelated)
+    # A wrapper quoting an OOM in its own message is not one either.
+    assert not is_out_of_memory(ValueError("CUDA out of memory"))
+    assert not is_out_of_memory(RuntimeError("layer 3: CUDA out of memory"))
     assert not is_out_of_memory(MemoryError())  # host RAM: the CPU is no way out of that
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+    class BoardFull(Exception):
+        pass
+
+    assert is_out_of_memory(BoardFull(), (BoardFull,))
+    assert not is_out_of_memory(BoardFull())
 
 
 def test_idle_model_is_unloaded_and_reloaded_on_next_use(until: Any) -> None:
@@ -136,8 +153,14 @@ def test_never_unloaded_while_in_use(until: Any) -> None:
     unloaded: list[Any] = []
     with ModelManager(settings=ModelSettings(idle_unload_s=0.1)) as manager:
         manager.register("m", lambda ctx: object(), device="cpu", unloader=unloaded.append)
+        # A witness model, used after "m" was taken, shows idle passes of the housekeeper: once
+        # it was unloaded twice, "m" has been idle-eligible (but held) for at least one pass.
+        witness_gone = threading.Semaphore(0)
+        manager.register("witness", lambda ctx: object(), device="cpu", unloader=lambda _: witness_gone.release())
         with manager.use("m"):
-            time.sleep(0.6)  # several idle periods pass while the model is held
+            for _ in range(2):
+                manager.load("witness")
+                assert witness_gone.acquire(timeout=20), "the housekeeper never unloaded the witness"
             assert manager.stats()["m"].state is ModelState.LOADED
             assert unloaded == []
         until(lambda: len(unloaded) == 1, "the unload after the last user left")
