@@ -156,7 +156,9 @@ def test_never_unloaded_while_in_use(until: Any) -> None:
         # A witness model, used after "m" was taken, shows idle passes of the housekeeper: once
         # it was unloaded twice, "m" has been idle-eligible (but held) for at least one pass.
         witness_gone = threading.Semaphore(0)
-        manager.register("witness", lambda ctx: object(), device="cpu", unloader=lambda _: witness_gone.release())
+        manager.register(
+            "witness", lambda ctx: object(), device="cpu", unloader=lambda _: witness_gone.release()
+        )
         with manager.use("m"):
             for _ in range(2):
                 manager.load("witness")
