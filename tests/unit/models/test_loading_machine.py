@@ -23,7 +23,7 @@ from simbridge.models import LoadContext, ModelError, ModelManager
 HANG_S = 20.0
 # A loader the test forgets to release still returns after this, so no thread outlives the run.
 LOADER_GIVES_UP_S = 60.0
-SHORT_LOAD_S = 0.05
+SHORT_LOAD_S = 0.02
 LONG_LOAD_S = 30.0
 
 
@@ -104,8 +104,10 @@ class LoadMachine(RuleBasedStateMachine):
         self.callers: list[tuple[Future[Any], float]] = []
         self.held: list[AbstractContextManager[Any]] = []
 
-    @rule(wait=st.sampled_from([0.0, SHORT_LOAD_S, LONG_LOAD_S]))
-    def load(self, wait: float) -> None:
+    @rule(wait=st.sampled_from([0.0, SHORT_LOAD_S, LONG_LOAD_S]), cooperative=st.booleans())
+    def load(self, wait: float, cooperative: bool) -> None:
+        # `cooperative`: whether the loader this may start polls ctx.cancelled.
+        self.builds.cooperative = cooperative
         self.callers.append((self.pool.submit(self._load, wait), wait))
 
     def _load(self, wait: float) -> None:
@@ -122,10 +124,6 @@ class LoadMachine(RuleBasedStateMachine):
         # Loads started from now on time out after `seconds` (enforced by waiters and the
         # housekeeper): the "timeout" of the machine, racing the test's own rules.
         self.manager.update("m", load_timeout=seconds)
-
-    @rule(cooperative=st.booleans())
-    def set_cooperative(self, cooperative: bool) -> None:
-        self.builds.cooperative = cooperative
 
     # No precondition on pending calls: whether a loader has started yet depends on threads, and
     # hypothesis needs preconditions that replay alike.
@@ -159,12 +157,9 @@ class LoadMachine(RuleBasedStateMachine):
     @rule()
     def time_passes(self) -> None:
         # The timeout of the machine: short load deadlines pass (a wait on purpose, not a
-        # synchronisation; what happens meanwhile is up to the manager's threads).
+        # synchronisation: what happens meanwhile is up to the manager's threads). No loader is
+        # released meanwhile, yet every caller with a short wait must have had its answer.
         threading.Event().wait(3 * SHORT_LOAD_S)
-
-    @rule()
-    def short_waits_end_while_loaders_hang(self) -> None:
-        # No loader is released here: a caller with a short wait must still get its answer.
         short = [future for future, wait in self.callers if wait <= SHORT_LOAD_S]
         _, stuck = wait_all(short, timeout=HANG_S)
         assert not stuck, f"{len(stuck)} callers with a {SHORT_LOAD_S} s wait are still waiting"
@@ -189,8 +184,8 @@ class LoadMachine(RuleBasedStateMachine):
 
 
 LoadMachine.TestCase.settings = settings(
-    max_examples=50,
-    stateful_step_count=15,
+    max_examples=40,
+    stateful_step_count=20,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
