@@ -201,6 +201,28 @@ class LoadingMixin:
         self._publish(entry)
         entry.cond.notify_all()
 
+    def _unload(self, entry: Entry, *, reason: str, idle_for: float | None = None) -> bool:
+        with entry.cond:
+            if entry.state is not ModelState.LOADED or entry.active or entry.waiting:
+                return False
+            if idle_for is not None and time.monotonic() - entry.last_used < idle_for:
+                return False
+            model, device = entry.model, entry.device
+            entry.model = None
+            entry.state = ModelState.UNLOADING
+            self._publish(entry)
+        try:
+            self._dispose(entry.spec, model, device)
+        finally:
+            with entry.cond:
+                entry.state = ModelState.UNLOADED
+                entry.device = None
+                entry.unloads += 1
+                self._publish(entry)
+                entry.cond.notify_all()
+        log.info("models.unloaded", model=entry.spec.name, reason=reason)
+        return True
+
     def _dispose(self, spec: ModelSpec, model: Any, device: str | None) -> None:
         if spec.unloader is not None:
             try:
