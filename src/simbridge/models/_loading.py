@@ -62,7 +62,8 @@ class LoadingMixin:
             finally:
                 # Only now (a thrown-away result disposed of) may the next load call the loader.
                 with entry.cond:
-                    entry.building = None
+                    if entry.building is load:
+                        entry.building = None
                     entry.cond.notify_all()
         except BaseException as exc:  # a fault of ours: the waiters must hear of it, not hang
             message = f"loading model {spec.name!r} failed: {type(exc).__name__}: {exc}"
@@ -151,6 +152,7 @@ class LoadingMixin:
     ) -> None:
         seconds = time.monotonic() - load.started
         discard = None
+        outcome = "discarded"
         with entry.cond:
             if load.abandoned:
                 discard = model  # cancelled or timed out: its waiters have been told already
@@ -161,7 +163,7 @@ class LoadingMixin:
                 entry.state = ModelState.UNLOADED
                 entry.load_failures += 1
                 self.metrics.observe_load(entry.spec.name, "error", seconds)
-                log.warning("models.load_failed", model=entry.spec.name, error=error.message)
+                outcome = "failed"
             else:
                 entry.model, entry.device = model, device
                 entry.load = None
@@ -170,9 +172,18 @@ class LoadingMixin:
                 entry.last_load_seconds = seconds
                 entry.last_used = time.monotonic()
                 self.metrics.observe_load(entry.spec.name, "ok", seconds)
-                log.info("models.loaded", model=entry.spec.name, device=device, seconds=seconds)
+                outcome = "loaded"
+            if discard is None and entry.building is load:
+                # Nothing left to throw away: the slot is free in the same step the result lands,
+                # so stats() never shows a loaded model with a loader still running.
+                entry.building = None
             self._publish(entry)
             entry.cond.notify_all()
+        # Logged after the lock is let go: a slow log handler must not hold up waiters.
+        if outcome == "failed" and error is not None:
+            log.warning("models.load_failed", model=entry.spec.name, error=error.message)
+        elif outcome == "loaded":
+            log.info("models.loaded", model=entry.spec.name, device=device, seconds=seconds)
         if discard is not None:
             self._dispose(entry.spec, discard, device)
 

@@ -56,6 +56,8 @@ class Batcher(Generic[Item, Result]):
         on_close: Callable[[Batcher[Any, Any]], None] | None = None,
     ) -> None:
         counts = (max_batch_size, workers)
+        if not callable(fn):
+            raise InvalidModelOption(f"batching {name!r}: the batch function must be callable (got {fn!r})")
         if (
             any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts)
             or isinstance(max_wait_ms, bool)
@@ -122,11 +124,12 @@ class Batcher(Generic[Item, Result]):
     def close(self, *, timeout: float | None = None) -> None:
         """Finish the items already accepted, then stop the workers (idempotent).
 
-        Waits up to ``timeout`` seconds (None: as long as the batches take) for the workers. Items
+        Waits up to ``timeout`` seconds (None: the batcher's own timeout, the longest a caller
+        waits for a result; ``math.inf``: as long as the batches take) for the workers. Items
         that no batch had started when the bound passed fail with :class:`ModelManagerClosed`
         (a batch under way cannot be interrupted; it finishes on its own).
         """
-        limit = None if timeout is None else check_seconds(timeout, "timeout")
+        limit = self._timeout if timeout is None else check_seconds(timeout, "timeout")
         with self._close_lock:
             first = not self._closed
             self._closed = True
@@ -134,11 +137,11 @@ class Batcher(Generic[Item, Result]):
                 # Behind every accepted item: workers stop only once the queue before them is done.
                 for _ in self._threads:
                     self._queue.put(_STOP)
-        deadline = None if limit is None else time.monotonic() + min(limit, LONGEST_WAIT_S)
+        deadline = time.monotonic() + min(limit, LONGEST_WAIT_S)
         for thread in self._threads:
             if thread is threading.current_thread():
                 continue
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            thread.join(max(0.0, deadline - time.monotonic()))
         if any(thread.is_alive() for thread in self._threads):
             self._fail_unstarted()
         if first and self._on_close is not None:

@@ -68,6 +68,10 @@ class ModelManager(AccessMixin):
         registry: Any | None = None,
         cuda_available: Callable[[], bool] = torch_cuda_available,
     ) -> None:
+        if settings is not None and not isinstance(settings, ModelSettings):
+            raise InvalidModelOption(f"settings must be a ModelSettings (got {type(settings).__name__})")
+        if not callable(cuda_available):
+            raise InvalidModelOption(f"cuda_available must be callable (got {cuda_available!r})")
         self._settings = settings if settings is not None else load_settings().models
         self._cuda_available = cuda_available
         self._entries: dict[str, Entry] = {}
