@@ -14,8 +14,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from simbridge.models.devices import DeviceRequest
-from simbridge.models.errors import ModelError, ModelLoadCancelled
+from simbridge.models.errors import InvalidModelOption, ModelError, ModelLoadCancelled
 from simbridge.models.metrics import ModelState, ModelStats
+
+# Condition.wait cannot take math.inf; "no limit" is many waits of this length.
+LONGEST_WAIT_S = 3600.0
+
+
+def check_seconds(value: object, what: str) -> float:
+    """``value`` as a number of seconds >= 0 (inf allowed), or :class:`InvalidModelOption`.
+
+    NaN and negative values are refused: NaN compares false with every deadline and would wait
+    forever, and a caller's typo must not silently mean "do not wait".
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise InvalidModelOption(f"{what} must be a number of seconds >= 0 (got {value!r})")
+    return float(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +65,8 @@ class ModelSpec:
     load_timeout: float
     idle_unload: float | None
     cpu_fallback: bool
+    # Extra exception classes that mean "out of accelerator memory" for this model's loader.
+    oom_errors: tuple[type[BaseException], ...] = ()
 
 
 @dataclass(slots=True)
@@ -69,13 +85,15 @@ class SharedError:
 
 @dataclass(slots=True)
 class Load:
-    """One load in flight (or finished): its thread, deadline, and result or shared error."""
+    """One load in flight (or finished): its thread, deadline, cancel flag, and shared error."""
 
-    context: LoadContext
+    name: str
     deadline: float
+    cancelled: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.monotonic)
     thread: threading.Thread | None = None
-    done: bool = False
+    # True while its thread waits for an earlier (abandoned) loader of the model to return.
+    queued_behind: bool = False
     abandoned: bool = False
     error: SharedError | None = None
 
@@ -90,9 +108,10 @@ class Entry:
     model: Any = None
     device: str | None = None
     load: Load | None = None
-    # An abandoned load whose loader has not returned yet; the next load waits for it, so that
-    # two copies of a model are never being built at once.
-    zombie: Load | None = None
+    # The load whose loader is running now, abandoned or not, until its result is kept or thrown
+    # away. Only the holder of this slot may call the loader: two copies are never built at once,
+    # whatever sequence of cancels and timeouts came before.
+    building: Load | None = None
     active: int = 0
     waiting: int = 0
     # Tickets of callers waiting for a free slot, in arrival order.
@@ -114,6 +133,7 @@ class Entry:
     max_wait_seconds: float = 0.0
     batches: int = 0
     batched_items: int = 0
+    use_out_of_memory: int = 0
 
     def snapshot(self) -> ModelStats:
         """The entry's counters as a frozen :class:`ModelStats` (call under ``cond``)."""
@@ -139,4 +159,38 @@ class Entry:
             max_wait_seconds=self.max_wait_seconds,
             batches=self.batches,
             batched_items=self.batched_items,
+            loader_running=self.building is not None,
+            use_out_of_memory=self.use_out_of_memory,
         )
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """Raise :class:`InvalidModelOption` naming every bad option of ``spec`` (types included)."""
+    problems = []
+    if not isinstance(spec.name, str) or not spec.name:
+        problems.append(f"the name must be a non-empty string (got {spec.name!r})")
+    if not callable(spec.loader):
+        problems.append(f"the loader must be callable (got {spec.loader!r})")
+    if spec.unloader is not None and not callable(spec.unloader):
+        problems.append(f"the unloader must be callable or None (got {spec.unloader!r})")
+    for key, least in (("max_concurrent", 1), ("max_waiting", 0)):
+        value = getattr(spec, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            problems.append(f"{key} must be an integer >= {least} (got {value!r})")
+    for key in ("access_timeout", "wait_timeout", "load_timeout"):
+        try:
+            check_seconds(getattr(spec, key), key)
+        except InvalidModelOption as exc:
+            problems.append(str(exc))
+    idle = spec.idle_unload
+    if idle is not None and (isinstance(idle, bool) or not isinstance(idle, int | float) or not idle > 0):
+        problems.append(f"idle_unload must be > 0 seconds or None (got {idle!r})")
+    if not isinstance(spec.cpu_fallback, bool):
+        problems.append(f"cpu_fallback must be True or False (got {spec.cpu_fallback!r})")
+    classes = spec.oom_errors
+    if not isinstance(classes, tuple) or not all(
+        isinstance(cls, type) and issubclass(cls, BaseException) for cls in classes
+    ):
+        problems.append(f"oom_errors must be a tuple of exception classes (got {classes!r})")
+    if problems:
+        raise InvalidModelOption(f"model {spec.name!r}: " + "; ".join(problems))

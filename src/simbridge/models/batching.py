@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 
 import structlog
 
+from simbridge.models._entry import LONGEST_WAIT_S, check_seconds
 from simbridge.models.errors import BatchError, InvalidModelOption, ModelManagerClosed, ModelWaitTimeout
 
 log = structlog.get_logger(__name__)
@@ -35,6 +36,10 @@ class Batcher(Generic[Item, Result]):
     Call it (or :meth:`submit`) from any number of threads: each call blocks until its own
     result is back. :meth:`future` returns a ``concurrent.futures.Future`` instead (wrap it with
     ``asyncio.wrap_future`` in async code). Built by ``ModelManager.batched``.
+
+    A caller gets what ``fn`` raised, unchanged (it is the caller's own function), except an
+    accelerator out-of-memory error (:class:`~simbridge.models.ModelUseOutOfMemory`); errors of
+    the batcher itself (closed, timeout, a wrong number of results) are ``ModelError``.
     """
 
     def __init__(
@@ -48,12 +53,22 @@ class Batcher(Generic[Item, Result]):
         on_batch: Callable[[int], None] | None = None,
         timeout: float = 300.0,
         workers: int = 1,
+        on_close: Callable[[Batcher[Any, Any]], None] | None = None,
     ) -> None:
-        if max_batch_size < 1 or not max_wait_ms >= 0 or workers < 1:
+        counts = (max_batch_size, workers)
+        if not callable(fn):
+            raise InvalidModelOption(f"batching {name!r}: the batch function must be callable (got {fn!r})")
+        if (
+            any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts)
+            or isinstance(max_wait_ms, bool)
+            or not isinstance(max_wait_ms, int | float)
+            or not 0 <= max_wait_ms < math.inf
+        ):
             raise InvalidModelOption(
-                f"batching {name!r}: max_batch_size and workers must be >= 1 and max_wait_ms >= 0 "
-                f"(got {max_batch_size}, {workers}, {max_wait_ms})"
+                f"batching {name!r}: max_batch_size and workers must be integers >= 1 and "
+                f"max_wait_ms a finite number >= 0 (got {max_batch_size!r}, {workers!r}, {max_wait_ms!r})"
             )
+        timeout = check_seconds(timeout, "the batcher's timeout")
         self.name = name
         self._use = use
         self._fn = fn
@@ -64,6 +79,7 @@ class Batcher(Generic[Item, Result]):
         # queue.Queue, not SimpleQueue: with several workers, SimpleQueue.get(timeout=...) was
         # seen to overrun its timeout by seconds (CPython 3.11), stranding a half-built batch.
         self._queue: queue.Queue[tuple[Item, Future[Result]] | Any] = queue.Queue()
+        self._on_close = on_close
         self._closed = False
         self._close_lock = threading.Lock()
         # More than one worker lets one batch be prepared (tokenised, in Python) while another
@@ -91,8 +107,8 @@ class Batcher(Generic[Item, Result]):
         Raises :class:`ModelWaitTimeout` when no result came in time (the item is dropped if its
         batch has not started yet).
         """
+        limit = self._timeout if timeout is None else check_seconds(timeout, "timeout")
         future = self.future(item)
-        limit = self._timeout if timeout is None else timeout
         try:
             # Condition.wait cannot take math.inf: no limit is None there.
             return future.result(timeout=limit if math.isfinite(limit) else None)
@@ -106,23 +122,53 @@ class Batcher(Generic[Item, Result]):
     __call__ = submit
 
     def close(self, *, timeout: float | None = None) -> None:
-        """Finish the batches already queued, then stop the workers (idempotent).
+        """Finish the items already accepted, then stop the workers (idempotent).
 
-        Waits up to ``timeout`` seconds (None: as long as the batches take) for the workers.
+        Waits up to ``timeout`` seconds (None: the batcher's own timeout, the longest a caller
+        waits for a result; ``math.inf``: as long as the batches take) for the workers. Items
+        that no batch had started when the bound passed fail with :class:`ModelManagerClosed`
+        (a batch under way cannot be interrupted; it finishes on its own).
         """
+        limit = self._timeout if timeout is None else check_seconds(timeout, "timeout")
         with self._close_lock:
             first = not self._closed
             self._closed = True
             if first:
+                # Behind every accepted item: workers stop only once the queue before them is done.
                 for _ in self._threads:
                     self._queue.put(_STOP)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = time.monotonic() + min(limit, LONGEST_WAIT_S)
         for thread in self._threads:
             if thread is threading.current_thread():
                 continue
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
-                log.warning("models.batcher_still_running", model=self.name, thread=thread.name)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in self._threads):
+            self._fail_unstarted()
+        if first and self._on_close is not None:
+            self._on_close(self)
+
+    def _fail_unstarted(self) -> None:
+        # The bound passed with workers still busy: what no batch took yet fails now rather than
+        # waiting for its caller's own timeout. The stop markers go back for the workers.
+        stops = 0
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if entry is _STOP:
+                stops += 1
+                continue
+            _, future = entry
+            if future.set_running_or_notify_cancel():
+                future.set_exception(
+                    ModelManagerClosed(
+                        f"the batcher of {self.name!r} was closed before this item's batch started"
+                    )
+                )
+        for _ in range(stops):
+            self._queue.put(_STOP)
+        log.warning("models.batcher_still_running", model=self.name)
 
     def __enter__(self) -> Batcher[Item, Result]:
         return self
@@ -169,10 +215,15 @@ class Batcher(Generic[Item, Result]):
         try:
             with self._use() as model:
                 results = self._fn(model, items)
-            if len(results) != len(items):
+            try:
+                count: int | None = len(results)
+            except TypeError:  # a generator or a scalar: not one result per item
+                count = None
+            if count != len(items):
+                got = f"{count} results" if count is not None else f"a {type(results).__name__}"
                 raise BatchError(
-                    f"batch function of {self.name!r} returned {len(results)} results "
-                    f"for {len(items)} items; it must return one per item, in order"
+                    f"batch function of {self.name!r} returned {got} for {len(items)} items; "
+                    "it must return one per item, in order, as a sequence"
                 )
         except BaseException as exc:
             log.warning("models.batch_failed", model=self.name, size=len(items), error=repr(exc))
@@ -180,6 +231,9 @@ class Batcher(Generic[Item, Result]):
                 fut.set_exception(exc)
             return
         if self._on_batch is not None:
-            self._on_batch(len(items))
+            try:
+                self._on_batch(len(items))
+            except Exception as exc:  # counting must never strand the batch's callers
+                log.warning("models.batch_count_failed", model=self.name, error=repr(exc))
         for (_, fut), result in zip(live, results, strict=True):
             fut.set_result(result)

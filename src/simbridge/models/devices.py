@@ -19,8 +19,11 @@ _OOM_CLASSES = (
     ("torch", "OutOfMemoryError"),  # torch.OutOfMemoryError == torch.cuda.OutOfMemoryError
     ("cupy", "OutOfMemoryError"),
 )
-# Older torch raised a plain RuntimeError; its text is the only signal there.
-_OOM_TEXT = re.compile(r"CUDA out of memory|CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED")
+# Older torch raised a plain RuntimeError whose text starts with one of these; only a message of
+# that exact class counts (a wrapper quoting an OOM in its own message is not an OOM).
+_OOM_TEXT = re.compile(
+    r"^(CUDA out of memory|CUDA error: out of memory|CUDA error: CUBLAS_STATUS_ALLOC_FAILED)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +33,7 @@ class DeviceRequest:
     name: str
 
     def __post_init__(self) -> None:
-        if not _DEVICE.match(self.name):
+        if not isinstance(self.name, str) or not _DEVICE.match(self.name):
             raise InvalidModelOption(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.name!r}")
 
     @property
@@ -48,21 +51,21 @@ def torch_cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True when ``exc`` (or an error it was raised from) is an accelerator out-of-memory error."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        for cls in type(current).__mro__:
-            if any(
-                cls.__module__.startswith(module) and cls.__name__ == name for module, name in _OOM_CLASSES
-            ):
-                return True
-        if isinstance(current, RuntimeError) and _OOM_TEXT.search(str(current)):
+def is_out_of_memory(exc: BaseException, extra: tuple[type[BaseException], ...] = ()) -> bool:
+    """True when ``exc`` itself is an accelerator out-of-memory error.
+
+    Recognised: torch's (and cupy's) ``OutOfMemoryError``, an old torch's plain ``RuntimeError``
+    whose message starts with "CUDA out of memory", and any class in ``extra`` (a model's
+    ``oom_errors``). Only the exception itself is looked at, never what it was raised from or
+    while handling: an unrelated error raised inside an OOM handler is not an OOM.
+    """
+    if extra and isinstance(exc, extra):
+        return True
+    for cls in type(exc).__mro__:
+        top = cls.__module__.partition(".")[0]
+        if any(top == module and cls.__name__ == name for module, name in _OOM_CLASSES):
             return True
-        current = current.__cause__ or current.__context__
-    return False
+    return type(exc) is RuntimeError and _OOM_TEXT.search(str(exc)) is not None
 
 
 def release_accelerator_memory() -> None:

@@ -33,6 +33,11 @@ class ModelOutOfMemory(ModelLoadError, MemoryError):
     """Raised when a load runs out of GPU memory and no CPU fallback is allowed (CUDA was asked)."""
 
 
+class ModelUseOutOfMemory(ModelError, MemoryError):
+    """Raised from a ``use()`` block or a batch whose model call ran out of accelerator memory; the
+    model stays loaded where it is (no fallback while callers share it); the original is the cause."""
+
+
 class ModelLoadCancelled(ModelError, RuntimeError):
     """Raised to the waiters of a load that ``cancel_loading`` (or shutdown) cancelled."""
 
@@ -43,6 +48,11 @@ class ModelTimeout(ModelError, TimeoutError):
 
 class ModelLoadTimeout(ModelTimeout):
     """Raised when a load takes longer than its load timeout; the load is abandoned."""
+
+
+class ModelLoaderStillRunning(ModelLoadTimeout):
+    """Raised when a load cannot start within its load timeout because an abandoned earlier loader
+    of the same model has not returned yet (two copies of a model are never built at once)."""
 
 
 class ModelWaitTimeout(ModelTimeout):

@@ -9,27 +9,31 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, TypeVar
 
 import structlog
 
 from simbridge.config import ModelSettings, load_settings
-from simbridge.models._entry import Entry, Load, Loader, ModelSpec, Unloader
-from simbridge.models._loading import LoadingMixin
+from simbridge.models._access import AccessMixin
+from simbridge.models._entry import (
+    LONGEST_WAIT_S,
+    Entry,
+    Loader,
+    ModelSpec,
+    Unloader,
+    check_seconds,
+    check_spec,
+)
 from simbridge.models.batching import Batcher
 from simbridge.models.devices import DeviceRequest, torch_cuda_available
 from simbridge.models.errors import (
     InvalidModelOption,
-    ModelAccessTimeout,
     ModelAlreadyRegistered,
-    ModelBusy,
     ModelLoadCancelled,
     ModelLoadTimeout,
-    ModelManagerClosed,
-    ModelWaitTimeout,
     UnknownModel,
 )
 from simbridge.models.metrics import ModelMetrics, ModelState, ModelStats
@@ -40,17 +44,21 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 _HOUSEKEEPING_S = 0.25
-# Condition.wait cannot take math.inf; "no limit" is many waits of this length.
-_LONGEST_WAIT_S = 3600.0
 _UNSET: Any = object()
 
 
-class ModelManager(LoadingMixin):
+class ModelManager(AccessMixin):
     """A registry of named model loaders; each model is loaded at most once at a time per process.
 
     ``register`` a loader, then ``with manager.use(name) as model:``. Limits and timeouts come from
     ``settings`` (the ``models`` config section) unless given per model. A manager is a context
     manager; leaving it calls :meth:`shutdown`.
+
+    Every error it raises is a :class:`~simbridge.models.ModelError`. A loader's failure reaches
+    callers as :class:`~simbridge.models.ModelLoadError` with the loader's error as ``__cause__``.
+    Errors raised by the caller's own code inside a ``use()`` block (or by a batch function) pass
+    through unchanged, except an accelerator out-of-memory error, which becomes
+    :class:`~simbridge.models.ModelUseOutOfMemory` (from the original).
     """
 
     def __init__(
@@ -60,11 +68,16 @@ class ModelManager(LoadingMixin):
         registry: Any | None = None,
         cuda_available: Callable[[], bool] = torch_cuda_available,
     ) -> None:
+        if settings is not None and not isinstance(settings, ModelSettings):
+            raise InvalidModelOption(f"settings must be a ModelSettings (got {type(settings).__name__})")
+        if not callable(cuda_available):
+            raise InvalidModelOption(f"cuda_available must be callable (got {cuda_available!r})")
         self._settings = settings if settings is not None else load_settings().models
         self._cuda_available = cuda_available
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._stopped = False
         self._batchers: list[Batcher[Any, Any]] = []
         self._wake = threading.Event()
         self._housekeeper: threading.Thread | None = None
@@ -86,12 +99,16 @@ class ModelManager(LoadingMixin):
         load_timeout: float | None = None,
         idle_unload: float | None = _UNSET,
         cpu_fallback: bool | None = None,
+        oom_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
         """Register ``loader(ctx) -> model`` under ``name``; nothing is loaded until first use.
 
-        ``device``: 'auto' (CUDA when available, the CPU after a real out-of-memory error),
-        'cpu', 'cuda' or 'cuda:N' (never falls back). ``idle_unload``: seconds unused before the
-        model is unloaded (None: never); ``unloader(model)`` runs then, if given.
+        ``device``: 'auto' (CUDA when available, the CPU after a real out-of-memory error of the
+        loader), 'cpu', 'cuda' or 'cuda:N' (never falls back). ``idle_unload``: seconds unused
+        before the model is unloaded (None: never); ``unloader(model)`` runs then, if given.
+        ``oom_errors``: extra exception classes that mean "out of accelerator memory" besides
+        torch's and cupy's ``OutOfMemoryError``. Only the exception the loader raised counts,
+        never the one it was handling: a loader that wraps an OOM must raise one of these.
         """
         s = self._settings
         spec = ModelSpec(
@@ -106,8 +123,9 @@ class ModelManager(LoadingMixin):
             load_timeout=s.load_timeout_s if load_timeout is None else load_timeout,
             idle_unload=s.idle_unload_s if idle_unload is _UNSET else idle_unload,
             cpu_fallback=s.cpu_fallback if cpu_fallback is None else cpu_fallback,
+            oom_errors=oom_errors,
         )
-        _check_spec(spec)
+        check_spec(spec)
         with self._lock:
             self._check_open()
             if name in self._entries:
@@ -131,7 +149,7 @@ class ModelManager(LoadingMixin):
             raise InvalidModelOption(f"cannot update {sorted(unknown)} of model {name!r}")
         with entry.cond:
             spec = dataclasses.replace(entry.spec, **changes)
-            _check_spec(spec)
+            check_spec(spec)
             entry.spec = spec
             entry.cond.notify_all()
         self._wake.set()
@@ -139,7 +157,7 @@ class ModelManager(LoadingMixin):
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`shutdown` ran."""
+        """True once :meth:`shutdown` began."""
         return self._closed
 
     def names(self) -> list[str]:
@@ -149,135 +167,36 @@ class ModelManager(LoadingMixin):
 
     # -- use -----------------------------------------------------------------------------------
 
-    @contextmanager
     def use(
         self,
         name: str,
         *,
         access_timeout: float | None = None,
         wait_timeout: float | None = None,
-    ) -> Iterator[Any]:
+    ) -> AbstractContextManager[Any]:
         """Hold model ``name`` for the ``with`` block, loading it first if needed.
 
         Waits at most ``wait_timeout`` for a load and ``access_timeout`` for a free slot (the
         model's own limits by default); raises :class:`ModelBusy` at once when its line is full.
+
+        An accelerator out-of-memory error raised in the block (e.g. by ``model.encode``) becomes
+        :class:`ModelUseOutOfMemory` and never moves the model to the CPU: others may be using the
+        GPU copy at that moment and a CPU copy would be a second one. The model stays loaded;
+        retry with a smaller batch, or register it with ``device='cpu'``. Other errors of the
+        block pass through unchanged.
         """
         entry = self._entry(name)
-        model = self._acquire(entry, access_timeout, wait_timeout)
-        try:
-            yield model
-        finally:
-            self._release(entry)
+        access = None if access_timeout is None else check_seconds(access_timeout, "access_timeout")
+        wait = None if wait_timeout is None else check_seconds(wait_timeout, "wait_timeout")
+        return self._holding(entry, access, wait, internal=False)
 
     def load(self, name: str, *, timeout: float | None = None) -> str:
         """Load ``name`` now (or wait for the load under way); returns the device it is on."""
         entry = self._entry(name)
-        self._acquire(entry, None, timeout, take_slot=False)
+        wait = None if timeout is None else check_seconds(timeout, "timeout")
+        self._acquire(entry, None, wait, take_slot=False)
         with entry.cond:
             return entry.device or "cpu"
-
-    def _acquire(
-        self,
-        entry: Entry,
-        access_timeout: float | None,
-        wait_timeout: float | None,
-        *,
-        take_slot: bool = True,
-    ) -> Any:
-        spec = entry.spec
-        started = time.monotonic()
-        wait_deadline = started + (spec.wait_timeout if wait_timeout is None else wait_timeout)
-        access_limit = spec.access_timeout if access_timeout is None else access_timeout
-        access_deadline: float | None = None
-        awaited: Load | None = None
-        with entry.cond:
-            self._check_open()
-            entry.next_ticket += 1
-            ticket = entry.next_ticket
-            ready = entry.state is ModelState.LOADED and (
-                not take_slot or entry.active < entry.spec.max_concurrent
-            )
-            if not ready and entry.waiting >= entry.spec.max_waiting:
-                entry.busy_rejections += 1
-                self._count(entry, "busy", None)
-                raise ModelBusy(
-                    f"{entry.waiting} callers already wait for model {spec.name!r} "
-                    f"(max_waiting={entry.spec.max_waiting}); try again later or raise the limit"
-                )
-            entry.waiting += 1
-            self._publish(entry)
-            try:
-                while True:
-                    now = time.monotonic()
-                    if awaited is not None and awaited.error is not None:
-                        self._count(entry, "error", None)
-                        raise awaited.error.build()
-                    self._check_open()
-                    if entry.state is ModelState.LOADED:
-                        awaited = None
-                        if not take_slot:
-                            return entry.model
-                        first = not entry.slot_line or entry.slot_line[0] == ticket
-                        if entry.active < entry.spec.max_concurrent and first:
-                            if entry.slot_line and entry.slot_line[0] == ticket:
-                                entry.slot_line.popleft()
-                                entry.cond.notify_all()  # the next in line may fit as well
-                            break
-                        if access_deadline is None:
-                            # Slots are handed out in arrival order: no caller starves.
-                            access_deadline = now + access_limit
-                            entry.slot_line.append(ticket)
-                        if now >= access_deadline:
-                            entry.access_timeouts += 1
-                            self._count(entry, "access_timeout", None)
-                            raise ModelAccessTimeout(
-                                f"all {entry.spec.max_concurrent} slots of model {spec.name!r} "
-                                f"stayed busy for {access_limit:g} s; raise max_concurrent or "
-                                "the access timeout"
-                            )
-                        entry.cond.wait(min(access_deadline - now, _LONGEST_WAIT_S))
-                        continue
-                    if entry.state is ModelState.UNLOADED:
-                        self._start_load(entry)
-                    load = entry.load
-                    if load is not None:
-                        awaited = load
-                        if now >= load.deadline:
-                            self._abandon(entry, load, ModelLoadTimeout, "timed out", "timeout")
-                            continue
-                    if now >= wait_deadline:
-                        entry.wait_timeouts += 1
-                        self._count(entry, "wait_timeout", None)
-                        raise ModelWaitTimeout(
-                            f"model {spec.name!r} was still {entry.state.value} after "
-                            f"{wait_deadline - started:g} s of waiting; raise the wait timeout"
-                        )
-                    until = wait_deadline if load is None else min(wait_deadline, load.deadline)
-                    entry.cond.wait(min(until - now, _LONGEST_WAIT_S))
-            finally:
-                entry.waiting -= 1
-                if access_deadline is not None and ticket in entry.slot_line:
-                    entry.slot_line.remove(ticket)  # gave up (timeout, error): let the next go
-                    entry.cond.notify_all()
-                self._publish(entry)
-            entry.active += 1
-            entry.peak_active = max(entry.peak_active, entry.active)
-            waited = time.monotonic() - started
-            entry.wait_seconds_total += waited
-            entry.max_wait_seconds = max(entry.max_wait_seconds, waited)
-            self._count(entry, "ok", waited)
-            self._publish(entry)
-            return entry.model
-
-    def _release(self, entry: Entry) -> None:
-        with entry.cond:
-            entry.active -= 1
-            entry.last_used = time.monotonic()
-            self._publish(entry)
-            entry.cond.notify_all()
-            unload_now = self._closed and entry.active == 0 and entry.waiting == 0
-        if unload_now:
-            self._unload(entry, reason="shutdown")
 
     def cancel_loading(self, name: str) -> bool:
         """Cancel the load of ``name`` under way: its waiters get :class:`ModelLoadCancelled`.
@@ -299,28 +218,6 @@ class ModelManager(LoadingMixin):
         """Unload ``name`` now if it is loaded and nobody uses or waits for it; else False."""
         return self._unload(self._entry(name), reason="asked")
 
-    def _unload(self, entry: Entry, *, reason: str, idle_for: float | None = None) -> bool:
-        with entry.cond:
-            if entry.state is not ModelState.LOADED or entry.active or entry.waiting:
-                return False
-            if idle_for is not None and time.monotonic() - entry.last_used < idle_for:
-                return False
-            model, device = entry.model, entry.device
-            entry.model = None
-            entry.state = ModelState.UNLOADING
-            self._publish(entry)
-        try:
-            self._dispose(entry.spec, model, device)
-        finally:
-            with entry.cond:
-                entry.state = ModelState.UNLOADED
-                entry.device = None
-                entry.unloads += 1
-                self._publish(entry)
-                entry.cond.notify_all()
-        log.info("models.unloaded", model=entry.spec.name, reason=reason)
-        return True
-
     def _start_housekeeper(self) -> None:
         if self._housekeeper is None:
             self._housekeeper = threading.Thread(
@@ -330,7 +227,7 @@ class ModelManager(LoadingMixin):
 
     def _housekeep(self) -> None:
         # Idle unloading, and load deadlines that no waiter is around to enforce.
-        while not self._closed:
+        while not self._stopped:
             self._wake.wait(_HOUSEKEEPING_S)
             self._wake.clear()
             with self._lock:
@@ -360,21 +257,32 @@ class ModelManager(LoadingMixin):
         ``fn`` must return one result per item, in order. Each batch holds the model as one user.
         """
         entry = self._entry(name)
-        batcher: Batcher[Item, Result] = Batcher(
-            name=name,
-            use=lambda: self.use(name),
-            fn=fn,
-            max_batch_size=self._settings.batch_max_size if max_batch_size is None else max_batch_size,
-            max_wait_ms=self._settings.batch_max_wait_ms if max_wait_ms is None else max_wait_ms,
-            on_batch=lambda size: self._note_batch(entry, size),
-            # A caller waits for a load, then for a slot, then for the batch itself.
-            timeout=entry.spec.wait_timeout + entry.spec.access_timeout,
-            workers=workers,
-        )
+        # Built under the manager's lock, after the check: a batcher is either refused (and no
+        # worker thread was started) or known to shutdown(), which closes it. Building one only
+        # starts its threads, nothing slow.
         with self._lock:
             self._check_open()
+            batcher: Batcher[Item, Result] = Batcher(
+                name=name,
+                # Internal: a batch may still run while shutdown() drains what was accepted.
+                use=lambda: self._holding(entry, None, None, internal=True),
+                fn=fn,
+                max_batch_size=self._settings.batch_max_size if max_batch_size is None else max_batch_size,
+                max_wait_ms=self._settings.batch_max_wait_ms if max_wait_ms is None else max_wait_ms,
+                on_batch=lambda size: self._note_batch(entry, size),
+                # A caller waits for a load, then for a slot, then for the batch itself.
+                timeout=entry.spec.wait_timeout + entry.spec.access_timeout,
+                workers=workers,
+                on_close=self._forget_batcher,
+            )
             self._batchers.append(batcher)
         return batcher
+
+    def _forget_batcher(self, batcher: Batcher[Any, Any]) -> None:
+        # A closed batcher is not kept (a service making one per request would grow forever).
+        with self._lock:
+            if batcher in self._batchers:
+                self._batchers.remove(batcher)
 
     def _note_batch(self, entry: Entry, size: int) -> None:
         with entry.cond:
@@ -393,11 +301,15 @@ class ModelManager(LoadingMixin):
         return result
 
     def shutdown(self, *, timeout: float = 30.0) -> None:
-        """Refuse new use, cancel loads, stop batchers, and unload every model once it is idle.
+        """Refuse new use, let batchers finish what they accepted, cancel loads, unload models.
 
-        Waits up to ``timeout`` for callers holding a model; one still in use after that is
-        unloaded when its last user lets go.
+        Within ``timeout`` seconds in all: ``use()`` refuses at once and callers waiting in it
+        get :class:`ModelManagerClosed`; each batcher finishes the items it had already accepted
+        (loading the model if it must); then loads under way are cancelled, items no batch
+        started fail with :class:`ModelManagerClosed`, and each model is unloaded once idle. A
+        model still held after the bound is unloaded when its last user lets go.
         """
+        seconds = check_seconds(timeout, "timeout")
         with self._lock:
             if self._closed:
                 return
@@ -405,26 +317,39 @@ class ModelManager(LoadingMixin):
             entries = list(self._entries.values())
             batchers = list(self._batchers)
         self._wake.set()
-        deadline = time.monotonic() + timeout
-        # Loads stop and every waiter (batch workers among them) wakes to find the manager
-        # closed, before the batchers are joined: a worker waiting for a load must not hold
-        # up the shutdown.
+        deadline = time.monotonic() + min(seconds, LONGEST_WAIT_S)
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        # Outside callers waiting in use() wake to find the manager closed; batch workers keep
+        # going (internal use) so that accepted items are finished, not failed.
+        for entry in entries:
+            with entry.cond:
+                entry.cond.notify_all()
+        for batcher in batchers:
+            batcher.close(timeout=left())
+        with self._lock:
+            self._stopped = True
+        self._wake.set()  # the housekeeper may have gone back to sleep since the first wake
+        # Loads stop and every remaining waiter (a batch worker past the bound) wakes to find
+        # the manager stopped.
         for entry in entries:
             with entry.cond:
                 if entry.load is not None:
                     self._abandon(entry, entry.load, ModelLoadCancelled, "cancelled by shutdown", "cancelled")
                 entry.cond.notify_all()
-        for batcher in batchers:
-            batcher.close(timeout=max(0.0, deadline - time.monotonic()))
         for entry in entries:
             with entry.cond:
-                while entry.active and time.monotonic() < deadline:
-                    entry.cond.wait(deadline - time.monotonic())
+                while entry.active and left() > 0:
+                    entry.cond.wait(left())
                 busy = entry.active
             if busy:
                 log.warning("models.shutdown_in_use", model=entry.spec.name, users=busy)
             else:
                 self._unload(entry, reason="shutdown")
+        if self._housekeeper is not None:
+            self._housekeeper.join(left())
         log.info("models.shutdown", models=len(entries))
 
     def __enter__(self) -> ModelManager:
@@ -442,19 +367,11 @@ class ModelManager(LoadingMixin):
 
     def _entry(self, name: str) -> Entry:
         with self._lock:
-            entry = self._entries.get(name)
-        if entry is None:
+            entry = self._entries.get(name) if isinstance(name, str) else None
             known = ", ".join(sorted(self._entries)) or "none"
+        if entry is None:
             raise UnknownModel(f"no model registered as {name!r} (registered: {known})")
         return entry
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ModelManagerClosed("the model manager was shut down; build a new one")
-
-    def _count(self, entry: Entry, outcome: str, waited: float | None) -> None:
-        entry.requests += 1
-        self.metrics.observe_request(entry.spec.name, outcome, waited)
 
 
 # One slot, not a global rebinding: the process-wide manager lives in _default[0].
@@ -473,18 +390,3 @@ def default_manager() -> ModelManager:
         if not _default or _default[0].closed:
             _default[:] = [ModelManager()]
         return _default[0]
-
-
-def _check_spec(spec: ModelSpec) -> None:
-    problems = []
-    if spec.max_concurrent < 1:
-        problems.append(f"max_concurrent must be >= 1 (got {spec.max_concurrent})")
-    if spec.max_waiting < 0:
-        problems.append(f"max_waiting must be >= 0 (got {spec.max_waiting})")
-    for key in ("access_timeout", "wait_timeout", "load_timeout"):
-        if not getattr(spec, key) >= 0:
-            problems.append(f"{key} must be >= 0 seconds (got {getattr(spec, key)})")
-    if spec.idle_unload is not None and not spec.idle_unload > 0:
-        problems.append(f"idle_unload must be > 0 seconds or None (got {spec.idle_unload})")
-    if problems:
-        raise InvalidModelOption(f"model {spec.name!r}: " + "; ".join(problems))

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from simbridge.models.errors import InvalidModelOption
+
 
 class ModelState(Enum):
     """Where a model is in its life; none is terminal (an unloaded model reloads on next use)."""
@@ -45,6 +47,9 @@ class ModelStats:
     max_wait_seconds: float
     batches: int
     batched_items: int
+    # True while a loader runs, including an abandoned one that has not returned yet.
+    loader_running: bool = False
+    use_out_of_memory: int = 0
 
 
 _LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
@@ -65,7 +70,17 @@ class ModelMetrics:
         self.enabled = True
         # A private registry by default, so that two managers in one process do not collide.
         self.registry = registry if registry is not None else prom.CollectorRegistry()
-        reg = self.registry
+        try:
+            self._build(prom, self.registry)
+        except (ValueError, TypeError, AttributeError) as exc:
+            # ValueError: "Duplicated timeseries" (a registry shared by two managers); the others:
+            # something that is not a prometheus_client CollectorRegistry.
+            raise InvalidModelOption(
+                f"cannot register the model manager's metrics in {registry!r} ({exc}); give each "
+                "ModelManager its own prometheus_client.CollectorRegistry (the default)"
+            ) from exc
+
+    def _build(self, prom: Any, reg: Any) -> None:
         self.load_seconds = prom.Histogram(
             "simbridge_model_load_seconds",
             "Time to load a model, by outcome (ok, error, timeout, cancelled).",

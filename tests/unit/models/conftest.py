@@ -72,6 +72,7 @@ def manager() -> Iterator[ModelManager]:
 
 
 def wait_until(condition: Any, what: str, timeout: float = 20.0) -> None:
+    """Poll ``condition`` until it holds, failing with ``what`` after ``timeout`` (a fail-safe)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,6 +16,7 @@ from simbridge.models import (
     ModelLoadCancelled,
     ModelManager,
     ModelManagerClosed,
+    ModelState,
     ModelWaitTimeout,
 )
 
@@ -137,13 +140,91 @@ def test_several_workers_route_every_result_to_its_caller(manager: ModelManager)
     assert manager.stats()["double"].peak_active_users <= 3
 
 
-def test_shutdown_is_not_held_up_by_a_batch_waiting_for_a_load(loader: Any) -> None:
+def test_shutdown_drains_a_batch_waiting_for_a_load_only_within_its_bound(loader: Any) -> None:
     manager = ModelManager(cuda_available=lambda: False)
     manager.register("slow", loader, device="cpu")
     batcher = manager.batched("slow", lambda m, items: items, 4, 1)
     pending = batcher.future(1)
     loader.started.wait(10)  # the batch worker now waits for the load
-    manager.shutdown(timeout=20)
+    manager.shutdown(timeout=0.3)  # the bound passes: the load is cancelled, the item fails
     error = pending.exception(timeout=20)
     assert isinstance(error, (ModelManagerClosed, ModelLoadCancelled))
     loader.gate.set()
+
+
+def test_shutdown_finishes_the_items_a_batcher_had_accepted(manager: ModelManager, until: Any) -> None:
+    inside, gate = threading.Event(), threading.Event()
+
+    def slow_double(model: Any, items: list[int]) -> list[int]:
+        inside.set()
+        assert gate.wait(20)
+        return [2 * item for item in items]
+
+    manager.register("m", lambda ctx: object())
+    batcher = manager.batched("m", slow_double, 1, 0)
+    futures = [batcher.future(n) for n in range(4)]  # one in the model, three queued behind
+    assert inside.wait(20)
+    stopper = threading.Thread(target=manager.shutdown, kwargs={"timeout": 60})
+    stopper.start()
+    until(lambda: manager.closed, "shutdown to begin")
+    with pytest.raises(ModelManagerClosed):
+        batcher.future(99)  # nothing new is accepted
+    gate.set()
+    # Before the fix the three queued items failed with ModelManagerClosed.
+    assert [future.result(timeout=20) for future in futures] == [0, 2, 4, 6]
+    stopper.join(timeout=30)
+    assert not stopper.is_alive()
+    assert manager.stats()["m"].state is ModelState.UNLOADED
+
+
+def test_close_fails_items_no_batch_started_once_its_bound_passes(manager: ModelManager) -> None:
+    inside, gate = threading.Event(), threading.Event()
+
+    def stuck(model: Any, items: list[int]) -> list[int]:
+        inside.set()
+        assert gate.wait(20)
+        return items
+
+    manager.register("m", lambda ctx: object())
+    batcher = manager.batched("m", stuck, 1, 0)
+    running = batcher.future(1)
+    assert inside.wait(20)
+    queued = [batcher.future(n) for n in range(2, 5)]
+    batcher.close(timeout=0.1)  # the batch under way cannot finish within the bound
+    for future in queued:
+        # Before the fix these waited forever (until each caller's own timeout).
+        assert isinstance(future.exception(timeout=20), ModelManagerClosed)
+    gate.set()
+    assert running.result(timeout=20) == 1
+    batcher.close(timeout=20)
+    assert not any(thread.is_alive() for thread in _batcher_threads("m"))
+
+
+def test_batched_after_shutdown_starts_no_worker(open_loader: Any) -> None:
+    manager = ModelManager(cuda_available=lambda: False)
+    manager.register("late", open_loader, device="cpu")
+    manager.shutdown()
+    with pytest.raises(ModelManagerClosed):
+        manager.batched("late", lambda m, items: items, 4, 1, workers=3)
+    # Before the fix three workers were left blocked on an empty queue for good.
+    assert _batcher_threads("late") == []
+
+
+def test_a_closed_batcher_is_not_kept_by_its_manager(manager: ModelManager, until: Any) -> None:
+    manager.register("m", lambda ctx: Doubler())
+    batcher = manager.batched("m", lambda m, items: m.run(items), 4, 1)
+    assert batcher(3) == 6
+    batcher.close(timeout=20)
+    gone = weakref.ref(batcher)
+    del batcher
+    gc.collect()
+    assert gone() is None, "the manager still holds a closed batcher"
+    with manager.batched("m", lambda m, items: m.run(items), 4, 1) as again:
+        assert again(4) == 8
+
+
+def _batcher_threads(name: str) -> list[threading.Thread]:
+    prefix = f"simbridge-batcher-{name}-"
+    return [
+        thread for thread in threading.enumerate() if thread.name.startswith(prefix) and thread.is_alive()
+    ]

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from tests.unit.models.conftest import wait_until
 
 from simbridge.errors import SimbridgeError
 from simbridge.models import (
@@ -267,13 +268,8 @@ def _use_once(manager: ModelManager, name: str) -> Any:
 
 
 def _wait_for_waiting(manager: ModelManager, name: str, count: int) -> None:
-    import time
-
-    deadline = time.monotonic() + 20
-    while manager.stats()[name].waiting < count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{count} waiters never queued for {name}")
-        time.sleep(0.005)
+    # Polls with a named deadline: the manager has no event for "a caller joined the line".
+    wait_until(lambda: manager.stats()[name].waiting >= count, f"{count} waiters queued for {name}")
 
 
 def test_a_loader_ignoring_cancel_is_never_run_twice_at_once(manager: ModelManager, loader: Any) -> None:

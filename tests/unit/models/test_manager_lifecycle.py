@@ -4,13 +4,13 @@ shutdown, and the Prometheus metrics."""
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
 import torch
 
 from simbridge.config import ModelSettings
+from simbridge.errors import SimbridgeError
 from simbridge.models import (
     LoadContext,
     ModelLoadError,
@@ -18,6 +18,7 @@ from simbridge.models import (
     ModelManagerClosed,
     ModelOutOfMemory,
     ModelState,
+    ModelUseOutOfMemory,
     is_out_of_memory,
 )
 
@@ -101,15 +102,33 @@ def test_other_errors_on_the_gpu_do_not_fall_back() -> None:
 def test_out_of_memory_recognition() -> None:
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    # Only the exception itself counts: neither what it was raised from nor what it was handling.
     try:
         try:
             raise torch.OutOfMemoryError("CUDA out of memory")
         except torch.OutOfMemoryError as inner:
             raise ValueError("while loading layer 3") from inner
     except ValueError as wrapped:
-        assert is_out_of_memory(wrapped)
+        assert not is_out_of_memory(wrapped)
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError:
+            raise KeyError("a bug in the OOM handler") from None
+    except KeyError as unrelated:
+        assert unrelated.__context__ is not None
+        assert not is_out_of_memory(unrelated)
+    # A wrapper quoting an OOM in its own message is not one either.
+    assert not is_out_of_memory(ValueError("CUDA out of memory"))
+    assert not is_out_of_memory(RuntimeError("layer 3: CUDA out of memory"))
     assert not is_out_of_memory(MemoryError())  # host RAM: the CPU is no way out of that
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+    class BoardFull(Exception):
+        pass
+
+    assert is_out_of_memory(BoardFull(), (BoardFull,))
+    assert not is_out_of_memory(BoardFull())
 
 
 def test_idle_model_is_unloaded_and_reloaded_on_next_use(until: Any) -> None:
@@ -136,8 +155,16 @@ def test_never_unloaded_while_in_use(until: Any) -> None:
     unloaded: list[Any] = []
     with ModelManager(settings=ModelSettings(idle_unload_s=0.1)) as manager:
         manager.register("m", lambda ctx: object(), device="cpu", unloader=unloaded.append)
+        # A witness model, used after "m" was taken, shows idle passes of the housekeeper: once
+        # it was unloaded twice, "m" has been idle-eligible (but held) for at least one pass.
+        witness_gone = threading.Semaphore(0)
+        manager.register(
+            "witness", lambda ctx: object(), device="cpu", unloader=lambda _: witness_gone.release()
+        )
         with manager.use("m"):
-            time.sleep(0.6)  # several idle periods pass while the model is held
+            for _ in range(2):
+                manager.load("witness")
+                assert witness_gone.acquire(timeout=20), "the housekeeper never unloaded the witness"
             assert manager.stats()["m"].state is ModelState.LOADED
             assert unloaded == []
         until(lambda: len(unloaded) == 1, "the unload after the last user left")
@@ -223,3 +250,71 @@ def test_default_manager_is_one_per_process_until_shut_down() -> None:
     second = default_manager()
     assert second is not first and not second.closed
     second.shutdown()
+
+
+def test_an_error_raised_while_handling_an_oom_does_not_fall_back() -> None:
+    class HandlerBug(FakeGpuLoader):
+        def __call__(self, ctx: LoadContext) -> torch.nn.Module:
+            try:
+                return super().__call__(ctx)
+            except torch.OutOfMemoryError:
+                # A bug in the loader's own OOM handling: unrelated, but its __context__ is the OOM.
+                raise KeyError("layer_3.weight") from None
+
+    fake = HandlerBug()
+    with _manager() as manager:
+        manager.register("emb", fake)
+        with pytest.raises(ModelLoadError, match=r"layer_3\.weight") as caught:
+            manager.load("emb")
+        assert manager.stats()["emb"].cpu_fallbacks == 0
+    assert fake.devices == ["cuda"]  # before the fix: ["cuda", "cpu"], the bug hidden by a fallback
+    assert isinstance(caught.value.__cause__, KeyError)
+
+
+def test_a_configured_oom_class_falls_back() -> None:
+    class BoardFull(Exception):
+        """What a non-torch framework raises when the GPU is full."""
+
+    fake = FakeGpuLoader(error=BoardFull("no room on the board"))
+    with _manager() as manager:
+        manager.register("emb", fake, oom_errors=(BoardFull,))
+        assert manager.load("emb") == "cpu"
+    assert fake.devices == ["cuda", "cpu"]
+
+
+def test_an_oom_in_use_is_typed_and_leaves_the_model_where_it_is() -> None:
+    """Decision: an OOM in a call of a shared model never moves it (others may be mid-call on the
+    GPU copy, and a CPU copy would be a second one): the caller gets ModelUseOutOfMemory."""
+
+    def loader(ctx: LoadContext) -> torch.nn.Module:
+        return torch.nn.Linear(8, 4)  # a FAKE GPU model: built on the CPU, reported as on 'cuda'
+
+    with _manager() as manager:
+        manager.register("emb", loader)
+        oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        with pytest.raises(ModelUseOutOfMemory, match="stays loaded") as caught, manager.use("emb"):
+            raise oom
+        assert caught.value.__cause__ is oom
+        assert isinstance(caught.value, MemoryError) and isinstance(caught.value, SimbridgeError)
+        stats = manager.stats()["emb"]
+        assert (stats.state, stats.device, stats.cpu_fallbacks) == (ModelState.LOADED, "cuda", 0)
+        assert (stats.use_out_of_memory, stats.active_users) == (1, 0)
+        # Other errors of the caller's own block pass through unchanged.
+        with pytest.raises(ZeroDivisionError), manager.use("emb"):
+            raise ZeroDivisionError
+        with manager.use("emb") as model:
+            assert model(torch.zeros(1, 8)).shape == (1, 4)
+
+
+def test_an_oom_in_a_batch_reaches_each_caller_typed() -> None:
+    def encode(model: Any, items: list[int]) -> list[int]:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    with _manager() as manager:
+        manager.register("emb", lambda ctx: object())
+        with manager.batched("emb", encode, 4, 1) as batcher:
+            futures = [batcher.future(n) for n in range(3)]
+            for future in futures:
+                error = future.exception(timeout=20)
+                assert isinstance(error, ModelUseOutOfMemory)
+                assert isinstance(error.__cause__, torch.OutOfMemoryError)
