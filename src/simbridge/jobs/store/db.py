@@ -1,4 +1,4 @@
-"""The jobs store: one SQLAlchemy engine, migrations on open, and every read and write of job state.
+"""The jobs store: every read and write of job state (connections and transactions: base.py).
 
 Each write is one short transaction; a state change and its event row commit together, guarded by
 the state the caller saw (optimistic), so two processes never both move the same beam.
@@ -6,24 +6,17 @@ the state the caller saw (optimistic), so two processes never both move the same
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
-from types import TracebackType
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 import structlog
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from sqlalchemy.engine import Connection
 
-from simbridge.jobs.errors import CaseRejectedError, NotFoundError, StaleStateError, StoreError
+from simbridge.jobs.errors import CaseRejectedError, NotFoundError, StaleStateError
 from simbridge.jobs.states import BeamState, check_transition
 from simbridge.jobs.store import statements as sql
-from simbridge.jobs.store.engine import READ_ONLY, DriverCursor, default_actor, make_engine
+from simbridge.jobs.store.base import StoreBase
 from simbridge.jobs.store.rows import (
     AttemptRow,
     BeamRow,
@@ -38,143 +31,12 @@ from simbridge.jobs.store.schema import attempts, beams, cases, events
 
 log = structlog.get_logger(__name__)
 
-MIGRATIONS = Path(__file__).with_name("migrations")
-_PG_MIGRATE_LOCK = 0x5B1D6E  # advisory lock id: one migrator at a time on PostgreSQL
 
-
-class Store:
+class Store(StoreBase):
     """Job state in SQLite or PostgreSQL. A context manager: closing disposes the engine's pool."""
-
-    def __init__(self, *, url: str, actor: str | None = None, migrate: bool = True) -> None:
-        self.url = url
-        self.actor = actor or default_actor("simbridge")
-        self._write_lock: contextlib.AbstractContextManager[object] = (
-            threading.Lock() if url.startswith("sqlite") else contextlib.nullcontext()
-        )
-        self._sqlite = url.startswith("sqlite")
-        self._mark = "?" if self._sqlite else "%s"  # the driver's positional placeholder
-        self._compiled: dict[int, tuple[object, str, tuple[str, ...] | None]] = {}
-        self._writer: Any = None  # SQLite: the connection every fast_tx() writes on
-        try:
-            self.engine = make_engine(url)
-            self._dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
-            if migrate:
-                self.migrate()
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreError(f"cannot open the jobs database {self._safe_url()}: {exc}") from exc
-
-    def _safe_url(self) -> str:
-        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
 
     def __enter__(self) -> Store:
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Release every pooled connection."""
-        with self._write_lock:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
-        self.engine.dispose()
-
-    @contextlib.contextmanager
-    def tx(self) -> Iterator[Connection]:
-        """One write transaction; SQLAlchemy errors leave as :class:`StoreError`."""
-        try:
-            # SQLite has one writer at a time: queue our own threads on a Python lock (woken at
-            # once) rather than on SQLite's busy handler, which sleeps in growing steps while
-            # the holder may be waiting for the GIL.
-            with self._write_lock, self.engine.begin() as conn:
-                yield conn
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
-
-    @contextlib.contextmanager
-    def fast_tx(self) -> Iterator[DriverCursor]:
-        """One write transaction on the driver's cursor (see :class:`DriverCursor`); same guarantees as
-        :meth:`tx`: all or nothing, committed when the block ends, errors as :class:`StoreError`.
-
-        On SQLite every such write goes through one connection kept out of the pool (writes are
-        one at a time anyway): no pool round per write, and its page cache stays valid.
-        """
-        try:
-            with self._write_lock:
-                dbapi_conn = self._writer or self.engine.raw_connection()
-                keep = self._sqlite  # a connection that failed is never kept
-                try:
-                    cursor = dbapi_conn.cursor()
-                    if self._sqlite:
-                        cursor.execute("BEGIN IMMEDIATE")  # take the write lock up front, as in tx()
-                    try:
-                        yield DriverCursor(cursor, self._compiled, self.engine.dialect)
-                    except BaseException as exc:
-                        keep = keep and not isinstance(exc, self._dbapi_error)
-                        dbapi_conn.rollback()
-                        raise
-                    dbapi_conn.commit()
-                    cursor.close()
-                except self._dbapi_error:
-                    keep = False
-                    raise
-                finally:
-                    if keep:
-                        self._writer = dbapi_conn
-                    else:
-                        self._writer = None
-                        dbapi_conn.close()  # back to the pool (which resets it)
-        except (sa.exc.SQLAlchemyError, self._dbapi_error) as exc:
-            raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
-
-    @contextlib.contextmanager
-    def _fast_read(self) -> Iterator[Any]:
-        """A driver cursor for the dispatcher's per-tick reads (each SELECT sees committed data)."""
-        try:
-            dbapi_conn = self.engine.raw_connection()
-            try:
-                cursor = dbapi_conn.cursor()
-                try:
-                    yield cursor
-                finally:
-                    cursor.close()
-                    if not self._sqlite:
-                        dbapi_conn.rollback()  # end the read transaction the driver began
-            finally:
-                dbapi_conn.close()
-        except (sa.exc.SQLAlchemyError, self._dbapi_error) as exc:
-            raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
-
-    def _marks(self, count: int) -> str:
-        return ", ".join([self._mark] * count)
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[Connection]:
-        """One read-only transaction (never waits for writers on SQLite WAL)."""
-        try:
-            with (
-                self.engine.connect().execution_options(**{READ_ONLY: True}) as conn,
-                conn.begin(),
-            ):
-                yield conn
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
-
-    def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision (safe when several processes start)."""
-        cfg = AlembicConfig()
-        cfg.set_main_option("script_location", str(MIGRATIONS))
-        with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATE_LOCK})
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
 
     # ---- cases -------------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 READ_ONLY = "simbridge_read_only"  # execution option: a deferred (non-locking) SQLite transaction
+# How long one SQLite statement waits for another process's write lock before it fails as
+# "database is locked" (a passing fault: the dispatcher backs off and tries again). Short enough
+# that a serve under a held lock still notices --max-seconds and SIGTERM in good time.
+BUSY_TIMEOUT_S = 5.0
 
 
 def default_actor(role: str) -> str:
@@ -22,20 +28,41 @@ def default_actor(role: str) -> str:
     return f"{role}@{socket.gethostname()}:{os.getpid()}"
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, a busy timeout and write-locking transactions."""
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None for an in-memory database or another dialect)."""
+    if not url.startswith("sqlite"):
+        return None
+    path = sa.engine.make_url(url).database
+    return Path(path) if path and path != ":memory:" else None
+
+
+def make_engine(url: str, *, create: bool = True) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and write-locking transactions.
+
+    SQLite connections open the file read-write but never create it (``mode=rw``): a database
+    deleted under a running process must fail loudly, not come back empty. ``create`` makes the
+    file (and its folder) first, if missing.
+    """
+    path = sqlite_path(url)
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        kwargs: dict[str, Any] = {}
+        if path is not None:
+            if create:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                sqlite3.connect(path).close()
+            target = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=rw"
+            kwargs["creator"] = lambda: sqlite3.connect(
+                target, uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False
+            )
         # A pool of connections (shared across threads, one at a time each): opening a SQLite
         # connection and setting its pragmas costs more than most of our transactions.
         engine = sa.create_engine(
             url,
-            connect_args={"timeout": 30, "check_same_thread": False},
+            connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False},
             poolclass=sa.QueuePool,
             pool_size=8,
             max_overflow=8,
+            **kwargs,
         )
 
         @sa.event.listens_for(engine, "connect")
@@ -46,7 +73,7 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
             cur.close()
 
         @sa.event.listens_for(engine, "begin")
@@ -60,7 +87,16 @@ def make_engine(url: str) -> Engine:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    # connect_timeout: an unreachable server fails a connection in seconds rather than hanging
+    # a step thread; pool_timeout likewise bounds the wait for a pooled connection.
+    return sa.create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=8,
+        max_overflow=8,
+        pool_timeout=30,
+        connect_args={"connect_timeout": 10},
+    )
 
 
 class DriverCursor:

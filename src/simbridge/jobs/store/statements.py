@@ -43,8 +43,12 @@ CLOSE_ATTEMPT = (
     .where(attempts.c.id == B("_id"), attempts.c.ended_at.is_(None))
     .values(ended_at=B("v_ended_at"), outcome=B("v_outcome"), exit_code=B("v_exit_code"))
 )
-LAUNCH_CHECK = sa.select(beams.c.case_id, beams.c.step_tries).where(
-    beams.c.id == B("_id"), beams.c.state == B("_expected")
+# FOR UPDATE (PostgreSQL; SQLite's write lock already serialises): the beam row stays locked
+# until the attempt is written, so two launchers of one beam never both pass the checks below.
+LAUNCH_CHECK = (
+    sa.select(beams.c.case_id, beams.c.step_tries)
+    .where(beams.c.id == B("_id"), beams.c.state == B("_expected"))
+    .with_for_update()
 )
 OPEN_OF_BEAM = sa.select(attempts.c.id).where(attempts.c.beam_id == B("_id"), attempts.c.ended_at.is_(None))
 COUNT_OF_BEAM = sa.select(sa.func.count()).select_from(attempts).where(attempts.c.beam_id == B("_id"))
