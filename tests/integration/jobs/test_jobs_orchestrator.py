@@ -109,9 +109,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
 
 
 @pytest.mark.parametrize("serves", [2, 3])
-def test_several_serves_on_one_database_one_runs_the_others_are_refused(
-    env: JobsEnv, serves: int
-) -> None:
+def test_several_serves_on_one_database_one_runs_the_others_are_refused(env: JobsEnv, serves: int) -> None:
     _setup(env)
     env.make_case("case", {b: {"plan.json": "{}"} for b in BEAMS})
     logs = [open(env.root / f"serve{i}.log", "wb") for i in range(serves)]  # noqa: SIM115
@@ -168,7 +166,13 @@ def test_a_silent_holder_on_another_host_is_replaced_after_the_ttl(env: JobsEnv)
         conn.execute(
             sa.update(orchestrator)
             .where(orchestrator.c.id == 1)
-            .values(holder="serve-elsewhere", host="node-17", pid=4242, started_at=forged_at, heartbeat_at=forged_at)
+            .values(
+                holder="serve-elsewhere",
+                host="node-17",
+                pid=4242,
+                started_at=forged_at,
+                heartbeat_at=forged_at,
+            )
         )
     refused = env.cli("serve", "--until-idle", "--max-seconds", "60", check=False)
     assert refused.returncode == 1, refused.stderr

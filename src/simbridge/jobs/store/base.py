@@ -279,6 +279,7 @@ class StoreBase:
                 self.engine.connect().execution_options(**{READ_ONLY: True}) as conn,
                 conn.begin(),
             ):
+                self._check_file_in_tx()  # a pooled connection would read the deleted file on
                 yield conn
         except (sa.exc.SQLAlchemyError, self._dbapi_error) as exc:
             raise self._error(exc) from exc
