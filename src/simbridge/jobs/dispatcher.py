@@ -43,6 +43,7 @@ from simbridge.jobs.names import safe_key
 from simbridge.jobs.pipeline import LOCAL_STEPS, Pipeline
 from simbridge.jobs.states import BeamState
 from simbridge.jobs.store import AttemptRow, BeamRow, Store, default_actor
+from simbridge.jobs.store.faults import STORE_BACKOFF_MAX_S, StoreTrouble
 from simbridge.jobs.store.lease import OrchestratorLease
 from simbridge.jobs.transport import LocalTransport
 
@@ -57,46 +58,6 @@ ACTIVE = (
     BeamState.POSTPROCESSING,
 )
 SCAN_LIMIT = 256
-# Backoff while the store fails (locked, restarting, unreachable): from 0.1 s, doubling, capped.
-STORE_BACKOFF_MAX_S = 5.0
-
-
-class _StoreTrouble:
-    """Whether the store is failing now; logs one line when that changes, never one per try.
-
-    Shared by the loop and the step threads: a step that meets a passing store fault leaves its
-    beam as it is (every step resumes), and the loop backs off until the store answers again.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._since: float | None = None
-        self._last = ""
-        self._tries = 0
-
-    def failed(self, exc: StoreError) -> None:
-        text = str(exc)
-        with self._lock:
-            self._tries += 1
-            first = self._since is None
-            if first:
-                self._since = time.monotonic()
-            changed = first or text.split(":", 1)[-1] != self._last.split(":", 1)[-1]
-            self._last = text
-        if changed:
-            log.warning("jobs.store_unavailable", error=text, backoff_max_s=STORE_BACKOFF_MAX_S)
-
-    def ok(self) -> None:
-        with self._lock:
-            if self._since is None:
-                return
-            down_s, tries = time.monotonic() - self._since, self._tries
-            self._since, self._last, self._tries = None, "", 0
-        log.info("jobs.store_available", after_s=round(down_s, 1), failed_tries=tries)
-
-    @property
-    def failing(self) -> bool:
-        return self._since is not None
 
 
 def _store_error(state: tenacity.RetryCallState) -> StoreError:
@@ -118,7 +79,7 @@ class Dispatcher:
         self.jobs = jobs
         self._own_store = store is None
         self.store = store or Store(url=jobs.db_url(), actor=default_actor("serve"))
-        self._trouble = _StoreTrouble()
+        self._trouble = StoreTrouble()
         self._lost: str | None = None  # why this serve must stop (lease or database lost)
         self._recovered = False
         # One orchestrator per database: taken before anything acts, fencing every write.

@@ -6,10 +6,14 @@ the dispatcher can wait out a passing fault without failing a beam and stop on a
 
 from __future__ import annotations
 
+import re
 import sqlite3
+import threading
+import time
 from collections.abc import Callable
 
 import sqlalchemy as sa
+import structlog
 
 from simbridge.jobs.errors import (
     StoreError,
@@ -17,6 +21,8 @@ from simbridge.jobs.errors import (
     StoreNotInitialisedError,
     StoreUnavailableError,
 )
+
+log = structlog.get_logger(__name__)
 
 # SQLSTATE classes and codes of PostgreSQL errors that go away by themselves: connection
 # exceptions (08), serialization failure and deadlock (40), lock not available (55P03),
@@ -83,3 +89,47 @@ def not_initialised(where: str) -> StoreNotInitialisedError:
         f"jobs database {where} is not initialised; run `simbridge serve` (or `simbridge submit`) "
         "once to create it, or check jobs.database_url / jobs.work_root"
     )
+
+
+# Backoff while the store fails (locked, restarting, unreachable): from 0.1 s, doubling, capped.
+STORE_BACKOFF_MAX_S = 5.0
+
+
+class StoreTrouble:
+    """Whether the store is failing now; logs one line when that changes, never one per try.
+
+    Shared by the loop and the step threads: a step that meets a passing store fault leaves its
+    beam as it is (every step resumes), and the loop backs off until the store answers again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: float | None = None
+        self._last = ""
+        self._tries = 0
+
+    def failed(self, exc: StoreError) -> None:
+        text = str(exc)
+        with self._lock:
+            self._tries += 1
+            first = self._since is None
+            if first:
+                self._since = time.monotonic()
+            # Numbers (seconds, ports, pids) change from try to try; the kind of fault does not.
+            kind = re.sub(r"[0-9.]+", "#", f"{type(exc).__name__}: {text}")
+            changed = first or kind != self._last
+            self._last = kind
+        if changed:
+            log.warning("jobs.store_unavailable", error=text, backoff_max_s=STORE_BACKOFF_MAX_S)
+
+    def ok(self) -> None:
+        with self._lock:
+            if self._since is None:
+                return
+            down_s, tries = time.monotonic() - self._since, self._tries
+            self._since, self._last, self._tries = None, "", 0
+        log.info("jobs.store_available", after_s=round(down_s, 1), failed_tries=tries)
+
+    @property
+    def failing(self) -> bool:
+        return self._since is not None
