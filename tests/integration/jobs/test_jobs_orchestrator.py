@@ -12,7 +12,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,7 +23,7 @@ import sqlalchemy as sa
 from tests.integration.jobs.jobs_fixtures import REPO, JobsEnv, wait_for
 
 from simbridge.jobs.dispatcher import Dispatcher
-from simbridge.jobs.errors import LeaseLostError, OrchestratorBusyError
+from simbridge.jobs.errors import LeaseLostError, OrchestratorBusyError, StaleStateError
 from simbridge.jobs.states import BeamState
 from simbridge.jobs.store import Store
 from simbridge.jobs.store.schema import orchestrator
@@ -226,3 +228,42 @@ def test_a_dispatcher_that_lost_its_lease_writes_nothing(env: JobsEnv) -> None:
     with Store(url=env.db_url) as store:
         assert [e.reason for e in store.events()] == []
         assert _holder(env).holder == "serve-other"  # a lost lease is not freed on close
+
+
+def test_open_attempt_is_safe_without_the_lease_on_postgresql(sqlite_env: JobsEnv, pg_server: Any) -> None:
+    # Defence in depth: two writers (no lease between them) racing to launch the same beams;
+    # the beam row lock taken by open_attempt lets exactly one launch each beam.
+    url = pg_server.new_database()
+    names = [f"b{i}" for i in range(40)]
+    with Store(url=url) as first, Store(url=url) as second:
+        first.add_case(key="c", name="c", source="/s", root="/r", beams_=[(n, n, f"/r/{n}") for n in names])
+        ids = [b.id for b in first.beams()]
+        wins: list[int] = []
+        lock = threading.Lock()
+
+        def launch(store: Store, barrier: threading.Barrier, beam_id: int) -> None:
+            barrier.wait(timeout=30)
+            try:
+                store.open_attempt(
+                    beam_id,
+                    expected=BeamState.PENDING,
+                    target=BeamState.PREPARING,
+                    token=f"t-{uuid.uuid4().hex}",
+                    executor="local",
+                    work_dir="/w",
+                    deadline=time.time() + 60,
+                )
+            except StaleStateError:
+                return
+            with lock:
+                wins.append(beam_id)
+
+        for beam_id in ids:
+            barrier = threading.Barrier(2)
+            threads = [threading.Thread(target=launch, args=(s, barrier, beam_id)) for s in (first, second)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+        assert sorted(wins) == ids, "a beam was launched twice (or not at all)"
+        assert all(len(first.attempts(i)) == 1 for i in ids)
