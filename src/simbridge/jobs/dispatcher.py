@@ -82,16 +82,6 @@ class Dispatcher:
         self._trouble = StoreTrouble()
         self._lost: str | None = None  # why this serve must stop (lease or database lost)
         self._recovered = False
-        # One orchestrator per database: taken before anything acts, fencing every write.
-        self.lease = OrchestratorLease(self.store, ttl_s=jobs.orchestrator_lease_s, on_lost=self._lease_lost)
-        try:
-            self.lease.acquire()
-        except BaseException:
-            if self._own_store:
-                self.store.close()
-            raise
-        self.store.fence(self.lease)
-        self.lease.start()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.local = LocalExecutor(notify=self._wake.set)
@@ -107,7 +97,8 @@ class Dispatcher:
         self.gpus = GpuPool.from_settings(settings)
         if jobs.gpus_per_beam > len(self.gpus.gpus):
             self.gpus.close()
-            self._let_go()
+            if self._own_store:
+                self.store.close()
             raise JobsConfigError(
                 f"jobs.gpus_per_beam is {jobs.gpus_per_beam} but the pool has {len(self.gpus.gpus)} GPU(s); "
                 "no beam could ever start: lower jobs.gpus_per_beam or configure more gpus.slots"
@@ -129,6 +120,19 @@ class Dispatcher:
                 is_taken=lambda name: self.store.has_case(safe_key(name)),
                 on_change=self._wake.set,
             )
+        # One orchestrator per database. Taken last, so a failure above never leaves it held
+        # (nothing above writes); from here on every write of this store is fenced by it.
+        self.lease = OrchestratorLease(self.store, ttl_s=jobs.orchestrator_lease_s, on_lost=self._lease_lost)
+        try:
+            self.lease.acquire()
+        except BaseException:
+            self._threads.shutdown(wait=False)
+            self.gpus.close()
+            if self._own_store:
+                self.store.close()
+            raise
+        self.store.fence(self.lease)
+        self.lease.start()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
