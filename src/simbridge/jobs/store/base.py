@@ -5,8 +5,10 @@ the orchestrator fence on every write, and the translation of database errors at
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +26,7 @@ from simbridge.jobs.store.engine import READ_ONLY, DriverCursor, default_actor, 
 from simbridge.jobs.store.faults import not_initialised, translate
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+FILE_CHECK_S = 0.2  # how often transactions look whether the SQLite file is still ours
 _PG_MIGRATE_LOCK = 0x5B1D6E  # advisory lock id: one migrator at a time on PostgreSQL
 
 
@@ -76,6 +79,8 @@ class StoreBase:
         self._writer: Any = None  # SQLite: the connection every fast_tx() writes on
         self._fence: Fence | None = None
         self._file_id: tuple[int, int] | None = None
+        self._file_checked = -math.inf  # monotonic time of the last look at the file
+        self._lost: str | None = None  # why the file is no longer ours, once seen
         where = self._safe_url()
         if not migrate and self._path is not None and not self._path.exists():
             raise not_initialised(where)
@@ -147,8 +152,9 @@ class StoreBase:
 
     def check(self) -> None:
         """Raise :class:`~simbridge.jobs.errors.StoreLostError` if the database file is gone or replaced."""
-        problem = self._file_problem()
+        problem = self._lost or self._file_problem()
         if problem is not None:
+            self._lost = problem  # once lost, always lost: no later write may reach the old file
             raise StoreLostError(f"jobs database {self.where}: {problem}")
 
     def fence(self, fence: Fence | None) -> None:
@@ -205,10 +211,17 @@ class StoreBase:
             raise self._error(exc) from exc
 
     def _check_file_in_tx(self) -> None:
-        # Before anything is written: a write to a deleted file is a write into the void.
-        problem = self._file_problem()
-        if problem is not None:
-            raise StoreLostError(f"jobs database {self.where}: {problem}")
+        # A write to a deleted file is a write into the void; but a stat() per transaction
+        # hands the GIL to the step threads each time, which the hot path cannot afford. So
+        # at most every FILE_CHECK_S: such a write is refused within that long (and the
+        # dispatcher checks once per tick anyway).
+        if self._path is None:
+            return
+        now = time.monotonic()
+        if self._lost is None and now - self._file_checked < FILE_CHECK_S:
+            return
+        self._file_checked = now
+        self.check()
 
     @contextlib.contextmanager
     def fast_tx(self) -> Iterator[DriverCursor]:
