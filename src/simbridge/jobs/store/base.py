@@ -22,7 +22,15 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
 from simbridge.jobs.errors import LeaseLostError, StoreError, StoreLostError, StoreUnavailableError
-from simbridge.jobs.store.engine import READ_ONLY, DriverCursor, default_actor, make_engine, sqlite_path
+from simbridge.jobs.store import statements as sql
+from simbridge.jobs.store.engine import (
+    READ_ONLY,
+    Compiled,
+    DriverCursor,
+    default_actor,
+    make_engine,
+    sqlite_path,
+)
 from simbridge.jobs.store.faults import not_initialised, translate
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -74,8 +82,7 @@ class StoreBase:
         self._write_lock: contextlib.AbstractContextManager[object] = (
             threading.Lock() if self._sqlite else contextlib.nullcontext()
         )
-        self._mark = "?" if self._sqlite else "%s"  # the driver's positional placeholder
-        self._compiled: dict[int, tuple[object, str, tuple[str, ...] | None]] = {}
+        self._compiled: Compiled = {}
         self._writer: Any = None  # SQLite: the connection every fast_tx() writes on
         self._fence: Fence | None = None
         self._file_id: tuple[int, int] | None = None
@@ -161,12 +168,6 @@ class StoreBase:
         """From now on every write first checks that ``fence`` still holds the orchestrator lease."""
         self._fence = fence
 
-    def _fence_sql(self) -> str:
-        # FOR KEY SHARE: a takeover (SELECT ... FOR UPDATE) waits for writes in flight under the
-        # old holder and every later write sees the new one; heartbeats (no key change) pass.
-        lock = "" if self._sqlite else " FOR KEY SHARE"
-        return f"SELECT holder, host, pid FROM orchestrator WHERE id = 1{lock}"
-
     def _check_fresh(self) -> None:
         # Before any lock is taken: a lease not renewed lately may be taken over any moment, so
         # write nothing until it is renewed (a passing fault: the heartbeat keeps trying).
@@ -176,11 +177,11 @@ class StoreBase:
                 raise LeaseLostError(fence.stale_reason())
             raise StoreUnavailableError(f"jobs database {self.where}: {fence.stale_reason()}")
 
-    def _check_fence(self, fetch: Callable[[str], Any]) -> None:
+    def _check_fence(self, fetch: Callable[[sa.Select[Any]], Any]) -> None:
         fence = self._fence
         if fence is None:
             return
-        row = fetch(self._fence_sql())
+        row = fetch(sql.FENCE_LOCKED)
         if row is None or row[0] != fence.token:
             now = "nobody" if row is None or row[0] is None else f"{row[1]} pid {row[2]}"
             raise LeaseLostError(
@@ -205,7 +206,7 @@ class StoreBase:
             with self._write_lock, self.engine.begin() as conn:
                 self._check_file_in_tx()
                 if fenced:
-                    self._check_fence(lambda q: conn.exec_driver_sql(q).first())
+                    self._check_fence(lambda q: conn.execute(q).first())
                 yield conn
         except (sa.exc.SQLAlchemyError, self._dbapi_error) as exc:
             raise self._error(exc) from exc
@@ -242,8 +243,9 @@ class StoreBase:
                         cursor.execute("BEGIN IMMEDIATE")  # take the write lock up front, as in tx()
                     try:
                         self._check_file_in_tx()
-                        self._check_fence(lambda q: cursor.execute(q).fetchone())
-                        yield DriverCursor(cursor, self._compiled, self.engine.dialect)
+                        driver = DriverCursor(cursor, self._compiled, self.engine.dialect)
+                        self._check_fence(lambda q: driver.run(q, {}).fetchone())
+                        yield driver
                     except BaseException as exc:
                         keep = keep and not isinstance(exc, (self._dbapi_error, StoreError))
                         dbapi_conn.rollback()
@@ -264,14 +266,14 @@ class StoreBase:
             raise self._error(exc) from exc
 
     @contextlib.contextmanager
-    def _fast_read(self) -> Iterator[Any]:
+    def _fast_read(self) -> Iterator[DriverCursor]:
         """A driver cursor for the dispatcher's per-tick reads (each SELECT sees committed data)."""
         try:
             dbapi_conn = self.engine.raw_connection()
             try:
                 cursor = dbapi_conn.cursor()
                 try:
-                    yield cursor
+                    yield DriverCursor(cursor, self._compiled, self.engine.dialect)
                 finally:
                     cursor.close()
                     if not self._sqlite:
@@ -280,9 +282,6 @@ class StoreBase:
                 dbapi_conn.close()
         except (sa.exc.SQLAlchemyError, self._dbapi_error) as exc:
             raise self._error(exc) from exc
-
-    def _marks(self, count: int) -> str:
-        return ", ".join([self._mark] * count)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:

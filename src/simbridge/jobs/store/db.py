@@ -130,10 +130,8 @@ class Store(StoreBase):
             wanted = list(ids)
             if not wanted:
                 return []
-            marks = self._marks(len(wanted))
-            query = f"SELECT {sql.BEAM_COLUMNS_SQL} FROM beams WHERE id IN ({marks}) ORDER BY id"
             with self._fast_read() as cursor:
-                return [beam_from_tuple(r) for r in cursor.execute(query, wanted).fetchall()]
+                return [beam_from_tuple(r) for r in cursor.run(sql.BEAMS_BY_IDS, {"ids": wanted}).fetchall()]
         q = sa.select(beams).order_by(beams.c.id)
         if ids is not None:
             q = q.where(beams.c.id.in_(list(ids)))
@@ -148,16 +146,9 @@ class Store(StoreBase):
         self, states: Iterable[BeamState], *, now: float, limit: int, skip: Iterable[int] = ()
     ) -> list[tuple[int, BeamState]]:
         """(id, state) of beams in ``states`` whose backoff has passed, oldest first, minus ``skip``."""
-        wanted = [s.value for s in states]
-        skipped = list(skip)
-        query = (
-            f"SELECT id, state FROM beams WHERE state IN ({self._marks(len(wanted))})"
-            f" AND (not_before IS NULL OR not_before <= {self._mark})"
-            + (f" AND id NOT IN ({self._marks(len(skipped))})" if skipped else "")
-            + f" ORDER BY id LIMIT {self._mark}"
-        )
+        params = {"states": [s.value for s in states], "now": now, "skip": list(skip), "limit": limit}
         with self._fast_read() as cursor:
-            rows = cursor.execute(query, [*wanted, now, *skipped, limit]).fetchall()
+            rows = cursor.run(sql.READY_IDS, params).fetchall()
         return [(int(r[0]), BeamState(r[1])) for r in rows]
 
     def transition(
@@ -399,9 +390,8 @@ class Store(StoreBase):
             q = sql.OPEN_ATTEMPTS.where(attempts.c.beam_id == beam_id)
             with self.read() as conn:
                 return [attempt_row(r) for r in conn.execute(q).all()]
-        query = f"SELECT {sql.ATTEMPT_COLUMNS_SQL} FROM attempts WHERE ended_at IS NULL ORDER BY id"
         with self._fast_read() as cursor:
-            return [attempt_from_tuple(r) for r in cursor.execute(query).fetchall()]
+            return [attempt_from_tuple(r) for r in cursor.run(sql.OPEN_ATTEMPTS, {}).fetchall()]
 
     def attempts(self, beam_id: int) -> list[AttemptRow]:
         """Every attempt of a beam, first first."""

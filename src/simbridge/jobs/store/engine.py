@@ -99,39 +99,68 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
     )
 
 
-class DriverCursor:
-    """A DBAPI cursor in one write transaction, running our prebuilt statements.
+# The compiled-statement cache of one store: (id of the statement, sizes of its list parameters)
+# -> (the statement, kept alive so its id is never reused; SQL; positional names; default values).
+Compiled = dict[tuple[int, tuple[int, ...]], tuple[object, str, tuple[str, ...] | None, dict[str, Any]]]
 
-    The hot writes (every transition, launch and close) skip SQLAlchemy's per-statement machinery,
-    which costs several times what SQLite itself does: each statement is compiled once for the
-    engine's dialect and run on the driver's cursor, inside the same BEGIN ... COMMIT.
+
+class DriverCursor:
+    """A DBAPI cursor running our prebuilt SQLAlchemy statements (in a transaction or a read).
+
+    The hot statements (every transition, launch, close and per-tick read) skip SQLAlchemy's
+    per-statement machinery, which costs several times what SQLite itself does: each statement is
+    compiled once for the engine's dialect (once per length of each list parameter, for ``IN``)
+    and run on the driver's cursor. All SQL still comes from SQLAlchemy and ``schema.py``.
     """
 
-    def __init__(
-        self, cursor: Any, compiled: dict[int, tuple[object, str, tuple[str, ...] | None]], dialect: Any
-    ):
+    def __init__(self, cursor: Any, compiled: Compiled, dialect: Any):
         self._cursor = cursor
         self._compiled = compiled
         self._dialect = dialect
 
-    def _sql(self, stmt: sa.Executable) -> tuple[str, tuple[str, ...] | None]:
-        found = self._compiled.get(id(stmt))
+    def _sql(
+        self, stmt: sa.Executable, params: dict[str, Any]
+    ) -> tuple[str, tuple[str, ...] | None, dict[str, Any]]:
+        sizes = tuple(len(v) for v in params.values() if isinstance(v, list))
+        key = (id(stmt), sizes)
+        found = self._compiled.get(key)
         if found is None or found[0] is not stmt:
-            compiled = stmt.compile(dialect=self._dialect)  # type: ignore[attr-defined]
+            compiled = plain = stmt.compile(dialect=self._dialect)  # type: ignore[attr-defined]
+            if sizes:
+                # Expanding IN: render one placeholder per element (named NAME_1, NAME_2, ...).
+                shape = {k: [None] * len(v) if isinstance(v, list) else None for k, v in params.items()}
+                compiled = stmt.params(shape).compile(  # type: ignore[attr-defined]
+                    dialect=self._dialect, compile_kwargs={"render_postcompile": True}
+                )
             positions = tuple(compiled.positiontup) if compiled.positiontup is not None else None
-            # Keep the statement itself alive so that its id is never reused for another.
-            found = self._compiled[id(stmt)] = (stmt, compiled.string, positions)
-        return found[1], found[2]
+            # Values SQLAlchemy bound itself (e.g. SQLite's OFFSET after a LIMIT), ours left out.
+            defaults = {k: v for k, v in plain.params.items() if k not in params and v is not None}
+            found = self._compiled[key] = (stmt, compiled.string, positions, defaults)
+        return found[1], found[2], found[3]
+
+    @staticmethod
+    def _flat(params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+        if not defaults and not any(isinstance(v, list) for v in params.values()):
+            return params
+        flat = dict(defaults)
+        for name, value in params.items():
+            if isinstance(value, list):
+                flat.update({f"{name}_{i}": item for i, item in enumerate(value, 1)})
+            else:
+                flat[name] = value
+        return flat
 
     def run(self, stmt: sa.Executable, params: dict[str, Any]) -> Any:
-        """Execute ``stmt`` with named ``params``; the cursor (for rows or rowcount)."""
-        text, positions = self._sql(stmt)
-        self._cursor.execute(text, params if positions is None else [params[k] for k in positions])
+        """Execute ``stmt`` with named ``params`` (a list value fills an expanding ``IN``); the
+        cursor (for rows or rowcount)."""
+        text, positions, defaults = self._sql(stmt, params)
+        flat = self._flat(params, defaults)
+        self._cursor.execute(text, flat if positions is None else [flat[k] for k in positions])
         return self._cursor
 
     def run_many(self, stmt: sa.Executable, rows: Sequence[dict[str, Any]]) -> None:
-        """Execute ``stmt`` once per parameter set."""
-        text, positions = self._sql(stmt)
+        """Execute ``stmt`` once per parameter set (no list parameters)."""
+        text, positions, _ = self._sql(stmt, rows[0])
         if positions is not None:
             self._cursor.executemany(text, [[r[k] for k in positions] for r in rows])
         else:

@@ -10,18 +10,36 @@ import functools
 
 import sqlalchemy as sa
 
-from simbridge.jobs.store.rows import ATTEMPT_FIELDS, BEAM_FIELDS
-from simbridge.jobs.store.schema import attempts, beams, events
+from simbridge.jobs.store.schema import attempts, beams, events, orchestrator
 
 B = sa.bindparam
 
-# Quoted column lists for the per-tick reads run on the driver's cursor (SQL shared by SQLite and
-# PostgreSQL; only the placeholder differs, so the store fills those in).
-BEAM_COLUMNS_SQL = ", ".join(f'"{name}"' for name in BEAM_FIELDS)
-ATTEMPT_COLUMNS_SQL = ", ".join(f'"{name}"' for name in ATTEMPT_FIELDS)
+
+def _in(name: str) -> sa.BindParameter[object]:
+    """A list parameter: ``IN (:name)`` gets one placeholder per element."""
+    return B(name, expanding=True)
+
 
 BEAM_BY_ID = sa.select(beams).where(beams.c.id == B("_id"))
+# The per-tick reads (rows come back in the table's column order: rows.py matches it).
 OPEN_ATTEMPTS = sa.select(attempts).where(attempts.c.ended_at.is_(None)).order_by(attempts.c.id)
+BEAMS_BY_IDS = sa.select(beams).where(beams.c.id.in_(_in("ids"))).order_by(beams.c.id)
+READY_IDS = (
+    sa.select(beams.c.id, beams.c.state)
+    .where(
+        beams.c.state.in_(_in("states")),
+        sa.or_(beams.c.not_before.is_(None), beams.c.not_before <= B("now")),
+        beams.c.id.not_in(_in("skip")),
+    )
+    .order_by(beams.c.id)
+    .limit(B("limit", type_=sa.Integer))
+)
+# The orchestrator fence, first in every write of a serve (FOR KEY SHARE on PostgreSQL: a
+# takeover's FOR UPDATE waits for the writes in flight; heartbeats, no key change, do not).
+FENCE = sa.select(orchestrator.c.holder, orchestrator.c.host, orchestrator.c.pid).where(
+    orchestrator.c.id == 1
+)
+FENCE_LOCKED = FENCE.with_for_update(read=True, key_share=True)
 EVENT_COLUMNS = ("at", "case_id", "beam_id", "from_state", "to_state", "reason", "actor")
 INSERT_EVENT = sa.insert(events).values({name: B(name) for name in EVENT_COLUMNS})
 ATTEMPT_COLUMNS = (
