@@ -267,7 +267,8 @@ class StoreBase:
 
     @contextlib.contextmanager
     def _fast_read(self) -> Iterator[DriverCursor]:
-        """A driver cursor for the dispatcher's per-tick reads (each SELECT sees committed data)."""
+        """A driver cursor for the store's reads (each SELECT sees committed data)."""
+        self._check_file_in_tx()  # a pooled connection would read a deleted file on
         try:
             dbapi_conn = self.engine.raw_connection()
             try:

@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import sqlalchemy as sa
 import structlog
 
 from simbridge.jobs.errors import CaseRejectedError, NotFoundError, StaleStateError
@@ -23,11 +22,8 @@ from simbridge.jobs.store.rows import (
     CaseRow,
     EventRow,
     attempt_from_tuple,
-    attempt_row,
     beam_from_tuple,
-    beam_row,
 )
-from simbridge.jobs.store.schema import attempts, beams, cases, events
 
 log = structlog.get_logger(__name__)
 
@@ -45,78 +41,64 @@ class Store(StoreBase):
     ) -> int:
         """Insert a case and its beams (key, name, path) as PENDING, with one event each."""
         now = time.time()
-        with self.tx() as conn:
-            if conn.execute(sa.select(cases.c.id).where(cases.c.key == key)).first():
+        event = {"at": now, "beam_id": None, "from_state": None, "to_state": None, "actor": self.actor}
+        with self.fast_tx() as tx:
+            if tx.run(sql.CASE_ID_BY_KEY, {"key": key}).fetchone() is not None:
                 raise CaseRejectedError(
                     f"case {key!r} was already taken; rename the folder, or use "
                     f"`simbridge retry {key}` to rerun it"
                 )
-            case_id = conn.execute(
-                sa.insert(cases)
-                .returning(cases.c.id)
-                .values(key=key, name=name, source=source, root=root, created_at=now)
-            ).scalar_one()
-            conn.execute(
-                sa.insert(events).values(
-                    at=now, case_id=case_id, reason=f"case taken from {source}", actor=self.actor
-                )
-            )
+            values = {"key": key, "name": name, "source": source, "root": root, "created_at": now}
+            case_id = tx.run(sql.INSERT_CASE, values).fetchall()[0][0]
+            tx.run(sql.INSERT_EVENT, {**event, "case_id": case_id, "reason": f"case taken from {source}"})
             for bkey, bname, path in beams_:
-                beam_id = conn.execute(
-                    sa.insert(beams)
-                    .returning(beams.c.id)
-                    .values(
-                        case_id=case_id,
-                        key=bkey,
-                        name=bname,
-                        path=path,
-                        state=BeamState.PENDING.value,
-                        step_tries=0,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                ).scalar_one()
-                conn.execute(
-                    sa.insert(events).values(
-                        at=now,
-                        case_id=case_id,
-                        beam_id=beam_id,
-                        to_state=BeamState.PENDING.value,
-                        reason="beam found in case",
-                        actor=self.actor,
-                    )
+                beam = {"case_id": case_id, "key": bkey, "name": bname, "path": path}
+                pending = {"state": BeamState.PENDING.value, "step_tries": 0}
+                beam_id = tx.run(
+                    sql.INSERT_BEAM, {**beam, **pending, "created_at": now, "updated_at": now}
+                ).fetchall()[0][0]
+                tx.run(
+                    sql.INSERT_EVENT,
+                    {
+                        **event,
+                        "case_id": case_id,
+                        "beam_id": beam_id,
+                        "to_state": BeamState.PENDING.value,
+                        "reason": "beam found in case",
+                    },
                 )
         return int(case_id)
 
     def case(self, ref: str | int) -> CaseRow:
         """A case by id or key; :class:`NotFoundError` says how to list them."""
-        where = cases.c.id == ref if isinstance(ref, int) else cases.c.key == ref
-        with self.read() as conn:
-            row = conn.execute(sa.select(cases).where(where)).first()
+        query, params = (
+            (sql.CASE_BY_ID, {"_id": ref}) if isinstance(ref, int) else (sql.CASE_BY_KEY, {"key": ref})
+        )
+        with self._fast_read() as cursor:
+            row = cursor.run(query, params).fetchone()
         if row is None:
             raise NotFoundError(f"no case {ref!r}; `simbridge status` lists the cases")
-        return CaseRow(**row._mapping)
+        return CaseRow(*row)
 
     def has_case(self, key: str) -> bool:
         """Whether a case with this key was ever taken."""
-        with self.read() as conn:
-            return conn.execute(sa.select(cases.c.id).where(cases.c.key == key)).first() is not None
+        with self._fast_read() as cursor:
+            return cursor.run(sql.CASE_ID_BY_KEY, {"key": key}).fetchone() is not None
 
     def cases(self) -> list[CaseRow]:
         """Every case, oldest first."""
-        with self.read() as conn:
-            rows = conn.execute(sa.select(cases).order_by(cases.c.id)).all()
-        return [CaseRow(**r._mapping) for r in rows]
+        with self._fast_read() as cursor:
+            return [CaseRow(*r) for r in cursor.run(sql.ALL_CASES, {}).fetchall()]
 
     # ---- beams -------------------------------------------------------------------------------
 
     def beam(self, beam_id: int) -> BeamRow:
         """One beam by id."""
-        with self.read() as conn:
-            row = conn.execute(sql.BEAM_BY_ID, {"_id": beam_id}).first()
+        with self._fast_read() as cursor:
+            row = cursor.run(sql.BEAM_BY_ID, {"_id": beam_id}).fetchone()
         if row is None:
             raise NotFoundError(f"no beam with id {beam_id}")
-        return beam_row(row)
+        return beam_from_tuple(row)
 
     def beams(
         self,
@@ -126,21 +108,27 @@ class Store(StoreBase):
         ids: Iterable[int] | None = None,
     ) -> list[BeamRow]:
         """Beams, optionally of one case, in some states, or with given ids; in id order."""
-        if ids is not None and case_id is None and states is None:
-            wanted = list(ids)
-            if not wanted:
-                return []
-            with self._fast_read() as cursor:
-                return [beam_from_tuple(r) for r in cursor.run(sql.BEAMS_BY_IDS, {"ids": wanted}).fetchall()]
-        q = sa.select(beams).order_by(beams.c.id)
-        if ids is not None:
-            q = q.where(beams.c.id.in_(list(ids)))
-        if case_id is not None:
-            q = q.where(beams.c.case_id == case_id)
-        if states is not None:
-            q = q.where(beams.c.state.in_([s.value for s in states]))
-        with self.read() as conn:
-            return [beam_row(r) for r in conn.execute(q).all()]
+        wanted = None if ids is None else list(ids)
+        if wanted is not None and not wanted:
+            return []
+        with self._fast_read() as cursor:
+            if wanted is not None:
+                rows = cursor.run(sql.BEAMS_BY_IDS, {"ids": wanted}).fetchall()
+            elif states is not None:
+                chosen = [s.value for s in states]
+                rows = cursor.run(sql.BEAMS_OF_IN, {"case_id": case_id, "states": chosen}).fetchall()
+            else:
+                rows = cursor.run(sql.BEAMS_OF, {"case_id": case_id}).fetchall()
+        found = [beam_from_tuple(r) for r in rows]
+        if wanted is not None and (case_id is not None or states is not None):
+            # Rare (no caller today): the id list decides the query, the rest filters here.
+            keep = None if states is None else set(states)
+            found = [
+                b
+                for b in found
+                if (case_id is None or b.case_id == case_id) and (keep is None or b.state in keep)
+            ]
+        return found
 
     def ready_ids(
         self, states: Iterable[BeamState], *, now: float, limit: int, skip: Iterable[int] = ()
@@ -244,13 +232,13 @@ class Store(StoreBase):
 
     def update_beam(self, beam_id: int, expected: BeamState, **fields: Any) -> bool:
         """Set fields on a beam still in ``expected``; False if it moved meanwhile."""
-        with self.tx() as conn:
-            res = conn.execute(
-                sa.update(beams)
-                .where(beams.c.id == beam_id, beams.c.state == expected.value)
-                .values(updated_at=time.time(), **fields)
-            )
-            return bool(res.rowcount)
+        columns, params = sql.beam_values({"updated_at": time.time(), **fields})
+        with self.fast_tx() as tx:
+            done = tx.run(
+                sql.update_beam(columns, guarded=True),
+                {"_id": beam_id, "_expected": expected.value, **params},
+            ).fetchall()
+        return bool(done)
 
     # ---- attempts ----------------------------------------------------------------------------
 
@@ -341,12 +329,8 @@ class Store(StoreBase):
 
     def forget_try(self, beam_id: int) -> None:
         """Give back the try counted for an attempt that never started (killed before launch)."""
-        with self.tx() as conn:
-            conn.execute(
-                sa.update(beams)
-                .where(beams.c.id == beam_id, beams.c.step_tries > 0)
-                .values(step_tries=beams.c.step_tries - 1)
-            )
+        with self.fast_tx() as tx:
+            tx.run(sql.FORGET_TRY, {"_id": beam_id})
 
     def record_launch(
         self,
@@ -386,55 +370,51 @@ class Store(StoreBase):
 
     def open_attempts(self, *, beam_id: int | None = None) -> list[AttemptRow]:
         """Attempts launched (or about to be) that have not ended."""
-        if beam_id is not None:
-            q = sql.OPEN_ATTEMPTS.where(attempts.c.beam_id == beam_id)
-            with self.read() as conn:
-                return [attempt_row(r) for r in conn.execute(q).all()]
         with self._fast_read() as cursor:
-            return [attempt_from_tuple(r) for r in cursor.run(sql.OPEN_ATTEMPTS, {}).fetchall()]
+            if beam_id is not None:
+                rows = cursor.run(sql.OPEN_ATTEMPTS_OF, {"_id": beam_id}).fetchall()
+            else:
+                rows = cursor.run(sql.OPEN_ATTEMPTS, {}).fetchall()
+        return [attempt_from_tuple(r) for r in rows]
 
     def attempts(self, beam_id: int) -> list[AttemptRow]:
         """Every attempt of a beam, first first."""
-        q = sa.select(attempts).where(attempts.c.beam_id == beam_id).order_by(attempts.c.id)
-        with self.read() as conn:
-            return [attempt_row(r) for r in conn.execute(q).all()]
+        with self._fast_read() as cursor:
+            return [attempt_from_tuple(r) for r in cursor.run(sql.ATTEMPTS_OF, {"_id": beam_id}).fetchall()]
 
     def count_active(self) -> int:
         """How many beams are not in a terminal state."""
         terminal = [s.value for s in BeamState if s.terminal]
-        q = sa.select(sa.func.count()).select_from(beams).where(beams.c.state.not_in(terminal))
-        with self.read() as conn:
-            return int(conn.execute(q).scalar_one())
+        with self._fast_read() as cursor:
+            return int(cursor.run(sql.COUNT_NOT_IN, {"states": terminal}).fetchone()[0])
 
     def count_attempts(self, *, step: BeamState | None = None) -> int:
         """How many attempts were ever opened (of one step, if given)."""
-        q = sa.select(sa.func.count()).select_from(attempts)
-        if step is not None:
-            q = q.where(attempts.c.step == step.value)
-        with self.read() as conn:
-            return int(conn.execute(q).scalar_one())
+        with self._fast_read() as cursor:
+            if step is None:
+                return int(cursor.run(sql.COUNT_ATTEMPTS, {}).fetchone()[0])
+            return int(cursor.run(sql.COUNT_ATTEMPTS_OF, {"step": step.value}).fetchone()[0])
 
     # ---- events ------------------------------------------------------------------------------
 
     def add_event(self, *, reason: str, case_id: int | None = None, beam_id: int | None = None) -> None:
         """Append a note that is not a transition (a rejected case, a kill sent)."""
-        with self.tx() as conn:
-            conn.execute(
-                sa.insert(events).values(
-                    at=time.time(),
-                    case_id=case_id,
-                    beam_id=beam_id,
-                    reason=reason[:4000],
-                    actor=self.actor,
-                )
+        with self.fast_tx() as tx:
+            tx.run(
+                sql.INSERT_EVENT,
+                {
+                    "at": time.time(),
+                    "case_id": case_id,
+                    "beam_id": beam_id,
+                    "from_state": None,
+                    "to_state": None,
+                    "reason": reason[:4000],
+                    "actor": self.actor,
+                },
             )
 
     def events(self, *, beam_id: int | None = None, case_id: int | None = None) -> list[EventRow]:
         """The history, oldest first, optionally of one beam or case."""
-        q = sa.select(events).order_by(events.c.id)
-        if beam_id is not None:
-            q = q.where(events.c.beam_id == beam_id)
-        if case_id is not None:
-            q = q.where(events.c.case_id == case_id)
-        with self.read() as conn:
-            return [EventRow(**r._mapping) for r in conn.execute(q).all()]
+        with self._fast_read() as cursor:
+            rows = cursor.run(sql.EVENTS_OF, {"beam_id": beam_id, "case_id": case_id}).fetchall()
+        return [EventRow(*r) for r in rows]

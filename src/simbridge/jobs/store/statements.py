@@ -10,7 +10,7 @@ import functools
 
 import sqlalchemy as sa
 
-from simbridge.jobs.store.schema import attempts, beams, events, orchestrator
+from simbridge.jobs.store.schema import attempts, beams, cases, events, orchestrator
 
 B = sa.bindparam
 
@@ -91,3 +91,50 @@ def beam_values(values: dict[str, object]) -> tuple[tuple[str, ...], dict[str, o
     """The column tuple and the bind parameters for :func:`update_beam`."""
     columns = tuple(sorted(values))
     return columns, {f"v_{name}": values[name] for name in columns}
+
+
+def _maybe(column: sa.Column[int], name: str) -> sa.ColumnElement[bool]:
+    """``column = :name``, or true when :name is NULL (an optional filter in one statement)."""
+    param = B(name, type_=sa.Integer)
+    return sa.or_(param.is_(None), column == param)
+
+
+# ---- cases (the cold path: the same statements, the same driver cursor) ---------------------
+CASE_ID_BY_KEY = sa.select(cases.c.id).where(cases.c.key == B("key"))
+CASE_BY_ID = sa.select(cases).where(cases.c.id == B("_id"))
+CASE_BY_KEY = sa.select(cases).where(cases.c.key == B("key"))
+ALL_CASES = sa.select(cases).order_by(cases.c.id)
+INSERT_CASE = (
+    sa.insert(cases)
+    .values({name: B(name) for name in ("key", "name", "source", "root", "created_at")})
+    .returning(cases.c.id)
+)
+BEAM_COLUMNS = ("case_id", "key", "name", "path", "state", "step_tries", "created_at", "updated_at")
+INSERT_BEAM = sa.insert(beams).values({name: B(name) for name in BEAM_COLUMNS}).returning(beams.c.id)
+
+# ---- beams, attempts, events ----------------------------------------------------------------
+BEAMS_OF = sa.select(beams).where(_maybe(beams.c.case_id, "case_id")).order_by(beams.c.id)
+BEAMS_OF_IN = (
+    sa.select(beams)
+    .where(_maybe(beams.c.case_id, "case_id"), beams.c.state.in_(_in("states")))
+    .order_by(beams.c.id)
+)
+FORGET_TRY = (
+    sa.update(beams)
+    .where(beams.c.id == B("_id"), beams.c.step_tries > 0)
+    .values(step_tries=beams.c.step_tries - 1)
+)
+COUNT_NOT_IN = sa.select(sa.func.count()).select_from(beams).where(beams.c.state.not_in(_in("states")))
+OPEN_ATTEMPTS_OF = (
+    sa.select(attempts)
+    .where(attempts.c.ended_at.is_(None), attempts.c.beam_id == B("_id"))
+    .order_by(attempts.c.id)
+)
+ATTEMPTS_OF = sa.select(attempts).where(attempts.c.beam_id == B("_id")).order_by(attempts.c.id)
+COUNT_ATTEMPTS = sa.select(sa.func.count()).select_from(attempts)
+COUNT_ATTEMPTS_OF = COUNT_ATTEMPTS.where(attempts.c.step == B("step"))
+EVENTS_OF = (
+    sa.select(events)
+    .where(_maybe(events.c.beam_id, "beam_id"), _maybe(events.c.case_id, "case_id"))
+    .order_by(events.c.id)
+)
