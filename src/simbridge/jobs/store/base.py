@@ -70,7 +70,7 @@ class StoreBase:
 
     ``migrate=True`` (serve, submit) creates the database if needed and brings it to the newest
     schema, taking the write lock only when there is something to change. ``migrate=False`` (status,
-    retry, cancel, the dashboard) never creates or changes the schema: no database, or none of
+    retry, cancel) never creates or changes the schema: no database, or none of
     ours, is :class:`~simbridge.jobs.errors.StoreNotInitialisedError`.
     """
 

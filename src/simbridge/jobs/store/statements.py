@@ -1,7 +1,6 @@
-"""The hot-path SQL of the jobs store, built once with bind parameters.
-
-Building a SQLAlchemy statement costs more than running it on SQLite; these are reused (and so
-hit the compiled cache) by every transition, launch and poll.
+"""Every query of the jobs store: SQLAlchemy Core statements over schema.py, built once with bind
+parameters. Building a statement costs more than running it on SQLite: the store compiles each
+one once per dialect and runs it on the driver's cursor (engine.DriverCursor); no SQL by hand.
 """
 
 from __future__ import annotations
