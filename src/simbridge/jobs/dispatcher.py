@@ -43,6 +43,7 @@ from simbridge.jobs.names import safe_key
 from simbridge.jobs.pipeline import LOCAL_STEPS, Pipeline
 from simbridge.jobs.states import BeamState
 from simbridge.jobs.store import AttemptRow, BeamRow, Store, default_actor
+from simbridge.jobs.store.base import FILE_CHECK_S
 from simbridge.jobs.store.faults import STORE_BACKOFF_MAX_S, StoreTrouble
 from simbridge.jobs.store.lease import OrchestratorLease
 from simbridge.jobs.transport import LocalTransport
@@ -239,7 +240,9 @@ class Dispatcher:
         if not self._recovered:
             self.recover()
             self._recovered = True
-        self.store.check()  # a deleted or replaced database file stops serve here
+        # A deleted or replaced database file stops serve here. Not a stat() per tick: each one
+        # hands the GIL to the step threads, which costs the hot path more than the stat itself.
+        self.store.check(every=FILE_CHECK_S)
         self.tick()
         return until_idle and self.idle()
 

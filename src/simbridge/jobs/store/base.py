@@ -157,8 +157,15 @@ class StoreBase:
             return f"the database file {self._path} was replaced while this process had it open"
         return None
 
-    def check(self) -> None:
-        """Raise :class:`~simbridge.jobs.errors.StoreLostError` if the database file is gone or replaced."""
+    def check(self, *, every: float = 0.0) -> None:
+        """Raise :class:`~simbridge.jobs.errors.StoreLostError` if the database file is gone or replaced.
+
+        ``every``: look at the file at most this often (seconds), else only repeat a known loss.
+        """
+        now = time.monotonic()
+        if self._lost is None and now - self._file_checked < every:
+            return
+        self._file_checked = now
         problem = self._lost or self._file_problem()
         if problem is not None:
             self._lost = problem  # once lost, always lost: no later write may reach the old file
@@ -214,15 +221,10 @@ class StoreBase:
     def _check_file_in_tx(self) -> None:
         # A write to a deleted file is a write into the void; but a stat() per transaction
         # hands the GIL to the step threads each time, which the hot path cannot afford. So
-        # at most every FILE_CHECK_S: such a write is refused within that long (and the
-        # dispatcher checks once per tick anyway).
-        if self._path is None:
-            return
-        now = time.monotonic()
-        if self._lost is None and now - self._file_checked < FILE_CHECK_S:
-            return
-        self._file_checked = now
-        self.check()
+        # at most every FILE_CHECK_S: a write after the file vanished is refused within that
+        # long, and once the loss is known every later one at once.
+        if self._path is not None:
+            self.check(every=FILE_CHECK_S)
 
     @contextlib.contextmanager
     def fast_tx(self) -> Iterator[DriverCursor]:
