@@ -214,6 +214,13 @@ class JobsSettings(_Section):
         ge=0,
         description="A case without the marker is taken after this long unchanged.",
     )
+    orchestrator_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="One `serve` per database: a serve that stops renewing its lease (killed, host "
+        "down) may be replaced after this long; at once when its pid is dead on the same host.",
+    )
     steps: JobsStepsSettings = JobsStepsSettings()
     timeouts: JobsTimeoutsSettings = JobsTimeoutsSettings()
     retry: JobsRetrySettings = JobsRetrySettings()

@@ -55,8 +55,10 @@ def _logging(verbose: bool) -> None:
     )
 
 
-def _store(settings: Settings, role: str) -> Store:
-    return Store(url=settings.jobs.db_url(), actor=default_actor(role))
+def _store(settings: Settings, role: str, *, migrate: bool = True) -> Store:
+    # migrate=False: commands that only read or nudge rows never create the database or take
+    # the write lock to migrate it; no schema there is "not initialised; run serve".
+    return Store(url=settings.jobs.db_url(), actor=default_actor(role), migrate=migrate)
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -122,7 +124,7 @@ def status(
     """Show cases (state derived from their beams) or the beams of one case."""
     try:
         settings = _settings(config)
-        with _store(settings, "status") as store:
+        with _store(settings, "status", migrate=False) as store:
             views = control.snapshot(store, case)
     except SimbridgeError as exc:
         raise _fail(exc) from exc
@@ -148,7 +150,7 @@ def retry(
     """Put failed (and optionally cancelled) beams back in line; only those run again."""
     try:
         settings = _settings(config)
-        with _store(settings, "retry") as store:
+        with _store(settings, "retry", migrate=False) as store:
             keys = control.retry(store, target, failed=failed, cancelled=cancelled)
     except SimbridgeError as exc:
         raise _fail(exc) from exc
@@ -162,7 +164,7 @@ def cancel(
     """Cancel unfinished beams and kill their running processes (the whole process group)."""
     try:
         settings = _settings(config)
-        with _store(settings, "cancel") as store:
+        with _store(settings, "cancel", migrate=False) as store:
             keys = control.cancel(
                 store,
                 target,

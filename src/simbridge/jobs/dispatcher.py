@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 import structlog
+import tenacity
 
 from simbridge.config import Settings
 from simbridge.gpus import GpuPool
@@ -30,8 +31,10 @@ from simbridge.jobs.errors import (
     BadNameError,
     CaseRejectedError,
     JobsConfigError,
+    LeaseLostError,
     StaleStateError,
     StoreError,
+    StoreLostError,
 )
 from simbridge.jobs.executors import Executor, JobInfo, JobRef, JobStatus, make_executor
 from simbridge.jobs.executors.local import LocalExecutor
@@ -40,6 +43,9 @@ from simbridge.jobs.names import safe_key
 from simbridge.jobs.pipeline import LOCAL_STEPS, Pipeline
 from simbridge.jobs.states import BeamState
 from simbridge.jobs.store import AttemptRow, BeamRow, Store, default_actor
+from simbridge.jobs.store.base import FILE_CHECK_S
+from simbridge.jobs.store.faults import STORE_BACKOFF_MAX_S, StoreTrouble
+from simbridge.jobs.store.lease import OrchestratorLease
 from simbridge.jobs.transport import LocalTransport
 
 log = structlog.get_logger(__name__)
@@ -53,6 +59,11 @@ ACTIVE = (
     BeamState.POSTPROCESSING,
 )
 SCAN_LIMIT = 256
+
+
+def _store_error(state: tenacity.RetryCallState) -> StoreError:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    return exc if isinstance(exc, StoreError) else StoreError(repr(exc))
 
 
 class Dispatcher:
@@ -69,6 +80,9 @@ class Dispatcher:
         self.jobs = jobs
         self._own_store = store is None
         self.store = store or Store(url=jobs.db_url(), actor=default_actor("serve"))
+        self._trouble = StoreTrouble()
+        self._lost: str | None = None  # why this serve must stop (lease or database lost)
+        self._recovered = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.local = LocalExecutor(notify=self._wake.set)
@@ -84,6 +98,8 @@ class Dispatcher:
         self.gpus = GpuPool.from_settings(settings)
         if jobs.gpus_per_beam > len(self.gpus.gpus):
             self.gpus.close()
+            if self._own_store:
+                self.store.close()
             raise JobsConfigError(
                 f"jobs.gpus_per_beam is {jobs.gpus_per_beam} but the pool has {len(self.gpus.gpus)} GPU(s); "
                 "no beam could ever start: lower jobs.gpus_per_beam or configure more gpus.slots"
@@ -105,6 +121,19 @@ class Dispatcher:
                 is_taken=lambda name: self.store.has_case(safe_key(name)),
                 on_change=self._wake.set,
             )
+        # One orchestrator per database. Taken last, so a failure above never leaves it held
+        # (nothing above writes); from here on every write of this store is fenced by it.
+        self.lease = OrchestratorLease(self.store, ttl_s=jobs.orchestrator_lease_s, on_lost=self._lease_lost)
+        try:
+            self.lease.acquire()
+        except BaseException:
+            self._threads.shutdown(wait=False)
+            self.gpus.close()
+            if self._own_store:
+                self.store.close()
+            raise
+        self.store.fence(self.lease)
+        self.lease.start()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -132,8 +161,18 @@ class Dispatcher:
             self._inbox.__exit__(None, None, None)
         self._threads.shutdown(wait=True, cancel_futures=True)
         self.gpus.close()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        # After the steps drained (they write under the lease), before the store closes.
+        self.lease.__exit__(None, None, None)
+        self.store.fence(None)
         if self._own_store:
             self.store.close()
+
+    def _lease_lost(self, why: str) -> None:
+        self._lost = why
+        self.stop()
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the current tick (signal-safe)."""
@@ -151,24 +190,61 @@ class Dispatcher:
         signal.signal(signal.SIGINT, handler)
 
     def run(self, *, until_idle: bool = False, max_s: float | None = None) -> bool:
-        """Loop until stopped (or idle, or ``max_s`` passed); True if it ended idle."""
-        self.recover()
+        """Loop until stopped (or idle, or ``max_s`` passed); True if it ended idle.
+
+        A failing store (locked, restarting, unreachable) is waited out with a capped backoff,
+        still bounded by ``max_s`` and by :meth:`stop`; nothing is failed meanwhile. A lost
+        database or a lost lease raises: this serve must stop rather than guess.
+        """
         deadline = None if max_s is None else time.monotonic() + max_s
+
+        def over() -> bool:
+            return deadline is not None and time.monotonic() >= deadline
+
+        def pause(seconds: float) -> None:
+            left = seconds if deadline is None else min(seconds, max(0.0, deadline - time.monotonic()))
+            self._stop.wait(left)
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(
+                lambda exc: isinstance(exc, StoreError) and not isinstance(exc, StoreLostError)
+            ),
+            wait=tenacity.wait_exponential(multiplier=0.1, max=STORE_BACKOFF_MAX_S),
+            stop=lambda _state: self._stop.is_set() or over(),
+            sleep=pause,
+            before_sleep=lambda state: self._trouble.failed(_store_error(state)),
+            reraise=True,
+        )
+        self._recovered = False
         while not self._stop.is_set():
             try:
-                self.tick()
+                idle = retrying(self._turn, until_idle)
+            except (StoreLostError, LeaseLostError):
+                raise
             except StoreError as exc:
-                # The database is away (restarting, locked too long): keep serving, try again.
-                log.error("jobs.store_unavailable", error=str(exc))
-                self._stop.wait(max(1.0, self.jobs.poll_s))
-                continue
-            if until_idle and self.idle():
+                self._trouble.failed(exc)
+                break  # stopped or out of time while the store was failing
+            self._trouble.ok()
+            if idle:
                 return True
-            if deadline is not None and time.monotonic() > deadline:
+            if over():
                 return False
             self._wake.wait(self.jobs.poll_s)
             self._wake.clear()
+        if self._lost is not None:
+            raise LeaseLostError(self._lost)
         return False
+
+    def _turn(self, until_idle: bool) -> bool:
+        """One tick (after recovery, once): True if ``until_idle`` and nothing is left to do."""
+        if not self._recovered:
+            self.recover()
+            self._recovered = True
+        # A deleted or replaced database file stops serve here. Not a stat() per tick: each one
+        # hands the GIL to the step threads, which costs the hot path more than the stat itself.
+        self.store.check(every=FILE_CHECK_S)
+        self.tick()
+        return until_idle and self.idle()
 
     def recover(self) -> None:
         """Say what was in flight when we (re)started; the first tick reconciles it."""
@@ -224,6 +300,12 @@ class Dispatcher:
             action()
         except StaleStateError as exc:
             log.debug("jobs.step_skipped", beam=beam_id, reason=str(exc))
+        except LeaseLostError as exc:
+            self._lease_lost(str(exc))
+        except StoreError as exc:
+            # Never the beam's fault: it stays where it is and every step resumes from there
+            # (an attempt launched but not yet recorded is found again by its token).
+            self._trouble.failed(exc)
         except Exception as exc:  # a step must never take the dispatcher down
             log.exception("jobs.step_crashed", beam=beam_id)
             try:
@@ -245,9 +327,9 @@ class Dispatcher:
         beams = {b.id: b for b in self.store.beams(ids=self._open.keys())}
         polled: dict[str, list[tuple[AttemptRow, JobRef]]] = {}
         for attempt in attempts:
-            if attempt.beam_id in launching:
+            beam = beams.get(attempt.beam_id)
+            if attempt.beam_id in launching or beam is None:
                 continue
-            beam = beams[attempt.beam_id]
             ref = self.pipeline.ref(attempt, beam)
             if attempt.pid is None and attempt.job_id is None:
                 found = self._executors[attempt.executor].find(ref)
@@ -345,6 +427,12 @@ class Dispatcher:
             )
         except (CaseRejectedError, BadNameError) as exc:
             log.warning("jobs.case_rejected", folder=str(folder), error=str(exc))
+        except LeaseLostError as exc:
+            self._lease_lost(str(exc))
+            return
+        except StoreError as exc:
+            self._trouble.failed(exc)
+            return  # offered again on the next tick
         except Exception:
             log.exception("jobs.case_take_crashed", folder=str(folder))
             return  # offered again on the next tick

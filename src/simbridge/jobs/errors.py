@@ -55,3 +55,23 @@ class LaunchError(JobsError, OSError):
 
 class JobsConfigError(JobsError, ValueError):
     """Raised when the jobs configuration lacks something a command needs (e.g. steps.simulate)."""
+
+
+class StoreUnavailableError(StoreError):
+    """Raised when the database is there but cannot answer now (locked, restarting, unreachable)."""
+
+
+class StoreNotInitialisedError(StoreError):
+    """Raised when a command that only reads finds no jobs schema (or no database) at the URL."""
+
+
+class StoreLostError(StoreError):
+    """Raised when the database vanished under a running process (file deleted/replaced, schema gone)."""
+
+
+class OrchestratorBusyError(JobsError, RuntimeError):
+    """Raised when `serve` starts on a database whose orchestrator lease another live serve holds."""
+
+
+class LeaseLostError(JobsError, RuntimeError):
+    """Raised by a fenced write when this serve no longer holds the orchestrator lease."""

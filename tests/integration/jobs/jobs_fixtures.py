@@ -67,6 +67,26 @@ class PgServer:
     def bin(self, name: str) -> str:
         return str(Path(_pg_bindir()) / name)
 
+    def start(self) -> None:
+        """Start the server (again): same data, socket and port."""
+        opts = (
+            f"-k {self.root / 'sock'} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c max_connections=200"
+        )
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", self.bin("pg_ctl"), "-D", str(self.root / "data"),
+             "-o", opts, "-l", str(self.root / "log"), "-w", "-t", "60", "start"],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``fast``: disconnect every client, as an administrator would)."""
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", self.bin("pg_ctl"), "-D", str(self.root / "data"),
+             "-m", mode, "-w", "-t", "60", "stop"],
+            check=False, capture_output=True, timeout=120,
+        )  # fmt: skip
+
 
 def _pg_bindir() -> str:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
@@ -93,19 +113,12 @@ def pg_server() -> Iterator[PgServer]:
          "--no-sync", "-E", "UTF8"],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
-    opts = f"-k {sock} -p {port} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-    subprocess.run(
-        [*as_pg, f"{bindir}/pg_ctl", "-D", str(data), "-o", opts, "-l", str(root / "log"),
-         "-w", "-t", "60", "start"],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+    server = PgServer(port=port, root=root)
+    server.start()
     try:
-        yield PgServer(port=port, root=root)
+        yield server
     finally:
-        subprocess.run(
-            [*as_pg, f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"],
-            check=False, capture_output=True, timeout=60,
-        )  # fmt: skip
+        server.stop("immediate")
         shutil.rmtree(root, ignore_errors=True)
 
 

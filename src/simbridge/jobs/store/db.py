@@ -1,4 +1,4 @@
-"""The jobs store: one SQLAlchemy engine, migrations on open, and every read and write of job state.
+"""The jobs store: every read and write of job state (connections and transactions: base.py).
 
 Each write is one short transaction; a state change and its event row commit together, guarded by
 the state the caller saw (optimistic), so two processes never both move the same beam.
@@ -6,175 +6,33 @@ the state the caller saw (optimistic), so two processes never both move the same
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
-from types import TracebackType
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-import sqlalchemy as sa
 import structlog
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from sqlalchemy.engine import Connection
 
-from simbridge.jobs.errors import CaseRejectedError, NotFoundError, StaleStateError, StoreError
+from simbridge.jobs.errors import CaseRejectedError, NotFoundError, StaleStateError
 from simbridge.jobs.states import BeamState, check_transition
 from simbridge.jobs.store import statements as sql
-from simbridge.jobs.store.engine import READ_ONLY, DriverCursor, default_actor, make_engine
+from simbridge.jobs.store.base import StoreBase
 from simbridge.jobs.store.rows import (
     AttemptRow,
     BeamRow,
     CaseRow,
     EventRow,
     attempt_from_tuple,
-    attempt_row,
     beam_from_tuple,
-    beam_row,
 )
-from simbridge.jobs.store.schema import attempts, beams, cases, events
 
 log = structlog.get_logger(__name__)
 
-MIGRATIONS = Path(__file__).with_name("migrations")
-_PG_MIGRATE_LOCK = 0x5B1D6E  # advisory lock id: one migrator at a time on PostgreSQL
 
-
-class Store:
+class Store(StoreBase):
     """Job state in SQLite or PostgreSQL. A context manager: closing disposes the engine's pool."""
-
-    def __init__(self, *, url: str, actor: str | None = None, migrate: bool = True) -> None:
-        self.url = url
-        self.actor = actor or default_actor("simbridge")
-        self._write_lock: contextlib.AbstractContextManager[object] = (
-            threading.Lock() if url.startswith("sqlite") else contextlib.nullcontext()
-        )
-        self._sqlite = url.startswith("sqlite")
-        self._mark = "?" if self._sqlite else "%s"  # the driver's positional placeholder
-        self._compiled: dict[int, tuple[object, str, tuple[str, ...] | None]] = {}
-        self._writer: Any = None  # SQLite: the connection every fast_tx() writes on
-        try:
-            self.engine = make_engine(url)
-            self._dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
-            if migrate:
-                self.migrate()
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreError(f"cannot open the jobs database {self._safe_url()}: {exc}") from exc
-
-    def _safe_url(self) -> str:
-        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
 
     def __enter__(self) -> Store:
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Release every pooled connection."""
-        with self._write_lock:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
-        self.engine.dispose()
-
-    @contextlib.contextmanager
-    def tx(self) -> Iterator[Connection]:
-        """One write transaction; SQLAlchemy errors leave as :class:`StoreError`."""
-        try:
-            # SQLite has one writer at a time: queue our own threads on a Python lock (woken at
-            # once) rather than on SQLite's busy handler, which sleeps in growing steps while
-            # the holder may be waiting for the GIL.
-            with self._write_lock, self.engine.begin() as conn:
-                yield conn
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
-
-    @contextlib.contextmanager
-    def fast_tx(self) -> Iterator[DriverCursor]:
-        """One write transaction on the driver's cursor (see :class:`DriverCursor`); same guarantees as
-        :meth:`tx`: all or nothing, committed when the block ends, errors as :class:`StoreError`.
-
-        On SQLite every such write goes through one connection kept out of the pool (writes are
-        one at a time anyway): no pool round per write, and its page cache stays valid.
-        """
-        try:
-            with self._write_lock:
-                dbapi_conn = self._writer or self.engine.raw_connection()
-                keep = self._sqlite  # a connection that failed is never kept
-                try:
-                    cursor = dbapi_conn.cursor()
-                    if self._sqlite:
-                        cursor.execute("BEGIN IMMEDIATE")  # take the write lock up front, as in tx()
-                    try:
-                        yield DriverCursor(cursor, self._compiled, self.engine.dialect)
-                    except BaseException as exc:
-                        keep = keep and not isinstance(exc, self._dbapi_error)
-                        dbapi_conn.rollback()
-                        raise
-                    dbapi_conn.commit()
-                    cursor.close()
-                except self._dbapi_error:
-                    keep = False
-                    raise
-                finally:
-                    if keep:
-                        self._writer = dbapi_conn
-                    else:
-                        self._writer = None
-                        dbapi_conn.close()  # back to the pool (which resets it)
-        except (sa.exc.SQLAlchemyError, self._dbapi_error) as exc:
-            raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
-
-    @contextlib.contextmanager
-    def _fast_read(self) -> Iterator[Any]:
-        """A driver cursor for the dispatcher's per-tick reads (each SELECT sees committed data)."""
-        try:
-            dbapi_conn = self.engine.raw_connection()
-            try:
-                cursor = dbapi_conn.cursor()
-                try:
-                    yield cursor
-                finally:
-                    cursor.close()
-                    if not self._sqlite:
-                        dbapi_conn.rollback()  # end the read transaction the driver began
-            finally:
-                dbapi_conn.close()
-        except (sa.exc.SQLAlchemyError, self._dbapi_error) as exc:
-            raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
-
-    def _marks(self, count: int) -> str:
-        return ", ".join([self._mark] * count)
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[Connection]:
-        """One read-only transaction (never waits for writers on SQLite WAL)."""
-        try:
-            with (
-                self.engine.connect().execution_options(**{READ_ONLY: True}) as conn,
-                conn.begin(),
-            ):
-                yield conn
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreError(f"jobs database {self._safe_url()}: {exc}") from exc
-
-    def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision (safe when several processes start)."""
-        cfg = AlembicConfig()
-        cfg.set_main_option("script_location", str(MIGRATIONS))
-        with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATE_LOCK})
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
 
     # ---- cases -------------------------------------------------------------------------------
 
@@ -183,78 +41,64 @@ class Store:
     ) -> int:
         """Insert a case and its beams (key, name, path) as PENDING, with one event each."""
         now = time.time()
-        with self.tx() as conn:
-            if conn.execute(sa.select(cases.c.id).where(cases.c.key == key)).first():
+        event = {"at": now, "beam_id": None, "from_state": None, "to_state": None, "actor": self.actor}
+        with self.fast_tx() as tx:
+            if tx.run(sql.CASE_ID_BY_KEY, {"key": key}).fetchone() is not None:
                 raise CaseRejectedError(
                     f"case {key!r} was already taken; rename the folder, or use "
                     f"`simbridge retry {key}` to rerun it"
                 )
-            case_id = conn.execute(
-                sa.insert(cases)
-                .returning(cases.c.id)
-                .values(key=key, name=name, source=source, root=root, created_at=now)
-            ).scalar_one()
-            conn.execute(
-                sa.insert(events).values(
-                    at=now, case_id=case_id, reason=f"case taken from {source}", actor=self.actor
-                )
-            )
+            values = {"key": key, "name": name, "source": source, "root": root, "created_at": now}
+            case_id = tx.run(sql.INSERT_CASE, values).fetchall()[0][0]
+            tx.run(sql.INSERT_EVENT, {**event, "case_id": case_id, "reason": f"case taken from {source}"})
             for bkey, bname, path in beams_:
-                beam_id = conn.execute(
-                    sa.insert(beams)
-                    .returning(beams.c.id)
-                    .values(
-                        case_id=case_id,
-                        key=bkey,
-                        name=bname,
-                        path=path,
-                        state=BeamState.PENDING.value,
-                        step_tries=0,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                ).scalar_one()
-                conn.execute(
-                    sa.insert(events).values(
-                        at=now,
-                        case_id=case_id,
-                        beam_id=beam_id,
-                        to_state=BeamState.PENDING.value,
-                        reason="beam found in case",
-                        actor=self.actor,
-                    )
+                beam = {"case_id": case_id, "key": bkey, "name": bname, "path": path}
+                pending = {"state": BeamState.PENDING.value, "step_tries": 0}
+                beam_id = tx.run(
+                    sql.INSERT_BEAM, {**beam, **pending, "created_at": now, "updated_at": now}
+                ).fetchall()[0][0]
+                tx.run(
+                    sql.INSERT_EVENT,
+                    {
+                        **event,
+                        "case_id": case_id,
+                        "beam_id": beam_id,
+                        "to_state": BeamState.PENDING.value,
+                        "reason": "beam found in case",
+                    },
                 )
         return int(case_id)
 
     def case(self, ref: str | int) -> CaseRow:
         """A case by id or key; :class:`NotFoundError` says how to list them."""
-        where = cases.c.id == ref if isinstance(ref, int) else cases.c.key == ref
-        with self.read() as conn:
-            row = conn.execute(sa.select(cases).where(where)).first()
+        query, params = (
+            (sql.CASE_BY_ID, {"_id": ref}) if isinstance(ref, int) else (sql.CASE_BY_KEY, {"key": ref})
+        )
+        with self._fast_read() as cursor:
+            row = cursor.run(query, params).fetchone()
         if row is None:
             raise NotFoundError(f"no case {ref!r}; `simbridge status` lists the cases")
-        return CaseRow(**row._mapping)
+        return CaseRow(*row)
 
     def has_case(self, key: str) -> bool:
         """Whether a case with this key was ever taken."""
-        with self.read() as conn:
-            return conn.execute(sa.select(cases.c.id).where(cases.c.key == key)).first() is not None
+        with self._fast_read() as cursor:
+            return cursor.run(sql.CASE_ID_BY_KEY, {"key": key}).fetchone() is not None
 
     def cases(self) -> list[CaseRow]:
         """Every case, oldest first."""
-        with self.read() as conn:
-            rows = conn.execute(sa.select(cases).order_by(cases.c.id)).all()
-        return [CaseRow(**r._mapping) for r in rows]
+        with self._fast_read() as cursor:
+            return [CaseRow(*r) for r in cursor.run(sql.ALL_CASES, {}).fetchall()]
 
     # ---- beams -------------------------------------------------------------------------------
 
     def beam(self, beam_id: int) -> BeamRow:
         """One beam by id."""
-        with self.read() as conn:
-            row = conn.execute(sql.BEAM_BY_ID, {"_id": beam_id}).first()
+        with self._fast_read() as cursor:
+            row = cursor.run(sql.BEAM_BY_ID, {"_id": beam_id}).fetchone()
         if row is None:
             raise NotFoundError(f"no beam with id {beam_id}")
-        return beam_row(row)
+        return beam_from_tuple(row)
 
     def beams(
         self,
@@ -264,38 +108,35 @@ class Store:
         ids: Iterable[int] | None = None,
     ) -> list[BeamRow]:
         """Beams, optionally of one case, in some states, or with given ids; in id order."""
-        if ids is not None and case_id is None and states is None:
-            wanted = list(ids)
-            if not wanted:
-                return []
-            marks = self._marks(len(wanted))
-            query = f"SELECT {sql.BEAM_COLUMNS_SQL} FROM beams WHERE id IN ({marks}) ORDER BY id"
-            with self._fast_read() as cursor:
-                return [beam_from_tuple(r) for r in cursor.execute(query, wanted).fetchall()]
-        q = sa.select(beams).order_by(beams.c.id)
-        if ids is not None:
-            q = q.where(beams.c.id.in_(list(ids)))
-        if case_id is not None:
-            q = q.where(beams.c.case_id == case_id)
-        if states is not None:
-            q = q.where(beams.c.state.in_([s.value for s in states]))
-        with self.read() as conn:
-            return [beam_row(r) for r in conn.execute(q).all()]
+        wanted = None if ids is None else list(ids)
+        if wanted is not None and not wanted:
+            return []
+        with self._fast_read() as cursor:
+            if wanted is not None:
+                rows = cursor.run(sql.BEAMS_BY_IDS, {"ids": wanted}).fetchall()
+            elif states is not None:
+                chosen = [s.value for s in states]
+                rows = cursor.run(sql.BEAMS_OF_IN, {"case_id": case_id, "states": chosen}).fetchall()
+            else:
+                rows = cursor.run(sql.BEAMS_OF, {"case_id": case_id}).fetchall()
+        found = [beam_from_tuple(r) for r in rows]
+        if wanted is not None and (case_id is not None or states is not None):
+            # Rare (no caller today): the id list decides the query, the rest filters here.
+            keep = None if states is None else set(states)
+            found = [
+                b
+                for b in found
+                if (case_id is None or b.case_id == case_id) and (keep is None or b.state in keep)
+            ]
+        return found
 
     def ready_ids(
         self, states: Iterable[BeamState], *, now: float, limit: int, skip: Iterable[int] = ()
     ) -> list[tuple[int, BeamState]]:
         """(id, state) of beams in ``states`` whose backoff has passed, oldest first, minus ``skip``."""
-        wanted = [s.value for s in states]
-        skipped = list(skip)
-        query = (
-            f"SELECT id, state FROM beams WHERE state IN ({self._marks(len(wanted))})"
-            f" AND (not_before IS NULL OR not_before <= {self._mark})"
-            + (f" AND id NOT IN ({self._marks(len(skipped))})" if skipped else "")
-            + f" ORDER BY id LIMIT {self._mark}"
-        )
+        params = {"states": [s.value for s in states], "now": now, "skip": list(skip), "limit": limit}
         with self._fast_read() as cursor:
-            rows = cursor.execute(query, [*wanted, now, *skipped, limit]).fetchall()
+            rows = cursor.run(sql.READY_IDS, params).fetchall()
         return [(int(r[0]), BeamState(r[1])) for r in rows]
 
     def transition(
@@ -391,13 +232,13 @@ class Store:
 
     def update_beam(self, beam_id: int, expected: BeamState, **fields: Any) -> bool:
         """Set fields on a beam still in ``expected``; False if it moved meanwhile."""
-        with self.tx() as conn:
-            res = conn.execute(
-                sa.update(beams)
-                .where(beams.c.id == beam_id, beams.c.state == expected.value)
-                .values(updated_at=time.time(), **fields)
-            )
-            return bool(res.rowcount)
+        columns, params = sql.beam_values({"updated_at": time.time(), **fields})
+        with self.fast_tx() as tx:
+            done = tx.run(
+                sql.update_beam(columns, guarded=True),
+                {"_id": beam_id, "_expected": expected.value, **params},
+            ).fetchall()
+        return bool(done)
 
     # ---- attempts ----------------------------------------------------------------------------
 
@@ -488,12 +329,8 @@ class Store:
 
     def forget_try(self, beam_id: int) -> None:
         """Give back the try counted for an attempt that never started (killed before launch)."""
-        with self.tx() as conn:
-            conn.execute(
-                sa.update(beams)
-                .where(beams.c.id == beam_id, beams.c.step_tries > 0)
-                .values(step_tries=beams.c.step_tries - 1)
-            )
+        with self.fast_tx() as tx:
+            tx.run(sql.FORGET_TRY, {"_id": beam_id})
 
     def record_launch(
         self,
@@ -533,56 +370,51 @@ class Store:
 
     def open_attempts(self, *, beam_id: int | None = None) -> list[AttemptRow]:
         """Attempts launched (or about to be) that have not ended."""
-        if beam_id is not None:
-            q = sql.OPEN_ATTEMPTS.where(attempts.c.beam_id == beam_id)
-            with self.read() as conn:
-                return [attempt_row(r) for r in conn.execute(q).all()]
-        query = f"SELECT {sql.ATTEMPT_COLUMNS_SQL} FROM attempts WHERE ended_at IS NULL ORDER BY id"
         with self._fast_read() as cursor:
-            return [attempt_from_tuple(r) for r in cursor.execute(query).fetchall()]
+            if beam_id is not None:
+                rows = cursor.run(sql.OPEN_ATTEMPTS_OF, {"_id": beam_id}).fetchall()
+            else:
+                rows = cursor.run(sql.OPEN_ATTEMPTS, {}).fetchall()
+        return [attempt_from_tuple(r) for r in rows]
 
     def attempts(self, beam_id: int) -> list[AttemptRow]:
         """Every attempt of a beam, first first."""
-        q = sa.select(attempts).where(attempts.c.beam_id == beam_id).order_by(attempts.c.id)
-        with self.read() as conn:
-            return [attempt_row(r) for r in conn.execute(q).all()]
+        with self._fast_read() as cursor:
+            return [attempt_from_tuple(r) for r in cursor.run(sql.ATTEMPTS_OF, {"_id": beam_id}).fetchall()]
 
     def count_active(self) -> int:
         """How many beams are not in a terminal state."""
         terminal = [s.value for s in BeamState if s.terminal]
-        q = sa.select(sa.func.count()).select_from(beams).where(beams.c.state.not_in(terminal))
-        with self.read() as conn:
-            return int(conn.execute(q).scalar_one())
+        with self._fast_read() as cursor:
+            return int(cursor.run(sql.COUNT_NOT_IN, {"states": terminal}).fetchone()[0])
 
     def count_attempts(self, *, step: BeamState | None = None) -> int:
         """How many attempts were ever opened (of one step, if given)."""
-        q = sa.select(sa.func.count()).select_from(attempts)
-        if step is not None:
-            q = q.where(attempts.c.step == step.value)
-        with self.read() as conn:
-            return int(conn.execute(q).scalar_one())
+        with self._fast_read() as cursor:
+            if step is None:
+                return int(cursor.run(sql.COUNT_ATTEMPTS, {}).fetchone()[0])
+            return int(cursor.run(sql.COUNT_ATTEMPTS_OF, {"step": step.value}).fetchone()[0])
 
     # ---- events ------------------------------------------------------------------------------
 
     def add_event(self, *, reason: str, case_id: int | None = None, beam_id: int | None = None) -> None:
         """Append a note that is not a transition (a rejected case, a kill sent)."""
-        with self.tx() as conn:
-            conn.execute(
-                sa.insert(events).values(
-                    at=time.time(),
-                    case_id=case_id,
-                    beam_id=beam_id,
-                    reason=reason[:4000],
-                    actor=self.actor,
-                )
+        with self.fast_tx() as tx:
+            tx.run(
+                sql.INSERT_EVENT,
+                {
+                    "at": time.time(),
+                    "case_id": case_id,
+                    "beam_id": beam_id,
+                    "from_state": None,
+                    "to_state": None,
+                    "reason": reason[:4000],
+                    "actor": self.actor,
+                },
             )
 
     def events(self, *, beam_id: int | None = None, case_id: int | None = None) -> list[EventRow]:
         """The history, oldest first, optionally of one beam or case."""
-        q = sa.select(events).order_by(events.c.id)
-        if beam_id is not None:
-            q = q.where(events.c.beam_id == beam_id)
-        if case_id is not None:
-            q = q.where(events.c.case_id == case_id)
-        with self.read() as conn:
-            return [EventRow(**r._mapping) for r in conn.execute(q).all()]
+        with self._fast_read() as cursor:
+            rows = cursor.run(sql.EVENTS_OF, {"beam_id": beam_id, "case_id": case_id}).fetchall()
+        return [EventRow(*r) for r in rows]

@@ -9,8 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-import sqlalchemy as sa
-
 from simbridge.jobs.states import BeamState
 
 
@@ -85,20 +83,8 @@ class EventRow:
     actor: str
 
 
-def beam_row(row: sa.Row[Any]) -> BeamRow:
-    m = dict(row._mapping)
-    m["state"] = BeamState(m["state"])
-    m["failed_step"] = BeamState(m["failed_step"]) if m["failed_step"] else None
-    return BeamRow(**m)
-
-
-def attempt_row(row: sa.Row[Any]) -> AttemptRow:
-    m = dict(row._mapping)
-    m["step"] = BeamState(m["step"])
-    return AttemptRow(**m)
-
-
-# Column lists in field order, for driver-level SELECTs that build rows positionally.
+# Rows are built positionally from ``SELECT <table>``: the fields are the table's columns, in
+# order (tests/integration/jobs/test_jobs_schema_drift.py holds them together).
 BEAM_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BeamRow))
 ATTEMPT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AttemptRow))
 _STATE = BEAM_FIELDS.index("state")
@@ -107,7 +93,7 @@ _STEP = ATTEMPT_FIELDS.index("step")
 
 
 def beam_from_tuple(values: Sequence[Any]) -> BeamRow:
-    """A beam from a driver row whose columns are :data:`BEAM_FIELDS`, in that order."""
+    """A beam from a driver row of ``SELECT beams`` (columns in :data:`BEAM_FIELDS` order)."""
     v = list(values)
     v[_STATE] = BeamState(v[_STATE])
     v[_FAILED_STEP] = BeamState(v[_FAILED_STEP]) if v[_FAILED_STEP] else None
@@ -115,7 +101,7 @@ def beam_from_tuple(values: Sequence[Any]) -> BeamRow:
 
 
 def attempt_from_tuple(values: Sequence[Any]) -> AttemptRow:
-    """An attempt from a driver row whose columns are :data:`ATTEMPT_FIELDS`, in that order."""
+    """An attempt from a driver row of ``SELECT attempts`` (columns in :data:`ATTEMPT_FIELDS` order)."""
     v = list(values)
     v[_STEP] = BeamState(v[_STEP])
     return AttemptRow(*v)

@@ -80,3 +80,20 @@ events = sa.Table(
     sa.Column("actor", sa.String(128), nullable=False),
     sa.Index("ix_events_beam", "beam_id"),
 )
+
+# One row (id 1): who runs the orchestrator (`serve`) on this database. A serve takes it in a
+# guarded write and renews heartbeat_at; another may take it over only when the heartbeat is
+# older than jobs.orchestrator_lease_s, or at once when the holder's pid is dead on this host.
+# Every write of the holder checks ``holder`` in its own transaction (the fence).
+orchestrator = sa.Table(
+    "orchestrator",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("holder", sa.String(64)),
+    sa.Column("host", sa.String(255)),
+    sa.Column("pid", sa.Integer),
+    sa.Column("pid_start", sa.BigInteger),
+    sa.Column("started_at", sa.Float),
+    sa.Column("heartbeat_at", sa.Float),
+    sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
+)
