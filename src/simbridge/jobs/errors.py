@@ -55,3 +55,7 @@ class LaunchError(JobsError, OSError):
 
 class JobsConfigError(JobsError, ValueError):
     """Raised when the jobs configuration lacks something a command needs (e.g. steps.simulate)."""
+
+
+class UnsafeFileError(TransferError):
+    """Raised when a copy meets a symbolic link, a special file or a tree past its limits."""

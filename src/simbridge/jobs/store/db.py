@@ -586,3 +586,16 @@ class Store:
             q = q.where(events.c.case_id == case_id)
         with self.read() as conn:
             return [EventRow(**r._mapping) for r in conn.execute(q).all()]
+
+    def case_notes(self, prefix: str) -> dict[int, list[str]]:
+        """Case-level events whose reason starts with ``prefix`` (what intake left out), by case id."""
+        q = (
+            sa.select(events.c.case_id, events.c.reason)
+            .where(events.c.beam_id.is_(None), events.c.reason.startswith(prefix, autoescape=True))
+            .order_by(events.c.id)
+        )
+        out: dict[int, list[str]] = {}
+        with self.read() as conn:
+            for case_id, reason in conn.execute(q).all():
+                out.setdefault(int(case_id), []).append(str(reason))
+        return out
