@@ -77,14 +77,14 @@ def tree_limits(settings: JobsCaseLimitsSettings) -> TreeLimits:
 
 
 def shown(name: str) -> str:
-    """An outside name for messages and JSON: undecodable bytes escaped, never raw."""
+    """An outside name as stored and shown: undecodable bytes escaped (``\\xff``), never raw."""
     return show((name,))
 
 
 def is_taken(store: Store, name: str) -> bool:
     """Whether the inbox folder ``name`` itself was taken (not just another name of its key)."""
     try:
-        return store.case(safe_key(name)).name == name
+        return store.case(safe_key(name)).name == shown(name)
     except (NotFoundError, BadNameError):
         return False
 
@@ -143,7 +143,7 @@ def take_case(
         existing = store.case(key)
     except NotFoundError:
         existing = None
-    if existing is not None and existing.name == name:
+    if existing is not None and existing.name == shown(name):
         raise CaseRejectedError(
             f"case {shown(name)!r} (key {key}) was already taken; rename the folder to submit it "
             f"again, or `simbridge retry {key}`"
@@ -192,7 +192,14 @@ def take_case(
             # The snapshot is ours: give the folder its safe key so every path is plain.
             os.rename(snapshot / bname, path)
         rows.append((bkey, bname, str(path)))
-    case_id = store.add_case(key=key, name=name, source=str(folder), root=str(snapshot), beams_=rows)
+    # Names are stored as shown: a database takes text, and a name need not be UTF-8.
+    case_id = store.add_case(
+        key=key,
+        name=shown(name),
+        source=show((str(folder),)),
+        root=str(snapshot),
+        beams_=[(k, shown(n), p) for k, n, p in rows],
+    )
     if not rows:
         store.add_event(case_id=case_id, reason=f"case {folder} has no beam folders; nothing to do")
     for note in notes:
