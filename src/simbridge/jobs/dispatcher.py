@@ -348,8 +348,10 @@ class Dispatcher:
                 limits=tree_limits(self.jobs.case_limits),
             )
         except (CaseRejectedError, BadNameError) as exc:
-            # Rejected once, for good: moved aside so no tick offers it again, and shown.
             self._inbox.mark_done(folder.name)
+            if is_taken(self.store, folder.name):
+                return  # `simbridge submit` took this very folder meanwhile: nothing is wrong
+            # Rejected once, for good: moved aside so no tick offers it again, and shown.
             try:
                 moved = reject_case(self._inbox.root, folder, str(exc))
             except OSError as move_exc:

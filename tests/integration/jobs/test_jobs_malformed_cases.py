@@ -91,7 +91,9 @@ def test_malformed_cases_are_rejected_once_and_the_rest_runs(sqlite_env: JobsEnv
 def test_a_link_written_by_the_simulation_never_reaches_the_results(sqlite_env: JobsEnv) -> None:
     env = sqlite_env
     _script(env, 'ln -s /etc/passwd raw\nmkdir out && ln -s /etc out/etc\necho "{}" > raw.json\n')
-    settings = env.configure(steps={"simulate": SIM, "outputs": ["raw.json", "raw"]}, retry={"max_attempts": 1})
+    settings = env.configure(
+        steps={"simulate": SIM, "outputs": ["raw.json", "raw"]}, retry={"max_attempts": 1}
+    )
     env.make_case("c1", {"b1": {"plan.json": "{}"}})
     _until_idle(settings)
     [case] = env.status()
@@ -100,18 +102,22 @@ def test_a_link_written_by_the_simulation_never_reaches_the_results(sqlite_env: 
     assert "symbolic link (to '/etc/passwd')" in beam["last_error"]
     secret = PASSWD.read_bytes()
     for path in env.results.rglob("*"):
-        assert path.is_dir() or not path.is_symlink() and secret not in path.read_bytes()
+        assert path.is_dir() or (not path.is_symlink() and secret not in path.read_bytes())
 
 
 def test_a_link_made_by_the_prepare_step_is_never_uploaded(sqlite_env: JobsEnv) -> None:
     env = sqlite_env
     _script(env, "cat plan.json > raw\n")
     (env.root / "prep.sh").write_text('cp "$1/plan.json" "$2/" && ln -s /etc/passwd "$2/extra"\n')
-    settings = env.configure(steps={"simulate": SIM, "prepare": "sh {config_dir}/prep.sh {beam_dir} {work_dir}"})
+    settings = env.configure(
+        steps={"simulate": SIM, "prepare": "sh {config_dir}/prep.sh {beam_dir} {work_dir}"}
+    )
     env.make_case("c1", {"b1": {"plan.json": "{}"}})
     _until_idle(settings)
     [beam] = env.status()[0]["beams"]
-    assert beam["state"] == "FAILED" and "extra" in beam["last_error"] and "symbolic link" in beam["last_error"]
+    assert (
+        beam["state"] == "FAILED" and "extra" in beam["last_error"] and "symbolic link" in beam["last_error"]
+    )
     remote = env.work / "remote"
     assert not remote.exists() or not [p for p in remote.rglob("*") if p.is_symlink()]
 
@@ -227,7 +233,15 @@ def test_the_readme_manual_steps_work_as_written(tmp_path: Path) -> None:
                 assert serve is not None
 
                 def done(args: list[str] = words) -> bool:
-                    out = subprocess.run([*args, "--json"], cwd=tmp_path, env=env, capture_output=True, text=True)
+                    out = subprocess.run(
+                        [*args, "--json"],
+                        check=False,
+                        cwd=tmp_path,
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                        timeout=60,
+                    )
                     return '"state": "COMPLETED"' in out.stdout and out.returncode == 0
 
                 wait_for(done, timeout=120, what=f"`{step}` to show the case COMPLETED")
@@ -238,3 +252,33 @@ def test_the_readme_manual_steps_work_as_written(tmp_path: Path) -> None:
             serve.send_signal(signal.SIGINT)
             serve.wait(timeout=60)
     assert (tmp_path / ".work" / "results" / "case-1" / "beam_1" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("plan", "says"),
+    [
+        (b"", "not valid JSON"),
+        (b"{", "not valid JSON"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[]", "must be a JSON object"),
+        (b'{"layers": NaN}', "NaN is not a number"),
+        (b'{"layers": [{"energy_mev": 1e400, "spots": []}]}', "energy_mev must be finite"),
+        (
+            b'{"layers": [{"energy_mev": 100, "spots": [{"x_mm": "0", "y_mm": 0, "weight": 1}]}]}',
+            "x_mm must be",
+        ),
+        (
+            b'{"layers": [{"energy_mev": 100, "spots": []}], "grid": {"shape": [1e9, 1, 1], "voxel_mm": 1}}',
+            "shape",
+        ),
+    ],
+)
+def test_a_bad_plan_is_one_clear_line_not_a_traceback(tmp_path: Path, plan: bytes, says: str) -> None:
+    (tmp_path / "beam").mkdir()
+    (tmp_path / "beam" / "plan.json").write_bytes(plan)
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLE / "preprocess.py"), str(tmp_path / "beam"), str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

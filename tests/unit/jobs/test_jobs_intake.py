@@ -82,13 +82,13 @@ def test_a_beam_that_is_a_link_is_refused(store: Store, tmp_path: Path) -> None:
 def test_fifos_and_sockets_are_refused(store: Store, tmp_path: Path) -> None:
     folder = _case(tmp_path / "inbox", "c1", {"b1": {"plan.json": b"{}"}})
     os.mkfifo(folder / "b1" / "pipe")
-    with pytest.raises(CaseRejectedError, match="b1/pipe .*is a fifo"):
+    with pytest.raises(CaseRejectedError, match=r"b1/pipe .*is a fifo"):
         _take(store, folder, tmp_path / "work")
     (folder / "b1" / "pipe").unlink()
     sock = socket.socket(socket.AF_UNIX)
     try:
         sock.bind(str(folder / "b1" / "sock"))
-        with pytest.raises(CaseRejectedError, match="b1/sock .*is a socket"):
+        with pytest.raises(CaseRejectedError, match=r"b1/sock .*is a socket"):
             _take(store, folder, tmp_path / "work")
     finally:
         sock.close()
@@ -134,7 +134,7 @@ def test_copy_file_refuses_a_link_anywhere_on_the_path(tmp_path: Path) -> None:
     (base / "raw").symlink_to(PASSWD)
     (base / "out").symlink_to("/etc")
     for parts in (("raw",), ("out", "passwd")):
-        with pytest.raises(UnsafeFileError, match="symbolic link|changed into a link"):
+        with pytest.raises(UnsafeFileError, match=r"symbolic link|changed into a link"):
             copy_file(base, parts, tmp_path / "results")
     assert not (tmp_path / "results" / "raw").exists()
     assert not (tmp_path / "results" / "out").exists()
@@ -161,7 +161,7 @@ def test_a_case_whose_key_an_earlier_case_has_is_rejected_not_ignored(store: Sto
     _take(store, first, tmp_path / "work")
     twin = _case(tmp_path / "inbox", _lookalike("a b"), {"b1": {"p": b"2"}})
     assert is_taken(store, "a b") and not is_taken(store, twin.name)  # the inbox offers it
-    with pytest.raises(CaseRejectedError, match="maps to the key .* of the earlier case 'a b'"):
+    with pytest.raises(CaseRejectedError, match=r"maps to the key .* of the earlier case 'a b'"):
         _take(store, twin, tmp_path / "work")
     with pytest.raises(CaseRejectedError, match="already taken"):
         _take(store, first, tmp_path / "work")
@@ -192,7 +192,9 @@ def test_a_600_level_deep_case_is_rejected_at_the_depth_limit(store: Store, tmp_
         (TreeLimits(max_path_bytes=20), "longer than 20 bytes"),
     ],
 )
-def test_file_count_size_and_path_limits(store: Store, tmp_path: Path, limits: TreeLimits, match: str) -> None:
+def test_file_count_size_and_path_limits(
+    store: Store, tmp_path: Path, limits: TreeLimits, match: str
+) -> None:
     files = {f"file_{i:02d}.dat".encode(): b"0123456789" for i in range(4)}
     folder = _case(tmp_path / "inbox", "big", {"beam_with_a_long_name": files})
     with pytest.raises(CaseRejectedError, match=match):
@@ -212,7 +214,7 @@ def test_limits_count_what_the_check_sees(tmp_path: Path) -> None:
 
 UGLY_BEAMS: list[str | bytes] = [
     "with space",
-    "it's \"quoted\"",
+    'it\'s "quoted"',
     "ünïcødé ß",
     "up..and..out",
     "-rf",
@@ -224,7 +226,9 @@ UGLY_BEAMS: list[str | bytes] = [
 
 
 def test_ugly_names_and_empty_files_are_taken_and_confined(store: Store, tmp_path: Path) -> None:
-    beams: dict[str | bytes, dict[str | bytes, bytes]] = {b: {"empty": b"", "x" * 255: b"1"} for b in UGLY_BEAMS}
+    beams: dict[str | bytes, dict[str | bytes, bytes]] = {
+        b: {"empty": b"", "x" * 255: b"1"} for b in UGLY_BEAMS
+    }
     folder = _case(tmp_path / "inbox", b"case \xff 'q' \xe2\x80\xae", beams)
     taken = take_case(store, folder, work_root=tmp_path / "work", ready_marker="READY")
     assert len(taken.beams) == len(UGLY_BEAMS)
