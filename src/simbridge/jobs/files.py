@@ -249,14 +249,18 @@ def copy_tree(
     limits: TreeLimits | None = None,
     prune: Prune | None = None,
     where: str = "",
+    check_first: bool = True,
 ) -> TreeSummary:
     """Copy the folders and regular files of ``src`` into ``dst`` (created), refusing the rest.
 
-    Checked in full first, so a refused tree copies nothing; each file is written under a
-    temporary name and renamed (never torn), and nothing in ``dst`` is followed either.
+    With ``check_first`` (or after the caller's own :func:`check_tree`) the tree is checked in
+    full first, so a refused tree copies nothing; either way every file is re-checked as it is
+    opened. Each file is written under a temporary name and renamed (never torn), and nothing
+    in ``dst`` is followed either.
     """
     limits = limits or TreeLimits()
-    check_tree(src, limits=limits, prune=prune, where=where)
+    if check_first:
+        check_tree(src, limits=limits, prune=prune, where=where)
     walker = _Walk(limits=limits, prune=prune, where=where)
     dst.mkdir(parents=True, exist_ok=True)
     src_fd = open_dir(src)

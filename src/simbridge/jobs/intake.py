@@ -171,7 +171,8 @@ def take_case(
     partial = cases_root / f".{key}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        copy_tree(folder, partial, limits=limits, prune=prune, where=f"in case {shown(name)!r}")
+        where = f"in case {shown(name)!r}"
+        copy_tree(folder, partial, limits=limits, prune=prune, where=where, check_first=False)
     except UnsafeFileError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise CaseRejectedError(f"case {shown(name)!r} changed while it was copied: {exc}") from exc
