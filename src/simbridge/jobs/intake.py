@@ -28,7 +28,7 @@ from simbridge.jobs.errors import (
     TransferError,
     UnsafeFileError,
 )
-from simbridge.jobs.files import TreeLimits, check_tree, copy_tree, open_dir, show
+from simbridge.jobs.files import TreeLimits, check_tree, copy_tree, open_dir, open_regular, show
 from simbridge.jobs.names import child_path, safe_key
 from simbridge.jobs.store import Store
 
@@ -225,6 +225,8 @@ def reject_case(inbox_root: Path, folder: Path, reason: str) -> Path | None:
         return None
     rejected = inbox_root / REJECTED_DIR
     rejected.mkdir(exist_ok=True)
+    if rejected.is_symlink():  # anyone who may write the inbox could plant one
+        raise UnsafeFileError(f"{rejected} is a symbolic link; remove it")
     try:
         key = safe_key(folder.name)
     except BadNameError:
@@ -249,17 +251,31 @@ def reject_case(inbox_root: Path, folder: Path, reason: str) -> Path | None:
     return slot
 
 
+def _read_small(folder: Path, name: str, limit: int = 65536) -> bytes:
+    """A small file read without following a link at either component."""
+    fd = open_regular(folder, (name,))
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
 def inbox_entries(root: Path, *, taken: set[str], ready_marker: str | None) -> list[InboxEntry]:
     """Everything in the inbox that is not a stored case: rejected, ignored, or still waiting."""
     out: list[InboxEntry] = []
     rejected = root / REJECTED_DIR
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for slot in sorted(rejected.iterdir()):
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError, UnsafeFileError):
+        fd = open_dir(rejected)  # never through a planted link
+        try:
+            slots = sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
+        for slot in slots:
             try:
-                doc = json.loads((slot / "reason.json").read_text())
+                doc = json.loads(_read_small(rejected / slot, "reason.json"))
                 out.append(InboxEntry(str(doc["name"]), "REJECTED", str(doc["reason"]), float(doc["at"])))
             except (OSError, ValueError, KeyError, TypeError):
-                out.append(InboxEntry(slot.name, "REJECTED", "(reason.json unreadable)", 0.0))
+                out.append(InboxEntry(shown(slot), "REJECTED", "(reason.json unreadable)", 0.0))
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError:

@@ -80,6 +80,8 @@ def test_malformed_cases_are_rejected_once_and_the_rest_runs(sqlite_env: JobsEnv
     ]:
         assert by_name[name]["state"] == "REJECTED" and re.search(why, str(by_name[name]["reason"]))
         assert not (env.inbox / name).exists()
+    shown = env.cli("status", "linked").stdout  # a name that never became a case: why
+    assert "REJECTED" in shown and "symbolic link" in shown
     moved = sorted((env.inbox / ".rejected").iterdir())
     assert len(moved) == 3 and all((m / "case").is_dir() and (m / "reason.json").is_file() for m in moved)
     # Nothing of the rejected cases reached the work area, and a second serve finds nothing to do.
@@ -199,6 +201,9 @@ def test_status_shows_the_original_names(sqlite_env: JobsEnv) -> None:
     env = sqlite_env
     _script(env, "cat plan.json > raw\n")
     env.configure(steps={"simulate": SIM})
+    first = env.cli("status")
+    assert f"the inbox {env.inbox} does not exist yet" in " ".join(first.stderr.split())
+    assert not env.inbox.exists()  # reported, not created behind the user's back
     env.make_case("patient 7", {"beam one": {"plan.json": "{}"}})
     env.cli("serve", "--until-idle", "--max-seconds", "60")
     table = env.cli("status").stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -317,3 +318,21 @@ def test_a_deferred_take_is_offered_again_only_after_its_backoff(tmp_path: Path)
     assert inbox.ready() == [] and inbox.pending() == 1
     inbox.mark_done("c1")
     assert inbox.ready() == [] and inbox.pending() == 0 and inbox.is_done("c1")
+
+
+def test_planted_links_in_the_rejected_folder_are_never_followed(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    slot = inbox / ".rejected" / "x"
+    slot.mkdir(parents=True)
+    (slot / "reason.json").symlink_to(PASSWD)  # status must not print what it points to
+    [entry] = inbox_entries(inbox, taken=set(), ready_marker="READY")
+    assert entry.reason == "(reason.json unreadable)" and "root:" not in entry.name
+    shutil.rmtree(inbox / ".rejected")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (inbox / ".rejected").symlink_to(elsewhere)
+    folder = _case(inbox, "c1", {"b1": {"plan.json": b"{}"}})
+    with pytest.raises(UnsafeFileError):
+        reject_case(inbox, folder, "why")
+    assert folder.is_dir() and list(elsewhere.iterdir()) == []
+    assert inbox_entries(inbox, taken=set(), ready_marker="READY")[0].name == "c1"
