@@ -35,7 +35,7 @@ from simbridge.jobs.errors import (
 )
 from simbridge.jobs.executors import Executor, JobInfo, JobRef, JobStatus, make_executor
 from simbridge.jobs.executors.local import LocalExecutor
-from simbridge.jobs.inbox import Inbox
+from simbridge.jobs.inbox import RETRY_INITIAL_S, Inbox
 from simbridge.jobs.intake import NOTE_PREFIX, is_taken, reject_case, shown, take_case, tree_limits
 from simbridge.jobs.names import safe_key
 from simbridge.jobs.pipeline import LOCAL_STEPS, Pipeline
@@ -363,7 +363,13 @@ class Dispatcher:
             # Our side failed (disk full, database away): not the case's fault, so try again
             # later, backing off; each failure is logged, at most once per backoff delay.
             delay = self._inbox.defer(folder.name)
-            log.warning("jobs.case_take_failed", folder=str(folder), error=repr(exc), retry_in_s=delay)
+            log.warning(
+                "jobs.case_take_failed",
+                folder=str(folder),
+                error=repr(exc),
+                retry_in_s=delay,
+                exc_info=delay == RETRY_INITIAL_S,  # the traceback once, not on every retry
+            )
             return
         self._inbox.mark_done(folder.name, beams=set(taken.beam_names))
 

@@ -9,7 +9,6 @@ so it is neither retried in a loop nor lost, and `simbridge status` lists it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -36,8 +35,6 @@ log = structlog.get_logger(__name__)
 
 REJECTED_DIR = ".rejected"
 NOTE_PREFIX = "ignored: "
-# Errors of our own disk, not of the case: the take is retried later instead of rejecting it.
-_OUR_DISK = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
 @dataclass(frozen=True)
@@ -177,12 +174,9 @@ def take_case(
         shutil.rmtree(partial, ignore_errors=True)
         raise CaseRejectedError(f"case {shown(name)!r} changed while it was copied: {exc}") from exc
     except OSError as exc:
+        # The check above read every file of the case: what fails now is most likely our side.
         shutil.rmtree(partial, ignore_errors=True)
-        if exc.errno in _OUR_DISK:
-            raise TransferError(f"cannot snapshot case {shown(name)!r} into {cases_root}: {exc}") from exc
-        raise CaseRejectedError(
-            f"cannot copy case {shown(name)!r}: {exc}; is it still being written?"
-        ) from exc
+        raise TransferError(f"cannot snapshot case {shown(name)!r} into {cases_root}: {exc}") from exc
     # An earlier crash between this rename and the store insert left a snapshot nobody owns.
     shutil.rmtree(snapshot, ignore_errors=True)
     os.replace(partial, snapshot)

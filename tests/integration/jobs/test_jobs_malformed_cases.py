@@ -287,3 +287,30 @@ def test_a_bad_plan_is_one_clear_line_not_a_traceback(tmp_path: Path, plan: byte
     )  # fmt: skip
     assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_take_failing_on_our_side_backs_off_and_never_rejects_the_case(sqlite_env: JobsEnv) -> None:
+    env = sqlite_env
+    _script(env, "cat plan.json > raw\n")
+    settings = env.configure(steps={"simulate": SIM})
+    env.work.mkdir(parents=True)
+    (env.work / "cases").write_text("in the way")  # the snapshot folder cannot be made
+    folder = env.make_case("c1", {"b1": {"plan.json": "ok"}})
+    with capture_logs() as logs, Dispatcher(settings=settings) as dispatcher:
+        thread = threading.Thread(target=dispatcher.run, kwargs={"max_s": 120}, daemon=True)
+        thread.start()
+        try:
+            failed = lambda: [e for e in logs if e["event"] == "jobs.case_take_failed"]  # noqa: E731
+            wait_for(lambda: len(failed()) >= 2, timeout=60, what="two failed takes")
+            assert [e["retry_in_s"] for e in failed()[:2]] == [1.0, 2.0]  # backing off, not spinning
+            assert folder.is_dir() and not (env.inbox / ".rejected").exists()
+            (env.work / "cases").unlink()  # the trouble is fixed: the next try takes it
+            wait_for(
+                lambda: [b.state for b in dispatcher.store.beams()] == [BeamState.COMPLETED],
+                timeout=60,
+                what="the case taken once the work root was fixed",
+            )
+        finally:
+            dispatcher.stop()
+            thread.join(timeout=60)
+    assert not [e for e in logs if e["event"] == "jobs.case_rejected"]
