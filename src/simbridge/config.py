@@ -171,6 +171,17 @@ class JobsRetrySettings(_Section):
         return float(min(self.backoff_max_s, self.backoff_initial_s * 2 ** max(0, attempt - 1)))
 
 
+class JobsCaseLimitsSettings(_Section):
+    """Bounds of one case folder; a case past any of them is rejected (moved to inbox/.rejected)."""
+
+    max_depth: int = Field(default=16, ge=2, le=128, description="Folder levels below the case folder.")
+    max_files: int = Field(default=100_000, ge=1, description="Files in one case.")
+    max_bytes: int = Field(default=64 << 30, ge=1, description="Total bytes of one case's files.")
+    max_path_bytes: int = Field(
+        default=1024, ge=64, le=4000, description="Bytes of one path relative to the case folder."
+    )
+
+
 class JobsSettings(_Section):
     """The control plane: inbox, store, pipeline steps, executor, limits."""
 
@@ -224,6 +235,7 @@ class JobsSettings(_Section):
     steps: JobsStepsSettings = JobsStepsSettings()
     timeouts: JobsTimeoutsSettings = JobsTimeoutsSettings()
     retry: JobsRetrySettings = JobsRetrySettings()
+    case_limits: JobsCaseLimitsSettings = JobsCaseLimitsSettings()
 
     @model_validator(mode="after")
     def _url_known(self) -> JobsSettings:

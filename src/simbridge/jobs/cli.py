@@ -19,12 +19,14 @@ import structlog
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from simbridge.config import CONFIG_ENV, Settings, load_settings
 from simbridge.errors import SimbridgeError
 from simbridge.jobs import control
 from simbridge.jobs.dispatcher import Dispatcher
-from simbridge.jobs.inbox import take_case
+from simbridge.jobs.errors import NotFoundError
+from simbridge.jobs.intake import NOTE_PREFIX, InboxEntry, inbox_entries, take_case, tree_limits
 from simbridge.jobs.store import Store, default_actor
 
 app = typer.Typer(
@@ -110,9 +112,12 @@ def submit(
                 case_dir.resolve(),
                 work_root=settings.jobs.work_root,
                 ready_marker=settings.jobs.ready_marker,
+                limits=tree_limits(settings.jobs.case_limits),
             )
     except SimbridgeError as exc:
         raise _fail(exc) from exc
+    for note in taken.notes:
+        err.print(Text(f"note: {note}"))
     out.print(f"case {taken.key}: {len(taken.beams)} beam(s) {', '.join(taken.beams)}")
 
 
@@ -121,20 +126,50 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Show cases (state derived from their beams) or the beams of one case."""
+    """Show cases (state derived from their beams) or the beams of one case.
+
+    Also lists what the inbox holds that is not a case yet: REJECTED (moved to inbox/.rejected,
+    with the reason), IGNORED (hidden names, plain files) and WAITING (not complete yet).
+    """
+    entries: list[InboxEntry] = []
     try:
         settings = _settings(config)
+        inbox = settings.jobs.inbox
         with _store(settings, "status", migrate=False) as store:
-            views = control.snapshot(store, case)
+            try:
+                views = control.snapshot(store, case)
+            except NotFoundError:
+                # A name that never became a case: say why, if the inbox knows it.
+                known = [e for e in _inbox_entries(settings, set()) if case in {e.name, e.name.strip()}]
+                if not known:
+                    raise
+                views, entries = [], known
+            else:
+                if case is None:
+                    entries = _inbox_entries(settings, {v.name for v in views})
+            ids = {c.key: c.id for c in store.cases()} if views else {}
+            notes = store.case_notes(NOTE_PREFIX) if views else {}
     except SimbridgeError as exc:
         raise _fail(exc) from exc
+    if not inbox.is_dir():
+        err.print(
+            Text(f"note: the inbox {inbox.resolve()} does not exist yet; `simbridge serve` creates it "
+                 f"(or `mkdir -p {inbox}`)")
+        )  # fmt: skip
+    case_notes = {key: notes.get(case_id, []) for key, case_id in ids.items()}
     if as_json:
-        sys.stdout.write(json.dumps([v.as_dict() for v in views], indent=2) + "\n")
+        docs = [dict(v.as_dict(), notes=case_notes.get(v.case, [])) for v in views]
+        docs += [e.as_dict() for e in entries]
+        sys.stdout.write(json.dumps(docs, indent=2) + "\n")
         return
-    if case is None:
-        _print_cases(views)
+    if case is None or not views:
+        _print_cases(views, entries, case_notes)
     else:
-        _print_beams(views[0])
+        _print_beams(views[0], case_notes.get(views[0].case, []))
+
+
+def _inbox_entries(settings: Settings, taken: set[str]) -> list[InboxEntry]:
+    return inbox_entries(settings.jobs.inbox, taken=taken, ready_marker=settings.jobs.ready_marker)
 
 
 def retry(
@@ -185,7 +220,16 @@ def _age(seconds: float | None) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def _print_cases(views: list[control.CaseView]) -> None:
+def _label(name: str) -> Text:
+    """An outside name as plain text: never Rich markup, control characters escaped."""
+    return Text(name if name.isprintable() else repr(name)[1:-1])
+
+
+def _print_cases(
+    views: list[control.CaseView],
+    entries: list[InboxEntry] | None = None,
+    notes: dict[str, list[str]] | None = None,
+) -> None:
     table = Table(title="cases", title_justify="left")
     for col in ("case", "state", "beams", "taken"):
         table.add_column(col)
@@ -194,19 +238,33 @@ def _print_cases(views: list[control.CaseView]) -> None:
         for b in v.beams:
             counts[b.state] = counts.get(b.state, 0) + 1
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
+        ignored = len((notes or {}).get(v.case, []))
+        if ignored:
+            summary += f" ({ignored} ignored: `simbridge status {v.case}`)"
         taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at))
-        table.add_row(v.case, v.state, summary, taken)
+        # The folder name people gave; the key (used in paths and commands) when it differs.
+        label = _label(v.name) if v.name == v.case else _label(v.name).append(f" ({v.case})", style="dim")
+        table.add_row(label, v.state, summary, taken)
+    for e in entries or []:
+        table.add_row(_label(e.name), e.state, _label(e.reason), "-")
     out.print(table)
 
 
-def _print_beams(view: control.CaseView) -> None:
-    table = Table(title=f"case {view.case}: {view.state}", title_justify="left")
+def _print_beams(view: control.CaseView, notes: list[str] | None = None) -> None:
+    title = _label(f"case {view.name}: {view.state}")
+    if view.name != view.case:
+        title.append(f" (key {view.case})", style="dim")
+    table = Table(title=title, title_justify="left")
     for col in ("beam", "state", "gpu", "job", "tries", "elapsed", "last error"):
         table.add_column(col)
     for b in view.beams:
         error = (b.last_error or "").splitlines()[0][:80] if b.last_error else ""
-        table.add_row(b.beam, b.state, b.gpu or "-", b.job_id or "-", str(b.tries), _age(b.elapsed_s), error)
+        label = _label(b.name) if b.name == b.beam else _label(b.name).append(f" ({b.beam})", style="dim")
+        row = (b.state, b.gpu or "-", b.job_id or "-", str(b.tries), _age(b.elapsed_s))
+        table.add_row(label, *row, _label(error))
     out.print(table)
+    for note in notes or []:
+        out.print(_label(f"note: {note}"))
 
 
 COMMANDS: dict[str, Callable[..., None]] = {

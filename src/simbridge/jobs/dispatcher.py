@@ -38,7 +38,8 @@ from simbridge.jobs.errors import (
 )
 from simbridge.jobs.executors import Executor, JobInfo, JobRef, JobStatus, make_executor
 from simbridge.jobs.executors.local import LocalExecutor
-from simbridge.jobs.inbox import Inbox, take_case
+from simbridge.jobs.inbox import RETRY_INITIAL_S, Inbox
+from simbridge.jobs.intake import NOTE_PREFIX, is_taken, reject_case, shown, take_case, tree_limits
 from simbridge.jobs.names import safe_key
 from simbridge.jobs.pipeline import LOCAL_STEPS, Pipeline
 from simbridge.jobs.states import BeamState
@@ -118,8 +119,9 @@ class Dispatcher:
                 root=jobs.inbox,
                 ready_marker=jobs.ready_marker,
                 stable_s=jobs.stable_s,
-                is_taken=lambda name: self.store.has_case(safe_key(name)),
+                is_taken=lambda name: is_taken(self.store, name),
                 on_change=self._wake.set,
+                on_late_beam=self._late_beam,
             )
         # One orchestrator per database. Taken last, so a failure above never leaves it held
         # (nothing above writes); from here on every write of this store is fenced by it.
@@ -410,7 +412,8 @@ class Dispatcher:
         for folder in self._inbox.ready():
             name = folder.name
             with self._lock:
-                if name in self._ingesting:
+                # In this order: a take that just ended left _ingesting after marking it done.
+                if name in self._ingesting or self._inbox.is_done(name):
                     continue
                 self._ingesting.add(name)
             fut = self._threads.submit(self._take, folder)
@@ -419,24 +422,55 @@ class Dispatcher:
     def _take(self, folder: Path) -> None:
         assert self._inbox is not None
         try:
-            take_case(
+            taken = take_case(
                 self.store,
                 folder,
                 work_root=self.jobs.work_root,
                 ready_marker=self.jobs.ready_marker,
+                limits=tree_limits(self.jobs.case_limits),
             )
         except (CaseRejectedError, BadNameError) as exc:
-            log.warning("jobs.case_rejected", folder=str(folder), error=str(exc))
+            self._inbox.mark_done(folder.name)
+            if is_taken(self.store, folder.name):
+                return  # `simbridge submit` took this very folder meanwhile: nothing is wrong
+            # Rejected once, for good: moved aside so no tick offers it again, and shown.
+            try:
+                moved = reject_case(self._inbox.root, folder, str(exc))
+            except OSError as move_exc:
+                moved = None
+                log.error("jobs.case_reject_unmoved", folder=str(folder), error=str(move_exc))
+            log.warning("jobs.case_rejected", folder=str(folder), error=str(exc), moved_to=str(moved))
+            return
         except LeaseLostError as exc:
             self._lease_lost(str(exc))
             return
         except StoreError as exc:
             self._trouble.failed(exc)
-            return  # offered again on the next tick
-        except Exception:
-            log.exception("jobs.case_take_crashed", folder=str(folder))
-            return  # offered again on the next tick
-        self._inbox.mark_done(folder.name)
+            return  # the store is failing: offered again on the next tick, under the loop's backoff
+        except Exception as exc:
+            # Our side failed (disk full, database away): not the case's fault, so try again
+            # later, backing off; each failure is logged, at most once per backoff delay.
+            delay = self._inbox.defer(folder.name)
+            log.warning(
+                "jobs.case_take_failed",
+                folder=str(folder),
+                error=repr(exc),
+                retry_in_s=delay,
+                exc_info=delay == RETRY_INITIAL_S,  # the traceback once, not on every retry
+            )
+            return
+        self._inbox.mark_done(folder.name, beams=set(taken.beam_names))
+
+    def _late_beam(self, folder: str, beam: str) -> None:
+        try:
+            case = self.store.case(safe_key(folder))
+            self.store.add_event(
+                case_id=case.id,
+                reason=f"{NOTE_PREFIX}beam folder {shown(beam)!r} appeared after the case was taken; "
+                "it is not run (submit it as a new case)",
+            )
+        except Exception as exc:  # a note must never take the loop down
+            log.warning("jobs.case_note_unrecorded", folder=shown(folder), error=repr(exc))
 
     def _taken(self, name: str, _fut: Future[None]) -> None:
         with self._lock:

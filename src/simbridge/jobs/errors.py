@@ -75,3 +75,7 @@ class OrchestratorBusyError(JobsError, RuntimeError):
 
 class LeaseLostError(JobsError, RuntimeError):
     """Raised by a fenced write when this serve no longer holds the orchestrator lease."""
+
+
+class UnsafeFileError(TransferError):
+    """Raised when a copy meets a symbolic link, a special file or a tree past its limits."""

@@ -21,6 +21,7 @@ import structlog
 from tenacity import (
     Retrying,
     retry_if_exception_type,
+    retry_if_not_exception_type,
     stop_after_attempt,
     stop_after_delay,
     wait_exponential,
@@ -28,7 +29,7 @@ from tenacity import (
 
 from simbridge.config import JobsSettings, config_file
 from simbridge.gpus import GpuLease
-from simbridge.jobs.errors import LaunchError, StaleStateError, TransferError
+from simbridge.jobs.errors import LaunchError, StaleStateError, TransferError, UnsafeFileError
 from simbridge.jobs.executors import Executor, JobInfo, JobRef, JobStatus, LaunchSpec
 from simbridge.jobs.names import child_path
 from simbridge.jobs.states import BeamState
@@ -335,7 +336,8 @@ class Pipeline:
         # Copies can hit passing trouble (a full disk being cleaned, a dropped link): retry a few
         # times in-process; the step itself stays resumable if we are killed meanwhile.
         retrying = Retrying(
-            retry=retry_if_exception_type(TransferError),
+            # A refused link or special file is refused again on every try: no retry.
+            retry=retry_if_exception_type(TransferError) & retry_if_not_exception_type(UnsafeFileError),
             stop=stop_after_attempt(3) | stop_after_delay(self.settings.timeouts.transfer_s),
             wait=wait_exponential(multiplier=0.2, max=2.0),
             reraise=True,

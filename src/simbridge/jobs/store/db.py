@@ -418,3 +418,12 @@ class Store(StoreBase):
         with self._fast_read() as cursor:
             rows = cursor.run(sql.EVENTS_OF, {"beam_id": beam_id, "case_id": case_id}).fetchall()
         return [EventRow(*r) for r in rows]
+
+    def case_notes(self, prefix: str) -> dict[int, list[str]]:
+        """Case-level events whose reason starts with ``prefix`` (what intake left out), by case id."""
+        out: dict[int, list[str]] = {}
+        with self._fast_read() as cursor:
+            for case_id, reason in cursor.run(sql.CASE_LEVEL_EVENTS, {}).fetchall():
+                if case_id is not None and str(reason).startswith(prefix):
+                    out.setdefault(int(case_id), []).append(str(reason))
+        return out

@@ -137,3 +137,8 @@ EVENTS_OF = (
     .where(_maybe(events.c.beam_id, "beam_id"), _maybe(events.c.case_id, "case_id"))
     .order_by(events.c.id)
 )
+
+# Case-level events (no beam), oldest first: what intake noted about a case.
+CASE_LEVEL_EVENTS = (
+    sa.select(events.c.case_id, events.c.reason).where(events.c.beam_id.is_(None)).order_by(events.c.id)
+)

@@ -1,26 +1,19 @@
 """The local transport: the executor's host is this machine, so files are copied between folders.
 
 Each file is copied to a temporary name and renamed, so a crash never leaves a torn file in place.
+No link or special file is followed on either side (files.py): a staged or simulated output that
+is a symbolic link (say to /etc/passwd) fails the step instead of leaking what it points to.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from simbridge.jobs.errors import TransferError
+from simbridge.jobs.errors import TransferError, UnsafeFileError
+from simbridge.jobs.files import copy_file, copy_tree
 from simbridge.jobs.names import child_path
 from simbridge.jobs.transport.base import Transport
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    """Copy one file via ``dst.partial`` + rename (idempotent, never torn)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 class LocalTransport(Transport):
@@ -36,16 +29,15 @@ class LocalTransport(Transport):
         return PurePosixPath(child_path(child_path(self.root, case_key), beam_key))
 
     def upload(self, local_dir: Path, remote_dir: PurePosixPath) -> int:
-        """Copy the staged files of a beam into its per-beam folder."""
-        count = 0
+        """Copy the staged files of a beam into its per-beam folder (links refused)."""
         try:
-            for src in sorted(local_dir.rglob("*")):
-                if src.is_file():
-                    copy_atomic(src, Path(remote_dir) / src.relative_to(local_dir))
-                    count += 1
+            # No check pass: a refused file fails the step anyway, and the copy re-checks each.
+            summary = copy_tree(local_dir, Path(remote_dir), where=f"(in {local_dir})", check_first=False)
+        except UnsafeFileError:
+            raise
         except OSError as exc:
             raise TransferError(f"upload {local_dir} -> {remote_dir} failed: {exc}") from exc
-        return count
+        return summary.files
 
     def download(self, remote_dir: PurePosixPath, patterns: Sequence[str], local_dir: Path) -> list[Path]:
         """Copy the outputs into ``local_dir``; a pattern matching nothing is an error."""
@@ -53,17 +45,19 @@ class LocalTransport(Transport):
         base = Path(remote_dir)
         try:
             for pattern in patterns:
-                matches = sorted(p for p in base.glob(pattern) if p.is_file())
-                if not matches:
+                copied = []
+                for src in sorted(base.glob(pattern)):
+                    try:
+                        copied.append(copy_file(base, src.relative_to(base).parts, local_dir))
+                    except IsADirectoryError:
+                        continue
+                if not copied:
                     raise TransferError(
                         f"output {pattern!r} not found in {remote_dir}; the simulation wrote no "
                         "such file (see its .err log), or fix jobs.steps.outputs"
                     )
-                for src in matches:
-                    dst = local_dir / src.relative_to(base)
-                    copy_atomic(src, dst)
-                    got.append(dst)
-        except TransferError:
+                got.extend(copied)
+        except (TransferError, UnsafeFileError):
             raise
         except OSError as exc:
             raise TransferError(f"download {remote_dir} -> {local_dir} failed: {exc}") from exc
