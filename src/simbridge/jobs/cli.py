@@ -26,6 +26,7 @@ from simbridge.jobs import control
 from simbridge.jobs.dispatcher import Dispatcher
 from simbridge.jobs.inbox import take_case
 from simbridge.jobs.store import Store, default_actor
+from simbridge.processes import elapsed_text
 
 app = typer.Typer(
     name="jobs",
@@ -174,15 +175,6 @@ def cancel(
     out.print(f"cancelled {len(keys)} beam(s): {', '.join(keys) or '-'}")
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = max(0.0, seconds)
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
 def _print_cases(views: list[control.CaseView]) -> None:
     table = Table(title="cases", title_justify="left")
     for col in ("case", "state", "beams", "taken"):
@@ -203,7 +195,9 @@ def _print_beams(view: control.CaseView) -> None:
         table.add_column(col)
     for b in view.beams:
         error = (b.last_error or "").splitlines()[0][:80] if b.last_error else ""
-        table.add_row(b.beam, b.state, b.gpu or "-", b.job_id or "-", str(b.tries), _age(b.elapsed_s), error)
+        table.add_row(
+            b.beam, b.state, b.gpu or "-", b.job_id or "-", str(b.tries), elapsed_text(b.elapsed_s), error
+        )
     out.print(table)
 
 

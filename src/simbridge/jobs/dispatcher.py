@@ -38,20 +38,12 @@ from simbridge.jobs.executors.local import LocalExecutor
 from simbridge.jobs.inbox import Inbox, take_case
 from simbridge.jobs.names import safe_key
 from simbridge.jobs.pipeline import LOCAL_STEPS, Pipeline
-from simbridge.jobs.states import BeamState
+from simbridge.jobs.states import IN_FLIGHT, LAUNCHED_FROM, NEXT, SCHEDULABLE, BeamState
 from simbridge.jobs.store import AttemptRow, BeamRow, Store, default_actor
 from simbridge.jobs.transport import LocalTransport
 
 log = structlog.get_logger(__name__)
 
-ACTIVE = (
-    BeamState.PENDING,
-    BeamState.PREPARING,
-    BeamState.UPLOADING,
-    BeamState.QUEUED,
-    BeamState.COLLECTING,
-    BeamState.POSTPROCESSING,
-)
 SCAN_LIMIT = 256
 
 
@@ -172,7 +164,7 @@ class Dispatcher:
 
     def recover(self) -> None:
         """Say what was in flight when we (re)started; the first tick reconciles it."""
-        in_flight = self.store.beams(states=[*ACTIVE, BeamState.RUNNING])
+        in_flight = self.store.beams(states=IN_FLIGHT)
         open_attempts = self.store.open_attempts()
         if in_flight or open_attempts:
             log.info(
@@ -228,7 +220,7 @@ class Dispatcher:
             log.exception("jobs.step_crashed", beam=beam_id)
             try:
                 beam = self.store.beam(beam_id)
-                if not beam.state.terminal and beam.state is not BeamState.RUNNING:
+                if beam.state in SCHEDULABLE:  # a RUNNING beam's command is the watcher's
                     self.pipeline.fail(beam, beam.state, f"internal error in {beam.state}: {exc!r}")
             except Exception:
                 log.exception("jobs.step_crash_unrecorded", beam=beam_id)
@@ -278,13 +270,14 @@ class Dispatcher:
             return
         self.store.forget_try(beam.id)
         log.info("jobs.attempt_never_started", beam=beam.id, step=attempt.step)
-        if beam.state is BeamState.RUNNING:
+        start = LAUNCHED_FROM[attempt.step]
+        if beam.state is attempt.step and start is not attempt.step:
             with contextlib.suppress(StaleStateError):
                 self.store.transition(
                     beam.id,
-                    BeamState.RUNNING,
-                    BeamState.QUEUED,
-                    reason="launch was interrupted before it started; queued again",
+                    attempt.step,
+                    start,
+                    reason=f"launch was interrupted before it started; back to {start}",
                     step_tries=max(0, beam.step_tries - 1),
                 )
 
@@ -362,7 +355,7 @@ class Dispatcher:
         room = 2 * self.jobs.workers - len(self._busy)
         if room <= 0:
             return
-        rows = self.store.ready_ids(ACTIVE, now=now, limit=room + 64, skip=skip)
+        rows = self.store.ready_ids(SCHEDULABLE, now=now, limit=room + 64, skip=skip)
         steps = self.jobs.steps
         commands = {BeamState.PREPARING: steps.prepare, BeamState.POSTPROCESSING: steps.postprocess}
         local_cmds = sum(1 for a in self._open.values() if a.step in LOCAL_STEPS)
@@ -375,9 +368,7 @@ class Dispatcher:
             if len(chosen) >= room:
                 continue
             # A beam in or heading into a command step needs a slot of the command budget.
-            heads_to_command = (state is BeamState.PENDING and steps.prepare is not None) or (
-                state is BeamState.COLLECTING and steps.postprocess is not None
-            )
+            heads_to_command = commands.get(NEXT[state]) is not None
             may_launch = False
             if commands.get(state) is not None or heads_to_command:
                 if local_cmds < self.jobs.max_preparing:
