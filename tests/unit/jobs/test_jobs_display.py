@@ -63,9 +63,9 @@ def test_dashboard_fits_the_width_with_gpu_job_time_and_tries(width: int) -> Non
     for column in ("beam", "state", "gpu", "job", "time", "tries", "why"):
         assert column in header.split(), (column, header)
     row = next(line for line in lines if "beam_01" in line or "beam_0…" in line).split()
-    assert ["POSTPROCESSING", "0,1", "4194303", "1h06m", "2"] == row[1:6], row
+    assert row[1:6] == ["POSTPROCESSING", "0,1", "4194303", "1h06m", "2"], row
     row = next(line for line in lines if "beam_02" in line).split()
-    assert ["FAILED", "-", "-", "75.0s", "3"] == row[1:6], row
+    assert row[1:6] == ["FAILED", "-", "-", "75.0s", "3"], row
     assert "running exited 75" in text
     if width >= 120:
         assert "CUDA out of memory" in text  # the reason, not just "exited 75"
