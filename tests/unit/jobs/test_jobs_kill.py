@@ -178,3 +178,10 @@ def test_cancel_kills_a_group_that_ignores_sigterm(executor: LocalExecutor, tmp_
     assert executor.cancel(attempt.ref, grace_s=0.2)
     assert dead(sim) and group_members(sim, attempt.token) == []
     assert attempt.ended() == JobInfo(JobStatus.KILLED, signal=signal.SIGKILL)
+
+
+def test_what_the_command_leaves_in_its_group_ends_with_it(executor: LocalExecutor, tmp_path: Path) -> None:
+    attempt = Attempt(executor, tmp_path, 'sleep 60 & echo $! > "$1/child.pid"; exit 0')
+    child = attempt.pid_file("child.pid")
+    assert attempt.ended() == JobInfo(JobStatus.EXITED, exit_code=0)
+    wait_for(lambda: dead(child), timeout=END_S, what="the leftover child to be killed with its group")

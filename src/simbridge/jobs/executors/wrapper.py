@@ -4,7 +4,8 @@ Run as ``python -I -S wrapper.py EXIT_FILE REPORT_FD ARGV...`` by the local exec
 command (never parsed by a shell) as the leader of a new process group, reports ``PID START`` on
 ``REPORT_FD``, forwards SIGTERM/SIGINT/SIGHUP to the group, and writes ``exit N`` or ``signal N``
 to EXIT_FILE (a temporary file renamed into place), so a signal death never reads as exit 128+N
-and the result is kept even if the orchestrator is gone. It imports builtin modules only: it must
+and the result is kept even if the orchestrator is gone. Processes the command leaves behind in
+its group are killed when it ends. It imports builtin modules only: it must
 start in a few milliseconds, since every launch pays for it.
 """
 
@@ -106,6 +107,13 @@ def main(args: list[str]) -> int:
     # the lease for as long as it runs, and the executor's read of the report ends now.
     posix.closerange(3, 65536)
     _, status = posix.waitpid(pid, 0)
+    # The attempt ends with its leader: what it left in its group goes too (as Slurm does at a
+    # job's end), so a retry never runs beside leftovers. The group id cannot have been reused:
+    # a pid stays taken while any process of a group it names lives.
+    try:  # noqa: SIM105 (as above)
+        posix.killpg(pid, _signal.SIGKILL)
+    except OSError:
+        pass  # nothing was left
     if posix.WIFSIGNALED(status):
         signum = posix.WTERMSIG(status)
         text, code = b"signal %d\n" % signum, 128 + signum
