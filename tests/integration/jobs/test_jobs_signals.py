@@ -67,8 +67,7 @@ def _parent(pid: int) -> int:
 
 def _first_run(env: JobsEnv, dispatcher: Dispatcher) -> int:
     wait_for(
-        lambda: (env.root / "child.pid").exists()
-        and dispatcher.store.beams()[0].hpc_job_id is not None,
+        lambda: (env.root / "child.pid").exists() and dispatcher.store.beams()[0].hpc_job_id is not None,
         timeout=START_S,
         what="the first simulation to run",
     )
@@ -94,7 +93,7 @@ def test_a_killed_simulation_is_named_and_retried(sqlite_env: JobsEnv, signum: i
             what="the killed simulation to be retried and complete",
         )
         [beam_row] = dispatcher.store.beams()
-        first = [a for a in dispatcher.store.attempts(beam_row.id) if a.step is BeamState.RUNNING][0]
+        first = next(a for a in dispatcher.store.attempts(beam_row.id) if a.step is BeamState.RUNNING)
         events = [e.reason for e in dispatcher.store.events(beam_id=beam_row.id)]
     name = signal.Signals(signum).name
     assert first.exit_code == -signum and first.outcome == "transient"
@@ -149,9 +148,7 @@ def test_a_failed_beam_shows_its_tries_and_why(sqlite_env: JobsEnv) -> None:
     (env.root / "sim.sh").write_text(
         'echo "$$" >> "$2/launches"\necho "starting" >&2\necho "license server unreachable" >&2\nexit 75\n'
     )
-    settings = env.configure(
-        steps={"simulate": SIM}, retry={"backoff_initial_s": 0, "max_attempts": 3}
-    )
+    settings = env.configure(steps={"simulate": SIM}, retry={"backoff_initial_s": 0, "max_attempts": 3})
     env.make_case("c1", {"b1": {"plan.json": "{}"}})
     with Dispatcher(settings=settings) as dispatcher:
         assert dispatcher.run(until_idle=True, max_s=SETTLE_S), "dispatcher did not become idle"
