@@ -294,8 +294,9 @@ class Dispatcher:
                 kill = functools.partial(self._kill, executor, attempt, ref, "timeout")
                 self._submit_once(beam.id, kill)
             return
-        # Vanished past its deadline: our own kill of an earlier tick, or the limit anyway.
-        timed_out = info.status is JobStatus.LOST and now > attempt.deadline
+        # Killed or vanished past its deadline: our own kill of an earlier tick (perhaps by a
+        # process that died before it could judge it), or the limit anyway.
+        timed_out = info.status in {JobStatus.LOST, JobStatus.KILLED} and now > attempt.deadline
         try:
             self.pipeline.finish(attempt, info, timed_out=timed_out, beam=beam)
         except StaleStateError as exc:

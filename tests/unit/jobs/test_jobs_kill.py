@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from simbridge.jobs.executors.base import JobInfo, JobRef, JobStatus, Launched, LaunchSpec
-from simbridge.jobs.executors.local import LocalExecutor, group_members, signal_group
+from simbridge.jobs.executors.local import LocalExecutor, group_members, signal_group, start_wrapper
 
 # Named deadlines: every wait below polls against one of these and fails naming what it waited for.
 START_S = 30.0
@@ -185,3 +185,33 @@ def test_what_the_command_leaves_in_its_group_ends_with_it(executor: LocalExecut
     child = attempt.pid_file("child.pid")
     assert attempt.ended() == JobInfo(JobStatus.EXITED, exit_code=0)
     wait_for(lambda: dead(child), timeout=END_S, what="the leftover child to be killed with its group")
+
+
+def test_a_restart_right_after_a_launch_finds_the_command_the_wrapper_starts(tmp_path: Path) -> None:
+    # As if the orchestrator died right after starting the wrapper: the wrapper has not started
+    # the command yet (held stopped here), and a restarted executor looks for it by its token.
+    token = f"sb-test-{uuid.uuid4().hex}"
+    spec = LaunchSpec(token=token, argv=("sleep", "60"), cwd=tmp_path, log_prefix=tmp_path / "running-1")
+    report, report_w = os.pipe()
+    wrapper = start_wrapper(spec, report_w)
+    os.close(report_w)
+    os.kill(wrapper.pid, signal.SIGSTOP)
+    found: list[Launched | None] = []
+
+    def find() -> None:
+        found.append(LocalExecutor().find(JobRef(token, spec.log_prefix)))
+
+    finder = threading.Thread(target=find)
+    finder.start()
+    # Not a synchronisation: the fixed code waits as long as the wrapper lives; this only bounds
+    # how long the old answer ("never started", at once) is given to show.
+    finder.join(timeout=0.5)
+    stopped_too_early = list(found)
+    os.kill(wrapper.pid, signal.SIGCONT)
+    finder.join(timeout=START_S)
+    pid = int(os.read(report, 64).split()[0])
+    os.close(report)
+    signal_group(pid, token, signal.SIGKILL)
+    wrapper.wait(timeout=END_S)
+    assert not stopped_too_early, "a wrapper yet to start its command was taken for 'never started'"
+    assert found and found[0] is not None and found[0].pid == pid

@@ -137,8 +137,15 @@ class Executor(abc.ABC):
 
     @abc.abstractmethod
     def poll(self, refs: Sequence[JobRef]) -> dict[str, JobInfo]:
-        """Status of many jobs in one call, keyed by token."""
+        """Status of many jobs in one call, keyed by token.
+
+        EXITED with its code, KILLED with its signal (never as exit 128+N), LOST only once
+        nothing of the job runs any more (a retry must never start beside it).
+        """
 
     @abc.abstractmethod
     def cancel(self, ref: JobRef, *, grace_s: float = 5.0) -> bool:
-        """Stop a job and everything it started; True if something was signalled."""
+        """Stop a job and everything it started; True if something was signalled.
+
+        Only processes proven to be the job's are signalled, never a pid <= 1.
+        """

@@ -186,30 +186,9 @@ class LocalExecutor(Executor):
         """Start ``spec.argv`` under the wrapper with logs to files; the job id is its group."""
         spec.log_prefix.parent.mkdir(parents=True, exist_ok=True)
         spec.exit_file.unlink(missing_ok=True)
-        env = {**os.environ, **spec.env, WRAPPER_ENV: spec.token}
-        env.pop(TOKEN_ENV, None)  # the wrapper hands the token on; it must not carry one itself
         report, report_w = os.pipe()
         try:
-            with open(spec.stdout, "ab") as out, open(spec.stderr, "ab") as err:
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-I",
-                        "-S",
-                        str(WRAPPER),
-                        str(spec.exit_file),
-                        str(report_w),
-                        *spec.argv,
-                    ],
-                    cwd=spec.cwd,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    # Own session: a kill of the orchestrator (or its terminal) leaves it running.
-                    start_new_session=True,
-                    pass_fds=(*spec.pass_fds, report_w),
-                )
+            proc = start_wrapper(spec, report_w)
         except OSError as exc:
             os.close(report)
             raise LaunchError(f"cannot start {spec.argv[0]!r} in {spec.cwd}: {exc}") from exc
@@ -227,12 +206,18 @@ class LocalExecutor(Executor):
         return Launched(job_id=str(pgid), pid=pgid, pid_start=start)
 
     def find(self, ref: JobRef) -> Launched | None:
-        """Find the command's group by recorded leader (if still the same process) or by token."""
+        """Find the command's group by recorded leader (if still the same process) or by token.
+
+        A wrapper still starting its command (we were killed right after launching it) is waited
+        for, bounded: answering "never started" then would launch the command a second time.
+        """
         if ref.pid is not None and ref.pid > 1 and _alive(ref.pid, ref.pid_start):
             return Launched(job_id=str(ref.pid), pid=ref.pid, pid_start=ref.pid_start)
-        pid = find_by_token(ref.token)
-        if pid is None:
-            return None
+        deadline = time.monotonic() + REPORT_TIMEOUT_S
+        while (pid := find_by_token(ref.token)) is None:
+            if find_by_token(ref.token, var=WRAPPER_ENV) is None or time.monotonic() > deadline:
+                return None  # no wrapper: the command never started, or ended (see its marker)
+            time.sleep(_POLL_S)
         info = proc_start_time(pid)
         return Launched(job_id=str(pid), pid=pid, pid_start=info[0] if info else None)
 
@@ -311,6 +296,24 @@ class LocalExecutor(Executor):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=KILL_WAIT_S)
         self._reap(ref.token)
+
+
+def start_wrapper(spec: LaunchSpec, report_fd: int) -> subprocess.Popen[bytes]:
+    """Start the wrapper of ``spec`` in a session of its own; it reports on ``report_fd``."""
+    env = {**os.environ, **spec.env, WRAPPER_ENV: spec.token}
+    env.pop(TOKEN_ENV, None)  # the wrapper hands the token on; it must not carry one itself
+    with open(spec.stdout, "ab") as out, open(spec.stderr, "ab") as err:
+        return subprocess.Popen(
+            [sys.executable, "-I", "-S", str(WRAPPER), str(spec.exit_file), str(report_fd), *spec.argv],
+            cwd=spec.cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            # Own session: a kill of the orchestrator (or its terminal) leaves it running.
+            start_new_session=True,
+            pass_fds=(*spec.pass_fds, report_fd),
+        )
 
 
 def _read_report(fd: int, proc: subprocess.Popen[bytes], spec: LaunchSpec) -> tuple[int, int]:
