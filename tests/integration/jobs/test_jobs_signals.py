@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from tests.integration.jobs.jobs_fixtures import JobsEnv, wait_for
+from tests.integration.jobs.jobs_fixtures import JobsEnv, serving, wait_for
 
 from simbridge.config import Settings
 from simbridge.jobs.dispatcher import Dispatcher
@@ -43,18 +40,6 @@ wait
 """
 
 
-@contextmanager
-def _serving(settings: Settings) -> Iterator[Dispatcher]:
-    with Dispatcher(settings=settings) as dispatcher:
-        thread = threading.Thread(target=dispatcher.run, kwargs={"max_s": 300}, daemon=True)
-        thread.start()
-        try:
-            yield dispatcher
-        finally:
-            dispatcher.stop()
-            thread.join(timeout=60)
-
-
 def _launches(env: JobsEnv) -> list[int]:
     path = env.root / "launches"
     return [int(x) for x in path.read_text().split()] if path.exists() else []
@@ -63,6 +48,17 @@ def _launches(env: JobsEnv) -> list[int]:
 def _parent(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def _one_beam(env: JobsEnv, script: str, **jobs: object) -> Settings:
+    (env.root / "sim.sh").write_text(script)
+    settings = env.configure(steps={"simulate": SIM}, **jobs)
+    env.make_case("c1", {"b1": {"plan.json": "{}"}})
+    return settings
+
+
+def _until(dispatcher: Dispatcher, state: BeamState, what: str) -> None:
+    wait_for(lambda: dispatcher.store.beams()[0].state is state, timeout=SETTLE_S, what=what)
 
 
 def _first_run(env: JobsEnv, dispatcher: Dispatcher) -> int:
@@ -78,20 +74,14 @@ def _first_run(env: JobsEnv, dispatcher: Dispatcher) -> int:
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
 def test_a_killed_simulation_is_named_and_retried(sqlite_env: JobsEnv, signum: int) -> None:
     env = sqlite_env
-    (env.root / "sim.sh").write_text(RETRIED_SIM)
-    settings = env.configure(steps={"simulate": SIM}, retry={"backoff_initial_s": 0})
-    env.make_case("c1", {"b1": {"plan.json": "{}"}})
-    with _serving(settings) as dispatcher:
+    settings = _one_beam(env, RETRIED_SIM, retry={"backoff_initial_s": 0})
+    with serving(settings) as dispatcher:
         sim = _first_run(env, dispatcher)
         # What people see is the simulation itself, the leader of its own process group.
         [beam] = env.status()[0]["beams"]
         assert beam["job_id"] == str(sim) and os.getpgid(sim) == sim
         os.kill(sim, signum)
-        wait_for(
-            lambda: dispatcher.store.beams()[0].state is BeamState.COMPLETED,
-            timeout=SETTLE_S,
-            what="the killed simulation to be retried and complete",
-        )
+        _until(dispatcher, BeamState.COMPLETED, "the killed simulation to be retried and complete")
         [beam_row] = dispatcher.store.beams()
         first = next(a for a in dispatcher.store.attempts(beam_row.id) if a.step is BeamState.RUNNING)
         events = [e.reason for e in dispatcher.store.events(beam_id=beam_row.id)]
@@ -104,16 +94,10 @@ def test_a_killed_simulation_is_named_and_retried(sqlite_env: JobsEnv, signum: i
 
 def test_a_killed_simulation_not_retried_says_so(sqlite_env: JobsEnv) -> None:
     env = sqlite_env
-    (env.root / "sim.sh").write_text(RETRIED_SIM)
-    settings = env.configure(steps={"simulate": SIM}, retry={"retry_lost": False})
-    env.make_case("c1", {"b1": {"plan.json": "{}"}})
-    with _serving(settings) as dispatcher:
+    settings = _one_beam(env, RETRIED_SIM, retry={"retry_lost": False})
+    with serving(settings) as dispatcher:
         os.kill(_first_run(env, dispatcher), signal.SIGKILL)
-        wait_for(
-            lambda: dispatcher.store.beams()[0].state is BeamState.FAILED,
-            timeout=SETTLE_S,
-            what="the beam to fail",
-        )
+        _until(dispatcher, BeamState.FAILED, "the beam to fail")
     [beam] = env.status()[0]["beams"]
     assert beam["signal"] == "SIGKILL" and beam["exit_code"] is None and beam["tries"] == 1
     assert beam["last_error"].startswith("running killed by SIGKILL")
@@ -123,19 +107,13 @@ def test_a_killed_simulation_not_retried_says_so(sqlite_env: JobsEnv) -> None:
 
 def test_a_killed_wrapper_never_leaves_its_simulation_beside_a_retry(sqlite_env: JobsEnv) -> None:
     env = sqlite_env
-    (env.root / "sim.sh").write_text(RETRIED_SIM)
-    settings = env.configure(steps={"simulate": SIM}, retry={"backoff_initial_s": 0})
-    env.make_case("c1", {"b1": {"plan.json": "{}"}})
-    with _serving(settings) as dispatcher:
+    settings = _one_beam(env, RETRIED_SIM, retry={"backoff_initial_s": 0})
+    with serving(settings) as dispatcher:
         sim = _first_run(env, dispatcher)
         wrapper = _parent(sim)
         assert wrapper not in {1, os.getpid()}
         os.kill(wrapper, signal.SIGKILL)
-        wait_for(
-            lambda: dispatcher.store.beams()[0].state is BeamState.COMPLETED,
-            timeout=SETTLE_S,
-            what="the attempt to be found lost, retried and complete",
-        )
+        _until(dispatcher, BeamState.COMPLETED, "the attempt to be found lost, retried and complete")
         [beam] = dispatcher.store.beams()
         events = [e.reason for e in dispatcher.store.events(beam_id=beam.id)]
     assert not (env.root / "overlap").exists(), (env.root / "overlap").read_text()
@@ -145,11 +123,8 @@ def test_a_killed_wrapper_never_leaves_its_simulation_beside_a_retry(sqlite_env:
 
 def test_a_failed_beam_shows_its_tries_and_why(sqlite_env: JobsEnv) -> None:
     env = sqlite_env
-    (env.root / "sim.sh").write_text(
-        'echo "$$" >> "$2/launches"\necho "starting" >&2\necho "license server unreachable" >&2\nexit 75\n'
-    )
-    settings = env.configure(steps={"simulate": SIM}, retry={"backoff_initial_s": 0, "max_attempts": 3})
-    env.make_case("c1", {"b1": {"plan.json": "{}"}})
+    script = 'echo "$$" >> "$2/launches"\necho starting >&2\necho "license server unreachable" >&2\nexit 75\n'
+    settings = _one_beam(env, script, retry={"backoff_initial_s": 0, "max_attempts": 3})
     with Dispatcher(settings=settings) as dispatcher:
         assert dispatcher.run(until_idle=True, max_s=SETTLE_S), "dispatcher did not become idle"
     assert len(_launches(env)) == 3

@@ -1,5 +1,6 @@
-"""What a person sees: the dashboard fits 80 columns with every column's content, a signal death
-reads as one, durations are formatted by one helper, and the error line says why."""
+"""What a person sees: the dashboard shows every case and beam and fits 80 columns with every
+column's content, a signal death reads as one, durations are formatted by one helper, and the
+error line says why."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from simbridge.tui.dashboard import render
 
 def _beam(name: str, state: str, **kw: object) -> BeamView:
     base: dict[str, object] = {
-        "case": "case-2026-11-30-patient-0042",
+        "case": "c1",
         "beam": name,
         "name": name,
         "state": state,
@@ -111,3 +112,28 @@ def test_status_view_names_the_signal_and_keeps_exit_codes(tmp_path: Path) -> No
         assert view.signal == "SIGKILL" and view.exit_code is None
         view = beam_view(case, exited, now=0.0)
         assert view.signal is None and view.exit_code == 137
+
+
+def test_dashboard_shows_each_beam() -> None:
+    views = [
+        CaseView(
+            case="c1",
+            name="c1",
+            state="ACTIVE",
+            created_at=0.0,
+            beams=(
+                _beam("beam_1", "RUNNING", gpu="3", job_id="4242", elapsed_s=75.0, progress=0.5),
+                _beam("beam_2", "FAILED", last_error="running exited 3; stderr tail:\nboom"),
+            ),
+        ),
+        CaseView(case="empty", name="empty", state="EMPTY", created_at=0.0, beams=()),
+    ]
+    console = Console(record=True, width=160)
+    console.print(render(views))
+    text = console.export_text()
+    assert "2 case(s), 1 FAILED, 1 RUNNING" in text
+    row = next(line for line in text.splitlines() if "beam_1" in line)
+    assert "RUNNING" in row and "3" in row and "4242" in row and "75.0s" in row
+    row = next(line for line in text.splitlines() if "beam_2" in line)
+    assert "FAILED" in row and "running exited 3" in row and "boom" not in row
+    assert "no beam folders" in text
