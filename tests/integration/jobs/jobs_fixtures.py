@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from simbridge.config import Settings, load_settings
+from simbridge.jobs.dispatcher import Dispatcher
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REPO = Path(__file__).resolve().parents[3]
@@ -241,10 +242,8 @@ def sqlite_env(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch)
 
 
 @contextmanager
-def serving(settings: Settings) -> Iterator[Any]:
+def serving(settings: Settings) -> Iterator[Dispatcher]:
     """A Dispatcher running in a thread (as `serve` does), stopped and joined on exit."""
-    from simbridge.jobs.dispatcher import Dispatcher
-
     with Dispatcher(settings=settings) as dispatcher:
         thread = threading.Thread(target=dispatcher.run, kwargs={"max_s": 300}, daemon=True)
         thread.start()
