@@ -50,7 +50,7 @@ WRAPPER_PERL = Path(__file__).with_name("wrapper.pl")
 REPORT_TIMEOUT_S = 60.0
 # How long the executor waits for a group it SIGKILLed (the wrapper died) to be gone.
 KILL_WAIT_S = 10.0
-_POLL_S = 0.02
+_POLL_S = 0.05  # each look at a group scans /proc: not too often
 
 
 def proc_start_time(pid: int) -> tuple[int, str] | None:
@@ -256,10 +256,13 @@ class LocalExecutor(Executor):
             proc = self._children.get(ref.token)
         if proc is not None:
             rc = proc.poll()
-            return rc is None, lambda: f"its wrapper {end_text(rc)} without writing how the command ended"
+            return (
+                rc is None,
+                lambda: f"lost: its wrapper ended ({end_text(rc)}) before writing how the command ended",
+            )
 
         def why() -> str:
-            return "its wrapper is gone without writing how the command ended"
+            return "lost: its wrapper is gone and never wrote how the command ended"
 
         # Not our child (we restarted): the wrapper is the command's parent while both live.
         leader = _proc_stat(ref.pid) if ref.pid is not None and ref.pid > 1 else None
