@@ -233,3 +233,17 @@ def test_a_restart_right_after_a_launch_finds_the_command_the_wrapper_starts(
     proc.wait(timeout=END_S)
     assert found != [None], "a wrapper yet to start its command was taken for 'never started'"
     assert found and found[0] is not None and found[0].pid == pid
+
+
+def test_a_launcher_gone_before_the_report_still_gets_the_end_written(tmp_path: Path, wrapper: str) -> None:
+    # The orchestrator killed while its wrapper starts: nobody reads the report. The wrapper must
+    # not die of it (SIGPIPE), or the command's end is never written and it would run again.
+    spec = LaunchSpec(
+        token=f"sb-test-{uuid.uuid4().hex}", argv=("true",), cwd=tmp_path, log_prefix=tmp_path / "p-1"
+    )
+    report, report_w = os.pipe()
+    proc = start_wrapper(spec, report_w, wrapper=wrapper_command(wrapper))
+    os.close(report_w)
+    os.close(report)
+    assert proc.wait(timeout=END_S) == 0, f"the wrapper died ({proc.returncode})"
+    assert spec.exit_file.read_bytes() == b"exit 0\n"

@@ -24,6 +24,9 @@ if ($pid == 0) {
     exit($errno == 2 ? 127 : 126);
 }
 setpgrp($pid, $pid);  # also here, so the group exists before anyone is told of it
+# A launcher killed before reading the report must not take us with it (SIGPIPE): the command
+# runs on, and how it ended must still be written. (Python ignores SIGPIPE from the start.)
+$SIG{PIPE} = 'IGNORE';
 my $start = '';
 if (open(my $stat, "<", "/proc/$pid/stat")) {
     my $line = <$stat>;
