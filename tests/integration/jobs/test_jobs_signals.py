@@ -88,7 +88,7 @@ def test_a_killed_simulation_is_named_and_retried(sqlite_env: JobsEnv, signum: i
     name = signal.Signals(signum).name
     assert first.exit_code == -signum and first.outcome == "transient"
     assert any(f"running killed by {name}; transient, retry 2/3" in r for r in events), events
-    assert not any("137" in r or "143" in r for r in events), events
+    assert not any("exited 137" in r or "exited 143" in r for r in events), events
     assert len(_launches(env)) == 2 and not (env.root / "overlap").exists()
 
 
@@ -102,7 +102,7 @@ def test_a_killed_simulation_not_retried_says_so(sqlite_env: JobsEnv) -> None:
     assert beam["signal"] == "SIGKILL" and beam["exit_code"] is None and beam["tries"] == 1
     assert beam["last_error"].startswith("running killed by SIGKILL")
     row = next(line for line in env.cli("status", "c1").stdout.splitlines() if "b1" in line)
-    assert "killed by SIGKILL" in row and "137" not in row
+    assert "killed by SIGKILL" in row and "exited 137" not in row
 
 
 def test_a_killed_wrapper_never_leaves_its_simulation_beside_a_retry(sqlite_env: JobsEnv) -> None:
@@ -133,4 +133,6 @@ def test_a_failed_beam_shows_its_tries_and_why(sqlite_env: JobsEnv) -> None:
     first_line = beam["last_error"].splitlines()[0]
     assert first_line == "running exited 75: license server unreachable"
     row = next(line for line in env.cli("status", "c1").stdout.splitlines() if "b1" in line)
-    assert "license server unreachable" in row and " 3 " in row
+    cells = [cell.strip() for cell in row.split("│")]
+    assert cells[1:3] == ["b1", "FAILED"] and cells[4].isdigit() and cells[5] == "3", cells
+    assert cells[7].startswith("running exited 75: license server unreachable"), cells
