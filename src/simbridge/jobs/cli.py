@@ -28,6 +28,7 @@ from simbridge.jobs.dispatcher import Dispatcher
 from simbridge.jobs.errors import NotFoundError
 from simbridge.jobs.intake import NOTE_PREFIX, InboxEntry, inbox_entries, take_case, tree_limits
 from simbridge.jobs.store import Store, default_actor
+from simbridge.processes import elapsed_text
 
 app = typer.Typer(
     name="jobs",
@@ -211,15 +212,6 @@ def cancel(
     out.print(f"cancelled {len(keys)} beam(s): {', '.join(keys) or '-'}")
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = max(0.0, seconds)
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
 def _label(name: str) -> Text:
     """An outside name as plain text: never Rich markup, control characters escaped."""
     return Text(name if name.isprintable() else repr(name)[1:-1])
@@ -260,7 +252,7 @@ def _print_beams(view: control.CaseView, notes: list[str] | None = None) -> None
     for b in view.beams:
         error = (b.last_error or "").splitlines()[0][:80] if b.last_error else ""
         label = _label(b.name) if b.name == b.beam else _label(b.name).append(f" ({b.beam})", style="dim")
-        row = (b.state, b.gpu or "-", b.job_id or "-", str(b.tries), _age(b.elapsed_s))
+        row = (b.state, b.gpu or "-", b.job_id or "-", str(b.tries), elapsed_text(b.elapsed_s))
         table.add_row(label, *row, _label(error))
     out.print(table)
     for note in notes or []:

@@ -14,17 +14,23 @@ from typing import Any
 import structlog
 
 from simbridge.jobs.errors import NotFoundError, StaleStateError
-from simbridge.jobs.executors import Executor, JobRef, make_executor
+from simbridge.jobs.executors import Executor, make_executor
 from simbridge.jobs.names import safe_key
-from simbridge.jobs.states import BeamState, case_state, resume_state
+from simbridge.jobs.pipeline import attempt_ref, logs_dir
+from simbridge.jobs.states import BeamState, case_state, progress, retry_target
 from simbridge.jobs.store import BeamRow, CaseRow, Store
+from simbridge.processes import signal_name
 
 log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
 class BeamView:
-    """One beam as shown to people."""
+    """One beam as shown to people.
+
+    ``exit_code`` is set only for an exit; a death by signal sets ``signal`` (``SIGKILL``) instead.
+    ``tries`` counts the launches of the step the beam is in (or failed in).
+    """
 
     case: str
     beam: str
@@ -37,6 +43,7 @@ class BeamView:
     exit_code: int | None
     last_error: str | None
     progress: float
+    signal: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,20 +61,6 @@ class CaseView:
         return asdict(self)
 
 
-_PROGRESS = {
-    BeamState.PENDING: 0.0,
-    BeamState.PREPARING: 0.1,
-    BeamState.UPLOADING: 0.25,
-    BeamState.QUEUED: 0.3,
-    BeamState.RUNNING: 0.5,
-    BeamState.COLLECTING: 0.8,
-    BeamState.POSTPROCESSING: 0.9,
-    BeamState.COMPLETED: 1.0,
-    BeamState.FAILED: 1.0,
-    BeamState.CANCELLED: 1.0,
-}
-
-
 def beam_view(case: CaseRow, beam: BeamRow, now: float) -> BeamView:
     """How one beam looks on screen (progress is the pipeline position, 0..1)."""
     start = beam.started_at or beam.created_at
@@ -81,9 +74,11 @@ def beam_view(case: CaseRow, beam: BeamRow, now: float) -> BeamView:
         job_id=beam.hpc_job_id,
         tries=beam.step_tries,
         elapsed_s=(end - start) if end is not None else None,
-        exit_code=beam.exit_code,
+        # The store keeps a signal death as minus the signal number (see processes.end_text).
+        exit_code=beam.exit_code if beam.exit_code is None or beam.exit_code >= 0 else None,
         last_error=beam.last_error,
-        progress=_PROGRESS[beam.state],
+        progress=progress(beam.state),
+        signal=signal_name(-beam.exit_code) if beam.exit_code is not None and beam.exit_code < 0 else None,
     )
 
 
@@ -135,12 +130,12 @@ def retry(store: Store, target: str, *, failed: bool = True, cancelled: bool = F
     """Put failed (and/or cancelled) beams back in line from the step that failed; their keys."""
     _, beams = resolve(store, target)
     done = []
+    wanted = {BeamState.FAILED} if failed else set()
+    if cancelled:
+        wanted.add(BeamState.CANCELLED)
     for beam in beams:
-        if failed and beam.state is BeamState.FAILED:
-            to = resume_state(beam.failed_step)
-        elif cancelled and beam.state is BeamState.CANCELLED:
-            to = BeamState.PENDING
-        else:
+        to = retry_target(beam.state, beam.failed_step) if beam.state in wanted else None
+        if to is None:
             continue
         try:
             store.transition(
@@ -184,20 +179,7 @@ def cancel(store: Store, target: str, *, work_root: Path, grace_s: float = 5.0) 
             if ex is None:
                 ex = executors[attempt.executor] = make_executor(attempt.executor)
             case = store.case(beam.case_id)
-            prefix = (
-                work_root.resolve()
-                / "logs"
-                / case.key
-                / beam.key
-                / f"{attempt.step.lower()}-{attempt.number}"
-            )
-            ref = JobRef(
-                token=attempt.token,
-                log_prefix=prefix,
-                job_id=attempt.job_id,
-                pid=attempt.pid,
-                pid_start=attempt.pid_start,
-            )
+            ref = attempt_ref(logs_dir(work_root.resolve(), case.key, beam.key), attempt)
             killed = ex.cancel(ref, grace_s=grace_s)
             store.close_attempt(attempt.id, outcome="cancelled", exit_code=None)
             store.add_event(

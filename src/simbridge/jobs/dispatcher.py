@@ -42,7 +42,7 @@ from simbridge.jobs.inbox import RETRY_INITIAL_S, Inbox
 from simbridge.jobs.intake import NOTE_PREFIX, is_taken, reject_case, shown, take_case, tree_limits
 from simbridge.jobs.names import safe_key
 from simbridge.jobs.pipeline import LOCAL_STEPS, Pipeline
-from simbridge.jobs.states import BeamState
+from simbridge.jobs.states import IN_FLIGHT, LAUNCHED_FROM, NEXT, SCHEDULABLE, BeamState
 from simbridge.jobs.store import AttemptRow, BeamRow, Store, default_actor
 from simbridge.jobs.store.base import FILE_CHECK_S
 from simbridge.jobs.store.faults import STORE_BACKOFF_MAX_S, StoreTrouble
@@ -51,14 +51,6 @@ from simbridge.jobs.transport import LocalTransport
 
 log = structlog.get_logger(__name__)
 
-ACTIVE = (
-    BeamState.PENDING,
-    BeamState.PREPARING,
-    BeamState.UPLOADING,
-    BeamState.QUEUED,
-    BeamState.COLLECTING,
-    BeamState.POSTPROCESSING,
-)
 SCAN_LIMIT = 256
 
 
@@ -250,7 +242,7 @@ class Dispatcher:
 
     def recover(self) -> None:
         """Say what was in flight when we (re)started; the first tick reconciles it."""
-        in_flight = self.store.beams(states=[*ACTIVE, BeamState.RUNNING])
+        in_flight = self.store.beams(states=IN_FLIGHT)
         open_attempts = self.store.open_attempts()
         if in_flight or open_attempts:
             log.info(
@@ -312,7 +304,7 @@ class Dispatcher:
             log.exception("jobs.step_crashed", beam=beam_id)
             try:
                 beam = self.store.beam(beam_id)
-                if not beam.state.terminal and beam.state is not BeamState.RUNNING:
+                if beam.state in SCHEDULABLE:  # a RUNNING beam's command is the watcher's
                     self.pipeline.fail(beam, beam.state, f"internal error in {beam.state}: {exc!r}")
             except Exception:
                 log.exception("jobs.step_crash_unrecorded", beam=beam_id)
@@ -362,13 +354,14 @@ class Dispatcher:
             return
         self.store.forget_try(beam.id)
         log.info("jobs.attempt_never_started", beam=beam.id, step=attempt.step)
-        if beam.state is BeamState.RUNNING:
+        start = LAUNCHED_FROM[attempt.step]
+        if beam.state is attempt.step and start is not attempt.step:
             with contextlib.suppress(StaleStateError):
                 self.store.transition(
                     beam.id,
-                    BeamState.RUNNING,
-                    BeamState.QUEUED,
-                    reason="launch was interrupted before it started; queued again",
+                    attempt.step,
+                    start,
+                    reason=f"launch was interrupted before it started; back to {start}",
                     step_tries=max(0, beam.step_tries - 1),
                 )
 
@@ -385,8 +378,9 @@ class Dispatcher:
                 kill = functools.partial(self._kill, executor, attempt, ref, "timeout")
                 self._submit_once(beam.id, kill)
             return
-        # Vanished past its deadline: our own kill of an earlier tick, or the limit anyway.
-        timed_out = info.status is JobStatus.LOST and now > attempt.deadline
+        # Killed or vanished past its deadline: our own kill of an earlier tick (perhaps by a
+        # process that died before it could judge it), or the limit anyway.
+        timed_out = info.status in {JobStatus.LOST, JobStatus.KILLED} and now > attempt.deadline
         try:
             self.pipeline.finish(attempt, info, timed_out=timed_out, beam=beam)
         except StaleStateError as exc:
@@ -484,7 +478,7 @@ class Dispatcher:
         room = 2 * self.jobs.workers - len(self._busy)
         if room <= 0:
             return
-        rows = self.store.ready_ids(ACTIVE, now=now, limit=room + 64, skip=skip)
+        rows = self.store.ready_ids(SCHEDULABLE, now=now, limit=room + 64, skip=skip)
         steps = self.jobs.steps
         commands = {BeamState.PREPARING: steps.prepare, BeamState.POSTPROCESSING: steps.postprocess}
         local_cmds = sum(1 for a in self._open.values() if a.step in LOCAL_STEPS)
@@ -497,9 +491,7 @@ class Dispatcher:
             if len(chosen) >= room:
                 continue
             # A beam in or heading into a command step needs a slot of the command budget.
-            heads_to_command = (state is BeamState.PENDING and steps.prepare is not None) or (
-                state is BeamState.COLLECTING and steps.postprocess is not None
-            )
+            heads_to_command = commands.get(NEXT[state]) is not None
             may_launch = False
             if commands.get(state) is not None or heads_to_command:
                 if local_cmds < self.jobs.max_preparing:

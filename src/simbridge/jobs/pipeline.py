@@ -32,14 +32,14 @@ from simbridge.gpus import GpuLease
 from simbridge.jobs.errors import LaunchError, StaleStateError, TransferError, UnsafeFileError
 from simbridge.jobs.executors import Executor, JobInfo, JobRef, JobStatus, LaunchSpec
 from simbridge.jobs.names import child_path
-from simbridge.jobs.states import BeamState
+from simbridge.jobs.states import LAUNCHED_FROM, NEXT, BeamState
 from simbridge.jobs.store import AttemptRow, BeamRow, CaseRow, Store
 from simbridge.jobs.transport import Transport
+from simbridge.processes import last_line, log_tail
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-LOG_TAIL_LINES = 20
 # Steps whose command runs on this machine whatever the executor (they touch local files).
 LOCAL_STEPS = frozenset({BeamState.PREPARING, BeamState.POSTPROCESSING})
 
@@ -58,16 +58,20 @@ def render(template: str, fields: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(word.format_map(fields) for word in shlex.split(template))
 
 
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last ``lines`` lines of a log file ('' if there is none)."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            fh.seek(max(0, fh.tell() - 16384))
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
+def logs_dir(work_root: Path, case_key: str, beam_key: str) -> Path:
+    """Where a beam's attempt logs and exit markers live, under the (resolved) work root."""
+    return child_path(child_path(work_root / "logs", case_key), beam_key)
+
+
+def attempt_ref(logs: Path, attempt: AttemptRow) -> JobRef:
+    """How to find an attempt's process and marker again, given its beam's logs folder."""
+    return JobRef(
+        token=attempt.token,
+        log_prefix=logs / f"{attempt.step.lower()}-{attempt.number}",
+        job_id=attempt.job_id,
+        pid=attempt.pid,
+        pid_start=attempt.pid_start,
+    )
 
 
 class Pipeline:
@@ -112,7 +116,7 @@ class Pipeline:
         case = self.case_of(beam)
         found = self._paths[beam.id] = BeamPaths(
             staging=child_path(child_path(self.work_root / "staging", case.key), beam.key),
-            logs=child_path(child_path(self.work_root / "logs", case.key), beam.key),
+            logs=logs_dir(self.work_root, case.key, beam.key),
             results=child_path(child_path(self.results_root, case.key), beam.key),
         )
         return found
@@ -140,14 +144,7 @@ class Pipeline:
     def ref(self, attempt: AttemptRow, beam: BeamRow | None = None) -> JobRef:
         """How to find an attempt's process and marker again."""
         beam = beam or self.store.beam(attempt.beam_id)
-        prefix = self.paths(beam).logs / f"{attempt.step.lower()}-{attempt.number}"
-        return JobRef(
-            token=attempt.token,
-            log_prefix=prefix,
-            job_id=attempt.job_id,
-            pid=attempt.pid,
-            pid_start=attempt.pid_start,
-        )
+        return attempt_ref(self.paths(beam).logs, attempt)
 
     def executor_for(self, step: BeamState) -> Executor:
         """The local executor for local steps, the configured one for the simulation."""
@@ -365,7 +362,7 @@ class Pipeline:
         Returns None if the beam moved on or already has a live attempt (nothing is touched).
         """
         token = f"sb-{uuid.uuid4().hex}"
-        current = BeamState.QUEUED if step is BeamState.RUNNING else step
+        current = LAUNCHED_FROM[step]
         try:
             attempt = self.store.open_attempt(
                 beam.id,
@@ -425,18 +422,13 @@ class Pipeline:
         if beam.state is not step:
             # Cancelled (or moved by a person) while it ran: just close the books.
             outcome = "cancelled" if beam.state is BeamState.CANCELLED else "orphaned"
-            self.store.close_attempt(attempt.id, outcome=outcome, exit_code=info.exit_code)
+            self.store.close_attempt(attempt.id, outcome=outcome, exit_code=info.code)
             return
         if info.status is JobStatus.EXITED and info.exit_code == 0 and not timed_out:
-            nxt = {
-                BeamState.PREPARING: BeamState.UPLOADING,
-                BeamState.RUNNING: BeamState.COLLECTING,
-                BeamState.POSTPROCESSING: BeamState.COMPLETED,
-            }[step]
             self.store.transition(
                 beam.id,
                 step,
-                nxt,
+                NEXT[step],
                 reason=f"{step.lower()} exited 0 (job {attempt.job_id})",
                 close=(attempt.id, "ok", 0),
             )
@@ -449,11 +441,12 @@ class Pipeline:
                 f"timed out after its limit (job {attempt.job_id})",
                 retry.retry_timeout,
             )
-        elif info.status is JobStatus.LOST:
-            what, transient = info.detail or "process lost", retry.retry_lost
+        elif info.status in {JobStatus.LOST, JobStatus.KILLED}:
+            # Killed by a signal (OOM killer, a person, a lost node) or gone without a word: the
+            # command never said it failed, which is what `retry_lost` retries.
+            what, transient = info.describe(), retry.retry_lost
         else:
-            code = info.exit_code
-            what, transient = f"exited {code}", code in retry.transient_exit_codes
+            what, transient = info.describe(), info.exit_code in retry.transient_exit_codes
         outcome = "timeout" if timed_out else "transient" if transient else "failed"
         if transient and beam.step_tries < retry.max_attempts:
             delay = retry.backoff_s(beam.step_tries)
@@ -461,12 +454,12 @@ class Pipeline:
                 f"{step.lower()} {what}; transient, retry {beam.step_tries + 1}/"
                 f"{retry.max_attempts} in {delay:g}s"
             )
-            back = BeamState.QUEUED if step is BeamState.RUNNING else step
+            back = LAUNCHED_FROM[step]
             if back is step:
                 # Order: the backoff is set before the attempt closes, so no tick can relaunch
                 # early; a crash in between only delays the retry.
                 self.store.update_beam(beam.id, step, not_before=time.time() + delay)
-                if self.store.close_attempt(attempt.id, outcome=outcome, exit_code=info.exit_code):
+                if self.store.close_attempt(attempt.id, outcome=outcome, exit_code=info.code):
                     self.store.add_event(reason=reason, case_id=beam.case_id, beam_id=beam.id)
             else:
                 self.store.transition(
@@ -476,18 +469,19 @@ class Pipeline:
                     reason=reason,
                     step_tries=beam.step_tries,
                     not_before=time.time() + delay,
-                    close=(attempt.id, outcome, info.exit_code),
+                    close=(attempt.id, outcome, info.code),
                 )
             return
+        # The first line says why on its own (status, the dashboard and the log show only it).
         message = f"{step.lower()} {what}"
         if tail:
-            message += f"; stderr tail:\n{tail}"
+            message += f": {last_line(tail)}\nstderr tail:\n{tail}"
         self.fail(
             beam,
             step,
             message,
-            exit_code=info.exit_code,
-            close=(attempt.id, outcome, info.exit_code),
+            exit_code=info.code,
+            close=(attempt.id, outcome, info.code),
         )
 
     def fail(
@@ -499,13 +493,18 @@ class Pipeline:
         exit_code: int | None = None,
         close: tuple[int, str, int | None] | None = None,
     ) -> None:
-        """Mark a beam FAILED in ``step`` with its error (kept for the dashboard and retry)."""
+        """Mark a beam FAILED in ``step`` with its error (kept for the dashboard and retry).
+
+        ``exit_code`` is negative for a signal death (-9: SIGKILL). The beam keeps its count of
+        tries of the step, so a person sees how often it was launched before it failed.
+        """
         try:
             self.store.transition(
                 beam.id,
                 step,
                 BeamState.FAILED,
                 reason=message,
+                step_tries=beam.step_tries,
                 failed_step=step.value,
                 last_error=message[:4000],
                 exit_code=exit_code,

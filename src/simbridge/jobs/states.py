@@ -46,17 +46,39 @@ PIPELINE = (
     BeamState.COMPLETED,
 )
 
-# States a failed beam may be retried from: the step that failed (RUNNING resumes at QUEUED,
-# since a new run needs a new GPU lease).
-RESUMABLE = frozenset(
-    {
-        BeamState.PREPARING,
-        BeamState.UPLOADING,
-        BeamState.QUEUED,
-        BeamState.COLLECTING,
-        BeamState.POSTPROCESSING,
-    }
-)
+# What a step that ended well leads to: the forward path as a table.
+NEXT: dict[BeamState, BeamState] = dict(itertools.pairwise(PIPELINE))
+
+# The steps that run a command (an attempt), each with the state its launch starts from: a
+# relaunch (a transient failure, a launch that never started) goes back there. RUNNING waits in
+# QUEUED, since a new run needs a new GPU lease; the other commands relaunch in place.
+LAUNCHED_FROM: dict[BeamState, BeamState] = {
+    BeamState.PREPARING: BeamState.PREPARING,
+    BeamState.RUNNING: BeamState.QUEUED,
+    BeamState.POSTPROCESSING: BeamState.POSTPROCESSING,
+}
+COMMAND_STEPS = frozenset(LAUNCHED_FROM)
+
+# Where a failed beam resumes when retried, by the state it failed in: the step that failed,
+# except that a failed command resumes where its launch starts from.
+RESUME: dict[BeamState, BeamState] = {
+    BeamState.PENDING: BeamState.PREPARING,
+    BeamState.PREPARING: BeamState.PREPARING,
+    BeamState.UPLOADING: BeamState.UPLOADING,
+    BeamState.QUEUED: BeamState.QUEUED,
+    BeamState.RUNNING: LAUNCHED_FROM[BeamState.RUNNING],
+    BeamState.COLLECTING: BeamState.COLLECTING,
+    BeamState.POSTPROCESSING: BeamState.POSTPROCESSING,
+}
+RESUMABLE = frozenset(RESUME.values())
+# A cancelled beam, when retried, starts over.
+RESTART = BeamState.PENDING
+
+# Not ended: the beam still needs the orchestrator (or a running command) to move on. Tuples in
+# declaration order, so a query built from them reads the same in every process.
+IN_FLIGHT = tuple(s for s in BeamState if s not in TERMINAL)
+# In flight and moved on by the scheduler; a RUNNING beam waits on its command (the watcher's).
+SCHEDULABLE = tuple(s for s in IN_FLIGHT if s is not BeamState.RUNNING)
 
 
 def _legal() -> dict[BeamState, frozenset[BeamState]]:
@@ -66,11 +88,14 @@ def _legal() -> dict[BeamState, frozenset[BeamState]]:
     for state in BeamState:
         if not state.terminal:
             moves[state] |= {BeamState.FAILED, BeamState.CANCELLED}
-    # A transient failure of a run gives the GPU back and waits for a new lease.
-    moves[BeamState.RUNNING].add(BeamState.QUEUED)
+    # A command that must launch again goes back to where its launch starts from (a run gives
+    # the GPU back and waits for a new lease).
+    for step, start in LAUNCHED_FROM.items():
+        if start is not step:
+            moves[step].add(start)
     # retry: a failed beam resumes at the step that failed; a cancelled one starts over.
     moves[BeamState.FAILED] |= RESUMABLE
-    moves[BeamState.CANCELLED].add(BeamState.PENDING)
+    moves[BeamState.CANCELLED].add(RESTART)
     return {state: frozenset(targets) for state, targets in moves.items()}
 
 
@@ -87,11 +112,25 @@ def check_transition(current: BeamState, target: BeamState) -> None:
 
 def resume_state(failed_step: BeamState | None) -> BeamState:
     """The state a failed beam restarts in when retried, given the state it failed in."""
-    if failed_step is BeamState.RUNNING:
-        return BeamState.QUEUED
-    if failed_step in RESUMABLE:
-        return failed_step
-    return BeamState.PREPARING
+    if failed_step is None:
+        return BeamState.PREPARING
+    return RESUME.get(failed_step, BeamState.PREPARING)
+
+
+def retry_target(state: BeamState, failed_step: BeamState | None) -> BeamState | None:
+    """Where a person's retry puts a beam in ``state`` (None: a retry does not apply to it)."""
+    if state is BeamState.FAILED:
+        return resume_state(failed_step)
+    if state is BeamState.CANCELLED:
+        return RESTART
+    return None
+
+
+def progress(state: BeamState) -> float:
+    """How far along the forward path a beam is, 0..1 (an ended beam is at 1)."""
+    if state.terminal:
+        return 1.0
+    return PIPELINE.index(state) / (len(PIPELINE) - 1)
 
 
 class CaseState(enum.StrEnum):

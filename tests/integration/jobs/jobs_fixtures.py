@@ -12,9 +12,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import pytest
 import yaml
 
 from simbridge.config import Settings, load_settings
+from simbridge.jobs.dispatcher import Dispatcher
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REPO = Path(__file__).resolve().parents[3]
@@ -249,6 +252,19 @@ def sqlite_env(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("SIMBRIDGE_CONFIG", "")
     monkeypatch.delenv("SIMBRIDGE_CONFIG")
     return JobsEnv(root=tmp_path, db_url=sqlite_url)
+
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[Dispatcher]:
+    """A Dispatcher running in a thread (as `serve` does), stopped and joined on exit."""
+    with Dispatcher(settings=settings) as dispatcher:
+        thread = threading.Thread(target=dispatcher.run, kwargs={"max_s": 300}, daemon=True)
+        thread.start()
+        try:
+            yield dispatcher
+        finally:
+            dispatcher.stop()
+            thread.join(timeout=60)
 
 
 def wait_for(predicate: Any, *, timeout: float, what: str, interval: float = 0.05) -> None:

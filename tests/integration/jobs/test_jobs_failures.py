@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from tests.integration.jobs.jobs_fixtures import JobsEnv, wait_for
+from tests.integration.jobs.jobs_fixtures import serving as _serving
 
 from simbridge.config import Settings
 from simbridge.jobs.dispatcher import Dispatcher
@@ -29,19 +28,6 @@ def _script(env: JobsEnv, body: str) -> None:
 def _run_until_idle(settings: Settings, max_s: float = 120) -> None:
     with Dispatcher(settings=settings) as dispatcher:
         assert dispatcher.run(until_idle=True, max_s=max_s), "dispatcher did not become idle"
-
-
-@contextmanager
-def _serving(settings: Settings) -> Iterator[Dispatcher]:
-    dispatcher = Dispatcher(settings=settings)
-    with dispatcher:
-        thread = threading.Thread(target=dispatcher.run, kwargs={"max_s": 300}, daemon=True)
-        thread.start()
-        try:
-            yield dispatcher
-        finally:
-            dispatcher.stop()
-            thread.join(timeout=60)
 
 
 def _launches(env: JobsEnv) -> list[str]:

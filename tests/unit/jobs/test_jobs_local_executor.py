@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from simbridge.jobs.errors import StaleStateError
-from simbridge.jobs.executors.base import JobRef, JobStatus, LaunchSpec
+from simbridge.jobs.executors.base import JobInfo, JobRef, JobStatus, LaunchSpec
 from simbridge.jobs.executors.local import LocalExecutor, read_exit_file
 from simbridge.jobs.states import BeamState
 from simbridge.jobs.store import AttemptRow, Store
@@ -19,12 +19,17 @@ def test_exit_marker_counts_only_once_whole(tmp_path: Path) -> None:
     assert read_exit_file(marker) is None  # not there yet
     marker.write_bytes(b"")
     assert read_exit_file(marker) is None  # created, not written
-    marker.write_bytes(b"1")
-    assert read_exit_file(marker) is None  # "1" of "17\n": not whole, never a wrong code
-    marker.write_bytes(b"17\n")
-    assert read_exit_file(marker) == 17
-    marker.write_bytes(b"junk\n")
-    assert read_exit_file(marker) is None
+    marker.write_bytes(b"exit 1")
+    assert read_exit_file(marker) is None  # "exit 1" of "exit 17\n": not whole, never a wrong code
+    marker.write_bytes(b"exit 17\n")
+    assert read_exit_file(marker) == JobInfo(JobStatus.EXITED, exit_code=17)
+    marker.write_bytes(b"signal 9\n")
+    assert read_exit_file(marker) == JobInfo(JobStatus.KILLED, signal=9)
+    marker.write_bytes(b"17\n")  # the marker of earlier versions
+    assert read_exit_file(marker) == JobInfo(JobStatus.EXITED, exit_code=17)
+    for junk in (b"junk\n", b"exit x\n", b"stopped 3\n"):
+        marker.write_bytes(junk)
+        assert read_exit_file(marker) is None
 
 
 def test_child_end_is_reaped_notified_and_its_code_read(tmp_path: Path) -> None:
@@ -39,7 +44,7 @@ def test_child_end_is_reaped_notified_and_its_code_read(tmp_path: Path) -> None:
     info = executor.poll([ref])[spec.token]
     assert info.status is JobStatus.EXITED
     assert info.exit_code == 3
-    assert spec.exit_file.read_bytes() == b"3\n"
+    assert spec.exit_file.read_bytes() == b"exit 3\n"
 
 
 def test_fast_writes_are_all_or_nothing(tmp_path: Path) -> None:

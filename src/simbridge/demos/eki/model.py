@@ -7,7 +7,6 @@ with the log's last lines, so the user sees why it died without hunting for the 
 from __future__ import annotations
 
 import contextlib
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import structlog
 
 from simbridge.demos.eki.errors import ForwardModelDied, ModelLayoutMismatch
 from simbridge.demos.eki.protocol import ModelExit
+from simbridge.processes import log_tail, signal_name
 
 log = structlog.get_logger("simbridge.demos.eki")
 
@@ -25,22 +25,11 @@ log = structlog.get_logger("simbridge.demos.eki")
 CLEAN_EXIT_S = 5.0
 
 
-def log_tail(path: Path, lines: int = 8) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
 def describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "still running"
     if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
+        return f"killed by {signal_name(-returncode)}"
     try:
         return f"exit status {returncode} ({ModelExit(returncode).name})"
     except ValueError:
@@ -100,7 +89,7 @@ class ModelProcess:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=1.0)
         code = proc.returncode
-        tail = log_tail(self.log_path)
+        tail = log_tail(self.log_path, 8)
         shown = f"; its last lines:\n{tail}" if tail else ""
         if code == ModelExit.LAYOUT:
             return ModelLayoutMismatch(

@@ -12,9 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from simbridge.processes import end_text
+
 # Environment variable carrying an attempt's unique token into its process tree: the local
 # executor finds an orphaned attempt again by it, the way Slurm finds a job by its unique name.
 TOKEN_ENV = "SIMBRIDGE_ATTEMPT"
+# The same token as the local wrapper carries it (not in TOKEN_ENV, so the wrapper is never taken
+# for the command's group); the wrapper hands it on to the command as TOKEN_ENV.
+WRAPPER_ENV = "SIMBRIDGE_WRAPPER"
+
+
+def log_file(prefix: Path, suffix: str) -> Path:
+    """An attempt's file next to its log prefix: ``.out``, ``.err``, ``.exit``."""
+    return prefix.with_name(prefix.name + suffix)
 
 
 @dataclass(frozen=True)
@@ -31,22 +41,26 @@ class LaunchSpec:
     @property
     def stdout(self) -> Path:
         """The attempt's captured standard output."""
-        return self.log_prefix.with_name(self.log_prefix.name + ".out")
+        return log_file(self.log_prefix, ".out")
 
     @property
     def stderr(self) -> Path:
         """The attempt's captured standard error."""
-        return self.log_prefix.with_name(self.log_prefix.name + ".err")
+        return log_file(self.log_prefix, ".err")
 
     @property
     def exit_file(self) -> Path:
-        """Written (atomically) with the exit code when the command ends, even if we are gone."""
-        return self.log_prefix.with_name(self.log_prefix.name + ".exit")
+        """Written (atomically) with how the command ended, even if we are gone."""
+        return log_file(self.log_prefix, ".exit")
 
 
 @dataclass(frozen=True)
 class JobRef:
-    """How to find a launched attempt: its token, what submit returned, and its marker."""
+    """How to find a launched attempt: its token, what submit returned, and its marker.
+
+    For the local executor ``pid`` is the command's process-group leader (its group id) and
+    ``pid_start`` that leader's start time, which proves a pid is still ours before a signal.
+    """
 
     token: str
     log_prefix: Path
@@ -57,12 +71,12 @@ class JobRef:
     @property
     def exit_file(self) -> Path:
         """Same path as :attr:`LaunchSpec.exit_file`."""
-        return self.log_prefix.with_name(self.log_prefix.name + ".exit")
+        return log_file(self.log_prefix, ".exit")
 
     @property
     def stderr(self) -> Path:
         """Same path as :attr:`LaunchSpec.stderr`."""
-        return self.log_prefix.with_name(self.log_prefix.name + ".err")
+        return log_file(self.log_prefix, ".err")
 
 
 @dataclass(frozen=True)
@@ -78,17 +92,34 @@ class JobStatus(enum.StrEnum):
     """What an executor knows of a job."""
 
     RUNNING = "RUNNING"
-    EXITED = "EXITED"
-    LOST = "LOST"
+    EXITED = "EXITED"  # ended by itself, with an exit code
+    KILLED = "KILLED"  # ended by a signal (never reported as exit 128+N)
+    LOST = "LOST"  # gone without a word of how it ended
 
 
 @dataclass(frozen=True)
 class JobInfo:
-    """A job's status; ``exit_code`` is set when EXITED; ``detail`` says why when LOST."""
+    """A job's status: ``exit_code`` when EXITED, ``signal`` when KILLED, ``detail`` when LOST."""
 
     status: JobStatus
     exit_code: int | None = None
+    signal: int | None = None
     detail: str = ""
+
+    @property
+    def code(self) -> int | None:
+        """The return code as stored: the exit code, or minus the signal number (Popen's way)."""
+        if self.status is JobStatus.KILLED and self.signal is not None:
+            return -self.signal
+        return self.exit_code if self.status is JobStatus.EXITED else None
+
+    def describe(self) -> str:
+        """``exited 3``, ``killed by SIGKILL``, or why it was lost."""
+        if self.status in {JobStatus.EXITED, JobStatus.KILLED}:
+            return end_text(self.code)
+        if self.status is JobStatus.LOST:
+            return self.detail or "process lost"
+        return "running"
 
 
 class Executor(abc.ABC):
@@ -106,8 +137,15 @@ class Executor(abc.ABC):
 
     @abc.abstractmethod
     def poll(self, refs: Sequence[JobRef]) -> dict[str, JobInfo]:
-        """Status of many jobs in one call, keyed by token."""
+        """Status of many jobs in one call, keyed by token.
+
+        EXITED with its code, KILLED with its signal (never as exit 128+N), LOST only once
+        nothing of the job runs any more (a retry must never start beside it).
+        """
 
     @abc.abstractmethod
     def cancel(self, ref: JobRef, *, grace_s: float = 5.0) -> bool:
-        """Stop a job and everything it started; True if something was signalled."""
+        """Stop a job and everything it started; True if something was signalled.
+
+        Only processes proven to be the job's are signalled, never a pid <= 1.
+        """

@@ -1,9 +1,13 @@
 """The local executor: each attempt is a process group on this machine, detached from us.
 
-A tiny ``sh`` wrapper runs the argv (never parsed by the shell) and writes the exit code to a marker
-file (whole once it ends in a newline), so an attempt that outlives a killed orchestrator is still
-found (by its token in ``/proc/PID/environ``) and its result still collected.
-Cancel and timeouts signal the whole group.
+A small wrapper (``wrapper.py``, or its perl twin ``wrapper.pl``) runs the argv (never parsed by
+a shell) as the leader of a process group of its own and writes ``exit N`` or ``signal N`` to a
+marker file, so an attempt that outlives a killed orchestrator is still found (by its token in
+``/proc/PID/environ``) and its result still collected. The group leader's pid is the job id;
+cancel and timeouts signal the group's processes, each proven ours (same group, our token)
+through a pidfd before the signal. If the wrapper dies while the command runs, the command's
+group is killed before the attempt is reported lost: nothing keeps running unseen while a retry
+starts in the same folder.
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import structlog
@@ -23,6 +29,7 @@ import structlog
 from simbridge.jobs.errors import LaunchError
 from simbridge.jobs.executors.base import (
     TOKEN_ENV,
+    WRAPPER_ENV,
     Executor,
     JobInfo,
     JobRef,
@@ -30,25 +37,37 @@ from simbridge.jobs.executors.base import (
     Launched,
     LaunchSpec,
 )
+from simbridge.processes import end_text
 
 log = structlog.get_logger(__name__)
 
-# $1 is the marker path; "$@" is the command, passed as argv so the shell never parses it.
-# The marker is written in place by one write() of "CODE\n" (printf is a shell builtin: no extra
-# process, unlike a `mv` of a temporary file); a reader takes it only once the newline is there,
-# so a half-written marker reads as "not yet", never as a wrong code.
-_WRAPPER = 'm=$1; shift; "$@"; c=$?; printf "%s\\n" "$c" > "$m"; exit "$c"'
+WRAPPER = Path(__file__).with_name("wrapper.py")
+# Its perl twin (same protocol): a perl starts in about a third of a Python interpreter's time
+# (3 vs 11 ms of CPU measured here under load), and every launch pays it while holding its GPU.
+WRAPPER_PERL = Path(__file__).with_name("wrapper.pl")
+# How long a launch waits for the wrapper to report the command's group (a Python start-up:
+# milliseconds when idle, seconds on a machine under heavy load).
+REPORT_TIMEOUT_S = 60.0
+# How long the executor waits for a group it SIGKILLed (the wrapper died) to be gone.
+KILL_WAIT_S = 10.0
+_POLL_S = 0.05  # each look at a group scans /proc: not too often
 
 
 def proc_start_time(pid: int) -> tuple[int, str] | None:
     """(start time in clock ticks since boot, state letter) of a live pid, or None."""
+    info = _proc_stat(pid)
+    return None if info is None else (info[0], info[1])
+
+
+def _proc_stat(pid: int) -> tuple[int, str, int, int] | None:
+    """(start time, state letter, parent pid, process group) of a pid, or None."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name (field 2) may contain spaces and ')': split after its last ')'.
     fields = raw[raw.rindex(")") + 2 :].split()
-    return int(fields[19]), fields[0]
+    return int(fields[19]), fields[0], int(fields[1]), int(fields[2])
 
 
 def _alive(pid: int, pid_start: int | None) -> bool:
@@ -58,34 +77,99 @@ def _alive(pid: int, pid_start: int | None) -> bool:
     return pid_start is None or info[0] == pid_start
 
 
-def read_exit_file(path: Path) -> int | None:
-    """The exit code written by the wrapper, or None if there is none (yet, or not whole)."""
+def _carries(pid: int, var: str, token: str) -> bool:
+    """Whether the process's environment holds ``var=token``."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return b"\x00" + f"{var}={token}".encode() + b"\x00" in b"\x00" + env + b"\x00"
+
+
+def read_exit_file(path: Path) -> JobInfo | None:
+    """How the command ended, from the wrapper's marker; None if there is none (yet, or torn).
+
+    ``exit N`` and ``signal N``; a bare ``N`` (the marker of earlier versions) is an exit code.
+    """
     try:
         text = path.read_bytes()
     except OSError:
         return None
     if not text.endswith(b"\n"):
-        return None  # still being written (or torn by a kill mid-write: the process tells)
+        return None  # not whole: never a wrong code
+    kind, _, number = text.strip().partition(b" ")
+    if not number:
+        kind, number = b"exit", kind
     try:
-        return int(text)
+        value = int(number)
     except ValueError:
         return None
+    if kind == b"signal":
+        return JobInfo(JobStatus.KILLED, signal=value)
+    return JobInfo(JobStatus.EXITED, exit_code=value) if kind == b"exit" else None
 
 
-def find_by_token(token: str) -> int | None:
-    """The process-group leader whose environment carries ``SIMBRIDGE_ATTEMPT=token``, if any."""
-    needle = f"{TOKEN_ENV}={token}".encode() + b"\x00"
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes() + b"\x00"
-            if b"\x00" + needle in b"\x00" + env and os.getpgid(pid) == pid and _alive(pid, None):
+def find_by_token(token: str, *, var: str = TOKEN_ENV) -> int | None:
+    """The live process-group leader whose environment carries ``var=token``, if any."""
+    for pid in _pids():
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pid and _carries(pid, var, token) and _alive(pid, None):
                 return pid
-        except OSError:
-            continue
     return None
+
+
+def _pids() -> Iterator[int]:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            yield int(entry.name)
+
+
+def group_members(pgid: int, token: str) -> list[int]:
+    """Live processes of group ``pgid`` that carry the attempt's token: the ones we may signal."""
+    if pgid <= 1:
+        return []
+    found = []
+    for pid in _pids():
+        if pid <= 1:
+            continue
+        info = _proc_stat(pid)
+        if info is None or info[3] != pgid or info[1] in {"Z", "X"}:
+            continue
+        if _carries(pid, TOKEN_ENV, token):
+            found.append(pid)
+    return found
+
+
+def signal_group(pgid: int, token: str, sig: int) -> int:
+    """Send ``sig`` to every process of group ``pgid`` proven ours; how many got it.
+
+    Each is pinned by a pidfd before its group and token are checked, and signalled through that
+    pidfd: a pid reused meanwhile is never signalled (where pidfds are missing, os.kill right
+    after the check). Never a pid <= 1; a process that cleared its environment is not ours to kill.
+    """
+    sent = 0
+    for pid in group_members(pgid, token):
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        except (AttributeError, OSError):
+            fd = -1
+        try:
+            info = _proc_stat(pid)
+            if info is None or info[3] != pgid or not _carries(pid, TOKEN_ENV, token):
+                continue
+            if fd >= 0:
+                signal.pidfd_send_signal(fd, sig)
+            else:
+                os.kill(pid, sig)
+            sent += 1
+        except ProcessLookupError:
+            continue
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    return sent
 
 
 class LocalExecutor(Executor):
@@ -93,90 +177,110 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def __init__(self, *, notify: Callable[[], None] | None = None) -> None:
+    def __init__(self, *, notify: Callable[[], None] | None = None, wrapper: str | None = None) -> None:
+        self._wrapper = wrapper_command(wrapper)
         # Called (from a waiter thread) whenever one of our children exits, so a dispatcher can
         # react at once instead of at its next poll.
         self._notify = notify
-        # Our own children, so we can reap them (no zombies) and learn a signal death quickly.
+        # Our own children (the wrappers, by token), so we can reap them (no zombies) and learn
+        # at once when one dies.
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
         self._reaper = _Reaper(notify) if notify is not None else None
 
     def submit(self, spec: LaunchSpec) -> Launched:
-        """Start ``spec.argv`` in its own session with logs to files; the marker tells the end."""
+        """Start ``spec.argv`` under the wrapper with logs to files; the job id is its group."""
         spec.log_prefix.parent.mkdir(parents=True, exist_ok=True)
         spec.exit_file.unlink(missing_ok=True)
-        env = {**os.environ, **spec.env, TOKEN_ENV: spec.token}
+        report, report_w = os.pipe()
         try:
-            with open(spec.stdout, "ab") as out, open(spec.stderr, "ab") as err:
-                proc = subprocess.Popen(
-                    [
-                        "/bin/sh",
-                        "-c",
-                        _WRAPPER,
-                        "simbridge-attempt",
-                        str(spec.exit_file),
-                        *spec.argv,
-                    ],
-                    cwd=spec.cwd,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    # Own session: a kill of the orchestrator (or its terminal) leaves it running,
-                    # and cancel can signal the whole group at once.
-                    start_new_session=True,
-                    pass_fds=spec.pass_fds,
-                )
+            proc = start_wrapper(spec, report_w, wrapper=self._wrapper)
         except OSError as exc:
+            os.close(report)
             raise LaunchError(f"cannot start {spec.argv[0]!r} in {spec.cwd}: {exc}") from exc
+        finally:
+            os.close(report_w)
         # Watched before anyone else can see (and so reap) it: its pid cannot be reused meanwhile.
         if self._reaper is not None:
             self._reaper.watch(proc)
         with self._lock:
             self._children[spec.token] = proc
-        info = proc_start_time(proc.pid)
-        return Launched(job_id=str(proc.pid), pid=proc.pid, pid_start=info[0] if info else None)
+        try:
+            pgid, start = _read_report(report, proc, spec)
+        finally:
+            os.close(report)
+        return Launched(job_id=str(pgid), pid=pgid, pid_start=start)
 
     def find(self, ref: JobRef) -> Launched | None:
-        """Find the attempt's process by recorded pid (if still the same process) or by token."""
-        if ref.pid is not None and _alive(ref.pid, ref.pid_start):
+        """Find the command's group by recorded leader (if still the same process) or by token.
+
+        A wrapper still starting its command (we were killed right after launching it) is waited
+        for, bounded: answering "never started" then would launch the command a second time.
+        """
+        if ref.pid is not None and ref.pid > 1 and _alive(ref.pid, ref.pid_start):
             return Launched(job_id=str(ref.pid), pid=ref.pid, pid_start=ref.pid_start)
-        pid = find_by_token(ref.token)
-        if pid is None:
-            return None
+        deadline = time.monotonic() + REPORT_TIMEOUT_S
+        while (pid := find_by_token(ref.token)) is None:
+            if find_by_token(ref.token, var=WRAPPER_ENV) is None or time.monotonic() > deadline:
+                return None  # no wrapper: the command never started, or ended (see its marker)
+            time.sleep(_POLL_S)
         info = proc_start_time(pid)
         return Launched(job_id=str(pid), pid=pid, pid_start=info[0] if info else None)
 
     def poll(self, refs: Sequence[JobRef]) -> dict[str, JobInfo]:
-        """EXITED once the marker exists; LOST if the process is gone without one."""
+        """EXITED or KILLED once the marker exists; RUNNING while the wrapper lives; else LOST.
+
+        A wrapper gone without a marker leaves a command nobody watches: its group is killed
+        before the attempt is reported lost, so a retry never runs beside it.
+        """
         result: dict[str, JobInfo] = {}
         for ref in refs:
-            code = read_exit_file(ref.exit_file)
-            if code is not None:
-                self._reap(ref.token)
-                result[ref.token] = JobInfo(JobStatus.EXITED, exit_code=code)
-                continue
-            with self._lock:
-                proc = self._children.get(ref.token)
-            if proc is not None:
-                rc = proc.poll()
-                running = rc is None
-            else:
-                rc = None
-                running = ref.pid is not None and _alive(ref.pid, ref.pid_start)
-            if running:
-                result[ref.token] = JobInfo(JobStatus.RUNNING)
-                continue
-            # Gone: the marker may have landed between our two looks.
-            code = read_exit_file(ref.exit_file)
+            ended = read_exit_file(ref.exit_file)
+            if ended is None:
+                alive, why = self._wrapper_alive(ref)
+                if alive:
+                    result[ref.token] = JobInfo(JobStatus.RUNNING)
+                    continue
+                # The wrapper writes the marker before it exits: look again, then it is lost.
+                ended = read_exit_file(ref.exit_file)
+                if ended is None:
+                    result[ref.token] = self._lost(ref, why())
+                    continue
             self._reap(ref.token)
-            if code is not None:
-                result[ref.token] = JobInfo(JobStatus.EXITED, exit_code=code)
-            else:
-                why = f"signal {-rc}" if rc is not None and rc < 0 else "no exit code written"
-                result[ref.token] = JobInfo(JobStatus.LOST, detail=f"process vanished ({why})")
+            result[ref.token] = ended
         return result
+
+    def _wrapper_alive(self, ref: JobRef) -> tuple[bool, Callable[[], str]]:
+        """Whether the attempt's wrapper lives, and (lazily: polls are hot) why it is gone."""
+        with self._lock:
+            proc = self._children.get(ref.token)
+        if proc is not None:
+            rc = proc.poll()
+            return (
+                rc is None,
+                lambda: f"lost: its wrapper ended ({end_text(rc)}) before writing how the command ended",
+            )
+
+        def why() -> str:
+            return "lost: its wrapper is gone and never wrote how the command ended"
+
+        # Not our child (we restarted): the wrapper is the command's parent while both live.
+        leader = _proc_stat(ref.pid) if ref.pid is not None and ref.pid > 1 else None
+        if leader is not None and leader[1] not in {"Z", "X"} and leader[0] == ref.pid_start:
+            return _carries(leader[2], WRAPPER_ENV, ref.token), why
+        return find_by_token(ref.token, var=WRAPPER_ENV) is not None, why
+
+    def _lost(self, ref: JobRef, why: str) -> JobInfo:
+        pgid = ref.pid if ref.pid is not None else find_by_token(ref.token)
+        if pgid is not None and group_members(pgid, ref.token):
+            signal_group(pgid, ref.token, signal.SIGKILL)
+            if not _wait_gone(pgid, ref.token, KILL_WAIT_S):
+                # Never report it lost (and so relaunch beside it) while it still runs.
+                log.warning("attempt group survives SIGKILL; still watching it", pgid=pgid, token=ref.token)
+                return JobInfo(JobStatus.RUNNING)
+            why += f"; its process group {pgid} was killed"
+        self._reap(ref.token)
+        return JobInfo(JobStatus.LOST, detail=why)
 
     def _reap(self, token: str) -> None:
         with self._lock:
@@ -186,29 +290,95 @@ class LocalExecutor(Executor):
 
     def cancel(self, ref: JobRef, *, grace_s: float = 5.0) -> bool:
         """SIGTERM the attempt's process group, then SIGKILL after ``grace_s``."""
-        found = self.find(ref)
-        if found is None or found.pid is None:
+        pgid = ref.pid if ref.pid is not None and ref.pid > 1 else find_by_token(ref.token)
+        if pgid is None or not signal_group(pgid, ref.token, signal.SIGTERM):
+            self._reap_when_ended(ref)
             return False
-        pgid = found.pid
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            return False
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                proc = self._children.get(ref.token)
-            if proc is not None:
-                proc.poll()
-            if not _group_alive(pgid):
-                break
-            time.sleep(0.05)
-        else:
+        if not _wait_gone(pgid, ref.token, grace_s):
             log.warning("attempt ignored SIGTERM; sending SIGKILL", token=ref.token, pgid=pgid)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-        self._reap(ref.token)
+            signal_group(pgid, ref.token, signal.SIGKILL)
+            _wait_gone(pgid, ref.token, KILL_WAIT_S)
+        self._reap_when_ended(ref)
         return True
+
+    def _reap_when_ended(self, ref: JobRef) -> None:
+        # Our wrapper writes the marker as soon as its command ends: let it finish (bounded).
+        with self._lock:
+            proc = self._children.get(ref.token)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=KILL_WAIT_S)
+        self._reap(ref.token)
+
+
+def wrapper_command(kind: str | None = None) -> tuple[str, ...]:
+    """How to run the wrapper: ``perl`` (the default where perl exists) or ``python``."""
+    perl = shutil.which("perl") if kind in {None, "perl"} else None
+    if perl is not None:
+        return (perl, str(WRAPPER_PERL))
+    if kind == "perl":
+        raise LaunchError("the perl wrapper was asked for but there is no perl on PATH")
+    # -I -S: no user site, no PYTHON* variables, no site import: a few milliseconds to start.
+    return (sys.executable, "-I", "-S", str(WRAPPER))
+
+
+def start_wrapper(
+    spec: LaunchSpec, report_fd: int, *, wrapper: tuple[str, ...] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start the wrapper of ``spec`` in a session of its own; it reports on ``report_fd``."""
+    env = {**os.environ, **spec.env, WRAPPER_ENV: spec.token}
+    env.pop(TOKEN_ENV, None)  # the wrapper hands the token on; it must not carry one itself
+    argv = [*(wrapper or wrapper_command()), str(spec.exit_file), str(report_fd), *spec.argv]
+    with open(spec.stdout, "ab") as out, open(spec.stderr, "ab") as err:
+        return subprocess.Popen(
+            argv,
+            cwd=spec.cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            # Own session: a kill of the orchestrator (or its terminal) leaves it running.
+            start_new_session=True,
+            pass_fds=(*spec.pass_fds, report_fd),
+        )
+
+
+def _read_report(fd: int, proc: subprocess.Popen[bytes], spec: LaunchSpec) -> tuple[int, int]:
+    """The ``PID START`` line the wrapper writes once the command's group exists."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + REPORT_TIMEOUT_S
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            proc.kill()
+            raise LaunchError(
+                f"the wrapper of {spec.argv[0]!r} did not report its process within "
+                f"{REPORT_TIMEOUT_S:g}s (machine overloaded?); it was killed"
+            )
+        if not poller.poll(left * 1000):
+            continue
+        chunk = os.read(fd, 64)
+        if not chunk:
+            proc.wait(timeout=REPORT_TIMEOUT_S)
+            raise LaunchError(
+                f"the wrapper of {spec.argv[0]!r} {end_text(proc.returncode)} before starting it; "
+                f"see {spec.stderr}"
+            )
+        data += chunk
+    pid, start = (int(word) for word in data.split())
+    return pid, start
+
+
+def _wait_gone(pgid: int, token: str, timeout_s: float) -> bool:
+    """Wait until no process of the group carries our token; False if some still do."""
+    deadline = time.monotonic() + timeout_s
+    while group_members(pgid, token):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL_S)
+    return True
 
 
 class _Reaper:
@@ -259,22 +429,3 @@ class _Reaper:
                     proc.poll()  # reap it (no zombie); a poll from another thread is harmless
             if events:
                 self._notify()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # killpg(0) succeeds on zombies too: look for a member that is not one.
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            pid = int(entry.name)
-            try:
-                if os.getpgid(pid) == pgid and _alive(pid, None):
-                    return True
-            except OSError:
-                continue
-    return False
