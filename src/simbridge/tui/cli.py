@@ -26,7 +26,7 @@ def dashboard(
         os.environ[CONFIG_ENV] = str(config)
     try:
         settings = load_settings()
-        with Store(url=settings.jobs.db_url(), actor=default_actor("dashboard")) as store:
+        with Store(url=settings.jobs.db_url(), actor=default_actor("dashboard"), migrate=False) as store:
             run_dashboard(store, refresh_s=refresh, once=once, max_s=max_s)
     except SimbridgeError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
