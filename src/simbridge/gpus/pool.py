@@ -20,8 +20,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 
-import structlog
-
 from simbridge.config import Settings, load_settings
 from simbridge.gpus._queue import QueueTimeout, TicketQueue, ensure_dir, open_lock_file, try_lock
 from simbridge.gpus.discovery import (
@@ -39,8 +37,9 @@ from simbridge.gpus.errors import (
     LockDirError,
     NoSuchGpu,
 )
+from simbridge.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _FIRST_PAUSE_S = 0.0002
 

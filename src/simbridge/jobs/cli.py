@@ -7,7 +7,6 @@ and exit code 1; bad configuration names the key and the fix.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -15,17 +14,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
-import structlog
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from simbridge.config import CONFIG_ENV, Settings, load_settings
-from simbridge.errors import SimbridgeError
+from simbridge.errors import ConfigError, SimbridgeError
 from simbridge.jobs import control
 from simbridge.jobs.dispatcher import Dispatcher
 from simbridge.jobs.inbox import take_case
 from simbridge.jobs.store import Store, default_actor
+from simbridge.logs import enable_debug
 
 app = typer.Typer(
     name="jobs",
@@ -48,20 +47,13 @@ def _settings(config: Path | None) -> Settings:
     return load_settings()
 
 
-def _logging(verbose: bool) -> None:
-    structlog.configure(
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
-    )
-
-
 def _store(settings: Settings, role: str) -> Store:
     return Store(url=settings.jobs.db_url(), actor=default_actor(role))
 
 
 def _fail(exc: Exception) -> typer.Exit:
     err.print(f"[red]error:[/red] {exc}", highlight=False)
-    return typer.Exit(1)
+    return typer.Exit(2 if isinstance(exc, ConfigError) else 1)
 
 
 def serve(
@@ -75,7 +67,8 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Watch the inbox and run every beam through the pipeline (resumes after any crash)."""
-    _logging(verbose)
+    if verbose:  # logging itself is configured once, by the `simbridge` entry point
+        enable_debug()
     try:
         settings = _settings(config)
         with Dispatcher(settings=settings) as dispatcher:

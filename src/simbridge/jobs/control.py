@@ -11,15 +11,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from simbridge.jobs.errors import NotFoundError, StaleStateError
 from simbridge.jobs.executors import Executor, JobRef, make_executor
 from simbridge.jobs.names import safe_key
 from simbridge.jobs.states import BeamState, case_state, resume_state
 from simbridge.jobs.store import BeamRow, CaseRow, Store
+from simbridge.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)

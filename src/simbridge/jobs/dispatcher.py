@@ -21,8 +21,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType, TracebackType
 
-import structlog
-
 from simbridge.config import Settings
 from simbridge.gpus import GpuPool
 from simbridge.gpus.errors import LeaseTimeout
@@ -41,8 +39,9 @@ from simbridge.jobs.pipeline import LOCAL_STEPS, Pipeline
 from simbridge.jobs.states import BeamState
 from simbridge.jobs.store import AttemptRow, BeamRow, Store, default_actor
 from simbridge.jobs.transport import LocalTransport
+from simbridge.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 ACTIVE = (
     BeamState.PENDING,

@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from simbridge.jobs.errors import CaseRejectedError
 from simbridge.jobs.names import child_path, safe_key
 from simbridge.jobs.store import Store
+from simbridge.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import TypeVar
 
-import structlog
 from tenacity import (
     Retrying,
     retry_if_exception_type,
@@ -34,8 +33,9 @@ from simbridge.jobs.names import child_path
 from simbridge.jobs.states import BeamState
 from simbridge.jobs.store import AttemptRow, BeamRow, CaseRow, Store
 from simbridge.jobs.transport import Transport
+from simbridge.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 T = TypeVar("T")
 
 LOG_TAIL_LINES = 20

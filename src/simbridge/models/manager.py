@@ -14,9 +14,8 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
-import structlog
-
 from simbridge.config import ModelSettings, load_settings
+from simbridge.logs import get_logger
 from simbridge.models._entry import Entry, Load, Loader, ModelSpec, Unloader
 from simbridge.models._loading import LoadingMixin
 from simbridge.models.batching import Batcher
@@ -34,7 +33,7 @@ from simbridge.models.errors import (
 )
 from simbridge.models.metrics import ModelMetrics, ModelState, ModelStats
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

@@ -20,10 +20,10 @@ from types import TracebackType
 from typing import Any, Final
 
 import numpy as np
-import structlog
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from simbridge.config import ShmSettings, load_settings
+from simbridge.logs import get_logger
 from simbridge.shm import _core
 from simbridge.shm.errors import (
     BlockExists,
@@ -39,7 +39,7 @@ from simbridge.shm.layout import DTYPE_BY_CODE, dtype_code, validate_name
 from simbridge.shm.recorder import Recorder
 from simbridge.shm.snapshot import Snapshot
 
-log = structlog.get_logger("simbridge.shm")
+log = get_logger("simbridge.shm")
 
 SHM_DIR: Final = Path("/dev/shm")
 

@@ -10,13 +10,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
+from simbridge.logs import get_logger
 from simbridge.shm import _core
 from simbridge.shm.errors import BlockExists, BlockNotFound, LayoutMismatch
 from simbridge.shm.layout import validate_name
 
-log = structlog.get_logger("simbridge.shm")
+log = get_logger("simbridge.shm")
 
 SHM_DIR = Path("/dev/shm")
 UNINITIALISED_GRACE_S = 60.0

@@ -15,13 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-import structlog
-
 from simbridge.demos.eki.errors import BuildFailed
+from simbridge.logs import get_logger
 from simbridge.shm import headers as shm_headers
 from simbridge.shm.errors import HeaderNotFound
 
-log = structlog.get_logger("simbridge.demos.eki")
+log = get_logger("simbridge.demos.eki")
 
 SOURCE: Final = Path(__file__).with_name("forward_model.c")
 HEADER: Final = Path("simbridge") / "shm.h"

@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import structlog
-
 from simbridge.jobs.errors import LaunchError
 from simbridge.jobs.executors.base import (
     TOKEN_ENV,
@@ -30,8 +28,9 @@ from simbridge.jobs.executors.base import (
     Launched,
     LaunchSpec,
 )
+from simbridge.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # $1 is the marker path; "$@" is the command, passed as argv so the shell never parses it.
 # The marker is written in place by one write() of "CODE\n" (printf is a shell builtin: no extra

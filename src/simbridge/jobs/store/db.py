@@ -15,7 +15,6 @@ from types import TracebackType
 from typing import Any
 
 import sqlalchemy as sa
-import structlog
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy.engine import Connection
@@ -35,8 +34,9 @@ from simbridge.jobs.store.rows import (
     beam_row,
 )
 from simbridge.jobs.store.schema import attempts, beams, cases, events
+from simbridge.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _PG_MIGRATE_LOCK = 0x5B1D6E  # advisory lock id: one migrator at a time on PostgreSQL
