@@ -29,6 +29,7 @@ EXIT_FAILED = 1
 EXIT_CONFIG = 2
 _CONFIG_KEY = "simbridge.config"
 _VERBOSE_KEY = "simbridge.verbose"
+_HELP_KEY = "simbridge.help"
 
 
 class _Root(TyperGroup):
@@ -41,6 +42,8 @@ class _Root(TyperGroup):
         # The root callback runs before the sub-command parses its options, but must read the
         # same file the command will: a `-c good.yaml` replaces a bad ./simbridge.yaml for both.
         ctx.meta[_CONFIG_KEY] = _peek_config(ctx, command, name, rest)
+        # Help is answered whatever the configuration holds.
+        ctx.meta[_HELP_KEY] = any(arg in ("--help", "-h") for arg in rest)
         return name, command, rest
 
     def invoke(self, ctx: Any) -> Any:
@@ -55,7 +58,7 @@ class _Root(TyperGroup):
 
 
 def _peek_config(ctx: Any, command: Any, name: str | None, rest: list[str]) -> Any:
-    if command is None or name is None or any(a in ("--help", "-h") for a in rest):
+    if command is None or name is None:
         return None
     if not any(getattr(p, "name", None) == "config" for p in getattr(command, "params", ())):
         return None
@@ -92,7 +95,7 @@ def main_options(
 ) -> None:
     """Drive GPU simulations and models from Python, on one machine and across a cluster."""
     ctx.meta[_VERBOSE_KEY] = verbose
-    if ctx.invoked_subcommand is None or ctx.resilient_parsing:
+    if ctx.invoked_subcommand is None or ctx.resilient_parsing or ctx.meta.get(_HELP_KEY):
         return
     config: Path | None = ctx.meta.get(_CONFIG_KEY)
     # One logging setup for every sub-command: stderr, level and format from config.
