@@ -1,107 +1,19 @@
 """The ``simbridge`` command: mounts each package's own sub-commands; nothing imports this module.
 
-Here and only here logging is configured (once, from ``log.level``/``log.format``), and here an error
-that escapes a command becomes one line ``simbridge: error: ...`` and an exit code.
+Configuration, logging and the one-line errors around every command live in :mod:`simbridge.entry`.
 """
 
 from __future__ import annotations
 
-import sys
-import traceback
-from pathlib import Path
-from typing import Annotated, Any
-
-import typer
-from typer.core import TyperGroup
-
-from simbridge.config import load_settings
 from simbridge.demos.eki.cli import eki_command
-from simbridge.errors import ConfigError, SimbridgeError
+from simbridge.entry import entry_app
 from simbridge.gpus.cli import app as gpus_app
 from simbridge.jobs.cli import register as register_jobs
-from simbridge.logs import configure_logging
 from simbridge.shm.cli import app as shm_app
 from simbridge.shm.cli import demo_app
 from simbridge.tui.cli import dashboard
 
-# Exit codes: 1 a command failed, 2 bad configuration or usage (as Click's own usage errors).
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
-_CONFIG_KEY = "simbridge.config"
-_VERBOSE_KEY = "simbridge.verbose"
-_HELP_KEY = "simbridge.help"
-
-
-class _Root(TyperGroup):
-    """The top-level group: sees a sub-command's ``-c`` before logging is configured, and turns
-    errors escaping any command into one line."""
-
-    # Typed loosely: Typer vendors its own Click, whose classes are not public API.
-    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
-        name, command, rest = super().resolve_command(ctx, args)
-        # The root callback runs before the sub-command parses its options, but must read the
-        # same file the command will: a `-c good.yaml` replaces a bad ./simbridge.yaml for both.
-        ctx.meta[_CONFIG_KEY] = _peek_config(ctx, command, name, rest)
-        # Help is answered whatever the configuration holds.
-        ctx.meta[_HELP_KEY] = any(arg in ("--help", "-h") for arg in rest)
-        return name, command, rest
-
-    def invoke(self, ctx: Any) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ConfigError as exc:
-            _report(ctx, exc)
-            raise typer.Exit(EXIT_CONFIG) from exc
-        except (SimbridgeError, OSError) as exc:
-            _report(ctx, exc)
-            raise typer.Exit(EXIT_FAILED) from exc
-
-
-def _peek_config(ctx: Any, command: Any, name: str | None, rest: list[str]) -> Any:
-    if command is None or name is None:
-        return None
-    if not any(getattr(p, "name", None) == "config" for p in getattr(command, "params", ())):
-        return None
-    try:
-        # resilient_parsing: no callbacks, no prompts; the real parse (and its errors) comes later.
-        sub = command.make_context(name, list(rest), parent=ctx, resilient_parsing=True)
-    except Exception:  # a peek only: the command's own parse reports bad usage
-        return None
-    return sub.params.get("config")
-
-
-def _report(ctx: Any, exc: BaseException) -> None:
-    if ctx.meta.get(_VERBOSE_KEY):
-        traceback.print_exception(exc, file=sys.stderr)
-    lines = str(exc).splitlines() or [type(exc).__name__]
-    # A configuration error has one line per bad key; anything else is cut to its first line.
-    for line in lines if isinstance(exc, ConfigError) else lines[:1]:
-        sys.stderr.write(f"simbridge: error: {line}\n")
-
-
-app = typer.Typer(
-    name="simbridge",
-    cls=_Root,
-    help="Drive GPU simulations and models from Python, on one machine and across a cluster.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-
-
-@app.callback()
-def main_options(
-    ctx: typer.Context,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at debug level.")] = False,
-) -> None:
-    """Drive GPU simulations and models from Python, on one machine and across a cluster."""
-    ctx.meta[_VERBOSE_KEY] = verbose
-    if ctx.invoked_subcommand is None or ctx.resilient_parsing or ctx.meta.get(_HELP_KEY):
-        return
-    config: Path | None = ctx.meta.get(_CONFIG_KEY)
-    # One logging setup for every sub-command: stderr, level and format from config.
-    configure_logging(load_settings(config=config).log, verbose=verbose)
-
-
+app = entry_app(help="Drive GPU simulations and models from Python, on one machine and across a cluster.")
 app.add_typer(shm_app, name="shm", help="Shared-memory blocks: list, inspect, remove, clean, diff.")
 demo_app.command("eki")(eki_command)
 app.add_typer(demo_app, name="demo", help="Small runnable demonstrations.")
