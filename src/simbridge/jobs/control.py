@@ -159,7 +159,7 @@ def retry(store: Store, target: str, *, failed: bool = True, cancelled: bool = F
     return done
 
 
-def cancel(store: Store, target: str, *, work_root: Path, grace_s: float = 5.0) -> list[str]:
+def cancel(store: Store, target: str, *, work_root: Path, grace_s: float) -> list[str]:
     """Cancel every unfinished beam of the target: record it, then kill its processes."""
     _, beams = resolve(store, target)
     executors: dict[str, Executor] = {}

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -35,13 +35,11 @@ from simbridge.shm.errors import (
     Timeout,
     WriterClosed,
 )
-from simbridge.shm.layout import DTYPE_BY_CODE, dtype_code, validate_name
+from simbridge.shm.layout import DTYPE_BY_CODE, SHM_DIR, dtype_code, segment_path, validate_name
 from simbridge.shm.recorder import Recorder
 from simbridge.shm.snapshot import Snapshot
 
 log = get_logger("simbridge.shm")
-
-SHM_DIR: Final = Path("/dev/shm")
 
 
 class Block:
@@ -194,7 +192,7 @@ class Block:
                 return block
             waited = time.monotonic() - start
             if waited >= limit:
-                exists = (SHM_DIR / f"{_core.SHM_PREFIX}{name}").exists()
+                exists = segment_path(name).exists()
                 what = "to be initialised by its creator" if exists else "to appear"
                 raise BlockNotFound(
                     f"block {name!r} did not become available within {limit:g} s "

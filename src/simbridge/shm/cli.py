@@ -16,6 +16,7 @@ from rich.table import Table
 from simbridge.shm import registry
 from simbridge.shm.block import Block
 from simbridge.shm.errors import ShmError, Timeout
+from simbridge.shm.layout import SHM_DIR
 from simbridge.shm.recorder import diff as diff_recording
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
@@ -50,7 +51,7 @@ def list_command(
     if as_json:
         typer.echo(json.dumps([asdict(i) | {"stale": i.stale} for i in infos], indent=2))
         return
-    table = Table(title=f"simbridge blocks in {registry.SHM_DIR}")
+    table = Table(title=f"simbridge blocks in {SHM_DIR}")
     table.add_column("name", overflow="fold")
     for col in (
         "owner pid",

@@ -13,11 +13,10 @@ from pathlib import Path
 from simbridge.logs import get_logger
 from simbridge.shm import _core
 from simbridge.shm.errors import BlockExists, BlockNotFound, LayoutMismatch
-from simbridge.shm.layout import validate_name
+from simbridge.shm.layout import SHM_DIR, segment_path, validate_name
 
 log = get_logger("simbridge.shm")
 
-SHM_DIR = Path("/dev/shm")
 UNINITIALISED_GRACE_S = 60.0
 
 
@@ -91,7 +90,7 @@ def _info_from_path(path: Path) -> BlockInfo | None:
 
 def block_info(name: str) -> BlockInfo | None:
     """The block called ``name``, or None if there is none."""
-    return _info_from_path(SHM_DIR / f"{_core.SHM_PREFIX}{name}")
+    return _info_from_path(segment_path(name))
 
 
 def list_blocks() -> list[BlockInfo]:

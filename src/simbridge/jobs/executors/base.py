@@ -109,5 +109,5 @@ class Executor(abc.ABC):
         """Status of many jobs in one call, keyed by token."""
 
     @abc.abstractmethod
-    def cancel(self, ref: JobRef, *, grace_s: float = 5.0) -> bool:
+    def cancel(self, ref: JobRef, *, grace_s: float) -> bool:
         """Stop a job and everything it started; True if something was signalled."""

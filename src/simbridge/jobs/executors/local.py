@@ -183,7 +183,7 @@ class LocalExecutor(Executor):
         if proc is not None:
             proc.poll()
 
-    def cancel(self, ref: JobRef, *, grace_s: float = 5.0) -> bool:
+    def cancel(self, ref: JobRef, *, grace_s: float) -> bool:
         """SIGTERM the attempt's process group, then SIGKILL after ``grace_s``."""
         found = self.find(ref)
         if found is None or found.pid is None:
