@@ -119,22 +119,25 @@ def _simbridge(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedPr
 
 def _serve_folder(tmp_path: Path, log: str) -> Path:
     (tmp_path / "simbridge.yaml").write_text(
-        "jobs:\n  steps: {simulate: 'true', outputs: ['*']}\n  inbox: inbox\n  work_root: work\n"
-        "  results: results\n" + log
+        "jobs:\n  steps: {simulate: \"sh -c 'echo > raw'\"}\n  inbox: inbox\n  work_root: work\n"
+        "  results: results\n  poll_s: 0.05\ngpus: {discovery: slots, lock_dir: locks}\n" + log
     )
-    (tmp_path / "inbox").mkdir()
+    beam = tmp_path / "inbox" / "case-1" / "b1"
+    beam.mkdir(parents=True)
+    (beam / "plan.json").write_text("{}")
+    (beam.parent / "READY").touch()
     return tmp_path
 
 
 @pytest.mark.parametrize("level", ["info", "warning"])
 def test_serve_honours_log_level(tmp_path: Path, level: str) -> None:
     folder = _serve_folder(tmp_path, f"log: {{level: {level}, format: json}}\n")
-    result = _simbridge(["serve", "--until-idle", "--max-seconds", "20"], folder)
+    result = _simbridge(["serve", "--until-idle", "--max-seconds", "60"], folder)
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
-    infos = [e for e in events if e["level"] == "info"]
+    infos = [e["event"] for e in events if e["level"] == "info"]
     if level == "info":
-        assert infos, result.stderr  # the dispatcher says it started
+        assert "jobs.case_taken" in infos, result.stderr
     else:
         assert infos == [], infos
 
