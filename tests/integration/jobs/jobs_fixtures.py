@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,21 +20,11 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.support import REPO, require, wait_for  # noqa: F401 - wait_for: the jobs tests import it from here
 
 from simbridge.config import Settings, load_settings
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = REPO / "examples" / "mqi"
-
-
-def require(condition: bool, what: str) -> None:
-    """Skip here when a real component is missing, but fail under CI=true (CI runs everything)."""
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"CI=true but {what} is missing; `make system-packages` installs it as root")
-    pytest.skip(f"{what} is missing")
 
 
 def _free_port() -> int:
@@ -236,16 +225,6 @@ def sqlite_env(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("SIMBRIDGE_CONFIG", "")
     monkeypatch.delenv("SIMBRIDGE_CONFIG")
     return JobsEnv(root=tmp_path, db_url=sqlite_url)
-
-
-def wait_for(predicate: Any, *, timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 EXAMPLE_STEPS = {
