@@ -119,6 +119,15 @@ def test_demo_blocks_through_the_entry_point(folder: Path) -> None:
     assert "median round trip" in out and "over 3 iterations" in out and "NO" not in out
 
 
+def test_a_command_error_stays_one_line_on_a_narrow_terminal(folder: Path) -> None:
+    name = "a-case-name-long-enough-to-wrap-" * 3
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        result = CliRunner().invoke(app, ["status", name], env={"COLUMNS": "40"})
+    assert result.exit_code == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_usage_errors_exit_2(folder: Path) -> None:
     result = script(folder, "shm", "nope", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr

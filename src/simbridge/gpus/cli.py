@@ -57,7 +57,7 @@ def show(
             note = pool.source.note
             where = pool.lock_dir
     except SimbridgeError as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)  # one line, never wrapped
         raise typer.Exit(code=1) from exc
     if as_json:
         typer.echo(json.dumps(_as_json(gpus, holders, waiting), indent=2))

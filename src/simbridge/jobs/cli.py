@@ -52,7 +52,7 @@ def _store(settings: Settings, role: str) -> Store:
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}", highlight=False)
+    err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)  # one line, never wrapped
     return typer.Exit(2 if isinstance(exc, ConfigError) else 1)
 
 
