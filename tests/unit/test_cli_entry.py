@@ -175,3 +175,12 @@ def test_the_mqi_example_config_loads(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert settings.gpus.discovery == "slots"
     for script in ("preprocess.py", "dose_sim.py", "postprocess.py"):
         assert (REPO / "examples" / "mqi" / script).is_file()
+
+
+def test_demo_eki_failure_is_one_line_on_stderr(folder: Path) -> None:
+    # A "model" that exits at once (no compiler needed): the demo names it, on stderr, in one line.
+    result = sb(folder, "demo", "eki", "--model", "/bin/false", "--iterations", "1", "-o", "out", check=False)
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "forward model" in errors[0] and "exit status 1" in errors[0]
+    assert "error" not in result.stdout

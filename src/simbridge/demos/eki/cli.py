@@ -125,7 +125,8 @@ def eki_command(
             result = run_inversion(options, on_iteration=advance)
             progress.update(task, total=len(result.history))
     except (EkiError, ShmError) as exc:
-        console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
+        # stderr, one line whatever the width: stdout stays the results.
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from exc
     console.print(breakdown_table(result))
     console.print(
