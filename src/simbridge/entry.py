@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from simbridge.config import load_settings
 from simbridge.errors import ConfigError, SimbridgeError
@@ -48,6 +49,11 @@ class _Root(TyperGroup):
         except (SimbridgeError, OSError) as exc:
             _report(ctx, exc)
             raise typer.Exit(EXIT_FAILED) from exc
+        except (typer.Exit, typer.Abort, TyperException):
+            raise  # Click's own exits and usage errors (exit 2 with the usage line)
+        except Exception as exc:  # a bug: still one line, the traceback with -v
+            _report(ctx, exc, bug=True)
+            raise typer.Exit(EXIT_FAILED) from exc
 
 
 def _peek_config(ctx: Any, command: Any, name: str | None, rest: list[str]) -> Any:
@@ -63,10 +69,13 @@ def _peek_config(ctx: Any, command: Any, name: str | None, rest: list[str]) -> A
     return sub.params.get("config")
 
 
-def _report(ctx: Any, exc: BaseException) -> None:
+def _report(ctx: Any, exc: BaseException, *, bug: bool = False) -> None:
     if ctx.meta.get(_VERBOSE_KEY):
         traceback.print_exception(exc, file=sys.stderr)
-    lines = str(exc).splitlines() or [type(exc).__name__]
+    lines = str(exc).splitlines() or [""]
+    if bug:
+        hint = "" if ctx.meta.get(_VERBOSE_KEY) else "; run with -v for the traceback"
+        lines = [f"unexpected {type(exc).__name__}: {lines[0]} (a bug in simbridge{hint}, please report it)"]
     # A configuration error has one line per bad key; anything else is cut to its first line.
     for line in lines if isinstance(exc, ConfigError) else lines[:1]:
         sys.stderr.write(f"simbridge: error: {line}\n")

@@ -140,6 +140,8 @@ def failing_command() -> Iterator[str]:
     def boom(kind: str) -> None:
         if kind == "simbridge":
             raise SimbridgeError("the block is gone\nsecond line of detail")
+        if kind == "bug":
+            raise KeyError("oops")
         raise PermissionError(13, "Permission denied", "/dev/shm/x")
 
     app.command("boom-for-test")(boom)
@@ -160,6 +162,12 @@ def test_an_error_escaping_a_command_is_one_line(
     result = CliRunner().invoke(app, [failing_command, "os"])
     assert result.exit_code == 1
     assert result.stderr.startswith("simbridge: error: [Errno 13] Permission denied")
+    result = CliRunner().invoke(app, [failing_command, "bug"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        "simbridge: error: unexpected KeyError: 'oops' (a bug in simbridge; run with -v"
+    )
+    assert len(result.stderr.splitlines()) == 1
     verbose = CliRunner().invoke(app, ["-v", failing_command, "simbridge"])
     assert verbose.exit_code == 1 and "Traceback" in verbose.stderr
 
