@@ -39,6 +39,7 @@ def _to_stdlib(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> A
 # filter_by_level first: an event below the logger's level costs one isEnabledFor call.
 _PROCESSORS: list[Processor] = [
     structlog.stdlib.filter_by_level,
+    structlog.stdlib.PositionalArgumentsFormatter(),
     structlog.contextvars.merge_contextvars,
     _to_stdlib,
 ]
@@ -68,7 +69,13 @@ class _Formatter(logging.Formatter):
         self._render: Any = (
             structlog.processors.JSONRenderer()
             if self._json
-            else structlog.dev.ConsoleRenderer(colors=colors)
+            else structlog.dev.ConsoleRenderer(
+                colors=colors,
+                # A traceback for a person: the frames, not every local variable of each.
+                exception_formatter=structlog.dev.RichTracebackFormatter(
+                    show_locals=False, color_system="truecolor" if colors else "auto"
+                ),
+            )
         )
 
     def format(self, record: logging.LogRecord) -> str:

@@ -185,3 +185,26 @@ def test_configuring_twice_keeps_one_handler() -> None:
     configure_logging(LogSettings(format="json"))
     ours = [h for h in logging.getLogger().handlers if type(h).__name__ == "_CliHandler"]
     assert len(ours) == 1
+
+
+def test_json_lines_carry_the_exception_and_format_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    from simbridge.config import LogSettings
+    from simbridge.logs import configure_logging, get_logger
+
+    configure_logging(LogSettings(format="json", level="info"))
+    log = get_logger("simbridge.test")
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        log.exception("jobs.step_crashed", beam=3)
+    log.info("case %s taken", "c1", beams=2)
+    log.debug("below the level")
+    logging.getLogger("sqlalchemy.pool").warning("a foreign %s", "warning")
+    logging.getLogger("sqlalchemy.pool").info("a foreign info, below warning")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    crashed, taken, foreign = (json.loads(line) for line in captured.err.splitlines())
+    assert crashed["event"] == "jobs.step_crashed" and crashed["beam"] == 3 and crashed["level"] == "error"
+    assert "ZeroDivisionError: division by zero" in crashed["exception"]
+    assert taken == {**taken, "event": "case c1 taken", "beams": 2, "level": "info"}
+    assert foreign == {**foreign, "event": "a foreign warning", "logger": "sqlalchemy.pool"}
