@@ -427,6 +427,7 @@ def load_settings(*, config: Path | None = None, **overrides: Any) -> Settings:
     """Read the file (``config``, else the default one) and the environment; a bad value raises
     :class:`ConfigError` saying, one line per problem, where it came from, the key and the fix."""
     path = config_file(config)
+    _check_env_sections()
     token = _FILE_IN_FORCE.set(path)
     try:
         return Settings(**overrides)
@@ -441,6 +442,24 @@ def load_settings(*, config: Path | None = None, **overrides: Any) -> Settings:
         ) from exc
     finally:
         _FILE_IN_FORCE.reset(token)
+
+
+def _check_env_sections() -> None:
+    # pydantic-settings reads only the sections it knows: SIMBRIDGE_JBOS__WORKERS would be dropped
+    # without a word. (Names without "__" are left alone: SIMBRIDGE_CONFIG, _RECORD, _INCLUDE...)
+    sections = list(Settings.model_fields)
+    for name in os.environ:
+        if not name.upper().startswith("SIMBRIDGE_") or "__" not in name:
+            continue
+        section = name[len("SIMBRIDGE_") :].split("__", 1)[0].lower()
+        if section not in sections:
+            near = difflib.get_close_matches(section, sections, n=1)
+            hint = (
+                f"did you mean SIMBRIDGE_{near[0].upper()}__{name.split('__', 1)[1]}?"
+                if near
+                else f"sections are {', '.join(sections)}"
+            )
+            raise ConfigError(f"environment variable {name}: unknown section {section}; {hint}")
 
 
 def _env_var_for(loc: tuple[str | int, ...]) -> str | None:

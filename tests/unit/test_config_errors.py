@@ -91,6 +91,11 @@ def test_unknown_key_in_an_environment_variable(tmp_path: Path) -> None:
     assert_config_error(result, "SIMBRIDGE_MODELS__MAX_CONCURENT", "did you mean models.max_concurrent?")
 
 
+def test_unknown_section_in_an_environment_variable(tmp_path: Path) -> None:
+    result = run(["shm", "ls"], tmp_path, SIMBRIDGE_JBOS__WORKERS="3")
+    assert_config_error(result, "SIMBRIDGE_JBOS__WORKERS", "did you mean SIMBRIDGE_JOBS__WORKERS?")
+
+
 def test_section_env_var_that_is_not_json(tmp_path: Path) -> None:
     assert_config_error(run(["gpus"], tmp_path, SIMBRIDGE_JOBS="{workers"), "SIMBRIDGE_JOBS", "JSON")
 
