@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import multiprocessing as mp
 import os
 import platform
@@ -30,7 +29,6 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 
 import numpy as np
-import structlog
 
 from simbridge.demos.eki import protocol
 from simbridge.demos.eki.build import build_model
@@ -151,7 +149,6 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=0, help="round trips per size (default: by size)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     binary = build_model()
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(f"eki_loop: {platform.machine()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, {now}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
-import logging
 import os
 import platform
 import shutil
@@ -26,7 +25,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import structlog
 import yaml
 
 from simbridge.config import load_settings
@@ -159,7 +157,6 @@ def run_parsl(tasks: int) -> tuple[float, float] | None:
 
 def main() -> None:
     # Quiet library logs (they would be timed too); SIGTERM still runs the cleanups below.
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--beams", type=int, default=2000)

@@ -14,7 +14,6 @@ Run: .venv/bin/python benchmarks/shm_block.py [--quick]
 from __future__ import annotations
 
 import argparse
-import logging
 import multiprocessing as mp
 import os
 import platform
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import structlog
 
 REPO = Path(__file__).resolve().parent.parent
 BIG = (100, 16, 216)  # 1,382,400 bytes of float32
@@ -420,7 +418,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     parser.add_argument("--polling", type=int, default=3, help="deliveries for the 1-s polling anchor")
     args = parser.parse_args()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     from simbridge.shm import _core
 
     rounds, n, pp = (2, 30, 500) if args.quick else (5, 200, 5000)

@@ -1,9 +1,11 @@
-"""Helpers every test package may import: the CI rule for real components, and the repo root."""
+"""Helpers every test package may import: the CI rule for real components, the repo root, named waits."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,19 @@ def require_cc() -> str:
 
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: Callable[[], object], *, timeout: float, what: str, interval: float = 0.02) -> None:
+    """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` seconds (a named wait,
+    never a bare sleep standing in for an event)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process ``pid`` has used so far: how a test sees a peer computing."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

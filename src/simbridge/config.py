@@ -2,26 +2,29 @@
 
 Every configuration key of every package is declared here and nowhere else. Sections are nested
 models (``shm``, ``gpus``, ...); an environment variable overrides the file with ``__`` between
-levels, e.g. ``SIMBRIDGE_SHM__SPIN_US=20``. The file is ``$SIMBRIDGE_CONFIG`` or ``./simbridge.yaml``.
+levels, e.g. ``SIMBRIDGE_SHM__SPIN_US=20``. The file is ``-c FILE``, else ``$SIMBRIDGE_CONFIG``, else
+``./simbridge.yaml``; a file named explicitly replaces the default one, it is never merged with it.
 """
 
 from __future__ import annotations
 
-import logging
+import difflib
 import os
+import re
 import shlex
 import string
-import sys
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-import structlog
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
+    SettingsError,
 )
 
 from simbridge.errors import ConfigError
@@ -340,7 +343,7 @@ class ModelSettings(_Section):
 
 
 class LogSettings(_Section):
-    """How the command-line tools log (library code only emits through structlog)."""
+    """How the command-line tools log (library code only emits, through `logging`; see simbridge.logs)."""
 
     level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Lowest level written; `-v` on the command line means debug."
@@ -386,15 +389,24 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        path = config_file()
+        path = _FILE_IN_FORCE.get() or config_file()
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if path is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=read_config_file(path)))
         return tuple(sources)
 
 
-def config_file() -> Path | None:
-    """The YAML file in force: ``$SIMBRIDGE_CONFIG`` (must exist) or ``./simbridge.yaml`` if present."""
+# The file load_settings(config=...) was asked to read, seen by settings_customise_sources.
+_FILE_IN_FORCE: ContextVar[Path | None] = ContextVar("simbridge_config_file", default=None)
+
+
+def config_file(explicit: Path | None = None) -> Path | None:
+    """The YAML file in force: ``explicit`` (``-c``), else ``$SIMBRIDGE_CONFIG``, else
+    ``./simbridge.yaml`` if present. A file named explicitly replaces the default one and must exist."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"--config {str(explicit)!r} does not name a file; create it or name another")
+        return explicit
     named = os.environ.get(CONFIG_ENV)
     if named:
         path = Path(named)
@@ -404,56 +416,124 @@ def config_file() -> Path | None:
     return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Read the file and the environment; raise :class:`ConfigError` naming each bad key and its fix."""
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The file's sections as a mapping; a file that cannot be read, parsed, or is not a mapping
+    raises :class:`ConfigError` naming the file (and the line, for a syntax error)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: cannot read the config file ({exc.strerror}); fix it or name another"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem}); fix the syntax there") from exc
+    if data is None:  # an empty file (or only comments) means all defaults
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: holds a YAML {type(data).__name__}, not a mapping of sections; "
+            f"write sections as keys, e.g. 'jobs: {{workers: 4}}'"
+        )
+    return data
+
+
+def load_settings(*, config: Path | None = None, **overrides: Any) -> Settings:
+    """Read the file (``config``, else the default one) and the environment; a bad value raises
+    :class:`ConfigError` saying, one line per problem, where it came from, the key and the fix."""
+    path = config_file(config)
+    _check_env_sections()
+    token = _FILE_IN_FORCE.set(path)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc)) from exc
+        raise ConfigError(_explain(exc, path)) from exc
+    except SettingsError as exc:  # an env var holding a whole section that is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        env = f"SIMBRIDGE_{field.group(1).upper()}" if field else "a SIMBRIDGE_* variable"
+        raise ConfigError(
+            f"environment variable {env}: not a JSON object ({exc}); write it as JSON, "
+            f"e.g. {env}='{{\"key\": value}}', or set one key at a time as {env}__KEY=value"
+        ) from exc
+    finally:
+        _FILE_IN_FORCE.reset(token)
 
 
-def _explain(exc: ValidationError) -> str:
-    where = config_file()
-    lines = [f"invalid simbridge configuration ({where or 'no config file'} + SIMBRIDGE_* env):"]
+def _check_env_sections() -> None:
+    # pydantic-settings reads only the sections it knows: SIMBRIDGE_JBOS__WORKERS would be dropped
+    # without a word. (Names without "__" are left alone: SIMBRIDGE_CONFIG, _RECORD, _INCLUDE...)
+    sections = list(Settings.model_fields)
+    for name in os.environ:
+        if not name.upper().startswith("SIMBRIDGE_") or "__" not in name:
+            continue
+        section = name[len("SIMBRIDGE_") :].split("__", 1)[0].lower()
+        if section not in sections:
+            near = difflib.get_close_matches(section, sections, n=1)
+            hint = (
+                f"did you mean SIMBRIDGE_{near[0].upper()}__{name.split('__', 1)[1]}?"
+                if near
+                else f"sections are {', '.join(sections)}"
+            )
+            raise ConfigError(f"environment variable {name}: unknown section {section}; {hint}")
+
+
+def _env_var_for(loc: tuple[str | int, ...]) -> str | None:
+    """The SIMBRIDGE_* variable that set ``loc`` (or a section above it), if one is set."""
+    present = {name.upper() for name in os.environ}
+    if loc[:2] == ("shm", "record") and "SIMBRIDGE_RECORD" in present:
+        return "SIMBRIDGE_RECORD"
+    for depth in range(len(loc), 0, -1):
+        name = "SIMBRIDGE_" + "__".join(str(part).upper() for part in loc[:depth])
+        if name in present:
+            return name
+    return None
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The section model that holds the key at ``loc`` (for suggesting a spelling)."""
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _default_of(loc: tuple[str | int, ...]) -> str:
+    model = _model_at(loc)
+    field = model.model_fields.get(str(loc[-1])) if model is not None else None
+    if field is None or isinstance(field.default, BaseModel):
+        return ""
+    return f" for the default ({field.default!r})"
+
+
+def _explain(exc: ValidationError, path: Path | None) -> str:
+    lines = []
     for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"])
-        env = "SIMBRIDGE_" + "__".join(str(part).upper() for part in err["loc"])
-        got = err.get("input")
-        lines.append(f"  {key}: {err['msg']} (got {got!r}); set a valid value in the file or in {env}")
+        loc = tuple(err["loc"])
+        key = ".".join(str(part) for part in loc)
+        env = _env_var_for(loc)
+        where = f"environment variable {env}" if env else str(path or "the defaults")
+        if err["type"] == "extra_forbidden":
+            model = _model_at(loc)
+            known = list(model.model_fields) if model is not None else []
+            near = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            prefix = key.rsplit(".", 1)[0] + "." if len(loc) > 1 else ""
+            hint = f"did you mean {prefix}{near[0]}?" if near else f"known keys here: {', '.join(known)}"
+            lines.append(f"{where}: unknown key {key}; {hint}")
+            continue
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if message.startswith(f"{key}.") or message.startswith(f"{key}:") or err["type"] == "value_error":
+            lines.append(f"{where}: {message}")
+            continue
+        got = repr(err.get("input"))
+        got = got if len(got) <= 60 else got[:57] + "..."
+        fix = f"fix {key} in {path}" if env is None and path else f"fix {env or key}"
+        lines.append(f"{where}: {key}: {message} (got {got}); {fix} or remove it{_default_of(loc)}")
     return "\n".join(lines)
-
-
-def configure_logging(settings: LogSettings | None = None, *, verbose: bool = False) -> None:
-    """Send structlog's output to stderr at the configured level (stdout stays for results).
-
-    Called by the command-line tools, never by library code: an application embedding simbridge
-    configures structlog itself.
-    """
-    log = settings if settings is not None else load_settings().log
-    level = logging.DEBUG if verbose else logging.getLevelNamesMapping()[log.level.upper()]
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if log.format == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(_Stderr()),  # type: ignore[arg-type]
-        cache_logger_on_first_use=False,
-    )
-
-
-class _Stderr:
-    """Whatever ``sys.stderr`` is at the time of writing (test runners swap it)."""
-
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()

@@ -6,13 +6,10 @@ Mounted by :mod:`simbridge.cli`; usable on its own as ``simbridge.gpus.cli.app``
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, TextIO, cast
+from typing import Annotated
 
-import structlog
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -22,6 +19,7 @@ from simbridge.config import load_settings
 from simbridge.errors import SimbridgeError
 from simbridge.gpus.discovery import GpuInfo
 from simbridge.gpus.pool import GpuHolder, GpuPool
+from simbridge.logs import enable_debug
 
 app = typer.Typer(
     name="gpus",
@@ -43,11 +41,8 @@ def show(
     """Show each GPU, its memory and utilisation where known, and which pid holds it."""
     if ctx.invoked_subcommand is not None:
         return
-    # Logs go to stderr, so that stdout stays a table or clean JSON.
-    structlog.configure(
-        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _Stderr())),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.WARNING),
-    )
+    if verbose:  # logging itself (to stderr, stdout stays the table) is set up by `simbridge`
+        enable_debug()
     console = Console()
     errors = Console(stderr=True)
     try:
@@ -76,16 +71,6 @@ def show(
 
 def _one_line(exc: BaseException) -> str:
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-
-
-class _Stderr:
-    """Whatever ``sys.stderr`` is at the time of writing (test runners swap it)."""
-
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
 
 
 def _table(gpus: list[GpuInfo], holders: list[GpuHolder], *, title: str) -> Table:

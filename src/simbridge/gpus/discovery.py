@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Protocol, runtime_checkable
 
-import structlog
-
 from simbridge.config import GpuSettings, Settings, load_settings
 from simbridge.gpus.errors import NoSuchGpu, NvmlUnavailable
+from simbridge.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SourceKind = Literal["nvml", "slots", "fake"]
 # The config's bound on gpus.slots: a pool reads and probes every slot, so this is a loop bound.

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 
-import structlog
-
 from simbridge.gpus._files import close_all, encode_record, valid_pid, write_record
 from simbridge.gpus.discovery import GpuInfo
 from simbridge.gpus.errors import InvalidLeaseRequest, LeaseReleased
+from simbridge.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-import structlog
-
 from simbridge.config import Settings, load_settings
 from simbridge.errors import SimbridgeError
 from simbridge.gpus._files import LockDir, alive, check_lock_mode, close_all, read_record, try_lock
@@ -31,8 +29,9 @@ from simbridge.gpus.errors import (
 from simbridge.gpus.lease import GpuHolder, GpuLease, grant
 
 __all__ = ["GpuHolder", "GpuLease", "GpuPool", "default_lock_dir", "lock_name"]
+from simbridge.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _FIRST_PAUSE_S = 0.0002
 # A longer pause between looks is never useful and would make an infinite wait unresponsive.

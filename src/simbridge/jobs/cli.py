@@ -7,7 +7,6 @@ and exit code 1; bad configuration names the key and the fix.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -15,19 +14,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
-import structlog
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from simbridge.config import CONFIG_ENV, Settings, load_settings
-from simbridge.errors import SimbridgeError
+from simbridge.errors import ConfigError, SimbridgeError
 from simbridge.jobs import control
 from simbridge.jobs.dispatcher import Dispatcher
 from simbridge.jobs.errors import NotFoundError
 from simbridge.jobs.intake import NOTE_PREFIX, InboxEntry, inbox_entries, take_case, tree_limits
 from simbridge.jobs.store import Store, default_actor
+from simbridge.logs import enable_debug
 from simbridge.processes import elapsed_text
 
 app = typer.Typer(
@@ -51,13 +50,6 @@ def _settings(config: Path | None) -> Settings:
     return load_settings()
 
 
-def _logging(verbose: bool) -> None:
-    structlog.configure(
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
-    )
-
-
 def _store(settings: Settings, role: str, *, migrate: bool = True) -> Store:
     # migrate=False: commands that only read or nudge rows never create the database or take
     # the write lock to migrate it; no schema there is "not initialised; run serve".
@@ -65,8 +57,8 @@ def _store(settings: Settings, role: str, *, migrate: bool = True) -> Store:
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}", highlight=False)
-    return typer.Exit(1)
+    err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)  # one line, never wrapped
+    return typer.Exit(2 if isinstance(exc, ConfigError) else 1)
 
 
 def serve(
@@ -80,7 +72,8 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Watch the inbox and run every beam through the pipeline (resumes after any crash)."""
-    _logging(verbose)
+    if verbose:  # logging itself is configured once, by the `simbridge` entry point
+        enable_debug()
     try:
         settings = _settings(config)
         with Dispatcher(settings=settings) as dispatcher:

@@ -11,17 +11,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from simbridge.jobs.errors import NotFoundError, StaleStateError
 from simbridge.jobs.executors import Executor, make_executor
 from simbridge.jobs.names import safe_key
 from simbridge.jobs.pipeline import attempt_ref, logs_dir
 from simbridge.jobs.states import BeamState, case_state, progress, retry_target
 from simbridge.jobs.store import BeamRow, CaseRow, Store
+from simbridge.logs import get_logger
 from simbridge.processes import signal_name
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,7 @@ def retry(store: Store, target: str, *, failed: bool = True, cancelled: bool = F
     return done
 
 
-def cancel(store: Store, target: str, *, work_root: Path, grace_s: float = 5.0) -> list[str]:
+def cancel(store: Store, target: str, *, work_root: Path, grace_s: float) -> list[str]:
     """Cancel every unfinished beam of the target: record it, then kill its processes."""
     _, beams = resolve(store, target)
     executors: dict[str, Executor] = {}

@@ -21,7 +21,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType, TracebackType
 
-import structlog
 import tenacity
 
 from simbridge.config import Settings
@@ -48,8 +47,9 @@ from simbridge.jobs.store.base import FILE_CHECK_S
 from simbridge.jobs.store.faults import STORE_BACKOFF_MAX_S, StoreTrouble
 from simbridge.jobs.store.lease import OrchestratorLease
 from simbridge.jobs.transport import LocalTransport
+from simbridge.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SCAN_LIMIT = 256
 

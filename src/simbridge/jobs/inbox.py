@@ -15,14 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from simbridge.jobs.files import HARD_MAX_DEPTH
 from simbridge.jobs.intake import REJECTED_DIR, TakenCase, shown, take_case
+from simbridge.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 __all__ = ["Inbox", "TakenCase", "take_case"]
 # A take that failed for a reason of ours (disk full, database away) is retried after this long,

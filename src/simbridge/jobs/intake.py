@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 from simbridge.config import JobsCaseLimitsSettings
 from simbridge.jobs.errors import (
     BadNameError,
@@ -30,8 +28,9 @@ from simbridge.jobs.errors import (
 from simbridge.jobs.files import TreeLimits, check_tree, copy_tree, open_dir, open_regular, show
 from simbridge.jobs.names import child_path, safe_key
 from simbridge.jobs.store import Store
+from simbridge.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 REJECTED_DIR = ".rejected"
 NOTE_PREFIX = "ignored: "

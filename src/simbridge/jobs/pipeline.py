@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import TypeVar
 
-import structlog
 from tenacity import (
     Retrying,
     retry_if_exception_type,
@@ -35,9 +34,10 @@ from simbridge.jobs.names import child_path
 from simbridge.jobs.states import LAUNCHED_FROM, NEXT, BeamState
 from simbridge.jobs.store import AttemptRow, BeamRow, CaseRow, Store
 from simbridge.jobs.transport import Transport
+from simbridge.logs import get_logger
 from simbridge.processes import last_line, log_tail
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 T = TypeVar("T")
 
 # Steps whose command runs on this machine whatever the executor (they touch local files).

@@ -11,8 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import structlog
-
+from simbridge.logs import get_logger
 from simbridge.models._entry import LONGEST_WAIT_S, Entry, Load, LoadContext, ModelSpec, SharedError
 from simbridge.models.devices import is_out_of_memory, release_accelerator_memory
 from simbridge.models.errors import (
@@ -25,7 +24,7 @@ from simbridge.models.errors import (
 )
 from simbridge.models.metrics import ModelMetrics, ModelState
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class LoadingMixin:

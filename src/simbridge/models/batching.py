@@ -17,12 +17,11 @@ from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-import structlog
-
+from simbridge.logs import get_logger
 from simbridge.models._entry import LONGEST_WAIT_S, check_seconds
 from simbridge.models.errors import BatchError, InvalidModelOption, ModelManagerClosed, ModelWaitTimeout
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

@@ -14,9 +14,8 @@ from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, TypeVar
 
-import structlog
-
 from simbridge.config import ModelSettings, load_settings
+from simbridge.logs import get_logger
 from simbridge.models._access import AccessMixin
 from simbridge.models._entry import (
     LONGEST_WAIT_S,
@@ -38,7 +37,7 @@ from simbridge.models.errors import (
 )
 from simbridge.models.metrics import ModelMetrics, ModelState, ModelStats
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

@@ -15,13 +15,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
-import structlog
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from simbridge.config import ShmSettings, load_settings
+from simbridge.logs import get_logger
 from simbridge.shm import _core
 from simbridge.shm.checks import MAX_ITERATION, PLAIN_NUMBERS, after_id, iteration_id, seconds
 from simbridge.shm.errors import (
@@ -34,15 +34,20 @@ from simbridge.shm.errors import (
     Timeout,
     WriterClosed,
 )
-from simbridge.shm.layout import DTYPE_BY_CODE, check_create_args, check_shape, dtype_code, validate_name
+from simbridge.shm.layout import (
+    DTYPE_BY_CODE,
+    check_create_args,
+    check_shape,
+    dtype_code,
+    segment_path,
+    validate_name,
+)
 from simbridge.shm.namelock import name_lock
 from simbridge.shm.recorder import Recorder
 from simbridge.shm.registry import create_segment
 from simbridge.shm.snapshot import Snapshot
 
-log = structlog.get_logger("simbridge.shm")
-
-SHM_DIR: Final = Path("/dev/shm")
+log = get_logger("simbridge.shm")
 
 
 class Block:
@@ -167,7 +172,7 @@ class Block:
                 return block
             waited = time.monotonic() - start
             if waited >= limit:
-                exists = (SHM_DIR / f"{_core.SHM_PREFIX}{name}").exists()
+                exists = segment_path(name).exists()
                 what = "to be initialised by its creator" if exists else "to appear"
                 raise BlockNotFound(
                     f"block {name!r} did not become available within {limit:g} s "

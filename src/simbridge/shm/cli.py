@@ -25,7 +25,7 @@ from simbridge.errors import SimbridgeError
 from simbridge.shm import registry
 from simbridge.shm.block import Block
 from simbridge.shm.errors import Corrupted, PeerGone, Timeout
-from simbridge.shm.namelock import SHM_DIR
+from simbridge.shm.layout import SHM_DIR
 from simbridge.shm.recorder import diff as diff_recording
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simbridge.config import configure_logging
+from simbridge.config import load_settings
+from simbridge.logs import configure_logging
 from simbridge.shm.block import Block
 from simbridge.shm.errors import DemoFailed
 
@@ -85,6 +86,6 @@ def run_driver(iterations: int = 20) -> list[DemoRound]:
     return rounds
 
 
-if __name__ == "__main__":
-    configure_logging()
+if __name__ == "__main__":  # the model process: a program of its own, so it sets up its logging
+    configure_logging(load_settings().log)
     run_model(sys.argv[1], int(sys.argv[2]))

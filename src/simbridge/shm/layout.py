@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, SupportsIndex
 
 import numpy as np
@@ -11,6 +12,15 @@ from numpy.typing import DTypeLike
 
 from simbridge.shm import _core
 from simbridge.shm.errors import InvalidArgument, InvalidLayout, InvalidName
+
+# Where shm_open keeps its segments on Linux; a block's segment is SHM_DIR/<prefix><name>.
+SHM_DIR: Final = Path("/dev/shm")
+
+
+def segment_path(name: str) -> Path:
+    """The file of block ``name``'s segment (it may not exist)."""
+    return SHM_DIR / f"{_core.SHM_PREFIX}{name}"
+
 
 # shm.h's dtype codes, keyed by numpy dtype; names in shm.h are numpy's names.
 CODE_BY_DTYPE: Final[dict[np.dtype[Any], int]] = {

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Final
 
 from simbridge.shm.errors import AccessDenied, LockTimeout, ShmOSError
+from simbridge.shm.layout import SHM_DIR
 
-SHM_DIR: Final = Path("/dev/shm")
 # Creating a block of many GiB (fallocate) holds the lock for seconds; far beyond that, the holder hangs.
 LOCK_TIMEOUT_S: Final = 30.0
 

@@ -15,14 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import structlog
-
+from simbridge.logs import get_logger
 from simbridge.shm import _core
 from simbridge.shm.errors import BlockExists, BlockNotFound, InvalidLayout, NoSpace, ShmError
-from simbridge.shm.layout import CreateArgs, validate_name
-from simbridge.shm.namelock import SHM_DIR, name_lock, translate_os_error
+from simbridge.shm.layout import SHM_DIR, CreateArgs, validate_name
+from simbridge.shm.namelock import name_lock, translate_os_error
 
-log = structlog.get_logger("simbridge.shm")
+log = get_logger("simbridge.shm")
 
 UNINITIALISED_GRACE_S = 60.0
 

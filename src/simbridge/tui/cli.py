@@ -29,5 +29,5 @@ def dashboard(
         with Store(url=settings.jobs.db_url(), actor=default_actor("dashboard"), migrate=False) as store:
             run_dashboard(store, refresh_s=refresh, once=once, max_s=max_s)
     except SimbridgeError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from exc

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
-from tests.support import REPO, require, require_cc
+from tests.support import REPO, cpu_seconds, require, require_cc, wait_for
 from typer.testing import CliRunner
 
 from simbridge.demos.eki import protocol
@@ -97,10 +97,13 @@ def test_killing_the_model_mid_run_raises_peer_gone_quickly(
             pid = ens.writer_pid
 
         def kill() -> None:
+            # Once the model has spent CPU on iteration 2, it is computing it while we wait.
+            start = cpu_seconds(pid)
+            wait_for(lambda: cpu_seconds(pid) >= start + 0.05, timeout=60, what="the model computing")
             killed_at.append(time.monotonic())
             os.kill(pid, sig)
 
-        threading.Timer(0.1, kill).start()  # while the model computes iteration 2 and we wait
+        threading.Thread(target=kill, daemon=True).start()
 
     options = RunOptions(members=150, iterations=5, tolerance=None, model=model_binary, output_dir=tmp_path)
     with pytest.raises(PeerGone) as caught:
@@ -141,19 +144,23 @@ def test_killing_the_driver_makes_the_model_exit_with_a_clear_message(
     driver = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.DEVNULL)
     try:
         with Block.open(names.timing, timeout=60) as timing:
+            model_pid = timing.writer_pid
             if model_was == "waiting":
                 timing.read(after=1, timeout=60)  # two iterations answered: the loop is running
             else:
                 with Block.open(names.states, timeout=10) as states:
                     states.read(after=1, timeout=60)  # the second ensemble is on its way
-                time.sleep(0.3)
-            model_pid = timing.writer_pid
+                start = cpu_seconds(model_pid)
+                wait_for(
+                    lambda: cpu_seconds(model_pid) >= start + 0.3,
+                    timeout=60,
+                    what="the model to be 0.3 s of CPU into the second ensemble",
+                )
         driver.kill()
         driver.wait()
-        killed = time.monotonic()
-        while time.monotonic() - killed < 5.0 and process_running(model_pid):
-            time.sleep(0.02)
-        assert not process_running(model_pid), "the model outlived its driver"
+        wait_for(
+            lambda: not process_running(model_pid), timeout=5.0, what="the model to exit after its driver"
+        )
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -176,10 +183,11 @@ def test_model_orphaned_before_any_block_exits_at_once(model_binary: Path, tmp_p
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     model_pid = int(done.stdout)
-    started = time.monotonic()
-    while time.monotonic() - started < 10.0 and process_running(model_pid):
-        time.sleep(0.02)
-    assert not process_running(model_pid), "the orphaned model waited for its 60 s timeout"
+    wait_for(
+        lambda: not process_running(model_pid),
+        timeout=10.0,
+        what="the orphaned model to exit (not to wait for its 60 s timeout)",
+    )
     assert "the Python driver" in log.read_text() and "is gone before it created block" in log.read_text()
 
 
@@ -216,9 +224,7 @@ def test_model_checks_the_layout_of_the_states_it_is_given(model_binary: Path, t
     ):
         config.publish(protocol.encode_config(sizes, iterations=1), iteration=1)
         truth.publish(np.ones(protocol.N_PARAMS, np.float32), iteration=1)
-        deadline = time.monotonic() + 30
-        while model.returncode is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: model.returncode is not None, timeout=30, what="the model to refuse the layout")
         assert model.returncode == protocol.ModelExit.LAYOUT
     log = log_path.read_text()
     assert f"layout mismatch on block {names.states}" in log

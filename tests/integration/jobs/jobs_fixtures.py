@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,22 +22,12 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.support import REPO, require, wait_for  # noqa: F401 - wait_for: the jobs tests import it from here
 
 from simbridge.config import Settings, load_settings
 from simbridge.jobs.dispatcher import Dispatcher
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = REPO / "examples" / "mqi"
-
-
-def require(condition: bool, what: str) -> None:
-    """Skip here when a real component is missing, but fail under CI=true (CI runs everything)."""
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"CI=true but {what} is missing; `make system-packages` installs it as root")
-    pytest.skip(f"{what} is missing")
 
 
 def _free_port() -> int:
@@ -265,16 +254,6 @@ def serving(settings: Settings) -> Iterator[Dispatcher]:
         finally:
             dispatcher.stop()
             thread.join(timeout=60)
-
-
-def wait_for(predicate: Any, *, timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 EXAMPLE_STEPS = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,11 @@ def _nvml_or_reason() -> tuple[NvmlSource | None, str]:
         return None, str(exc)
 
 
-def test_nvml_source_reads_real_gpus_or_says_why_not() -> None:
+def test_nvml_source_reads_real_gpus_or_says_why_not(not_run_here: Callable[[str], None]) -> None:
     # Runs the real NVML path: on a GPU machine it reads the boards, here it must fail cleanly.
     source, reason = _nvml_or_reason()
     if source is None:
+        not_run_here(f"reading real GPUs through NVML: {reason}")
         assert "NVML" in reason or "nvidia-ml-py" in reason
         return
     with source:
@@ -44,9 +46,10 @@ def test_nvml_source_reads_real_gpus_or_says_why_not() -> None:
             source.read(source.count())
 
 
-def test_discovery_nvml_explicit_fails_loudly_without_a_driver() -> None:
+def test_discovery_nvml_explicit_fails_loudly_without_a_driver(not_run_here: Callable[[str], None]) -> None:
     source, _ = _nvml_or_reason()
     if source is not None:
+        not_run_here("failing without a driver: this machine has NVML and a GPU")
         source.close()
         gpus = discover_gpus(GpuSettings(discovery="nvml"))
         assert gpus and all(g.source == "nvml" for g in gpus)
@@ -57,10 +60,11 @@ def test_discovery_nvml_explicit_fails_loudly_without_a_driver() -> None:
     assert caught.value.__cause__ is not None
 
 
-def test_auto_discovery_falls_back_to_configured_slots() -> None:
+def test_auto_discovery_falls_back_to_configured_slots(not_run_here: Callable[[str], None]) -> None:
     source, _ = _nvml_or_reason()
     gpus = discover_gpus(Settings(gpus=GpuSettings(discovery="auto", slots=3)))
     if source is not None:
+        not_run_here("the fallback to slots: this machine has NVML and a GPU")
         source.close()
         assert all(g.source == "nvml" for g in gpus)
         return

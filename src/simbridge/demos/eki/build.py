@@ -15,16 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-import structlog
-
 from simbridge.demos.eki.errors import BuildFailed
+from simbridge.logs import get_logger
 from simbridge.shm import headers as shm_headers
 from simbridge.shm.errors import HeaderNotFound
 
-log = structlog.get_logger("simbridge.demos.eki")
+log = get_logger("simbridge.demos.eki")
 
 SOURCE: Final = Path(__file__).with_name("forward_model.c")
-HEADER: Final = Path("simbridge") / "shm.h"
 CFLAGS: Final = ("-O2", "-std=c11", "-Wall", "-Wextra")
 LIBS: Final = ("-lm", "-pthread")
 
@@ -65,7 +63,11 @@ def build_model(
     macros = [f"-D{k}={int(v)}" for k, v in sorted((defines or {}).items())]
     flags = [*CFLAGS, *macros]
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), (include / HEADER).read_bytes(), " ".join([compiler, *flags]).encode()):
+    for part in (
+        source.read_bytes(),
+        (include / shm_headers.HEADER).read_bytes(),
+        " ".join([compiler, *flags]).encode(),
+    ):
         digest.update(part)
         digest.update(b"\0")
     directory = cache_dir or default_cache_dir()

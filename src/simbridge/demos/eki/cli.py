@@ -17,6 +17,10 @@ from simbridge.demos.eki.driver import EkiResult, IterationStats, RunOptions, ru
 from simbridge.demos.eki.errors import EkiError
 from simbridge.shm.errors import ShmError
 
+# The command's defaults are RunOptions' own: one home for each (tests and benchmarks use RunOptions).
+_DEFAULTS = RunOptions()
+_TOLERANCE = _DEFAULTS.tolerance if _DEFAULTS.tolerance is not None else 0.0
+
 
 def breakdown_table(result: EkiResult) -> Table:
     """The per-iteration breakdown, as the original coupling printed it, plus a mean row."""
@@ -56,16 +60,24 @@ def breakdown_table(result: EkiResult) -> Table:
 
 def eki_command(
     *,
-    members: Annotated[int, typer.Option("--members", "-n", min=2, help="Ensemble size.")] = 100,
-    iterations: Annotated[int, typer.Option(min=0, help="EKI updates at most (one more forward run).")] = 10,
-    noise: Annotated[float, typer.Option(min=0.0, help="Relative observation noise (0.05 = 5 %).")] = 0.05,
-    seed: Annotated[int, typer.Option(help="Seed of the noise, the prior and the perturbations.")] = 0,
+    members: Annotated[
+        int, typer.Option("--members", "-n", min=2, help="Ensemble size.")
+    ] = _DEFAULTS.members,
+    iterations: Annotated[
+        int, typer.Option(min=0, help="EKI updates at most (one more forward run).")
+    ] = _DEFAULTS.iterations,
+    noise: Annotated[
+        float, typer.Option(min=0.0, help="Relative observation noise (0.05 = 5 %).")
+    ] = _DEFAULTS.noise,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the noise, the prior and the perturbations.")
+    ] = _DEFAULTS.seed,
     tolerance: Annotated[
         float, typer.Option(min=0.0, help="Stop once the misfit improves by less than this, twice.")
-    ] = 1e-3,
+    ] = _TOLERANCE,
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Directory for the plot, the model log and the results.")
-    ] = Path("eki-output"),
+    ] = _DEFAULTS.output_dir,
     record: Annotated[
         Path | None, typer.Option(help="Record every Block publish/read here (see `simbridge shm diff`).")
     ] = None,
@@ -74,7 +86,7 @@ def eki_command(
     ] = None,
     timeout: Annotated[
         float, typer.Option(min=0.1, help="Longest wait for any one message, seconds.")
-    ] = 600.0,
+    ] = _DEFAULTS.timeout_s,
     plot: Annotated[bool, typer.Option(help="Write eki.png (needs matplotlib).")] = True,
 ) -> None:
     """Ensemble Kalman inversion of a source's emissions, coupled to a C puff model over shared memory."""
@@ -113,7 +125,8 @@ def eki_command(
             result = run_inversion(options, on_iteration=advance)
             progress.update(task, total=len(result.history))
     except (EkiError, ShmError) as exc:
-        console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
+        # stderr, one line whatever the width: stdout stays the results.
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from exc
     console.print(breakdown_table(result))
     console.print(

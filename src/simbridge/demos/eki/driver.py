@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import structlog
 from numpy.typing import DTypeLike, NDArray
 
 from simbridge.demos.eki import protocol
@@ -32,6 +31,7 @@ from simbridge.demos.eki.eki import (
 )
 from simbridge.demos.eki.errors import ModelLayoutMismatch
 from simbridge.demos.eki.model import ModelProcess, describe_exit
+from simbridge.logs import get_logger
 from simbridge.shm import (
     Block,
     BlockNotFound,
@@ -43,7 +43,7 @@ from simbridge.shm import (
     remove,
 )
 
-log = structlog.get_logger("simbridge.demos.eki")
+log = get_logger("simbridge.demos.eki")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,13 +13,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-import structlog
-
 from simbridge.demos.eki.errors import ForwardModelDied, ModelLayoutMismatch
 from simbridge.demos.eki.protocol import ModelExit
+from simbridge.logs import get_logger
 from simbridge.processes import log_tail, signal_name
 
-log = structlog.get_logger("simbridge.demos.eki")
+log = get_logger("simbridge.demos.eki")
 
 # How long a model that saw the driver's blocks closed may take to exit before it is terminated.
 CLEAN_EXIT_S = 5.0

@@ -144,7 +144,7 @@ class Executor(abc.ABC):
         """
 
     @abc.abstractmethod
-    def cancel(self, ref: JobRef, *, grace_s: float = 5.0) -> bool:
+    def cancel(self, ref: JobRef, *, grace_s: float) -> bool:
         """Stop a job and everything it started; True if something was signalled.
 
         Only processes proven to be the job's are signalled, never a pid <= 1.

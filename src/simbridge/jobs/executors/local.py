@@ -24,8 +24,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import structlog
-
 from simbridge.jobs.errors import LaunchError
 from simbridge.jobs.executors.base import (
     TOKEN_ENV,
@@ -37,9 +35,10 @@ from simbridge.jobs.executors.base import (
     Launched,
     LaunchSpec,
 )
+from simbridge.logs import get_logger
 from simbridge.processes import end_text
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 WRAPPER = Path(__file__).with_name("wrapper.py")
 # Its perl twin (same protocol): a perl starts in about a third of a Python interpreter's time
@@ -288,7 +287,7 @@ class LocalExecutor(Executor):
         if proc is not None:
             proc.poll()
 
-    def cancel(self, ref: JobRef, *, grace_s: float = 5.0) -> bool:
+    def cancel(self, ref: JobRef, *, grace_s: float) -> bool:
         """SIGTERM the attempt's process group, then SIGKILL after ``grace_s``."""
         pgid = ref.pid if ref.pid is not None and ref.pid > 1 else find_by_token(ref.token)
         if pgid is None or not signal_group(pgid, ref.token, signal.SIGTERM):

@@ -10,8 +10,6 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import structlog
-
 from simbridge.jobs.errors import CaseRejectedError, NotFoundError, StaleStateError
 from simbridge.jobs.states import BeamState, check_transition
 from simbridge.jobs.store import statements as sql
@@ -24,8 +22,9 @@ from simbridge.jobs.store.rows import (
     attempt_from_tuple,
     beam_from_tuple,
 )
+from simbridge.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class Store(StoreBase):

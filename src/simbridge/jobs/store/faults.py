@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 
 import sqlalchemy as sa
-import structlog
 
 from simbridge.jobs.errors import (
     StoreError,
@@ -21,8 +20,9 @@ from simbridge.jobs.errors import (
     StoreNotInitialisedError,
     StoreUnavailableError,
 )
+from simbridge.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # SQLSTATE classes and codes of PostgreSQL errors that go away by themselves: connection
 # exceptions (08), serialization failure and deadlock (40), lock not available (55P03),

@@ -19,15 +19,15 @@ from types import TracebackType
 from typing import Any
 
 import sqlalchemy as sa
-import structlog
 from sqlalchemy.engine import Connection
 
 from simbridge.jobs.errors import LeaseLostError, OrchestratorBusyError, StoreError
 from simbridge.jobs.executors.local import proc_start_time
 from simbridge.jobs.store.base import StoreBase
 from simbridge.jobs.store.schema import orchestrator
+from simbridge.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _ROW = orchestrator.c.id == 1
 
