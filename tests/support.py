@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,3 +49,29 @@ def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) process ``pid`` has used so far: how a test sees a peer computing."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def capture_events(name: str = "simbridge") -> Iterator[list[dict[str, Any]]]:
+    """The key=value events simbridge's loggers emit under ``name``, as dicts (each with "event").
+
+    Library loggers go through `logging` (simbridge.logs), so structlog's capture_logs cannot see
+    them; this attaches a handler for the duration and restores the logger's level after.
+    """
+    events: list[dict[str, Any]] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            event = getattr(record, "simbridge_event", None)
+            events.append(dict(event) if isinstance(event, dict) else {"event": record.getMessage()})
+            events[-1].setdefault("log_level", record.levelname.lower())
+
+    logger = logging.getLogger(name)
+    handler, level = _Collect(level=logging.DEBUG), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield events
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -85,7 +85,9 @@ def test_shm_commands_through_the_entry_point(folder: Path, block_name: str) -> 
         assert block_name in [b["name"] for b in listed]
         assert "latest iteration" in sb(folder, "shm", "inspect", block_name).stdout
     missing = script(folder, "shm", "inspect", block_name, check=False)
-    assert missing.returncode == 1 and len(missing.stdout.strip().splitlines()) == 1
+    # An error is one line on stderr; stdout stays for results.
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert len(missing.stderr.strip().splitlines()) == 1 and block_name in missing.stderr
     assert "0 transfer(s) matched" in sb(folder, "shm", "diff", str(folder)).stdout
     assert "stale block(s) removed" in sb(folder, "shm", "clean").stdout
 

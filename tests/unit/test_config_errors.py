@@ -109,8 +109,11 @@ def test_explicit_file_replaces_a_bad_default_file(tmp_path: Path) -> None:
     (tmp_path / "simbridge.yaml").write_text("jobs:\n  wokers: 3\n")
     good = tmp_path / "good.yaml"
     good.write_text("log: {level: warning}\njobs: {work_root: w, inbox: i, results: r}\n")
-    assert run(["status", "-c", str(good)], tmp_path).returncode == 0
-    assert run(["status", "--config", str(good)], tmp_path).returncode == 0
+    # The good file is taken (no config error, exit 2); `status` then says the store is new (exit 1).
+    for flag in ("-c", "--config"):
+        result = run(["status", flag, str(good)], tmp_path)
+        assert result.returncode == 1 and "wokers" not in result.stderr, result.stderr
+        assert "not initialised" in result.stderr
     assert run(["shm", "ls"], tmp_path, SIMBRIDGE_CONFIG=str(good)).returncode == 0
 
 

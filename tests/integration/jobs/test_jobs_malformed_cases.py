@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from structlog.testing import capture_logs
 from tests.integration.jobs.jobs_fixtures import EXAMPLE, REPO, JobsEnv, wait_for
+from tests.support import capture_events
 
 from simbridge.config import Settings
 from simbridge.jobs.dispatcher import Dispatcher
@@ -36,7 +36,7 @@ def _script(env: JobsEnv, body: str) -> None:
 
 def _until_idle(settings: Settings, max_s: float = 60) -> list[dict[str, object]]:
     """Serve until idle; the structured log lines it wrote."""
-    with capture_logs() as logs, Dispatcher(settings=settings) as dispatcher:
+    with capture_events() as logs, Dispatcher(settings=settings) as dispatcher:
         idle = dispatcher.run(until_idle=True, max_s=max_s)
     assert idle, f"serve never became idle in {max_s}s; log tail: {logs[-5:]}"
     return logs
@@ -186,7 +186,7 @@ def test_a_case_taken_by_this_serve_is_never_called_already_taken(sqlite_env: Jo
     _script(env, "cat plan.json > raw\n")
     settings = env.configure(steps={"simulate": SIM})
     folder = env.make_case("c1", {"b1": {"plan.json": "{}"}})
-    with capture_logs() as logs, Dispatcher(settings=settings) as dispatcher:
+    with capture_events() as logs, Dispatcher(settings=settings) as dispatcher:
         inbox = dispatcher._inbox
         assert inbox is not None
         stale = inbox.ready()  # a scan that ran just before the take below ended
@@ -298,7 +298,7 @@ def test_a_take_failing_on_our_side_backs_off_and_never_rejects_the_case(sqlite_
     env.work.mkdir(parents=True)
     (env.work / "cases").write_text("in the way")  # the snapshot folder cannot be made
     folder = env.make_case("c1", {"b1": {"plan.json": "ok"}})
-    with capture_logs() as logs, Dispatcher(settings=settings) as dispatcher:
+    with capture_events() as logs, Dispatcher(settings=settings) as dispatcher:
         thread = threading.Thread(target=dispatcher.run, kwargs={"max_s": 120}, daemon=True)
         thread.start()
         try:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from structlog.testing import capture_logs
+from tests.support import capture_events
 
 from simbridge.jobs.errors import CaseRejectedError, UnsafeFileError
 from simbridge.jobs.files import TreeLimits, check_tree, copy_file, copy_tree
@@ -258,7 +258,7 @@ def test_a_case_folder_replaced_by_a_file_is_rejected(store: Store, tmp_path: Pa
 
 def test_hidden_entries_are_left_out_with_a_note(store: Store, tmp_path: Path) -> None:
     folder = _case(tmp_path / "inbox", "c1", {"b1": {"plan.json": b"{}"}, ".b2": {"plan.json": b"{}"}})
-    with capture_logs() as logs:
+    with capture_events() as logs:
         taken = take_case(store, folder, work_root=tmp_path / "work", ready_marker="READY")
     assert taken.beams == ("b1",) and len(taken.notes) == 1 and "'.b2'" in taken.notes[0]
     assert [e["event"] for e in logs].count("jobs.case_entry_ignored") == 1
@@ -299,7 +299,7 @@ def test_an_empty_folder_does_not_keep_the_inbox_pending(tmp_path: Path) -> None
     (tmp_path / "inbox" / ".hidden").mkdir()
     (tmp_path / "inbox" / "file").write_text("x")
     inbox = Inbox(root=tmp_path / "inbox", ready_marker="READY", stable_s=0.0, is_taken=lambda _: False)
-    with capture_logs() as logs:
+    with capture_events() as logs:
         for _ in range(3):  # every tick scans again; each note is logged once
             assert inbox.ready() == []
     assert inbox.pending() == 0
