@@ -203,9 +203,10 @@ def test_status_shows_the_original_names(sqlite_env: JobsEnv) -> None:
     env = sqlite_env
     _script(env, "cat plan.json > raw\n")
     env.configure(steps={"simulate": SIM})
-    first = env.cli("status")
-    assert f"the inbox {env.inbox} does not exist yet" in " ".join(first.stderr.split())
-    assert not env.inbox.exists()  # reported, not created behind the user's back
+    # Before any serve: neither the database nor the inbox is created behind the user's back.
+    first = env.cli("status", check=False)
+    assert first.returncode == 1 and "not initialised" in first.stderr, first.stderr
+    assert not env.inbox.exists() and not (env.root / "work" / "simbridge.db").exists()
     env.make_case("patient 7", {"beam one": {"plan.json": "{}"}})
     env.cli("serve", "--until-idle", "--max-seconds", "60")
     table = env.cli("status").stdout
@@ -213,6 +214,10 @@ def test_status_shows_the_original_names(sqlite_env: JobsEnv) -> None:
     key = env.status()[0]["case"]
     assert "beam one" in env.cli("status", key).stdout
     assert "beam one" in env.cli("status", "patient 7").stdout
+    shutil.rmtree(env.inbox)
+    later = env.cli("status")
+    assert f"the inbox {env.inbox} does not exist yet" in " ".join(later.stderr.split())
+    assert not env.inbox.exists()  # reported, not re-created behind the user's back
 
 
 def test_the_readme_manual_steps_work_as_written(tmp_path: Path) -> None:
