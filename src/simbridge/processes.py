@@ -1,7 +1,8 @@
-"""The words people are told about a process: how it ended, the tail of its log, how long it ran.
+"""What is known of a process: its /proc record (start time, state, group), and the words people are
+told about it (how it ended, the tail of its log, how long it ran).
 
-One home for these (the jobs pipeline, its CLI and dashboard, and the demos all show them); a leaf
-that imports nothing else of simbridge.
+One home for these (the jobs pipeline and its lease, the GPU locks, the CLI, the dashboard and the
+demos use them); a leaf that imports nothing else of simbridge.
 """
 
 from __future__ import annotations
@@ -10,6 +11,26 @@ import signal
 from pathlib import Path
 
 LOG_TAIL_LINES = 20
+
+
+def proc_stat(pid: int) -> tuple[int, str, int, int] | None:
+    """(start time in clock ticks since boot, state letter, parent pid, process group) of a pid,
+    or None when there is no such process (or no /proc)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and ')': split after its last ')'.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return int(fields[19]), fields[0], int(fields[1]), int(fields[2])
+
+
+def proc_start_time(pid: int) -> tuple[int, str] | None:
+    """(start time in clock ticks since boot, state letter) of a pid, or None."""
+    info = proc_stat(pid)
+    return None if info is None else (info[0], info[1])
+
+
 # Read at most this much of a log's end: a tail must stay cheap however large the log grew.
 _TAIL_BYTES = 16384
 

@@ -36,7 +36,7 @@ from simbridge.jobs.executors.base import (
     LaunchSpec,
 )
 from simbridge.logs import get_logger
-from simbridge.processes import end_text
+from simbridge.processes import end_text, proc_start_time, proc_stat
 
 log = get_logger(__name__)
 
@@ -50,23 +50,6 @@ REPORT_TIMEOUT_S = 60.0
 # How long the executor waits for a group it SIGKILLed (the wrapper died) to be gone.
 KILL_WAIT_S = 10.0
 _POLL_S = 0.05  # each look at a group scans /proc: not too often
-
-
-def proc_start_time(pid: int) -> tuple[int, str] | None:
-    """(start time in clock ticks since boot, state letter) of a live pid, or None."""
-    info = _proc_stat(pid)
-    return None if info is None else (info[0], info[1])
-
-
-def _proc_stat(pid: int) -> tuple[int, str, int, int] | None:
-    """(start time, state letter, parent pid, process group) of a pid, or None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and ')': split after its last ')'.
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return int(fields[19]), fields[0], int(fields[1]), int(fields[2])
 
 
 def _alive(pid: int, pid_start: int | None) -> bool:
@@ -131,7 +114,7 @@ def group_members(pgid: int, token: str) -> list[int]:
     for pid in _pids():
         if pid <= 1:
             continue
-        info = _proc_stat(pid)
+        info = proc_stat(pid)
         if info is None or info[3] != pgid or info[1] in {"Z", "X"}:
             continue
         if _carries(pid, TOKEN_ENV, token):
@@ -155,7 +138,7 @@ def signal_group(pgid: int, token: str, sig: int) -> int:
         except (AttributeError, OSError):
             fd = -1
         try:
-            info = _proc_stat(pid)
+            info = proc_stat(pid)
             if info is None or info[3] != pgid or not _carries(pid, TOKEN_ENV, token):
                 continue
             if fd >= 0:
@@ -264,7 +247,7 @@ class LocalExecutor(Executor):
             return "lost: its wrapper is gone and never wrote how the command ended"
 
         # Not our child (we restarted): the wrapper is the command's parent while both live.
-        leader = _proc_stat(ref.pid) if ref.pid is not None and ref.pid > 1 else None
+        leader = proc_stat(ref.pid) if ref.pid is not None and ref.pid > 1 else None
         if leader is not None and leader[1] not in {"Z", "X"} and leader[0] == ref.pid_start:
             return _carries(leader[2], WRAPPER_ENV, ref.token), why
         return find_by_token(ref.token, var=WRAPPER_ENV) is not None, why

@@ -22,10 +22,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from simbridge.jobs.errors import LeaseLostError, OrchestratorBusyError, StoreError
-from simbridge.jobs.executors.local import proc_start_time
 from simbridge.jobs.store.base import StoreBase
 from simbridge.jobs.store.schema import orchestrator
 from simbridge.logs import get_logger
+from simbridge.processes import proc_start_time
 
 log = get_logger(__name__)
 
