@@ -10,7 +10,7 @@ SOURCES := $(shell find src include -type f \( -name '*.py' -o -name '*.c' -o -n
 # Debian packages the real-component tests need (a C compiler for the shm peers; each plane appends its
 # own). Installed only when running as root and something is missing; otherwise the tests that need
 # them say what to install (and fail under CI=true instead of skipping).
-DEBIAN_PACKAGES := gcc g++ libc6-dev postgresql
+DEBIAN_PACKAGES := gcc g++ libc6-dev postgresql slurmctld slurmd slurm-client munge openssh-server
 
 .PHONY: run test lint typecheck imports unit integration bench install clean system-packages
 
