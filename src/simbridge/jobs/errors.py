@@ -79,3 +79,39 @@ class LeaseLostError(JobsError, RuntimeError):
 
 class UnsafeFileError(TransferError):
     """Raised when a copy meets a symbolic link, a special file or a tree past its limits."""
+
+
+class ChecksumError(TransferError):
+    """Raised when a transferred file's sha256 differs from its source's, even after one re-fetch."""
+
+
+class RemoteError(JobsError, OSError):
+    """Base of the errors of a remote host reached over SSH; the message names the host."""
+
+
+class HostUnreachableError(RemoteError, ConnectionError):
+    """Raised when the host cannot be reached (refused, timed out, name unknown, connection dropped)."""
+
+
+class HostKeyError(RemoteError, ConnectionError):
+    """Raised when the host's key is unknown or changed; the message carries its fingerprint."""
+
+
+class AuthError(RemoteError, PermissionError):
+    """Raised when the host refuses our user or key."""
+
+
+class RemotePermissionError(RemoteError, PermissionError):
+    """Raised when a remote file or folder may not be read or written."""
+
+
+class RemoteDiskFullError(RemoteError):
+    """Raised when the remote file system is full (ENOSPC / EDQUOT)."""
+
+
+class RemotePathError(RemoteError, ValueError):
+    """Raised when a remote path would leave the cluster's remote_root."""
+
+
+class SchedulerError(JobsError, RuntimeError):
+    """Raised when the scheduler refuses or fails a command (sbatch, squeue, scancel)."""
