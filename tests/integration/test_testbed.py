@@ -61,7 +61,13 @@ def test_sbatch_through_sshd_runs_jobs_with_gpus_and_counts_calls(
 
 def test_sshd_stopped_and_started_keeps_port_and_host_key(testbed: Testbed) -> None:
     assert testbed.ssh("true").returncode == 0
+    session = subprocess.Popen(
+        testbed.ssh_argv("echo open; exec sleep 60"), stdout=subprocess.PIPE, text=True
+    )
+    assert session.stdout is not None and session.stdout.readline().strip() == "open"
     testbed.stop_sshd()
+    # An open connection drops with the server (exit 255), as when a host goes away.
+    assert session.wait(timeout=30) == 255
     try:
         refused = testbed.ssh("true", check=False)
         assert refused.returncode == 255

@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from tests.testbed import slurm, sshd, sweep
-from tests.testbed._proc import TestbedError, free_port, stop_pidfile
+from tests.testbed._proc import TestbedError, free_port, pid_alive, read_pid, stop_pidfile
 from tests.testbed.layout import Layout, Ports, Saved
 from tests.testbed.munge import ensure_munge
 
@@ -47,6 +47,11 @@ def _fresh(*, gpus: int, cpus: int) -> Saved:
         gpus=gpus,
         cpus=cpus,
     )
+
+
+def _running(layout: Layout, daemon: str) -> bool:
+    pid = read_pid(layout.pidfile(daemon))
+    return pid is not None and pid_alive(pid)
 
 
 class Testbed:
@@ -120,6 +125,11 @@ class Testbed:
         if why:
             raise TestbedError(f"testbed: {why}")
         root.mkdir(parents=True, exist_ok=True)
+        running = [d for d in ("sshd", "slurmd", "slurmctld") if _running(Layout(root=root), d)]
+        if running:
+            raise TestbedError(
+                f"testbed: {', '.join(running)} already running under {root}; stop it first (down)"
+            )
         ensure_munge()
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             testbed = cls(root=root, saved=_fresh(gpus=gpus, cpus=cpus))
@@ -260,11 +270,11 @@ class Testbed:
     def unmount_all(self) -> None:
         """Every mount below this testbed's folder (read from /proc/self/mounts: robust to a crash)."""
         prefix = str(self.root) + "/"
-        mounts = []
+        mounts: list[Path] = []
         for line in Path("/proc/self/mounts").read_text().splitlines():
-            point = line.split()[1].replace("\\040", " ")
-            if point.startswith(prefix):
-                mounts.append(Path(point))
+            field = line.split()[1].replace("\\040", " ")
+            if field.startswith(prefix):
+                mounts.append(Path(field))
         for point in sorted(mounts, key=lambda p: len(p.parts), reverse=True):
             self.unmount(point)
 
