@@ -5,15 +5,22 @@ slurmctld restarts on its saved jobs, asyncssh sessions see Slurm's config, a tm
 from __future__ import annotations
 
 import asyncio
+import json
+import shlex
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import asyncssh
 import pytest
+import yaml
 from tests.support import wait_for
 from tests.testbed import Testbed, sweep
+from tests.testbed.__main__ import main as cli_main
 from tests.testbed.delay_proxy import DelayProxy, delay_proxy_process
+
+from simbridge.config import ClusterSettings
 
 pytestmark = pytest.mark.integration
 
@@ -118,10 +125,13 @@ def test_other_user_refused_and_tmpfs_root_fills(testbed: Testbed, tmpfs_remote_
     assert full.returncode != 0 and "No space left" in full.stderr
 
 
-def test_a_dead_runs_testbed_is_stopped_with_its_jobs_and_detached_processes(tmp_path: Path) -> None:
+def test_a_dead_runs_testbed_is_stopped_with_its_jobs_and_detached_processes() -> None:
     # A second testbed whose "owner" (a pytest run) died: the next run's sweep must stop it and
     # every process it made, down to a job's `sleep` and a setsid'ed command started over ssh.
-    root = Path(tempfile.mkdtemp(prefix=sweep.STALE_PREFIX))
+    # Below a private folder: the sweep of another pytest run on this host (glob /tmp/sbtb-*) must
+    # not stop this deliberately orphaned testbed while the test still uses it.
+    base = Path(tempfile.mkdtemp(prefix="sbtq-"))
+    root = Path(tempfile.mkdtemp(prefix=sweep.STALE_PREFIX, dir=base))
     dead = subprocess.Popen(["true"])
     dead.wait(timeout=10)
     (root / sweep.OWNER_FILE).write_text(f"{dead.pid}\n")
@@ -134,7 +144,8 @@ def test_a_dead_runs_testbed_is_stopped_with_its_jobs_and_detached_processes(tmp
         made = sweep.ours(other.layout, ssh_port=other.port)
         assert len(made) >= 3  # the detached sleep, the job's shell or sleep, its slurmstepd
     finally:
-        stopped = sweep.stop_stale()
+        stopped = sweep.stop_stale(base)
+        shutil.rmtree(base, ignore_errors=True)
     assert root in stopped and not root.exists()
     assert not any(_alive(pid) for pid in made)
 
@@ -173,3 +184,20 @@ def test_delay_proxy_adds_its_round_trip_and_carries_ssh(testbed: Testbed) -> No
         argv[1:1] = ["-o", f"HostKeyAlias=[127.0.0.1]:{testbed.port}"]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.stdout.strip() == "through", done.stderr
+
+
+def test_cli_prints_exports_and_a_cluster_entry_simbridge_accepts(
+    testbed: Testbed, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["env", str(testbed.root), "--simbridge", "tb"]) == 0
+    exports = dict(
+        shlex.split(line.removeprefix("export "))[0].split("=", 1)
+        for line in capsys.readouterr().out.splitlines()
+    )
+    assert exports["SLURM_CONF"] == str(testbed.slurm_conf)
+    assert exports["SIMBRIDGE_JOBS__EXECUTOR"] == "tb"
+    entry = ClusterSettings.model_validate(json.loads(exports["SIMBRIDGE_CLUSTERS"])["tb"])
+    assert (entry.port, entry.known_hosts) == (testbed.port, testbed.known_hosts)
+    assert cli_main(["yaml", str(testbed.root), "plain", "--scheduler", "none"]) == 0
+    plain = yaml.safe_load(capsys.readouterr().out)["clusters"]["plain"]
+    assert ClusterSettings.model_validate(plain).gpus == testbed.gpus
