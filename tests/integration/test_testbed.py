@@ -8,6 +8,7 @@ import asyncio
 import json
 import shlex
 import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -16,9 +17,10 @@ import asyncssh
 import pytest
 import yaml
 from tests.support import wait_for
-from tests.testbed import Testbed, sweep
+from tests.testbed import Testbed, _proc, core, sweep
 from tests.testbed.__main__ import main as cli_main
 from tests.testbed.delay_proxy import DelayProxy, delay_proxy_process
+from tests.testbed.layout import Ports, Saved
 
 from simbridge.config import ClusterSettings
 
@@ -201,3 +203,31 @@ def test_cli_prints_exports_and_a_cluster_entry_simbridge_accepts(
     assert cli_main(["yaml", str(testbed.root), "plain", "--scheduler", "none"]) == 0
     plain = yaml.safe_load(capsys.readouterr().out)["clusters"]["plain"]
     assert ClusterSettings.model_validate(plain).gpus == testbed.gpus
+
+
+def test_a_port_taken_before_the_bind_is_retried_and_a_half_state_stops(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Another testbed takes slurmctld's port between our probe and slurmctld's bind: the start
+    # is retried on fresh ports instead of failing.
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        draws = iter([_proc.free_port(), taken])
+        monkeypatch.setattr(core, "free_port", lambda **_: next(draws, None) or _real_free_port())
+        root = Path(tempfile.mkdtemp(prefix=sweep.STALE_PREFIX))
+        try:
+            with Testbed.up(root, gpus=0, cpus=2) as started:
+                assert taken not in (started.ports.slurmctld, started.ports.ssh, started.ports.slurmd)
+                assert "Address already in use" in (started.logs / "slurmctld.log").read_text()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    # `down` on a folder where nothing (or only part) was started stops what is there, quietly.
+    Saved(ports=Ports(ssh=1, slurmctld=2, slurmd=3), node="n", cluster="c", gpus=0, cpus=1).write(
+        tmp_path / "testbed.json"
+    )
+    Testbed.attach(tmp_path).down()
+
+
+_real_free_port = _proc.free_port

@@ -37,13 +37,13 @@ def missing_requirements() -> str | None:
     return None
 
 
-def _fresh(*, gpus: int, cpus: int) -> Saved:
+def _fresh(*, gpus: int, cpus: int, cluster: str) -> Saved:
     ssh_port = free_port()
     ctld_port = free_port(taken=[ssh_port])
     return Saved(
         ports=Ports(ssh=ssh_port, slurmctld=ctld_port, slurmd=free_port(taken=[ssh_port, ctld_port])),
         node=socket.gethostname(),
-        cluster=f"tb{uuid.uuid4().hex[:8]}",
+        cluster=cluster,
         gpus=gpus,
         cpus=cpus,
     )
@@ -131,8 +131,10 @@ class Testbed:
                 f"testbed: {', '.join(running)} already running under {root}; stop it first (down)"
             )
         ensure_munge()
+        # One cluster name for every attempt: slurmctld refuses a state folder saved under another.
+        cluster = f"tb{uuid.uuid4().hex[:8]}"
         for attempt in range(1, _PORT_ATTEMPTS + 1):
-            testbed = cls(root=root, saved=_fresh(gpus=gpus, cpus=cpus))
+            testbed = cls(root=root, saved=_fresh(gpus=gpus, cpus=cpus, cluster=cluster))
             try:
                 testbed._start(timeout_s=timeout_s)
             except TestbedError as exc:
