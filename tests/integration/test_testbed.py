@@ -68,20 +68,19 @@ def test_sbatch_through_sshd_runs_jobs_with_gpus_and_counts_calls(
     assert len(visible) == 2 and all(index.isdigit() for index in visible)
 
 
-def test_sshd_stopped_and_started_keeps_port_and_host_key(testbed: Testbed) -> None:
-    assert testbed.ssh("true").returncode == 0
-    session = subprocess.Popen(
-        testbed.ssh_argv("echo open; exec sleep 60"), stdout=subprocess.PIPE, text=True
-    )
-    assert session.stdout is not None and session.stdout.readline().strip() == "open"
-    testbed.stop_sshd()
-    # An open connection drops with the server (exit 255), as when a host goes away.
-    assert session.wait(timeout=30) == 255
+def test_sshd_stopped_and_started_keeps_port_and_host_key(testbed: Testbed, tmp_remote_root: Path) -> None:
+    opened = tmp_remote_root / "opened"
+    session = subprocess.Popen(testbed.ssh_argv(f"touch {opened}; exec sleep 60"), stdout=subprocess.DEVNULL)
     try:
-        refused = testbed.ssh("true", check=False)
-        assert refused.returncode == 255
+        wait_for(opened.exists, timeout=30, what="an ssh session open")
+        testbed.stop_sshd()
+        # An open connection drops with the server (exit 255), as when a host goes away.
+        assert session.wait(timeout=30) == 255
+        assert testbed.ssh("true", check=False).returncode == 255
     finally:
-        testbed.start_sshd()
+        session.kill()
+        session.wait(timeout=30)
+        testbed.start_sshd()  # whatever happened: the next test needs sshd
     # StrictHostKeyChecking=yes against the same known_hosts: the key did not change.
     assert testbed.ssh("echo back").stdout.strip() == "back"
 

@@ -207,7 +207,9 @@ class Testbed:
         sshd.stop_sshd(self.layout)
 
     def start_sshd(self, *, timeout_s: float = 30.0) -> None:
-        """sshd back on the same port with the same host key."""
+        """sshd back on the same port with the same host key (nothing to do when it runs)."""
+        if _running(self.layout, "sshd"):
+            return
         sshd.start_sshd(self.layout, port=self.port, timeout_s=timeout_s)
 
     def restart_slurmctld(self, *, timeout_s: float = 30.0) -> None:
