@@ -497,6 +497,15 @@ class Ring:
         return f"Ring({self.name!r}, capacity={self.capacity}, {kind}, {role})"
 
 
+def inspect_ring(name: str) -> dict[str, Any]:
+    """Every header field and counter of ring ``name``, read without attaching (read-only mapping)."""
+    validate_name(name)
+    header = _core.ring_inspect(name)
+    if header is None:
+        raise BlockNotFound(f"ring {name!r} exists but its creator has not initialised it yet")
+    return header
+
+
 def _release(handle: _core.RingHandle) -> None:
     handle.close()
 
