@@ -204,11 +204,12 @@ def inspect_command(name: str) -> None:
 def _inspect_ring(name: str) -> None:
     header = inspect_ring(name)
     table = Table(title=f"ring {name}", show_header=False)
-    for key, value in header.items():
+    for key, raw in header.items():
+        value = raw
         if key == "magic":
-            value = hex(value)
+            value = hex(raw)
         elif key == "descr":
-            value = value.decode("ascii", "replace") or "-"
+            value = raw.decode("ascii", "replace") or "-"
         table.add_row(key, _shown(str(value)))
     queued = (header["tail"] - header["head"]) % 2**64
     unit = "bytes" if header["mode"] == "variable" else "records"
