@@ -1532,6 +1532,7 @@ typedef struct sbr_ring {
     uint64_t cached_tail;          /* consumer's copy of the producer's tail */
     uint64_t pushed, popped;       /* this side's counters, mirrored into the header */
     uint64_t consumer_word;        /* consumer: the word it attached with */
+    uint64_t peer_check_ns;        /* parked waits look at the peer this often (SBR_PEER_CHECK_NS) */
     unsigned char identity[SBR_IDENTITY_BYTES];
     char path[SB_NAME_MAX + 16];
 } sbr_ring;
@@ -1597,6 +1598,7 @@ static inline int sbr_intact(const sbr_ring *r) {
 }
 
 static inline void sbr__adopt_geometry(sbr_ring *r, const sbr_header *id) {
+    r->peer_check_ns = SBR_PEER_CHECK_NS;
     r->mode = id->mode;
     r->record_size = id->record_size;
     r->max_payload = id->max_payload;
@@ -1791,7 +1793,7 @@ static inline int sbr_wait_room(sbr_ring *r, uint64_t need, int64_t timeout_ns, 
         if (!sbr_consumer_alive(r)) return SB_EPEERGONE;
         uint64_t now = sb_now_ns(CLOCK_MONOTONIC);
         if (timeout_ns >= 0 && now - start >= (uint64_t)timeout_ns) return SB_ETIMEDOUT;
-        uint64_t park = SBR_PEER_CHECK_NS;
+        uint64_t park = r->peer_check_ns ? r->peer_check_ns : SBR_PEER_CHECK_NS;
         if (timeout_ns >= 0 && (uint64_t)timeout_ns - (now - start) < park) park = (uint64_t)timeout_ns - (now - start);
         sbr__wait(r, 0, need, spin_ns, park);
         spin_ns = 0;
@@ -1938,7 +1940,7 @@ static inline int sbr_wait_data(sbr_ring *r, int64_t timeout_ns, uint64_t spin_n
         }
         uint64_t now = sb_now_ns(CLOCK_MONOTONIC);
         if (timeout_ns >= 0 && now - start >= (uint64_t)timeout_ns) return SB_ETIMEDOUT;
-        uint64_t park = SBR_PEER_CHECK_NS;
+        uint64_t park = r->peer_check_ns ? r->peer_check_ns : SBR_PEER_CHECK_NS;
         if (timeout_ns >= 0 && (uint64_t)timeout_ns - (now - start) < park) park = (uint64_t)timeout_ns - (now - start);
         sbr__wait(r, 1, pos, spin_ns, park);
         spin_ns = 0;

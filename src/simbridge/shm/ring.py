@@ -111,6 +111,7 @@ class Ring:
         self.record_dtype = record_dtype
         self.producer_pid: int = handle.producer_pid
         self._timeout = seconds(settings.read_timeout_s, "shm.read_timeout_s")
+        handle.set_waits(int(settings.spin_us * 1000), max(1, int(settings.peer_check_ms * 1e6)))
         self._executor: ThreadPoolExecutor | None = None
         self._finalizer = weakref.finalize(self, _release_producer if self.is_producer else _release, handle)
 
