@@ -35,6 +35,14 @@ REPO = Path(__file__).resolve().parent.parent
 CTX = mp.get_context("fork")
 MSG = b"m" * 64
 BATCH = 1000
+
+
+def fresh_batch() -> list[bytes]:
+    """BATCH distinct 64-byte objects: pickle sends one copy of a repeated object, and a queue that
+    pickles must not win by that."""
+    return [MSG[:32] + MSG[32:] for _ in range(BATCH)]
+
+
 RECORD = np.dtype([("ts", "<i8"), ("price", "<i8"), ("size", "<i8"), ("pad", "V40")])  # 64 bytes
 FIXED_BATCH = 65536
 
@@ -110,7 +118,7 @@ def queue_pair(mode: str) -> tuple[Side, Callable[..., None], Callable[[], Any]]
                 q.put(MSG)
         else:
             for _ in range(n // BATCH):
-                q.put([MSG] * BATCH)
+                q.put(fresh_batch())
         barrier.wait()
 
     def cons(n: int, barrier: Barrier, q: Any, result: Any) -> None:
@@ -138,9 +146,8 @@ def fifo_pair(mode: str) -> tuple[Side, Callable[..., None], Callable[[], Any]]:
             for _ in range(n):
                 q.put(MSG)
         else:
-            batch = [MSG] * BATCH
             for _ in range(n // BATCH):
-                q.put_many(batch)
+                q.put_many(fresh_batch())
         barrier.wait()
 
     def cons(n: int, barrier: Barrier, q: Any, result: Any) -> None:
@@ -204,7 +211,7 @@ def iceoryx_pair(mode: str) -> tuple[Side, Callable[..., None], Callable[[], Any
     import ctypes
 
     class Msg(ctypes.Structure):
-        _fields_ = [("data", ctypes.c_uint8 * 64)]  # noqa: RUF012 (ctypes' own convention)
+        _fields_ = [("data", ctypes.c_uint8 * 64)]
 
     def service(name: str) -> Any:
         import iceoryx2 as iox2
@@ -532,9 +539,8 @@ def main() -> None:
     print()
     print("ping-pong round trip of 64 bytes, median microseconds (back to back | 1 ms apart: peer parked)")
     print(f"  simbridge Ring (Python)   {sb_pingpong(pp_rounds, 0):8.1f} | {sb_pingpong(300, 0.001):8.1f}")
-    print(
-        f"  C through shm.h           {c_pingpong(binary, pp_rounds, 0):8.1f} | {c_pingpong(binary, 300, 1000):8.1f}"
-    )
+    c_back_to_back, c_parked = c_pingpong(binary, pp_rounds, 0), c_pingpong(binary, 300, 1000)
+    print(f"  C through shm.h           {c_back_to_back:8.1f} | {c_parked:8.1f}")
     print(f"  pyzmq ipc REQ/REP         {zmq_pingpong(pp_rounds, 0):8.1f} | {zmq_pingpong(300, 0.001):8.1f}")
 
 

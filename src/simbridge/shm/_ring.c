@@ -771,9 +771,9 @@ static PyObject *ring_close(RingObject *self, PyObject *unused) {
     (void)unused;
     if (self->closed) Py_RETURN_NONE;
     self->closed = 1;
+    if (self->busy > 0) sbr_cancel(&self->r); /* a thread waiting with the GIL released returns at once */
     if (self->fork_gen == ring_fork_generation) sbr_detach(&self->r);
-    /* A thread waiting with the GIL released notices within one peer-check slice; it unmaps then. */
-    if (self->busy == 0) ring_unmap(self);
+    if (self->busy == 0) ring_unmap(self); /* else the last call in flight unmaps on its way out */
     Py_RETURN_NONE;
 }
 
