@@ -1945,7 +1945,7 @@ static inline int sbr_wait_data(sbr_ring *r, int64_t timeout_ns, uint64_t spin_n
         if (atomic_load_explicit(&r->cancel, memory_order_acquire)) return SB_ECANCELED;
         if (!sbr_intact(r)) return SB_EHEADER;
         if (!counted) {
-            atomic_fetch_add_explicit(&h->empty_waits, 1u, memory_order_relaxed);
+            if (timeout_ns != 0) atomic_fetch_add_explicit(&h->empty_waits, 1u, memory_order_relaxed); /* a poll is no wait */
             counted = 1;
         } else if (!sbr_producer_alive(r)) {
             return atomic_load_explicit(&h->tail, memory_order_acquire) != pos ? SB_OK : SB_EPEERGONE;
