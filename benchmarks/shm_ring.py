@@ -515,7 +515,8 @@ def main() -> None:
     results: dict[str, float] = {}
     print(
         f"# shm_ring  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  {os.cpu_count()} CPUs  "
-        f"{platform.python_implementation()} {platform.python_version()}  rounds={rounds}"
+        f"{platform.python_implementation()} {platform.python_version()}  rounds={rounds}  "
+        f"load average before: {os.getloadavg()[0]:.2f}"
     )
     print(f"{'method':48} {'messages':>10} {'M msgs/s':>9} {'aim':>6}")
     for label, _kind, n, method, aim in rows:
