@@ -1443,13 +1443,22 @@ static inline void sb_block_close(sb_block *b) {
  *   checked before use: a tail outside [head, head + capacity], a head outside [old head, tail], a
  *   record length past the area, a malformed padding record give SB_ECORRUPT, never a fault or an
  *   endless loop. Waits compare the identity with the copy (SB_EHEADER when a peer overwrote it).
+ *   As for blocks, what no check can catch is a peer with write permission truncating the segment
+ *   (the next access faults): a ring's two sides must trust each other that far.
  *
- * THE C API: sbr_create / sbr_open / sbr_close;
- *   producer: sbr_push (one record, waits), sbr_try_push (never waits; SB_EAGAIN when full),
- *             sbr_push_records (fixed mode, n records), sbr_flush (publish what try_* wrote);
- *   consumer: sbr_pop (copy one record out, waits), sbr_peek + sbr_consume (zero-copy), sbr_pop_records
- *             (fixed mode), sbr_wait_data; sbr_counters; sbr_producer_alive / sbr_consumer_alive.
- *   Handles are single-threaded, and a forked child must not use its parent's producer handle.
+ * THE C API: sbr_create / sbr_open / sbr_close (sbr_map + sbr_attach, sbr_detach: the parts);
+ *   producer: sbr_push (one record, waits for room), sbr_try_push (never waits: SB_EAGAIN when full),
+ *             sbr_write + sbr_flush (a batch: write records unpublished, publish them with one store),
+ *             sbr_push_records / sbr_write_records (fixed mode), sbr_wait_room;
+ *   consumer: sbr_pop (copy one record out, waits), sbr_peek + sbr_consume + sbr_release (zero-copy,
+ *             and a batch released with one store), sbr_pop_records / sbr_read_records (fixed mode),
+ *             sbr_wait_data;
+ *   both:     sbr_counters_get, sbr_producer_alive, sbr_consumer_alive, sbr_cancel (ends another
+ *             thread's wait on the handle), and the handle's peer_check_ns (how often parked waits
+ *             look at the peer; SBR_PEER_CHECK_NS by default).
+ *   Waits take timeout_ns (< 0: forever) and spin_ns (spin before parking; sbr_push and sbr_pop spin
+ *   SBR_DEFAULT_SPIN_NS). A handle is used by one thread at a time (sbr_cancel excepted); a forked
+ *   child must not use its parent's handles.
  * ================================================================================================ */
 
 #define SBR_MAGIC UINT64_C(0x31474E5253424D53) /* "SMBSRNG1" read as little-endian bytes */
