@@ -11,7 +11,7 @@
 
 PyObject *R_ShmError, *R_LayoutMismatch, *R_BlockClosed, *R_NotWriter, *R_NotConsumer, *R_OutOfRange,
     *R_BlockExists, *R_BlockNotFound, *R_RingBusy, *R_InvalidName, *R_AccessDenied, *R_ShmOSError, *R_NoSpace,
-    *R_Corrupted;
+    *R_Corrupted, *R_ConcurrentUse;
 PyObject *R_zero, *R_forever;
 
 volatile unsigned long ring_fork_generation;
@@ -141,6 +141,7 @@ static RingObject *ring_new(void) {
     self->closed = 0;
     self->busy = 0;
     self->fail = 0;
+    self->in_call = 0;
     self->fork_gen = ring_fork_generation;
     self->spin_ns = 0;
     self->descr = NULL;
@@ -440,7 +441,7 @@ int sbpy_ring_init(PyObject *m) {
         {&R_NotWriter, "NotWriter"}, {&R_NotConsumer, "NotConsumer"}, {&R_OutOfRange, "OutOfRange"},
         {&R_BlockExists, "BlockExists"}, {&R_BlockNotFound, "BlockNotFound"}, {&R_RingBusy, "RingBusy"},
         {&R_InvalidName, "InvalidName"}, {&R_AccessDenied, "AccessDenied"}, {&R_ShmOSError, "ShmOSError"},
-        {&R_NoSpace, "NoSpace"}, {&R_Corrupted, "Corrupted"},
+        {&R_NoSpace, "NoSpace"}, {&R_Corrupted, "Corrupted"}, {&R_ConcurrentUse, "ConcurrentUse"},
     };
     for (size_t i = 0; i < sizeof classes / sizeof classes[0]; i++) {
         *classes[i].slot = PyObject_GetAttrString(errors, classes[i].name);

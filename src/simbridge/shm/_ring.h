@@ -15,7 +15,7 @@
 
 extern PyObject *R_ShmError, *R_LayoutMismatch, *R_BlockClosed, *R_NotWriter, *R_NotConsumer, *R_OutOfRange,
     *R_BlockExists, *R_BlockNotFound, *R_RingBusy, *R_InvalidName, *R_AccessDenied, *R_ShmOSError, *R_NoSpace,
-    *R_Corrupted;
+    *R_Corrupted, *R_ConcurrentUse;
 
 extern PyObject *R_zero, *R_forever; /* 0 and math.inf, made once */
 
@@ -27,6 +27,7 @@ typedef struct {
     int closed;
     int busy;       /* calls in flight with the GIL released: close() defers the unmap to the last */
     int fail;       /* overflow policy "fail" */
+    int in_call;    /* a push or pop is running (maybe waiting with the GIL released) */
     unsigned long fork_gen;
     uint64_t spin_ns;
     PyObject *descr; /* bytes: the fixed record's description as the producer wrote it */

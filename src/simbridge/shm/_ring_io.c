@@ -7,10 +7,24 @@
  */
 #include "_ring.h"
 
+/* One call at a time per handle: a second thread's push or pop while the first waits with the GIL
+   released would race on the handle's private positions and interleave half-written records. The
+   flag is read and set with the GIL held, so the check itself cannot race. */
+static int ring_enter(RingObject *self) {
+    if (self->in_call) {
+        PyErr_Format(R_ConcurrentUse,
+                     "%s: another thread is inside a push or pop on this Ring; use one thread per side "
+                     "(or a lock), or give each thread its own ring", self->r.path);
+        return 0;
+    }
+    self->in_call = 1;
+    return 1;
+}
+
 /* ---------------------------------------------------------------- producer methods */
 
 /* push(data, type, timeout) -> 0 or a status */
-PyObject *ring_push(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *ring_push_impl(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) return PyErr_Format(PyExc_TypeError, "push(data, type, timeout)");
     if (!ring_producer(self)) return NULL;
     uint32_t type;
@@ -70,7 +84,7 @@ PyObject *ring_push(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
  *   fixed mode:    items is a C-contiguous buffer of whole records (a numpy record array).
  * One publish per batch (and one per wait for room); the consumer sees the records in order.
  */
-PyObject *ring_push_many(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *ring_push_many_impl(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) return PyErr_Format(PyExc_TypeError, "push_many(items, type, timeout)");
     if (!ring_producer(self)) return NULL;
     uint32_t type;
@@ -236,17 +250,13 @@ static PyObject *ring_pop_impl(RingObject *self, PyObject *const *args, Py_ssize
     return Py_BuildValue("(IN)", type, out);
 }
 
-PyObject *ring_pop(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    return ring_pop_impl(self, args, nargs, 1);
-}
 
-PyObject *ring_peek(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    return ring_pop_impl(self, args, nargs, 0);
-}
+
+
 
 /* pop_many(max_count, timeout, typed) -> list of bytes | list of (type, bytes) | status (variable mode):
    waits for the first record, then takes up to max_count of those already published. */
-PyObject *ring_pop_many(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *ring_pop_many_impl(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) return PyErr_Format(PyExc_TypeError, "pop_many(max_count, timeout, typed)");
     if (!ring_consumer(self)) return NULL;
     Py_ssize_t max = PyLong_AsSsize_t(args[0]);
@@ -289,7 +299,7 @@ PyObject *ring_pop_many(RingObject *self, PyObject *const *args, Py_ssize_t narg
 }
 
 /* pop_into(out, timeout) -> count >= 1 | status (< 0): fixed mode, whole records into a writable buffer. */
-PyObject *ring_pop_into(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *ring_pop_into_impl(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) return PyErr_Format(PyExc_TypeError, "pop_into(out, timeout)");
     if (!ring_consumer(self)) return NULL;
     int64_t timeout_ns;
@@ -378,7 +388,7 @@ static int ring_kwargs(PyObject *const *args, Py_ssize_t nargs, PyObject *kwname
 }
 
 /* push(data, *, type=0, timeout=None) -> None: Ring.push of a variable-record ring, in one C call. */
-PyObject *ring_push_api(RingObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+static PyObject *ring_push_api_impl(RingObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     static const char *const names[] = {"type", "timeout"};
     PyObject *kw[2];
@@ -386,7 +396,7 @@ PyObject *ring_push_api(RingObject *self, PyObject *const *args, size_t nargsf, 
     if (!ring_kwargs(args, nargs, kwnames, names, kw, 2, "push")) return NULL;
     PyObject *call[3] = {args[0], kw[0] ? kw[0] : R_zero, kw[1] ? kw[1] : self->default_timeout};
     if (call[2] == NULL) call[2] = R_forever;
-    PyObject *rc = ring_push(self, call, 3);
+    PyObject *rc = ring_push_impl(self, call, 3);
     if (rc == NULL) return NULL;
     long status = PyLong_AsLong(rc);
     Py_DECREF(rc);
@@ -395,7 +405,7 @@ PyObject *ring_push_api(RingObject *self, PyObject *const *args, size_t nargsf, 
 }
 
 /* pop(*, timeout=None) -> bytes | record bytes: Ring.pop in one C call. */
-PyObject *ring_pop_api(RingObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+static PyObject *ring_pop_api_impl(RingObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     static const char *const names[] = {"timeout"};
     PyObject *kw[1];
@@ -419,3 +429,37 @@ PyObject *ring_set_api(RingObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------- the methods, one call at a time */
+
+#define RING_EXCLUSIVE(CALL)                 \
+    do {                                     \
+        if (!ring_enter(self)) return NULL;  \
+        PyObject *result_ = (CALL);          \
+        self->in_call = 0;                   \
+        return result_;                      \
+    } while (0)
+
+PyObject *ring_push(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    RING_EXCLUSIVE(ring_push_impl(self, args, nargs));
+}
+PyObject *ring_push_many(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    RING_EXCLUSIVE(ring_push_many_impl(self, args, nargs));
+}
+PyObject *ring_pop(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    RING_EXCLUSIVE(ring_pop_impl(self, args, nargs, 1));
+}
+PyObject *ring_peek(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    RING_EXCLUSIVE(ring_pop_impl(self, args, nargs, 0));
+}
+PyObject *ring_pop_many(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    RING_EXCLUSIVE(ring_pop_many_impl(self, args, nargs));
+}
+PyObject *ring_pop_into(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    RING_EXCLUSIVE(ring_pop_into_impl(self, args, nargs));
+}
+PyObject *ring_push_api(RingObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    RING_EXCLUSIVE(ring_push_api_impl(self, args, nargsf, kwnames));
+}
+PyObject *ring_pop_api(RingObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    RING_EXCLUSIVE(ring_pop_api_impl(self, args, nargsf, kwnames));
+}

@@ -141,3 +141,7 @@ class NotConsumer(ShmError, PermissionError):
 
 class RecordTooLarge(ShmError, ValueError):
     """Raised when a record is larger than the ring allows (variable mode: capacity/2 - 8 bytes)."""
+
+
+class ConcurrentUse(ShmError, RuntimeError):
+    """Raised when a second thread pushes or pops on a Ring handle while another thread's call runs."""

@@ -303,3 +303,18 @@ def test_close_from_another_thread_ends_an_endless_wait(block_name: str) -> None
         consumer.close()
         waiter.join(timeout=10)
         assert not waiter.is_alive() and isinstance(outcome[0], BlockClosed)
+
+
+def test_a_second_thread_inside_the_same_handle_is_refused_not_interleaved(block_name: str) -> None:
+    from simbridge.shm import ConcurrentUse
+
+    with Ring.create(block_name, capacity=64) as producer, Ring.open(block_name, timeout=1) as consumer:
+        waiting = threading.Thread(target=lambda: consumer.pop(timeout=10))
+        waiting.start()
+        wait_for(lambda: consumer.header()["consumer_parked"] == 1, timeout=10, what="the first pop to park")
+        with pytest.raises(ConcurrentUse):
+            consumer.pop(timeout=0)
+        producer.push(b"for the first pop")
+        waiting.join(timeout=10)
+        producer.push(b"next")
+        assert consumer.pop(timeout=1) == b"next"  # free again once the first call is back
