@@ -44,7 +44,7 @@ def fresh_batch() -> list[bytes]:
 
 
 RECORD = np.dtype([("ts", "<i8"), ("price", "<i8"), ("size", "<i8"), ("pad", "V40")])  # 64 bytes
-FIXED_BATCH = 4096  # and rings that stay in cache: 4096 records, 1 MiB of bytes (see ring_bench.c)
+FIXED_BATCH = 4096  # rings that stay in cache: 8192 records (two batches), 1 MiB of bytes (ring_bench.c)
 
 Side = Callable[[int, Barrier, Any], None]
 
@@ -58,7 +58,7 @@ def sb_producer(mode: str) -> Side:
 
         fixed = mode == "fixed"
         with Ring.create(
-            name, capacity=1 << 12 if fixed else 1 << 20, record_dtype=RECORD if fixed else None
+            name, capacity=1 << 13 if fixed else 1 << 20, record_dtype=RECORD if fixed else None
         ) as ring:
             barrier.wait()
             if mode == "single":

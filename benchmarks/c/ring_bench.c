@@ -6,7 +6,7 @@
  *                                             sbr_peek/sbr_consume with one sbr_release per batch
  *   ring_bench fixed NAME COUNT BATCH          fixed 64-byte records, sbr_push_records/sbr_pop_records
  *
- * Rings of 1 MiB (variable) and 4096 records (fixed, 256 KiB) stay in the caches the two cores share:
+ * Rings of 1 MiB (variable) and 8192 records (fixed, 512 KiB: two batches of 4096, so both sides overlap) stay in the caches the two cores share:
  * larger ones make each record travel through memory (measured: about half the rate).
  *   ring_bench pingpong NAME ROUNDS GAP_US     one 64-byte record there and back; GAP_US between rounds
  *                                             lets the peer park (then the round trip includes a futex wake)
@@ -33,7 +33,7 @@ static void wait_go(int fd) {
 
 static int throughput(const char *name, uint64_t count, uint64_t batch, int fixed) {
     sbr_ring p;
-    int rc = sbr_create(&p, name, fixed ? SBR_MODE_FIXED : SBR_MODE_VARIABLE, fixed ? (1u << 12) : (1u << 20),
+    int rc = sbr_create(&p, name, fixed ? SBR_MODE_FIXED : SBR_MODE_VARIABLE, fixed ? (1u << 13) : (1u << 20),
                         fixed ? MSG : 0, 0, 0, NULL, 0);
     if (rc != SB_OK) return fprintf(stderr, "create: %s\n", sb_strerror(rc)), 1;
     int ready[2], start[2], result[2];

@@ -1870,7 +1870,11 @@ static inline int sbr_push_records(sbr_ring *r, const void *src, uint64_t n, int
         }
         if (rc != SB_EAGAIN) return rc;
         if (fail) return SB_EFULL;
-        rc = sbr_wait_room(r, 1, timeout_ns, spin_ns);
+        /* Wait for a quarter of the ring (or the rest of the batch), not one record: refilling one
+           record at a time would hand the consumer one-record batches and make both sides pay their
+           per-batch costs per record. */
+        uint64_t want = n - *done, quarter = r->capacity / 4 ? r->capacity / 4 : 1;
+        rc = sbr_wait_room(r, want < quarter ? want : quarter, timeout_ns, spin_ns);
         if (rc != SB_OK) return rc;
     }
     return SB_OK;

@@ -296,7 +296,9 @@ class Ring:
         """Fixed mode: copy up to ``len(out)`` records into ``out`` (C-contiguous, the record dtype)."""
         if not self.fixed:
             raise LayoutMismatch(f"ring {self.name!r} carries variable-length records; use pop_many(count)")
-        if out.dtype != self.record_dtype or not out.flags.c_contiguous:
+        if (
+            out.dtype is not self.record_dtype and out.dtype != self.record_dtype
+        ) or not out.flags.c_contiguous:
             raise LayoutMismatch(
                 f"ring {self.name!r}: out must be a C-contiguous array of {self.record_dtype}, "
                 f"got {out.dtype}"
