@@ -5,10 +5,10 @@
  *                                             record; BATCH > 1: sbr_write x BATCH + one sbr_flush, and
  *                                             sbr_peek/sbr_consume with one sbr_release per batch
  *   ring_bench fixed NAME COUNT BATCH          fixed 64-byte records, sbr_push_records/sbr_pop_records
-
  *   ring_bench pingpong NAME ROUNDS GAP_US     one 64-byte record there and back; GAP_US between rounds
  *                                             lets the peer park (then the round trip includes a futex wake)
  * A forked child is the consumer (throughput) or the echo (pingpong). Prints one line of key=value.
+ *
  * Rings of 1 MiB (variable) and 8192 records (fixed, 512 KiB: two batches of 4096, so the two sides
  * overlap) stay in the caches the cores share: larger ones make each record travel through memory
  * (measured: about half the rate).
