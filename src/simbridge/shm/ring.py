@@ -1,9 +1,9 @@
 """Ring: a single-producer single-consumer stream of records in POSIX shared memory.
 
-Every record pushed arrives once, in order (a consumer killed between taking a record and releasing
-its space leaves that record to its successor). The layout and protocol live in
-``include/simbridge/shm.h`` (RING); this module adds the Python API: argument checks, record dtypes, timeouts and peer deaths
-worded as typed errors, lifecycle (the producer unlinks at close), and consumption from asyncio.
+Every record pushed arrives once, in order (a consumer killed inside a pop leaves the records of that
+call to its successor). The layout and protocol live in ``include/simbridge/shm.h`` (RING); this
+module adds the Python API: argument checks, record dtypes, timeouts and peer deaths worded as typed
+errors, lifecycle (the producer unlinks at close), and consumption from asyncio.
 """
 
 from __future__ import annotations
