@@ -25,9 +25,13 @@ setup(
     ext_modules=[
         Extension(
             "simbridge.shm._core",
-            sources=["src/simbridge/shm/_core.c"],
+            sources=[
+                "src/simbridge/shm/_core.c",
+                "src/simbridge/shm/_ring.c",
+                "src/simbridge/shm/_ring_io.c",
+            ],
             include_dirs=["include"],
-            depends=["include/simbridge/shm.h"],
+            depends=["include/simbridge/shm.h", "src/simbridge/shm/_ring.h"],
             extra_compile_args=[
                 "-O3",
                 "-std=c11",

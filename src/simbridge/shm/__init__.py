@@ -1,6 +1,7 @@
-"""The data plane: named, versioned arrays (Block) in POSIX shared memory, shared with C/C++ peers.
+"""The data plane: named, versioned arrays (Block) and SPSC record streams (Ring) in POSIX shared
+memory, shared with C/C++ peers.
 
-The layout and protocol are defined once, in ``include/simbridge/shm.h``; see :class:`Block`.
+The layouts and protocols are defined once, in ``include/simbridge/shm.h``; see :class:`Block`, :class:`Ring`.
 """
 
 from simbridge.shm.block import Block
@@ -10,16 +11,21 @@ from simbridge.shm.errors import (
     BlockExists,
     BlockNotFound,
     ChecksumRequired,
+    ConcurrentUse,
     Corrupted,
+    Full,
     HeaderNotFound,
     InvalidName,
     IterationOrder,
     LayoutMismatch,
     NonFinite,
     NoSpace,
+    NotConsumer,
     NotWriter,
     OutOfRange,
     PeerGone,
+    RecordTooLarge,
+    RingBusy,
     ShmError,
     ShmOSError,
     Timeout,
@@ -29,6 +35,7 @@ from simbridge.shm.headers import get_include
 from simbridge.shm.layout import validate_name
 from simbridge.shm.recorder import Recorder, diff, load_index
 from simbridge.shm.registry import BlockInfo, block_info, cleanup_stale, list_blocks, remove
+from simbridge.shm.ring import Ring
 from simbridge.shm.snapshot import Snapshot
 
 __all__ = [
@@ -39,17 +46,23 @@ __all__ = [
     "BlockInfo",
     "BlockNotFound",
     "ChecksumRequired",
+    "ConcurrentUse",
     "Corrupted",
+    "Full",
     "HeaderNotFound",
     "InvalidName",
     "IterationOrder",
     "LayoutMismatch",
     "NoSpace",
     "NonFinite",
+    "NotConsumer",
     "NotWriter",
     "OutOfRange",
     "PeerGone",
+    "RecordTooLarge",
     "Recorder",
+    "Ring",
+    "RingBusy",
     "ShmError",
     "ShmOSError",
     "Snapshot",
