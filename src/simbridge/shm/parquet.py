@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from simbridge.logs import get_logger
-from simbridge.shm.errors import InvalidArgument, PeerGone, RecordingError
+from simbridge.shm.errors import InvalidArgument, PeerGone, RecordingError, Timeout
 from simbridge.shm.parquet_files import (
     Recovered,
     SegmentWriter,
@@ -209,11 +209,17 @@ class ParquetRecorder:
         return self.summary
 
     def maybe_flush(self) -> None:
-        """Flush the pending rows if there are enough or they waited long enough; rotate if due."""
+        """Flush the pending rows if there are enough or they waited long enough; rotate if due.
+
+        A file past ``rotate_bytes`` is closed when the next rows come (so the last rows of a stream
+        never leave a file closed early); one past ``rotate_seconds`` is closed even when idle.
+        """
         now = time.monotonic()
         if self._pending and (self._pending >= self.flush_rows or now - self._last_flush >= self.flush_interval_s):
+            if self._segment is not None and self._size_due():
+                self._close_segment()
             self.flush()
-        if self._segment is not None and self._rotation_due(now):
+        if self._segment is not None and self.rotate_seconds is not None and now - self._opened_at >= self.rotate_seconds:
             self._close_segment()
 
     def flush(self) -> None:
@@ -235,10 +241,8 @@ class ParquetRecorder:
         self._segment.write(table)
         self.summary.rows += table.num_rows
 
-    def _rotation_due(self, now: float) -> bool:
+    def _size_due(self) -> bool:
         assert self._segment is not None
-        if self.rotate_seconds is not None and now - self._opened_at >= self.rotate_seconds:
-            return True
         return self.rotate_bytes is not None and self._segment.bytes_written() >= self.rotate_bytes
 
     def _open_segment(self) -> None:
@@ -298,14 +302,29 @@ def as_reader(source: Any) -> StreamReader:
 
 
 class RingReader:
-    """Reads a :class:`simbridge.shm.Ring` in batches: ``pop_many`` into one preallocated array for
-    fixed records, ``pop`` for variable ones."""
+    """Reads a :class:`simbridge.shm.Ring` in batches: ``pop_into`` one preallocated array for fixed
+    records (no allocation per batch), ``pop_many(typed=True)`` for variable ones."""
 
     def __init__(self, ring: Any) -> None:
         self.ring = ring
-        dtype = getattr(ring, "dtype", None)
-        self.fixed_dtype: np.dtype[Any] | None = np.dtype(dtype) if dtype is not None else None
+        dtype = getattr(ring, "record_dtype", None)
+        self.fixed_dtype: np.dtype[Any] | None = np.dtype(dtype) if getattr(ring, "fixed", False) else None
         self._out: NDArray[Any] | None = None
 
     def read(self, max_records: int, timeout: float) -> NDArray[Any] | VariableBatch:
-        raise NotImplementedError("waiting for simbridge.shm.Ring")
+        try:
+            if self.fixed_dtype is None:
+                return list(self.ring.pop_many(max_records, timeout=timeout, typed=True))
+            if self._out is None or len(self._out) != max_records:
+                self._out = np.empty(max_records, self.fixed_dtype)
+            count = self.ring.pop_into(self._out, timeout=timeout)
+            return self._out[:count]
+        except Timeout:
+            return []
+
+
+def open_ring(name: str, *, timeout: float = 0.0) -> Any:
+    """Open ring ``name`` as its consumer (the recorder's side); a context manager."""
+    from simbridge.shm.ring import Ring
+
+    return Ring.open(name, timeout=timeout)

@@ -29,7 +29,11 @@ class DecimalOverflow(InvalidDecimal, OverflowError):
     """Raised when a decimal scaled to the book's fixed point does not fit in an int64."""
 
 
-class ChecksumMismatch(OrderBookError, ValueError):
+class ResyncNeeded(OrderBookError, RuntimeError):
+    """Raised inside the feed when its book must be rebuilt from a fresh snapshot (gap, error reply)."""
+
+
+class ChecksumMismatch(ResyncNeeded, ValueError):
     """Raised when the book's CRC32 over its top 25 levels differs from the exchange's checksum."""
 
     def __init__(self, message: str, *, expected: int, computed: int) -> None:

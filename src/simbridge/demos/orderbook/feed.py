@@ -28,7 +28,12 @@ from simbridge.demos.orderbook.bitget import (
     subscribe_message,
 )
 from simbridge.demos.orderbook.book import L2Book, Level
-from simbridge.demos.orderbook.errors import FeedProtocolError, InvalidDecimal
+from simbridge.demos.orderbook.errors import (
+    ChecksumMismatch,
+    FeedProtocolError,
+    InvalidDecimal,
+    ResyncNeeded,
+)
 from simbridge.demos.orderbook.states import FeedState, FeedStateMachine, Transition
 from simbridge.logs import get_logger
 
@@ -74,10 +79,6 @@ class FeedStats:
     connects: int = 0
     drops: int = 0
     nodelay: bool = False
-
-
-class _Resync(Exception):
-    """Internal: the book must be rebuilt from a fresh snapshot."""
 
 
 class FeedAdapter:
@@ -177,7 +178,7 @@ class FeedAdapter:
             self.stats.messages += 1
             try:
                 self._handle(parse_message(frame, self.book), receive_ns)
-            except _Resync as why:
+            except ResyncNeeded as why:
                 self.machine.transition_to(FeedState.RESYNC, str(why))
                 await ws.send(subscribe_message(self.options.channel, op="unsubscribe"))
                 await self._subscribe(ws, "resubscribed for a fresh snapshot")
@@ -190,12 +191,12 @@ class FeedAdapter:
             return
         if isinstance(message, EventMessage):
             if message.event == "error":
-                raise _Resync(f"the exchange answered error {message.code}: {message.msg}")
+                raise ResyncNeeded(f"the exchange answered error {message.code}: {message.msg}")
             return
         state = self.machine.state
         if message.action == "snapshot":
             if state is not FeedState.SUBSCRIBED:
-                raise _Resync(f"a snapshot arrived while {state.value}")
+                raise ResyncNeeded(f"a snapshot arrived while {state.value}")
             self.book.apply_snapshot(message.bids, message.asks)
             if message.checksum:  # some snapshots carry 0: "not given"
                 self._verify(message)
@@ -207,7 +208,7 @@ class FeedAdapter:
                 return  # updates of the old subscription, still in flight while resubscribing
             if message.seq is not None and self._last_seq is not None and message.seq <= self._last_seq:
                 self.stats.gaps += 1
-                raise _Resync(f"sequence went from {self._last_seq} to {message.seq}")
+                raise ResyncNeeded(f"sequence went from {self._last_seq} to {message.seq}")
             self.book.apply_update(message.bids, message.asks)
             self._verify(message)
             self._last_seq = message.seq
@@ -225,11 +226,15 @@ class FeedAdapter:
 
     def _verify(self, message: DepthMessage) -> None:
         if message.checksum is None:
-            raise _Resync("an update without a checksum")
+            raise ResyncNeeded("an update without a checksum")
         computed = self.book.checksum()
         if computed != message.checksum:
             self.stats.checksum_failures += 1
-            raise _Resync(f"checksum mismatch at seq {message.seq}: exchange {message.checksum}, book {computed}")
+            raise ChecksumMismatch(
+                f"checksum mismatch at seq {message.seq}: exchange {message.checksum}, book {computed}",
+                expected=message.checksum,
+                computed=computed,
+            )
 
 
 def feed_snapshot(adapter: FeedAdapter) -> dict[str, Any]:
