@@ -25,7 +25,7 @@ setup(
     ext_modules=[
         Extension(
             "simbridge.shm._core",
-            sources=["src/simbridge/shm/_core.c"],
+            sources=["src/simbridge/shm/_core.c", "src/simbridge/shm/_ring.c"],
             include_dirs=["include"],
             depends=["include/simbridge/shm.h"],
             extra_compile_args=[

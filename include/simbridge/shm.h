@@ -1,5 +1,6 @@
 /*
- * simbridge/shm.h — the ONE definition of simbridge's shared-memory Block layout and protocol.
+ * simbridge/shm.h — the ONE definition of simbridge's shared-memory layouts and protocols: the Block
+ * (the latest version of an array; below) and the Ring (an SPSC stream of records; see RING at the end).
  *
  * C11 (and C++11 or later), header-only, Linux. Included by the CPython extension
  * (simbridge.shm._core) and by every C/C++/CUDA peer: `cc -std=c11 -O2 -I include peer.c` or
@@ -115,6 +116,8 @@
 using std::atomic_fetch_add_explicit;
 using std::atomic_fetch_sub_explicit;
 using std::atomic_exchange_explicit;
+using std::atomic_compare_exchange_strong_explicit;
+using std::memory_order_acq_rel;
 using std::atomic_load;
 using std::atomic_load_explicit;
 using std::atomic_store_explicit;
@@ -194,7 +197,10 @@ enum sb_status {
     SB_EITER = -11,    /* iteration ids must increase strictly */
     SB_ENOTREADY = -12, /* the segment exists but its creator has not finished initialising it */
     SB_ERETRY = -13,    /* a cut-through read lost the writer (lapped, aborted): read normally */
-    SB_EHEADER = -14    /* the header's write-once part changed after this handle validated it */
+    SB_EHEADER = -14,   /* the header's write-once part changed after this handle validated it */
+    SB_EBUSY = -15,     /* ring: another live consumer is attached */
+    SB_EFULL = -16,     /* ring: no room and the overflow policy is "fail" */
+    SB_ETOOBIG = -17    /* ring: a record larger than the ring's largest */
 };
 
 /* ---------------------------------------------------------------- layout */
@@ -312,6 +318,9 @@ static inline const char *sb_strerror(int code) {
     case SB_ENOTREADY: return "block not initialised yet";
     case SB_ERETRY: return "cut-through read abandoned; retry";
     case SB_EHEADER: return "the block's header was overwritten after it was opened";
+    case SB_EBUSY: return "another live consumer is attached to the ring";
+    case SB_EFULL: return "the ring is full";
+    case SB_ETOOBIG: return "the record is larger than the ring allows";
     default: return "unknown error";
     }
 }
@@ -1387,6 +1396,811 @@ static inline void sb_block_close(sb_block *b) {
     if (mine && b->owner && b->path[0] != '\0') shm_unlink(b->path);
     memset((void *)b, 0, sizeof *b);
     b->fd = -1;
+}
+
+/* ================================================================================================
+ * RING — a single-producer single-consumer stream of records (every message, in order, none lost).
+ *
+ * SEGMENT LAYOUT  (the same name space as blocks: "/simbridge.<name>"; the magic tells them apart)
+ *   offset 0     sbr_header identity (write-once, 128 bytes; `magic` stored last with release)
+ *   offset 256   producer line: published tail, state, the producer's parked flag and futex, counters
+ *   offset 320   consumer line: released head, the attached consumer, its parked flag and futex, counters
+ *   offset 512   descr: up to SBR_DESCR_MAX bytes of text describing a fixed record (numpy's
+ *                dtype.descr, for Python peers; C peers ignore it), written once before `magic`
+ *   offset 1536  data: `capacity` units, a power of two
+ *
+ * Positions (head, tail) count units forever (uint64, wrapping is harmless); a unit is a byte in
+ * variable mode and a record in fixed mode; slot = position & (capacity - 1).
+ *   variable mode: a record is an 8-byte header {uint32 length, uint32 type} and the payload padded
+ *                  to 8 bytes, contiguous; when it does not fit before the end of the data area, a
+ *                  padding record (type SBR_TYPE_PAD) fills the rest and it starts at offset 0. A
+ *                  payload is at most capacity/2 - 8 bytes, so a record always fits an empty ring.
+ *   fixed mode:    each record is record_size bytes (a numpy structured dtype's itemsize).
+ *
+ * PROTOCOL. The producer writes records past the published tail, then stores tail (seq_cst) and
+ *   loads the consumer's `parked` flag (seq_cst): the store and the load are the two halves of a
+ *   Dekker handshake with the consumer, which raises `parked`, reads the futex word and loads tail
+ *   before FUTEX_WAIT. Either the producer sees the flag (and then bumps the word and wakes the
+ *   consumer) or the consumer sees the new tail. While both sides are busy nobody parks, so no
+ *   system call is made; a wake is made only for a parked peer. The consumer releases space the
+ *   same way (head, then the producer's flag). Each side keeps its own copy of the other's index
+ *   and reloads it only when its copy says empty (consumer) or full (producer).
+ *   A record becomes visible only with the tail store that follows its last byte: a producer killed
+ *   mid-push leaves nothing partial to read.
+ *
+ * PEERS. The creator is the producer (pid + start time + boot id in the identity, as for a block).
+ *   A consumer attaches by compare-and-swap of the `consumer` word (pid << 32 | low 32 bits of its
+ *   start time); a second live consumer gets SB_EBUSY, a dead one's place is taken over. A consumer
+ *   waiting on an empty ring gets SB_EPEERGONE when the producer died and SB_ECLOSED when it closed
+ *   (only once every record was read); a producer waiting for room gets SB_EPEERGONE when the
+ *   consumer died or detached.
+ *
+ * NEVER TRUST SHARED BYTES. A handle validates a private copy of the identity and takes capacity,
+ *   record size and offsets from it only. Indexes and record headers read from the segment are
+ *   checked before use: a tail outside [head, head + capacity], a head outside [old head, tail], a
+ *   record length past the area, a malformed padding record give SB_ECORRUPT, never a fault or an
+ *   endless loop. Waits compare the identity with the copy (SB_EHEADER when a peer overwrote it).
+ *
+ * THE C API: sbr_create / sbr_open / sbr_close;
+ *   producer: sbr_push (one record, waits), sbr_try_push (never waits; SB_EAGAIN when full),
+ *             sbr_push_records (fixed mode, n records), sbr_flush (publish what try_* wrote);
+ *   consumer: sbr_pop (copy one record out, waits), sbr_peek + sbr_consume (zero-copy), sbr_pop_records
+ *             (fixed mode), sbr_wait_data; sbr_counters; sbr_producer_alive / sbr_consumer_alive.
+ *   Handles are single-threaded, and a forked child must not use its parent's producer handle.
+ * ================================================================================================ */
+
+#define SBR_MAGIC UINT64_C(0x31474E5253424D53) /* "SMBSRNG1" read as little-endian bytes */
+#define SBR_ABI_VERSION 1u
+#define SBR_IDENTITY_BYTES 128u
+#define SBR_DESCR_OFFSET 512u
+#define SBR_DESCR_MAX 1024u
+#define SBR_HEADER_BYTES 1536u                    /* == the data offset */
+#define SBR_MODE_VARIABLE 1u
+#define SBR_MODE_FIXED 2u
+#define SBR_FLAG_OVERFLOW_FAIL 1u                 /* informational: the producer refuses instead of waiting */
+#define SBR_TYPE_PAD UINT32_C(0xFFFFFFFF)         /* padding at the wrap; user types are 0..SBR_MAX_TYPE */
+#define SBR_MAX_TYPE UINT32_C(0xFFFFFFFE)
+#define SBR_RECORD_HEADER 8u
+#define SBR_MIN_BYTES 64u                         /* smallest variable-mode capacity */
+#define SBR_MAX_DATA_BYTES (UINT64_C(1) << 40)    /* 1 TiB of data: anything larger is a mistake */
+#define SBR_MAX_RECORD_SIZE (UINT32_C(1) << 20)   /* fixed mode: 1 MiB per record at most */
+#define SBR_CONSUMER_NONE UINT64_C(0)             /* no consumer attached yet */
+#define SBR_CONSUMER_CLOSED UINT64_C(1)           /* the last consumer detached cleanly */
+#define SBR_PID_LIMIT 4194304u                    /* Linux's PID_MAX_LIMIT: a larger pid is garbage */
+#define SBR_PEER_CHECK_NS UINT64_C(200000000)     /* parked waits look at the peer this often */
+
+typedef struct sbr_header {
+    /* identity (write-once; `magic` last, release) */
+    SB_ATOMIC(uint64_t) magic;          /*   0 */
+    uint32_t abi_version;               /*   8 */
+    uint32_t header_bytes;              /*  12 SBR_HEADER_BYTES */
+    uint64_t capacity;                  /*  16 units (bytes or records), a power of two */
+    uint32_t mode;                      /*  24 SBR_MODE_* */
+    uint32_t record_size;               /*  28 fixed mode: bytes per record; variable mode: 0 */
+    uint64_t data_offset;               /*  32 SBR_HEADER_BYTES */
+    uint64_t data_bytes;                /*  40 */
+    uint64_t total_bytes;               /*  48 */
+    uint32_t max_payload;               /*  56 largest payload (variable: capacity/2 - 8; fixed: record_size) */
+    uint32_t producer_pid;              /*  60 the creator, which is the one producer */
+    uint64_t producer_start_time;       /*  64 /proc/<pid>/stat starttime */
+    char boot_id[SB_BOOT_ID_BYTES];     /*  72 */
+    uint64_t created_ns;                /* 112 CLOCK_REALTIME */
+    uint32_t descr_bytes;               /* 120 length of the descr text at SBR_DESCR_OFFSET */
+    uint32_t flags;                     /* 124 SBR_FLAG_* */
+    uint8_t pad_identity[256 - 128];
+    /* producer line (256): the producer stores here (the consumer only to wake it) */
+    SB_ATOMIC(uint64_t) tail;           /* 256 published write position */
+    SB_ATOMIC(uint32_t) state;          /* 264 sb_state: OPEN, or CLOSED by the producer */
+    SB_ATOMIC(uint32_t) producer_parked;/* 268 flag: the producer may be parked waiting for room */
+    SB_ATOMIC(uint32_t) producer_futex; /* 272 the consumer bumps it to wake the producer */
+    uint32_t pad_p0;
+    SB_ATOMIC(uint64_t) pushed;         /* 280 records pushed (padding not counted) */
+    SB_ATOMIC(uint64_t) full_waits;     /* 288 pushes that found no room and waited */
+    SB_ATOMIC(uint64_t) producer_wakes; /* 296 FUTEX_WAKEs the producer made for a parked consumer */
+    uint8_t pad_producer[64 - 48];
+    /* consumer line (320): the consumer stores here (the producer only to wake it) */
+    SB_ATOMIC(uint64_t) head;           /* 320 released read position */
+    SB_ATOMIC(uint64_t) consumer;       /* 328 pid << 32 | start time & 0xffffffff; NONE or CLOSED */
+    SB_ATOMIC(uint32_t) consumer_parked;/* 336 flag: the consumer may be parked waiting for data */
+    SB_ATOMIC(uint32_t) consumer_futex; /* 340 the producer bumps it to wake the consumer */
+    SB_ATOMIC(uint64_t) popped;         /* 344 records popped */
+    SB_ATOMIC(uint64_t) empty_waits;    /* 352 pops that found nothing and waited */
+    SB_ATOMIC(uint64_t) consumer_wakes; /* 360 FUTEX_WAKEs the consumer made for a parked producer */
+    uint8_t pad_consumer[64 - 48];
+    uint8_t reserved[SBR_DESCR_OFFSET - 384];
+    char descr[SBR_DESCR_MAX];          /* 512 */
+} sbr_header;
+
+SB_STATIC_ASSERT(sizeof(sbr_header) == SBR_HEADER_BYTES, "sbr_header must be SBR_HEADER_BYTES");
+SB_STATIC_ASSERT(offsetof(sbr_header, tail) == 256, "producer line must start a cache line");
+SB_STATIC_ASSERT(offsetof(sbr_header, head) == 320, "consumer line must start a cache line");
+SB_STATIC_ASSERT(offsetof(sbr_header, descr) == SBR_DESCR_OFFSET, "descr offset");
+
+/* A handle; fill it with sbr_create or sbr_open, never by hand. */
+typedef struct sbr_ring {
+    sbr_header *hdr;
+    char *data;
+    uint64_t size;                 /* bytes mapped */
+    int fd;
+    int producer;                  /* this handle created the ring */
+    pid_t pid;                     /* the process that made the handle */
+    uint32_t mode, record_size, max_payload, flags;
+    uint64_t capacity, mask;       /* validated copies: never re-read from the segment */
+    uint64_t tail;                 /* producer: write position (>= the published tail) */
+    uint64_t head;                 /* consumer: read position (>= the released head) */
+    uint64_t cached_head;          /* producer's copy of the consumer's head */
+    uint64_t cached_tail;          /* consumer's copy of the producer's tail */
+    uint64_t pushed, popped;       /* this side's counters, mirrored into the header */
+    uint64_t consumer_word;        /* consumer: the word it attached with */
+    unsigned char identity[SBR_IDENTITY_BYTES];
+    char path[SB_NAME_MAX + 16];
+} sbr_ring;
+
+typedef struct sbr_counters {
+    uint64_t pushed, popped, full_waits, empty_waits, producer_wakes, consumer_wakes, tail, head;
+} sbr_counters;
+
+/* ---------------------------------------------------------------- identity and checks */
+
+static inline int sbr__is_pow2(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
+
+/* Whether pid (with the low 32 bits of its start time, or the full start time when full != 0) runs. */
+static inline int sbr__pid_alive(uint64_t pid, uint64_t start, int full) {
+    if (pid == 0 || pid > SBR_PID_LIMIT) return 0;
+    char state = '?';
+    uint64_t got = 0;
+    if (!sb_proc_stat((uint32_t)pid, &state, &got)) return 0;
+    if (state == 'Z' || state == 'X' || state == 'x') return 0;
+    return full ? got == start : (got & UINT64_C(0xffffffff)) == (start & UINT64_C(0xffffffff));
+}
+
+/* The largest variable-mode payload of a capacity (kept below 4 GiB: lengths are uint32). */
+static inline uint32_t sbr__max_payload(uint64_t capacity) {
+    uint64_t m = capacity / 2 - SBR_RECORD_HEADER;
+    return m > UINT32_MAX - 7u ? UINT32_MAX - 7u : (uint32_t)m;
+}
+
+/*
+ * Checks a private copy of an identity against itself and the mapping size: 0 = fine, else
+ * SB_ELAYOUT (SB_ENOTREADY while magic is 0). A block's magic is SB_ELAYOUT too: it is not a ring.
+ */
+static inline int sbr_identity_check(const sbr_header *id, uint64_t mapped_bytes) {
+    if (mapped_bytes < SBR_HEADER_BYTES) return SB_ENOTREADY;
+    uint64_t magic = atomic_load_explicit(&((sbr_header *)id)->magic, memory_order_acquire);
+    if (magic == 0) return SB_ENOTREADY;
+    if (magic != SBR_MAGIC || id->abi_version != SBR_ABI_VERSION || id->header_bytes != SBR_HEADER_BYTES ||
+        id->data_offset != SBR_HEADER_BYTES || (id->flags & ~SBR_FLAG_OVERFLOW_FAIL) != 0 ||
+        id->descr_bytes > SBR_DESCR_MAX || id->producer_pid == 0 || !sbr__is_pow2(id->capacity))
+        return SB_ELAYOUT;
+    uint64_t data_bytes;
+    if (id->mode == SBR_MODE_VARIABLE) {
+        if (id->record_size != 0 || id->capacity < SBR_MIN_BYTES || id->capacity > SBR_MAX_DATA_BYTES ||
+            id->max_payload != sbr__max_payload(id->capacity))
+            return SB_ELAYOUT;
+        data_bytes = id->capacity;
+    } else if (id->mode == SBR_MODE_FIXED) {
+        if (id->record_size == 0 || id->record_size > SBR_MAX_RECORD_SIZE || id->capacity < 2 ||
+            id->capacity > SBR_MAX_DATA_BYTES / id->record_size || id->max_payload != id->record_size)
+            return SB_ELAYOUT;
+        data_bytes = id->capacity * id->record_size;
+    } else {
+        return SB_ELAYOUT;
+    }
+    if (id->data_bytes != data_bytes || id->total_bytes != SBR_HEADER_BYTES + data_bytes ||
+        id->total_bytes > mapped_bytes)
+        return SB_ELAYOUT;
+    return SB_OK;
+}
+
+static inline int sbr_intact(const sbr_ring *r) {
+    return memcmp((const void *)r->hdr, r->identity, SBR_IDENTITY_BYTES) == 0;
+}
+
+static inline void sbr__adopt_geometry(sbr_ring *r, const sbr_header *id) {
+    r->mode = id->mode;
+    r->record_size = id->record_size;
+    r->max_payload = id->max_payload;
+    r->flags = id->flags;
+    r->capacity = id->capacity;
+    r->mask = id->capacity - 1;
+    r->data = (char *)r->hdr + SBR_HEADER_BYTES;
+}
+
+/* Whether the producer still runs, judged from the validated identity. */
+static inline int sbr_producer_alive(const sbr_ring *r) {
+    sbr_header id;
+    memcpy((void *)&id, r->identity, SBR_IDENTITY_BYTES);
+    char boot[SB_BOOT_ID_BYTES];
+    if (sb_read_boot_id(boot) == SB_OK && strncmp(boot, id.boot_id, SB_BOOT_ID_BYTES) != 0) return 0;
+    return sbr__pid_alive(id.producer_pid, id.producer_start_time, 1);
+}
+
+/* 1: a consumer runs or none attached yet; 0: the attached consumer died or detached. */
+static inline int sbr_consumer_alive(const sbr_ring *r) {
+    uint64_t w = atomic_load_explicit(&r->hdr->consumer, memory_order_acquire);
+    if (w == SBR_CONSUMER_NONE) return 1;
+    if (w == SBR_CONSUMER_CLOSED) return 0;
+    return sbr__pid_alive(w >> 32, w & UINT64_C(0xffffffff), 0);
+}
+
+static inline uint64_t sbr__my_word(void) {
+    char st = '?';
+    uint64_t start = 0;
+    sb_proc_stat((uint32_t)getpid(), &st, &start);
+    return ((uint64_t)(uint32_t)getpid() << 32) | (start & UINT64_C(0xffffffff));
+}
+
+/* ---------------------------------------------------------------- wake and wait */
+
+static inline void sbr__wake(SB_ATOMIC(uint32_t) *parked, SB_ATOMIC(uint32_t) *futex, SB_ATOMIC(uint64_t) *count) {
+    if (atomic_exchange_explicit(parked, 0u, memory_order_seq_cst) != 0) {
+        atomic_fetch_add_explicit(futex, 1u, memory_order_seq_cst);
+        sb__futex(futex, FUTEX_WAKE, INT_MAX, NULL);
+        atomic_fetch_add_explicit(count, 1u, memory_order_relaxed);
+    }
+}
+
+/* Publishes every record written so far and wakes a parked consumer (the only call to the kernel). */
+static inline void sbr_flush(sbr_ring *r) {
+    sbr_header *h = r->hdr;
+    atomic_store_explicit(&h->pushed, r->pushed, memory_order_relaxed);
+    atomic_store_explicit(&h->tail, r->tail, memory_order_seq_cst);
+    if (atomic_load_explicit(&h->consumer_parked, memory_order_seq_cst) != 0)
+        sbr__wake(&h->consumer_parked, &h->consumer_futex, &h->producer_wakes);
+}
+
+/* Releases the space of every record consumed so far and wakes a parked producer. */
+static inline void sbr_release(sbr_ring *r) {
+    sbr_header *h = r->hdr;
+    atomic_store_explicit(&h->popped, r->popped, memory_order_relaxed);
+    atomic_store_explicit(&h->head, r->head, memory_order_seq_cst);
+    if (atomic_load_explicit(&h->producer_parked, memory_order_seq_cst) != 0)
+        sbr__wake(&h->producer_parked, &h->producer_futex, &h->consumer_wakes);
+}
+
+/* Data to read past `pos` (or the ring closed); reads only shared fields, so another thread of the
+   consumer may wait while this one is idle (an asyncio reader thread). */
+static inline int sbr__data_ready(sbr_ring *r, uint64_t pos) {
+    return atomic_load_explicit(&r->hdr->tail, memory_order_seq_cst) != pos ||
+           atomic_load_explicit(&r->hdr->state, memory_order_seq_cst) != SB_STATE_OPEN;
+}
+
+/* Room for `need` more units past the producer's tail. */
+static inline int sbr__room_ready(sbr_ring *r, uint64_t need) {
+    uint64_t h = atomic_load_explicit(&r->hdr->head, memory_order_seq_cst);
+    uint64_t used = r->tail - h;
+    return used > r->capacity /* garbage: let the caller's check say so */ || r->capacity - used >= need;
+}
+
+/*
+ * Spins for spin_ns (pause, and a sched_yield every 64 rounds so a peer waiting for this very core
+ * can run), then parks on `futex` with the `parked` flag raised, for at most park_ns. Returns 1 when
+ * ready, 0 when the time ran out or a signal arrived (the caller re-checks its deadline and the peer).
+ */
+static inline int sbr__wait(sbr_ring *r, int consumer, uint64_t arg, uint64_t spin_ns, uint64_t park_ns) {
+    sbr_header *h = r->hdr;
+#define SBR__READY() (consumer ? sbr__data_ready(r, arg) : sbr__room_ready(r, arg))
+    if (SBR__READY()) return 1;
+    if (spin_ns > 0) {
+        uint64_t end = sb_now_ns(CLOCK_MONOTONIC) + spin_ns;
+        do {
+            for (int i = 0; i < 64; i++) {
+                if (SBR__READY()) return 1;
+                SB_CPU_RELAX();
+            }
+            sched_yield();
+        } while (sb_now_ns(CLOCK_MONOTONIC) < end);
+    }
+    if (park_ns == 0) return SBR__READY();
+    SB_ATOMIC(uint32_t) *parked = consumer ? &h->consumer_parked : &h->producer_parked;
+    SB_ATOMIC(uint32_t) *futex = consumer ? &h->consumer_futex : &h->producer_futex;
+    uint64_t end = sb_now_ns(CLOCK_MONOTONIC) + park_ns;
+    for (;;) {
+        atomic_store_explicit(parked, 1u, memory_order_seq_cst);
+        uint32_t word = atomic_load_explicit(futex, memory_order_seq_cst);
+        if (SBR__READY()) {
+            atomic_store_explicit(parked, 0u, memory_order_relaxed); /* spares the peer a needless wake */
+            return 1;
+        }
+        uint64_t now = sb_now_ns(CLOCK_MONOTONIC);
+        if (now >= end) {
+            atomic_store_explicit(parked, 0u, memory_order_relaxed);
+            return 0;
+        }
+        uint64_t left = end - now;
+        struct timespec ts = {(time_t)(left / 1000000000u), (long)(left % 1000000000u)};
+        long rc = sb__futex(futex, FUTEX_WAIT, word, &ts);
+        if (rc == -1 && errno == EINTR) {
+            atomic_store_explicit(parked, 0u, memory_order_relaxed);
+            return SBR__READY();
+        }
+        if (rc == -1 && errno != EAGAIN && errno != ETIMEDOUT) nanosleep(&ts, NULL); /* never a hot loop */
+    }
+#undef SBR__READY
+}
+
+/* ---------------------------------------------------------------- producer */
+
+/* Whether `need` units fit past the tail; reloads the consumer's head only when the copy says no.
+   1 yes, 0 no, SB_ECORRUPT when the shared head is outside [cached head, tail]. */
+static inline int sbr__room(sbr_ring *r, uint64_t need) {
+    if (r->capacity - (r->tail - r->cached_head) >= need) return 1;
+    uint64_t h = atomic_load_explicit(&r->hdr->head, memory_order_acquire);
+    if (h - r->cached_head > r->tail - r->cached_head) return SB_ECORRUPT;
+    r->cached_head = h;
+    return r->capacity - (r->tail - h) >= need;
+}
+
+static inline void sbr__put_header(char *at, uint32_t len, uint32_t type) {
+    memcpy(at, &len, 4);
+    memcpy(at + 4, &type, 4);
+}
+
+/* Writes one variable record past the tail, unpublished. SB_OK, SB_EAGAIN (no room now),
+   SB_ETOOBIG, SB_EINVAL (type SBR_TYPE_PAD, or a fixed-mode ring) or SB_ECORRUPT. */
+static inline int sbr_write(sbr_ring *r, const void *src, uint64_t len, uint32_t type) {
+    if (r->mode != SBR_MODE_VARIABLE || type == SBR_TYPE_PAD) return SB_EINVAL;
+    if (len > r->max_payload) return SB_ETOOBIG;
+    uint64_t total = SBR_RECORD_HEADER + sb_round_up(len, 8);
+    uint64_t off = r->tail & r->mask;
+    uint64_t to_end = r->capacity - off;
+    int room = sbr__room(r, total <= to_end ? total : to_end + total);
+    if (room <= 0) return room < 0 ? room : SB_EAGAIN;
+    if (total > to_end) { /* pad to the end: records are contiguous */
+        sbr__put_header(r->data + off, (uint32_t)(to_end - SBR_RECORD_HEADER), SBR_TYPE_PAD);
+        r->tail += to_end;
+        off = 0;
+    }
+    sbr__put_header(r->data + off, (uint32_t)len, type);
+    if (len) memcpy(r->data + off + SBR_RECORD_HEADER, src, len);
+    r->tail += total;
+    r->pushed++;
+    return SB_OK;
+}
+
+/* Fixed mode: writes up to n records past the tail, unpublished; *done says how many fit. */
+static inline int sbr_write_records(sbr_ring *r, const void *src, uint64_t n, uint64_t *done) {
+    *done = 0;
+    if (r->mode != SBR_MODE_FIXED) return SB_EINVAL;
+    if (n == 0) return SB_OK;
+    int room = sbr__room(r, n); /* reloads the head unless the copy already has room for all */
+    if (room < 0) return room;
+    if (r->capacity == r->tail - r->cached_head) return SB_EAGAIN;
+    uint64_t free_n = r->capacity - (r->tail - r->cached_head);
+    uint64_t k = n < free_n ? n : free_n;
+    uint64_t slot = r->tail & r->mask, first = r->capacity - slot < k ? r->capacity - slot : k;
+    const char *s = (const char *)src;
+    memcpy(r->data + slot * r->record_size, s, first * r->record_size);
+    if (k > first) memcpy(r->data, s + first * r->record_size, (k - first) * r->record_size);
+    r->tail += k;
+    r->pushed += k;
+    *done = k;
+    return SB_OK;
+}
+
+/* Waits for room for `need` units (spin, then park in slices that check the consumer and the header).
+   SB_OK, SB_ETIMEDOUT, SB_EPEERGONE (the consumer died or detached), SB_EHEADER or SB_ECORRUPT. */
+static inline int sbr_wait_room(sbr_ring *r, uint64_t need, int64_t timeout_ns, uint64_t spin_ns) {
+    uint64_t start = sb_now_ns(CLOCK_MONOTONIC);
+    atomic_fetch_add_explicit(&r->hdr->full_waits, 1u, memory_order_relaxed);
+    for (;;) {
+        if (!sbr_intact(r)) return SB_EHEADER;
+        int room = sbr__room(r, need);
+        if (room < 0) return room;
+        if (room) return SB_OK;
+        if (!sbr_consumer_alive(r)) return SB_EPEERGONE;
+        uint64_t now = sb_now_ns(CLOCK_MONOTONIC);
+        if (timeout_ns >= 0 && now - start >= (uint64_t)timeout_ns) return SB_ETIMEDOUT;
+        uint64_t park = SBR_PEER_CHECK_NS;
+        if (timeout_ns >= 0 && (uint64_t)timeout_ns - (now - start) < park) park = (uint64_t)timeout_ns - (now - start);
+        sbr__wait(r, 0, need, spin_ns, park);
+        spin_ns = 0;
+    }
+}
+
+/* The units a variable record of len bytes needs at the current tail (its padding included). */
+static inline uint64_t sbr__need(const sbr_ring *r, uint64_t len) {
+    uint64_t total = SBR_RECORD_HEADER + sb_round_up(len, 8), to_end = r->capacity - (r->tail & r->mask);
+    return total <= to_end ? total : to_end + total;
+}
+
+/* Pushes one record and publishes it, waiting up to timeout_ns (< 0: forever) for room; with
+   fail != 0 a full ring gives SB_EFULL at once. Other results as sbr_write and sbr_wait_room. */
+static inline int sbr_push_ex(sbr_ring *r, const void *src, uint64_t len, uint32_t type, int64_t timeout_ns,
+                              uint64_t spin_ns, int fail) {
+    for (;;) {
+        int rc = sbr_write(r, src, len, type);
+        if (rc == SB_OK) {
+            sbr_flush(r);
+            return SB_OK;
+        }
+        if (rc != SB_EAGAIN) return rc;
+        if (fail) return SB_EFULL;
+        rc = sbr_wait_room(r, sbr__need(r, len), timeout_ns, spin_ns);
+        if (rc != SB_OK) return rc;
+    }
+}
+
+static inline int sbr_push(sbr_ring *r, const void *src, uint64_t len, uint32_t type, int64_t timeout_ns) {
+    return sbr_push_ex(r, src, len, type, timeout_ns, 0, 0);
+}
+
+/* Never waits: SB_EAGAIN when full. */
+static inline int sbr_try_push(sbr_ring *r, const void *src, uint64_t len, uint32_t type) {
+    int rc = sbr_write(r, src, len, type);
+    if (rc == SB_OK) sbr_flush(r);
+    return rc;
+}
+
+/* Fixed mode: pushes n records, waiting for room as sbr_push does; *done says how many went in. */
+static inline int sbr_push_records(sbr_ring *r, const void *src, uint64_t n, int64_t timeout_ns,
+                                   uint64_t spin_ns, int fail, uint64_t *done) {
+    *done = 0;
+    if (r->mode != SBR_MODE_FIXED) return SB_EINVAL;
+    const char *s = (const char *)src;
+    while (*done < n) {
+        uint64_t k = 0;
+        int rc = sbr_write_records(r, s + *done * r->record_size, n - *done, &k);
+        *done += k;
+        if (rc == SB_OK) {
+            sbr_flush(r);
+            continue;
+        }
+        if (rc != SB_EAGAIN) return rc;
+        if (fail) return SB_EFULL;
+        rc = sbr_wait_room(r, 1, timeout_ns, spin_ns);
+        if (rc != SB_OK) return rc;
+    }
+    return SB_OK;
+}
+
+/* ---------------------------------------------------------------- consumer */
+
+/* Reloads the producer's tail when the copy holds fewer than `want` units. 1 data, 0 none, SB_ECORRUPT
+   when the shared tail is outside [cached tail, head + capacity]. */
+static inline int sbr__avail(sbr_ring *r, uint64_t want) {
+    if (r->cached_tail - r->head >= want) return 1;
+    uint64_t t = atomic_load_explicit(&r->hdr->tail, memory_order_acquire);
+    if (t - r->head > r->capacity || t - r->cached_tail > t - r->head) return SB_ECORRUPT;
+    r->cached_tail = t;
+    return t != r->head;
+}
+
+/* The next record, in place (zero-copy): *payload, *len, *type. It stays valid until sbr_consume.
+   SB_OK, SB_EAGAIN (nothing published), SB_EINVAL (a fixed-mode ring) or SB_ECORRUPT. */
+static inline int sbr_peek(sbr_ring *r, const char **payload, uint32_t *len, uint32_t *type) {
+    if (r->mode != SBR_MODE_VARIABLE) return SB_EINVAL;
+    for (int pads = 0; pads < 2; pads++) {
+        int a = sbr__avail(r, 1);
+        if (a <= 0) return a < 0 ? a : SB_EAGAIN;
+        uint64_t avail = r->cached_tail - r->head, off = r->head & r->mask, to_end = r->capacity - off;
+        if (avail < SBR_RECORD_HEADER) return SB_ECORRUPT;
+        uint32_t l, ty;
+        memcpy(&l, r->data + off, 4); /* read once: the checks and the use see the same value */
+        memcpy(&ty, r->data + off + 4, 4);
+        if (ty == SBR_TYPE_PAD) {
+            if ((uint64_t)l + SBR_RECORD_HEADER != to_end || avail < to_end) return SB_ECORRUPT;
+            r->head += to_end;
+            continue;
+        }
+        uint64_t total = SBR_RECORD_HEADER + sb_round_up(l, 8);
+        if (l > r->max_payload || total > to_end || total > avail) return SB_ECORRUPT;
+        *payload = r->data + off + SBR_RECORD_HEADER;
+        *len = l;
+        *type = ty;
+        return SB_OK;
+    }
+    return SB_ECORRUPT; /* two padding records in a row cannot be written */
+}
+
+/* Consumes the record sbr_peek returned (of length len); the space is released by sbr_release. */
+static inline void sbr_consume(sbr_ring *r, uint32_t len) {
+    r->head += SBR_RECORD_HEADER + sb_round_up(len, 8);
+    r->popped++;
+}
+
+/* Fixed mode: copies up to max records into dst, consumed (released by sbr_release); *got says how many. */
+static inline int sbr_read_records(sbr_ring *r, void *dst, uint64_t max, uint64_t *got) {
+    *got = 0;
+    if (r->mode != SBR_MODE_FIXED) return SB_EINVAL;
+    int a = sbr__avail(r, max); /* a batch takes everything published, not just what the copy knew */
+    if (a <= 0) return a < 0 ? a : SB_EAGAIN;
+    uint64_t avail = r->cached_tail - r->head, k = avail < max ? avail : max;
+    uint64_t slot = r->head & r->mask, first = r->capacity - slot < k ? r->capacity - slot : k;
+    char *d = (char *)dst;
+    memcpy(d, r->data + slot * r->record_size, first * r->record_size);
+    if (k > first) memcpy(d + first * r->record_size, r->data, (k - first) * r->record_size);
+    r->head += k;
+    r->popped += k;
+    *got = k;
+    return SB_OK;
+}
+
+/* Waits until a record is published past the released head (or the ring is closed). SB_OK,
+   SB_ETIMEDOUT, SB_ECLOSED (closed and drained), SB_EPEERGONE (the producer died), SB_EHEADER. */
+static inline int sbr_wait_data(sbr_ring *r, int64_t timeout_ns, uint64_t spin_ns) {
+    sbr_header *h = r->hdr;
+    uint64_t start = sb_now_ns(CLOCK_MONOTONIC);
+    int counted = 0;
+    for (;;) {
+        uint64_t pos = atomic_load_explicit(&h->head, memory_order_acquire);
+        if (atomic_load_explicit(&h->tail, memory_order_acquire) != pos) return SB_OK;
+        if (atomic_load_explicit(&h->state, memory_order_acquire) != SB_STATE_OPEN) {
+            /* closed: one more look, the last records were published before the state */
+            return atomic_load_explicit(&h->tail, memory_order_acquire) != pos ? SB_OK : SB_ECLOSED;
+        }
+        if (!sbr_intact(r)) return SB_EHEADER;
+        if (!counted) {
+            atomic_fetch_add_explicit(&h->empty_waits, 1u, memory_order_relaxed);
+            counted = 1;
+        } else if (!sbr_producer_alive(r)) {
+            return atomic_load_explicit(&h->tail, memory_order_acquire) != pos ? SB_OK : SB_EPEERGONE;
+        }
+        uint64_t now = sb_now_ns(CLOCK_MONOTONIC);
+        if (timeout_ns >= 0 && now - start >= (uint64_t)timeout_ns) return SB_ETIMEDOUT;
+        uint64_t park = SBR_PEER_CHECK_NS;
+        if (timeout_ns >= 0 && (uint64_t)timeout_ns - (now - start) < park) park = (uint64_t)timeout_ns - (now - start);
+        sbr__wait(r, 1, pos, spin_ns, park);
+        spin_ns = 0;
+    }
+}
+
+/* Pops one record into dst (capacity cap bytes), waiting up to timeout_ns. *len and *type say what it
+   was. SB_ETOOBIG leaves the record in place when cap is too small (*len says how much is needed). */
+static inline int sbr_pop(sbr_ring *r, void *dst, uint64_t cap, uint32_t *len, uint32_t *type, int64_t timeout_ns) {
+    for (;;) {
+        const char *p;
+        int rc = sbr_peek(r, &p, len, type);
+        if (rc == SB_OK) {
+            if (*len > cap) return SB_ETOOBIG;
+            memcpy(dst, p, *len);
+            sbr_consume(r, *len);
+            sbr_release(r);
+            return SB_OK;
+        }
+        if (rc != SB_EAGAIN) return rc;
+        sbr_release(r); /* padding skipped by peek is space too */
+        rc = sbr_wait_data(r, timeout_ns, 0);
+        if (rc != SB_OK) return rc;
+    }
+}
+
+/* Fixed mode: pops between 1 and max records into dst, waiting up to timeout_ns for the first. */
+static inline int sbr_pop_records(sbr_ring *r, void *dst, uint64_t max, int64_t timeout_ns, uint64_t spin_ns,
+                                  uint64_t *got) {
+    for (;;) {
+        int rc = sbr_read_records(r, dst, max, got);
+        if (rc == SB_OK) {
+            sbr_release(r);
+            return SB_OK;
+        }
+        if (rc != SB_EAGAIN) return rc;
+        rc = sbr_wait_data(r, timeout_ns, spin_ns);
+        if (rc != SB_OK) return rc;
+    }
+}
+
+static inline void sbr_counters_get(const sbr_ring *r, sbr_counters *c) {
+    sbr_header *h = r->hdr;
+    c->pushed = atomic_load_explicit(&h->pushed, memory_order_relaxed);
+    c->popped = atomic_load_explicit(&h->popped, memory_order_relaxed);
+    c->full_waits = atomic_load_explicit(&h->full_waits, memory_order_relaxed);
+    c->empty_waits = atomic_load_explicit(&h->empty_waits, memory_order_relaxed);
+    c->producer_wakes = atomic_load_explicit(&h->producer_wakes, memory_order_relaxed);
+    c->consumer_wakes = atomic_load_explicit(&h->consumer_wakes, memory_order_relaxed);
+    c->tail = atomic_load_explicit(&h->tail, memory_order_relaxed);
+    c->head = atomic_load_explicit(&h->head, memory_order_relaxed);
+}
+
+/* ---------------------------------------------------------------- lifecycle */
+
+/*
+ * Creates "/simbridge.<name>" as a ring and makes the caller its producer.
+ *   mode         SBR_MODE_VARIABLE (capacity in bytes, >= 64) or SBR_MODE_FIXED (capacity in records,
+ *                >= 2, of record_size bytes each); capacity a power of two, data at most 1 TiB
+ *   perm         permission bits 0..0777 (0: 0600); the consumer needs read-write access
+ *   flags        SBR_FLAG_OVERFLOW_FAIL (informational: recorded for inspection)
+ *   descr        optional text (at most SBR_DESCR_MAX bytes) describing a fixed record, e.g. numpy's descr
+ * SB_OK, SB_EINVAL, SB_EEXIST (the name exists; judge it with sbr_open + sbr_producer_alive) or SB_ESYS.
+ */
+static inline int sbr_create(sbr_ring *r, const char *name, uint32_t mode, uint64_t capacity, uint32_t record_size,
+                             uint32_t perm, uint32_t flags, const char *descr, uint32_t descr_len) {
+    memset((void *)r, 0, sizeof *r);
+    r->fd = -1;
+    int rc = sb_shm_path(name, r->path, sizeof r->path);
+    if (rc != SB_OK) return rc;
+    if (perm > 0777u || (flags & ~SBR_FLAG_OVERFLOW_FAIL) || descr_len > SBR_DESCR_MAX || !sbr__is_pow2(capacity))
+        return SB_EINVAL;
+    uint64_t data_bytes;
+    if (mode == SBR_MODE_VARIABLE) {
+        if (record_size != 0 || capacity < SBR_MIN_BYTES || capacity > SBR_MAX_DATA_BYTES) return SB_EINVAL;
+        data_bytes = capacity;
+    } else if (mode == SBR_MODE_FIXED) {
+        if (record_size == 0 || record_size > SBR_MAX_RECORD_SIZE || capacity < 2 ||
+            capacity > SBR_MAX_DATA_BYTES / record_size)
+            return SB_EINVAL;
+        data_bytes = capacity * record_size;
+    } else {
+        return SB_EINVAL;
+    }
+    if (perm == 0) perm = SB_DEFAULT_MODE;
+    uint64_t total = SBR_HEADER_BYTES + data_bytes;
+    int fd = shm_open(r->path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, (mode_t)perm);
+    if (fd < 0) return errno == EEXIST ? SB_EEXIST : SB_ESYS;
+    int fa = 0;
+    if (fchmod(fd, (mode_t)perm) != 0 || ftruncate(fd, (off_t)total) != 0 ||
+        ((fa = posix_fallocate(fd, 0, (off_t)total)) != 0 && fa != EINVAL && fa != EOPNOTSUPP)) {
+        int e = fa ? fa : errno;
+        close(fd);
+        shm_unlink(r->path);
+        errno = e;
+        return SB_ESYS;
+    }
+    void *p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+        int e = errno;
+        close(fd);
+        shm_unlink(r->path);
+        errno = e;
+        return SB_ESYS;
+    }
+    sbr_header *h = (sbr_header *)p;
+    h->abi_version = SBR_ABI_VERSION;
+    h->header_bytes = SBR_HEADER_BYTES;
+    h->capacity = capacity;
+    h->mode = mode;
+    h->record_size = record_size;
+    h->data_offset = SBR_HEADER_BYTES;
+    h->data_bytes = data_bytes;
+    h->total_bytes = total;
+    h->max_payload = mode == SBR_MODE_FIXED ? record_size : sbr__max_payload(capacity);
+    h->producer_pid = (uint32_t)getpid();
+    char st = '?';
+    uint64_t start = 0;
+    sb_proc_stat(h->producer_pid, &st, &start);
+    h->producer_start_time = start;
+    sb_read_boot_id(h->boot_id);
+    h->created_ns = sb_now_ns(CLOCK_REALTIME);
+    h->descr_bytes = descr_len;
+    h->flags = flags;
+    if (descr_len) memcpy(h->descr, descr, descr_len);
+    atomic_store_explicit(&h->magic, SBR_MAGIC, memory_order_release);
+    r->hdr = h;
+    r->fd = fd;
+    r->size = total;
+    r->producer = 1;
+    r->pid = getpid();
+    memcpy(r->identity, (const void *)h, SBR_IDENTITY_BYTES);
+    sbr__adopt_geometry(r, h);
+    return SB_OK;
+}
+
+/* Maps a ring and validates its identity (no attaching). SB_OK, SB_ENOENT, SB_ENOTREADY, SB_ELAYOUT,
+   SB_ESYS. `writable` 0 maps it read-only (inspection). */
+static inline int sbr_map(sbr_ring *r, const char *name, int writable) {
+    memset((void *)r, 0, sizeof *r);
+    r->fd = -1;
+    int rc = sb_shm_path(name, r->path, sizeof r->path);
+    if (rc != SB_OK) return rc;
+    int fd = shm_open(r->path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC, 0);
+    if (fd < 0) return errno == ENOENT ? SB_ENOENT : SB_ESYS;
+    struct stat sta;
+    rc = SB_OK;
+    if (fstat(fd, &sta) != 0) {
+        rc = SB_ESYS;
+    } else if (sta.st_size == 0) {
+        rc = SB_ENOTREADY; /* its creator is between shm_open and ftruncate */
+    } else if ((uint64_t)sta.st_size < SBR_HEADER_BYTES) {
+        rc = SB_ELAYOUT; /* too small for a ring: a small block, or something else */
+    } else {
+        void *p = mmap(NULL, (size_t)sta.st_size, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED) {
+            rc = SB_ESYS;
+        } else {
+            sbr_header *h = (sbr_header *)p;
+            if (atomic_load_explicit(&h->magic, memory_order_acquire) == 0) {
+                rc = SB_ENOTREADY;
+            } else {
+                sbr_header copy;
+                memset((void *)&copy, 0, sizeof copy);
+                memcpy((void *)&copy, (const void *)h, SBR_IDENTITY_BYTES);
+                rc = sbr_identity_check(&copy, (uint64_t)sta.st_size);
+                if (rc == SB_OK) {
+                    r->hdr = h;
+                    r->fd = fd;
+                    r->size = (uint64_t)sta.st_size;
+                    r->pid = getpid();
+                    memcpy(r->identity, (const void *)&copy, SBR_IDENTITY_BYTES);
+                    sbr__adopt_geometry(r, &copy);
+                    return SB_OK;
+                }
+            }
+            munmap(p, (size_t)sta.st_size);
+        }
+    }
+    int e = errno;
+    close(fd);
+    errno = e;
+    return rc;
+}
+
+/* Attaches a mapped ring as its one consumer: SB_OK, or SB_EBUSY while another live consumer is. */
+static inline int sbr_attach(sbr_ring *r) {
+    uint64_t mine = sbr__my_word();
+    for (int attempt = 0; attempt < 100; attempt++) {
+        uint64_t w = atomic_load_explicit(&r->hdr->consumer, memory_order_acquire);
+        if (w == mine) return SB_EBUSY; /* another handle of this very process */
+        if (w != SBR_CONSUMER_NONE && w != SBR_CONSUMER_CLOSED && sbr__pid_alive(w >> 32, w & UINT64_C(0xffffffff), 0))
+            return SB_EBUSY;
+        if (atomic_compare_exchange_strong_explicit(&r->hdr->consumer, &w, mine, memory_order_acq_rel,
+                                                    memory_order_acquire)) {
+            r->consumer_word = mine;
+            /* Start where the last consumer released: records it read are gone, the rest are ours. */
+            uint64_t h = atomic_load_explicit(&r->hdr->head, memory_order_acquire);
+            uint64_t t = atomic_load_explicit(&r->hdr->tail, memory_order_acquire);
+            if (t - h > r->capacity) return SB_ECORRUPT;
+            r->head = r->cached_tail = h;
+            r->popped = atomic_load_explicit(&r->hdr->popped, memory_order_relaxed);
+            return SB_OK;
+        }
+    }
+    return SB_EBUSY;
+}
+
+/* Opens a ring as its consumer, waiting up to timeout_ns (< 0: forever) for it to appear. */
+static inline int sbr_open(sbr_ring *r, const char *name, int64_t timeout_ns) {
+    uint64_t deadline = sb_now_ns(CLOCK_MONOTONIC) + (uint64_t)(timeout_ns < 0 ? 0 : timeout_ns);
+    useconds_t backoff = 200;
+    for (;;) {
+        int rc = sbr_map(r, name, 1);
+        if (rc == SB_OK) {
+            rc = sbr_attach(r);
+            if (rc == SB_OK) return SB_OK;
+            munmap((void *)r->hdr, r->size);
+            close(r->fd);
+            r->hdr = NULL;
+            r->fd = -1;
+            return rc;
+        }
+        if (rc != SB_ENOENT && rc != SB_ENOTREADY) return rc;
+        if (timeout_ns == 0) return rc;
+        if (timeout_ns > 0 && sb_now_ns(CLOCK_MONOTONIC) >= deadline) return SB_ETIMEDOUT;
+        usleep(backoff);
+        if (backoff < 20000) backoff *= 2;
+    }
+}
+
+/* What closing does to the segment, without unmapping: the producer publishes, marks the ring closed
+   and wakes the consumer; the consumer releases, detaches and wakes the producer. Not in a forked child. */
+static inline void sbr_detach(sbr_ring *r) {
+    if (r->hdr == NULL || r->pid != getpid()) return;
+    sbr_header *h = r->hdr;
+    if (r->producer) {
+        sbr_flush(r);
+        atomic_store_explicit(&h->state, SB_STATE_CLOSED, memory_order_seq_cst);
+        atomic_store_explicit(&h->consumer_parked, 1u, memory_order_seq_cst); /* wake even a spinner's park */
+        sbr__wake(&h->consumer_parked, &h->consumer_futex, &h->producer_wakes);
+    } else if (r->consumer_word) {
+        sbr_release(r);
+        uint64_t w = r->consumer_word;
+        atomic_compare_exchange_strong_explicit(&h->consumer, &w, SBR_CONSUMER_CLOSED, memory_order_acq_rel,
+                                                memory_order_relaxed);
+        atomic_store_explicit(&h->producer_parked, 1u, memory_order_seq_cst);
+        sbr__wake(&h->producer_parked, &h->producer_futex, &h->consumer_wakes);
+        r->consumer_word = 0;
+    }
+}
+
+/* Detaches, unmaps and closes; the producer also unlinks the name (a consumer keeps its mapping and
+   drains what is left). In a forked child the handle is only unmapped. */
+static inline void sbr_close(sbr_ring *r) {
+    int mine = r->pid == getpid();
+    sbr_detach(r);
+    if (r->hdr != NULL) munmap((void *)r->hdr, r->size);
+    if (r->fd >= 0) close(r->fd);
+    if (mine && r->producer && r->path[0] != '\0') shm_unlink(r->path);
+    memset((void *)r, 0, sizeof *r);
+    r->fd = -1;
 }
 
 #ifdef __cplusplus

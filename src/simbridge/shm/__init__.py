@@ -1,6 +1,7 @@
-"""The data plane: named, versioned arrays (Block) in POSIX shared memory, shared with C/C++ peers.
+"""The data plane: named, versioned arrays (Block) and SPSC record streams (Ring) in POSIX shared
+memory, shared with C/C++ peers.
 
-The layout and protocol are defined once, in ``include/simbridge/shm.h``; see :class:`Block`.
+The layouts and protocols are defined once, in ``include/simbridge/shm.h``; see :class:`Block`, :class:`Ring`.
 """
 
 from simbridge.shm.block import Block
@@ -11,15 +12,19 @@ from simbridge.shm.errors import (
     BlockNotFound,
     ChecksumRequired,
     Corrupted,
+    Full,
     HeaderNotFound,
     InvalidName,
     IterationOrder,
     LayoutMismatch,
     NonFinite,
     NoSpace,
+    NotConsumer,
     NotWriter,
     OutOfRange,
     PeerGone,
+    RecordTooLarge,
+    RingBusy,
     ShmError,
     ShmOSError,
     Timeout,
@@ -29,6 +34,7 @@ from simbridge.shm.headers import get_include
 from simbridge.shm.layout import validate_name
 from simbridge.shm.recorder import Recorder, diff, load_index
 from simbridge.shm.registry import BlockInfo, block_info, cleanup_stale, list_blocks, remove
+from simbridge.shm.ring import Ring
 from simbridge.shm.snapshot import Snapshot
 
 __all__ = [
@@ -40,16 +46,21 @@ __all__ = [
     "BlockNotFound",
     "ChecksumRequired",
     "Corrupted",
+    "Full",
     "HeaderNotFound",
     "InvalidName",
     "IterationOrder",
     "LayoutMismatch",
     "NoSpace",
     "NonFinite",
+    "NotConsumer",
     "NotWriter",
     "OutOfRange",
     "PeerGone",
+    "RecordTooLarge",
     "Recorder",
+    "Ring",
+    "RingBusy",
     "ShmError",
     "ShmOSError",
     "Snapshot",

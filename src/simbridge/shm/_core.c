@@ -642,7 +642,19 @@ static PyTypeObject SegmentType = {
     .tp_getset = seg_getset,
 };
 
+/* The ring's half of the module lives in _ring.c. */
+PyObject *sbpy_ring_create(PyObject *mod, PyObject *args);
+PyObject *sbpy_ring_open(PyObject *mod, PyObject *args);
+PyObject *sbpy_ring_inspect(PyObject *mod, PyObject *args);
+PyObject *sbpy_is_ring_magic(PyObject *mod, PyObject *args);
+int sbpy_ring_init(PyObject *m);
+
 static PyMethodDef core_methods[] = {
+    {"ring_create", sbpy_ring_create, METH_VARARGS,
+     "ring_create(name, mode, capacity, record_size, perm, fail, descr, spin_ns) -> RingHandle"},
+    {"ring_open", sbpy_ring_open, METH_VARARGS, "ring_open(name, spin_ns) -> RingHandle | None (not ready)"},
+    {"ring_inspect", sbpy_ring_inspect, METH_VARARGS, "ring_inspect(name) -> dict | None (not ready)"},
+    {"is_ring_magic", sbpy_is_ring_magic, METH_VARARGS, "is_ring_magic(first 8 bytes as int) -> bool"},
     {"create", (PyCFunction)(void (*)(void))core_create, METH_VARARGS | METH_KEYWORDS,
      "create(name, dtype, shape, slots, mode, checksum) -> Segment"},
     {"open", core_open, METH_VARARGS, "open(name) -> Segment | None (None: not initialised yet)"},
@@ -691,6 +703,10 @@ PyMODINIT_FUNC PyInit__core(void) {
     }
     PyObject *m = PyModule_Create(&core_module);
     if (m == NULL) return NULL;
+    if (sbpy_ring_init(m) != 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&SegmentType);
     PyModule_AddObject(m, "Segment", (PyObject *)&SegmentType);
     PyObject *dtypes = PyDict_New();

@@ -119,3 +119,25 @@ class AccessDenied(ShmError, PermissionError):
 
 class ShmOSError(ShmError, OSError):
     """Raised when a system call on a segment fails for another reason (errno and filename kept)."""
+
+
+class Full(ShmError, BufferError):
+    """Raised by a ring created with ``overflow="fail"`` when a push finds no room; ``pushed`` says how
+    many records of the call went in before it."""
+
+    def __init__(self, message: str, *, name: str, pushed: int) -> None:
+        super().__init__(message)
+        self.name = name
+        self.pushed = pushed
+
+
+class RingBusy(ShmError, BlockingIOError):
+    """Raised when a ring already has a live consumer (a ring has exactly one) and another opens it."""
+
+
+class NotConsumer(ShmError, PermissionError):
+    """Raised when a ring's producer handle pops, peeks or waits for data (only the consumer does)."""
+
+
+class RecordTooLarge(ShmError, ValueError):
+    """Raised when a record is larger than the ring allows (variable mode: capacity/2 - 8 bytes)."""

@@ -14,16 +14,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from simbridge.logs import get_logger
 from simbridge.shm import _core
-from simbridge.shm.errors import BlockExists, BlockNotFound, InvalidLayout, NoSpace, ShmError
+from simbridge.shm.errors import BlockExists, BlockNotFound, InvalidLayout, LayoutMismatch, NoSpace, ShmError
 from simbridge.shm.layout import SHM_DIR, CreateArgs, validate_name
 from simbridge.shm.namelock import name_lock, translate_os_error
 
 log = get_logger("simbridge.shm")
 
 UNINITIALISED_GRACE_S = 60.0
+
+SegmentT = TypeVar("SegmentT", _core.Segment, _core.RingHandle)
 
 # (st_dev, st_ino) of the segment a verdict was made on.
 Identity = tuple[int, int]
@@ -46,6 +49,8 @@ class BlockInfo:
     last_publish: float | None = None
     age_s: float = 0.0
     error: str | None = None
+    kind: str = "block"
+    ring: dict[str, Any] | None = None  # a ring's counters and consumer (kind "ring")
 
     @property
     def stale(self) -> bool:
@@ -80,7 +85,9 @@ def _info_from_path(path: Path) -> BlockInfo | None:
         segment = _core.open(name)
     except FileNotFoundError:
         return None
-    except (ShmError, OSError, ValueError) as exc:  # layout mismatch, permission, a damaged header
+    except LayoutMismatch as exc:  # not a block: a ring, or something damaged
+        return _ring_info(name, st, age, exc)
+    except (ShmError, OSError, ValueError) as exc:  # permission, a damaged header
         return _invalid(name, st, age, str(exc))
     if segment is None:
         return BlockInfo(name=name, size=st.st_size, state="uninitialised", age_s=age)
@@ -105,6 +112,41 @@ def _info_from_path(path: Path) -> BlockInfo | None:
         iteration=header["last_iteration"] if published else None,
         last_publish=header["heartbeat_ns"] / 1e9 if published else None,
         age_s=age,
+    )
+
+
+RING_COUNTERS = ("pushed", "popped", "full_waits", "empty_waits", "producer_wakes", "consumer_wakes")
+
+
+def _ring_info(name: str, st: os.stat_result, age: float, not_a_block: Exception) -> BlockInfo | None:
+    try:
+        header = _core.ring_inspect(name)
+    except FileNotFoundError:
+        return None
+    except (ShmError, OSError, ValueError):
+        return _invalid(name, st, age, str(not_a_block))
+    if header is None:
+        return BlockInfo(name=name, size=st.st_size, state="uninitialised", age_s=age, kind="ring")
+    ring = {key: header[key] for key in RING_COUNTERS}
+    ring |= {
+        "mode": header["mode"],
+        "record_size": header["record_size"],
+        "consumer_pid": header["consumer_pid"] or None,
+        "consumer_alive": header["consumer_alive"] and header["consumer_pid"] != 0,
+        "queued": (header["tail"] - header["head"]) % 2**64,
+    }
+    return BlockInfo(
+        name=name,
+        size=header["total_bytes"],
+        state="closed" if header["state"] == _core.STATE_CLOSED else "open",
+        owner_pid=header["producer_pid"],
+        alive=header["producer_alive"],
+        dtype=header["descr"].decode("ascii", "replace") if header["descr"] else "bytes",
+        shape=(header["capacity"],),
+        commit=header["pushed"],
+        age_s=age,
+        kind="ring",
+        ring=ring,
     )
 
 
@@ -201,7 +243,19 @@ def create_segment(name: str, args: CreateArgs) -> _core.Segment:
         raise InvalidLayout(f"block {name!r}: cannot hold shape {args.shape} of {args.dtype}: {exc}") from exc
 
 
-def _replace_stale(name: str, make: Callable[[], _core.Segment], *, replace_stale: bool) -> _core.Segment:
+def create_ring_segment(
+    name: str, make: Callable[[], _core.RingHandle], *, replace_stale: bool, size: int
+) -> _core.RingHandle:
+    """Make ring ``name``'s segment with ``make``, replacing a stale one; call it under the name's lock."""
+    try:
+        return make()
+    except FileExistsError:
+        return _replace_stale(name, make, replace_stale=replace_stale)
+    except OSError as exc:
+        raise _create_error(exc, name, size) from exc
+
+
+def _replace_stale(name: str, make: Callable[[], SegmentT], *, replace_stale: bool) -> SegmentT:
     # Under the name's lock the verdict and the unlink concern the same segment, and no other
     # simbridge process can replace it in between, so exactly one replacer wins.
     for _ in range(3):  # the name changes under the lock only when a live owner unlinks its own

@@ -1,0 +1,820 @@
+/*
+ * The CPython face of shm.h's RING (an SPSC stream), compiled into simbridge.shm._core.
+ *
+ * Argument errors raise simbridge.shm.errors classes here; the outcomes of a push or pop that the
+ * Python layer words with context (timeout, peer gone, closed, full, corrupt) come back as shm.h
+ * status codes, so the fast path returns a small int or the payload and builds no exception.
+ * The GIL is released around every wait and every copy of at least RING_GIL_BYTES.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+
+#include "simbridge/shm.h"
+
+#define RING_GIL_BYTES (64 * 1024)
+
+static PyObject *R_ShmError, *R_LayoutMismatch, *R_BlockClosed, *R_NotWriter, *R_NotConsumer, *R_OutOfRange,
+    *R_BlockExists, *R_BlockNotFound, *R_RingBusy, *R_InvalidName, *R_AccessDenied, *R_ShmOSError, *R_NoSpace,
+    *R_Corrupted;
+
+static volatile unsigned long ring_fork_generation;
+static void ring_after_fork(void) { ring_fork_generation++; }
+
+typedef struct {
+    PyObject_HEAD
+    sbr_ring r;
+    int closed;
+    int busy;       /* calls in flight with the GIL released: close() defers the unmap to the last */
+    int fail;       /* overflow policy "fail" */
+    unsigned long fork_gen;
+    uint64_t spin_ns;
+    PyObject *descr; /* bytes: the fixed record's description as the producer wrote it */
+} RingObject;
+
+static PyTypeObject RingType;
+
+static PyObject *ring_raise_errno(int err, const char *path) {
+    PyObject *cls = err == ENOENT ? R_BlockNotFound
+                    : err == EEXIST ? R_BlockExists
+                    : err == ENOSPC ? R_NoSpace
+                    : (err == EACCES || err == EPERM) ? R_AccessDenied
+                    : R_ShmOSError;
+    PyObject *exc = PyObject_CallFunction(cls, "iss", err, strerror(err), path);
+    if (exc != NULL) {
+        PyErr_SetObject(cls, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+static PyObject *ring_raise_status(int rc, const char *path) {
+    switch (rc) {
+    case SB_ESYS: return ring_raise_errno(errno, path);
+    case SB_EEXIST: return PyErr_Format(R_BlockExists, "%s: a segment of that name exists", path);
+    case SB_ENOENT: return PyErr_Format(R_BlockNotFound, "%s: no such ring", path);
+    case SB_EINVAL: return PyErr_Format(R_OutOfRange, "%s: invalid argument", path);
+    case SB_ELAYOUT:
+        return PyErr_Format(R_LayoutMismatch,
+                            "%s: not a ring of this simbridge version (a block, another ABI, or a damaged "
+                            "header)", path);
+    case SB_EBUSY:
+        return PyErr_Format(R_RingBusy, "%s: another live consumer is attached (a ring has exactly one)", path);
+    case SB_ECORRUPT: return PyErr_Format(R_Corrupted, "%s: the ring's indexes or records are corrupt", path);
+    case SB_EHEADER: return PyErr_Format(R_Corrupted, "%s: the ring's header was overwritten", path);
+    default: return PyErr_Format(R_ShmError, "%s: %s (code %d)", path, sb_strerror(rc), rc);
+    }
+}
+
+static int ring_usable(RingObject *self) {
+    if (self->closed || self->r.hdr == NULL) {
+        PyErr_Format(R_BlockClosed, "%s: the ring is closed", self->r.path);
+        return 0;
+    }
+    if (self->fork_gen != ring_fork_generation) {
+        PyErr_Format(R_NotWriter, "%s: this handle belongs to the parent process; a forked child opens its own",
+                     self->r.path);
+        return 0;
+    }
+    return 1;
+}
+
+static int ring_producer(RingObject *self) {
+    if (!ring_usable(self)) return 0;
+    if (!self->r.producer) {
+        PyErr_Format(R_NotWriter, "%s: only the producer (the ring's creator) pushes", self->r.path);
+        return 0;
+    }
+    return 1;
+}
+
+static int ring_consumer(RingObject *self) {
+    if (!ring_usable(self)) return 0;
+    if (self->r.producer) {
+        PyErr_Format(R_NotConsumer, "%s: only the consumer (Ring.open) pops", self->r.path);
+        return 0;
+    }
+    return 1;
+}
+
+static void ring_unmap(RingObject *self) {
+    if (self->r.hdr != NULL) {
+        munmap((void *)self->r.hdr, (size_t)self->r.size);
+        self->r.hdr = NULL;
+    }
+    if (self->r.fd >= 0) {
+        close(self->r.fd);
+        self->r.fd = -1;
+    }
+}
+
+/* After the GIL came back: if close() ran meanwhile, finish it and raise. */
+static int ring_closed_meanwhile(RingObject *self) {
+    if (!self->closed) return 0;
+    if (self->busy == 0) ring_unmap(self);
+    PyErr_Format(R_BlockClosed, "%s: the ring was closed by another thread during the call", self->r.path);
+    return 1;
+}
+
+/* Seconds (inf: forever) -> nanoseconds (-1: forever); NaN and negatives refused. */
+static int timeout_arg(PyObject *obj, int64_t *out) {
+    double t = PyFloat_AsDouble(obj);
+    if (t == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(R_OutOfRange, "a timeout is a number of seconds >= 0 (math.inf waits forever), got %R", obj);
+        return 0;
+    }
+    if (!(t >= 0)) {
+        PyErr_Format(R_OutOfRange, "a timeout is a number of seconds >= 0 (math.inf waits forever), got %R", obj);
+        return 0;
+    }
+    *out = t >= 9e9 ? -1 : (int64_t)(t * 1e9);
+    return 1;
+}
+
+static int type_arg(PyObject *obj, uint32_t *out) {
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if ((v == (unsigned long long)-1 && PyErr_Occurred()) || v > SBR_MAX_TYPE) {
+        PyErr_Clear();
+        PyErr_Format(R_OutOfRange, "a record type is an integer 0..%u, got %R", SBR_MAX_TYPE, obj);
+        return 0;
+    }
+    *out = (uint32_t)v;
+    return 1;
+}
+
+static uint64_t remaining(int64_t timeout_ns, uint64_t start) {
+    uint64_t spent = sb_now_ns(CLOCK_MONOTONIC) - start;
+    return (uint64_t)timeout_ns > spent ? (uint64_t)timeout_ns - spent : 0;
+}
+
+static RingObject *ring_new(void) {
+    RingObject *self = PyObject_New(RingObject, &RingType);
+    if (self == NULL) return NULL;
+    memset((void *)&self->r, 0, sizeof self->r);
+    self->r.fd = -1;
+    self->closed = 0;
+    self->busy = 0;
+    self->fail = 0;
+    self->fork_gen = ring_fork_generation;
+    self->spin_ns = 0;
+    self->descr = NULL;
+    return self;
+}
+
+static PyObject *ring_take_descr(RingObject *self) {
+    sbr_header id;
+    memcpy((void *)&id, self->r.identity, SBR_IDENTITY_BYTES);
+    /* the length comes from the validated copy (<= SBR_DESCR_MAX), never from the segment again */
+    self->descr = PyBytes_FromStringAndSize(self->r.hdr->descr, (Py_ssize_t)id.descr_bytes);
+    if (self->descr == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+/* ---------------------------------------------------------------- module functions */
+
+/* ring_create(name, mode, capacity, record_size, perm, fail, descr, spin_ns) -> Ring */
+PyObject *sbpy_ring_create(PyObject *mod, PyObject *args) {
+    (void)mod;
+    const char *name;
+    unsigned int mode, record_size, perm;
+    unsigned long long capacity, spin_ns;
+    int fail;
+    Py_buffer descr;
+    if (!PyArg_ParseTuple(args, "sIKIIpy*K", &name, &mode, &capacity, &record_size, &perm, &fail, &descr, &spin_ns))
+        return NULL;
+    if (descr.len > (Py_ssize_t)SBR_DESCR_MAX) {
+        PyBuffer_Release(&descr);
+        return PyErr_Format(R_OutOfRange, "the record description is %zd bytes, at most %u fit", descr.len,
+                            SBR_DESCR_MAX);
+    }
+    RingObject *self = ring_new();
+    if (self == NULL) {
+        PyBuffer_Release(&descr);
+        return NULL;
+    }
+    int rc = sbr_create(&self->r, name, mode, capacity, record_size, perm, fail ? SBR_FLAG_OVERFLOW_FAIL : 0,
+                        (const char *)descr.buf, (uint32_t)descr.len);
+    PyBuffer_Release(&descr);
+    if (rc != SB_OK) {
+        char path[SB_NAME_MAX + 16];
+        snprintf(path, sizeof path, "/%s%.200s", SB_SHM_PREFIX, name);
+        int err = errno;
+        self->closed = 1;
+        Py_DECREF(self);
+        errno = err;
+        return ring_raise_status(rc, path);
+    }
+    self->fail = fail;
+    self->spin_ns = spin_ns;
+    return ring_take_descr(self);
+}
+
+/* ring_open(name, spin_ns) -> Ring, or None while its creator is still initialising it */
+PyObject *sbpy_ring_open(PyObject *mod, PyObject *args) {
+    (void)mod;
+    const char *name;
+    unsigned long long spin_ns;
+    if (!PyArg_ParseTuple(args, "sK", &name, &spin_ns)) return NULL;
+    RingObject *self = ring_new();
+    if (self == NULL) return NULL;
+    int rc = sbr_open(&self->r, name, 0);
+    if (rc != SB_OK) {
+        char path[SB_NAME_MAX + 16];
+        snprintf(path, sizeof path, "/%s%.200s", SB_SHM_PREFIX, name);
+        int err = errno;
+        self->closed = 1;
+        Py_DECREF(self);
+        if (rc == SB_ENOTREADY) Py_RETURN_NONE;
+        errno = err;
+        return ring_raise_status(rc, path);
+    }
+    self->spin_ns = spin_ns;
+    return ring_take_descr(self);
+}
+
+static PyObject *ring_header_dict(sbr_ring *r);
+
+/* ring_inspect(name) -> dict of the header (mapped read-only, not attached), or None if not ready */
+PyObject *sbpy_ring_inspect(PyObject *mod, PyObject *args) {
+    (void)mod;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    sbr_ring r;
+    int rc = sbr_map(&r, name, 0);
+    if (rc == SB_ENOTREADY) Py_RETURN_NONE;
+    if (rc != SB_OK) {
+        char path[SB_NAME_MAX + 16];
+        snprintf(path, sizeof path, "/%s%.200s", SB_SHM_PREFIX, name);
+        return ring_raise_status(rc, path);
+    }
+    PyObject *d = ring_header_dict(&r);
+    munmap((void *)r.hdr, r.size);
+    close(r.fd);
+    return d;
+}
+
+/* is_ring(first_bytes) -> bool: whether a segment starting with these bytes claims to be a ring */
+PyObject *sbpy_is_ring_magic(PyObject *mod, PyObject *args) {
+    (void)mod;
+    unsigned long long magic;
+    if (!PyArg_ParseTuple(args, "K", &magic)) return NULL;
+    return PyBool_FromLong(magic == SBR_MAGIC);
+}
+
+/* ---------------------------------------------------------------- producer methods */
+
+/* push(data, type, timeout) -> 0 or a status */
+static PyObject *ring_push(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "push(data, type, timeout)");
+    if (!ring_producer(self)) return NULL;
+    uint32_t type;
+    int64_t timeout_ns;
+    if (!type_arg(args[1], &type) || !timeout_arg(args[2], &timeout_ns)) return NULL;
+    sbr_ring *r = &self->r;
+    Py_buffer view;
+    const char *buf;
+    Py_ssize_t len;
+    int have_view = 0;
+    if (PyBytes_CheckExact(args[0])) {
+        buf = PyBytes_AS_STRING(args[0]);
+        len = PyBytes_GET_SIZE(args[0]);
+    } else {
+        if (PyObject_GetBuffer(args[0], &view, PyBUF_C_CONTIGUOUS) != 0) return NULL;
+        have_view = 1;
+        buf = (const char *)view.buf;
+        len = view.len;
+    }
+    int rc;
+    if (r->mode == SBR_MODE_FIXED) {
+        if ((uint64_t)len != r->record_size) {
+            if (have_view) PyBuffer_Release(&view);
+            return PyErr_Format(R_LayoutMismatch, "%s: a record is %u bytes, got %zd", r->path, r->record_size, len);
+        }
+        uint64_t k = 0;
+        rc = sbr_write_records(r, buf, 1, &k);
+        if (rc == SB_OK) sbr_flush(r);
+    } else {
+        rc = sbr_write(r, buf, (uint64_t)len, type);
+        if (rc == SB_OK) sbr_flush(r);
+    }
+    if (rc == SB_EAGAIN && self->fail) rc = SB_EFULL;
+    if (rc == SB_EAGAIN) {
+        if (!have_view) { /* keep the bytes alive: another thread may drop its reference meanwhile */
+            if (PyObject_GetBuffer(args[0], &view, PyBUF_C_CONTIGUOUS) != 0) return NULL;
+            have_view = 1;
+        }
+        uint64_t done = 0;
+        self->busy++;
+        Py_BEGIN_ALLOW_THREADS
+        if (r->mode == SBR_MODE_FIXED)
+            rc = sbr_push_records(r, buf, 1, timeout_ns, self->spin_ns, 0, &done);
+        else
+            rc = sbr_push_ex(r, buf, (uint64_t)len, type, timeout_ns, self->spin_ns, 0);
+        Py_END_ALLOW_THREADS
+        self->busy--;
+    }
+    if (have_view) PyBuffer_Release(&view);
+    if (ring_closed_meanwhile(self)) return NULL;
+    return PyLong_FromLong(rc);
+}
+
+/*
+ * push_many(items, type, timeout) -> (status, pushed)
+ *   variable mode: items is a list or tuple of bytes-like objects, all of record type `type`;
+ *   fixed mode:    items is a C-contiguous buffer of whole records (a numpy record array).
+ * One publish per batch (and one per wait for room); the consumer sees the records in order.
+ */
+static PyObject *ring_push_many(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "push_many(items, type, timeout)");
+    if (!ring_producer(self)) return NULL;
+    uint32_t type;
+    int64_t timeout_ns;
+    if (!type_arg(args[1], &type) || !timeout_arg(args[2], &timeout_ns)) return NULL;
+    sbr_ring *r = &self->r;
+    int rc = SB_OK;
+    uint64_t pushed = 0;
+    uint64_t start = sb_now_ns(CLOCK_MONOTONIC);
+    if (r->mode == SBR_MODE_FIXED) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(args[0], &view, PyBUF_C_CONTIGUOUS) != 0) return NULL;
+        if (view.len % r->record_size != 0) {
+            PyBuffer_Release(&view);
+            return PyErr_Format(R_LayoutMismatch, "%s: %zd bytes is not a whole number of %u-byte records",
+                                r->path, view.len, r->record_size);
+        }
+        uint64_t n = (uint64_t)view.len / r->record_size;
+        if (view.len < RING_GIL_BYTES) { /* small: try once with the GIL held */
+            rc = sbr_write_records(r, view.buf, n, &pushed);
+            if (rc == SB_OK) sbr_flush(r);
+            if (rc == SB_EAGAIN) rc = SB_OK;
+        }
+        if (rc == SB_OK && pushed < n) {
+            self->busy++;
+            uint64_t more = 0;
+            Py_BEGIN_ALLOW_THREADS
+            rc = sbr_push_records(r, (const char *)view.buf + pushed * r->record_size, n - pushed, timeout_ns,
+                                  self->spin_ns, self->fail, &more);
+            Py_END_ALLOW_THREADS
+            self->busy--;
+            pushed += more;
+        }
+        PyBuffer_Release(&view);
+        if (ring_closed_meanwhile(self)) return NULL;
+        return Py_BuildValue("(iK)", rc, (unsigned long long)pushed);
+    }
+    PyObject *seq = PySequence_Fast(args[0], "push_many takes a list or tuple of bytes-like records");
+    if (seq == NULL) return NULL;
+    int wrote = 0;
+    /* The size and items are read again after every wait: another thread may change the list. */
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq);) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        Py_buffer view;
+        const char *buf;
+        Py_ssize_t len;
+        int have_view = 0;
+        if (PyBytes_CheckExact(item)) {
+            buf = PyBytes_AS_STRING(item);
+            len = PyBytes_GET_SIZE(item);
+        } else {
+            if (PyObject_GetBuffer(item, &view, PyBUF_C_CONTIGUOUS) != 0) {
+                if (wrote) sbr_flush(r);
+                Py_DECREF(seq);
+                return NULL;
+            }
+            have_view = 1;
+            buf = (const char *)view.buf;
+            len = view.len;
+        }
+        rc = sbr_write(r, buf, (uint64_t)len, type);
+        if (have_view) PyBuffer_Release(&view);
+        if (rc == SB_OK) {
+            wrote = 1;
+            pushed++;
+            i++;
+            continue;
+        }
+        if (wrote) sbr_flush(r); /* the consumer can drain what is there while we wait */
+        wrote = 0;
+        if (rc != SB_EAGAIN) break;
+        if (self->fail) {
+            rc = SB_EFULL;
+            break;
+        }
+        uint64_t need = sbr__need(r, (uint64_t)len);
+        int64_t left = timeout_ns < 0 ? -1 : (int64_t)remaining(timeout_ns, start);
+        self->busy++;
+        Py_BEGIN_ALLOW_THREADS
+        rc = sbr_wait_room(r, need, left, self->spin_ns);
+        Py_END_ALLOW_THREADS
+        self->busy--;
+        if (self->closed) break;
+        if (rc != SB_OK) break;
+    }
+    if (wrote && !self->closed) sbr_flush(r);
+    Py_DECREF(seq);
+    if (ring_closed_meanwhile(self)) return NULL;
+    return Py_BuildValue("(iK)", rc, (unsigned long long)pushed);
+}
+
+/* ---------------------------------------------------------------- consumer methods */
+
+/* Waits with the GIL released until data is there: SB_OK or the status that ended the wait. */
+static int ring_wait_data(RingObject *self, int64_t timeout_ns, uint64_t start) {
+    sbr_release(&self->r); /* padding skipped by a peek is space too, and the wait compares the shared head */
+    if (timeout_ns == 0) {
+        int rc = sbr_wait_data(&self->r, 0, 0);
+        return rc;
+    }
+    int64_t left = timeout_ns < 0 ? -1 : (int64_t)remaining(timeout_ns, start);
+    int rc;
+    self->busy++;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sbr_wait_data(&self->r, left, self->spin_ns);
+    Py_END_ALLOW_THREADS
+    self->busy--;
+    if (self->closed) return SB_EINVAL; /* the caller's ring_closed_meanwhile raises */
+    return rc;
+}
+
+/* The next record, waiting for it: SB_OK with p, len and type set, else a status. */
+static int ring_next(RingObject *self, int64_t timeout_ns, const char **p, uint32_t *len, uint32_t *type) {
+    uint64_t start = sb_now_ns(CLOCK_MONOTONIC);
+    for (;;) {
+        int rc = sbr_peek(&self->r, p, len, type);
+        if (rc != SB_EAGAIN) return rc;
+        rc = ring_wait_data(self, timeout_ns, start);
+        if (rc != SB_OK) return rc;
+    }
+}
+
+/* pop(timeout, typed) -> bytes | (type, bytes) | status.  Fixed mode: one record's bytes. */
+static PyObject *ring_pop_impl(RingObject *self, PyObject *const *args, Py_ssize_t nargs, int consume) {
+    if (nargs != 2) return PyErr_Format(PyExc_TypeError, "pop(timeout, typed)");
+    if (!ring_consumer(self)) return NULL;
+    int64_t timeout_ns;
+    if (!timeout_arg(args[0], &timeout_ns)) return NULL;
+    int typed = PyObject_IsTrue(args[1]);
+    sbr_ring *r = &self->r;
+    if (r->mode == SBR_MODE_FIXED) {
+        uint64_t start = sb_now_ns(CLOCK_MONOTONIC);
+        for (;;) {
+            int a = sbr__avail(r, 1);
+            if (a < 0) return PyLong_FromLong(a);
+            if (a > 0) {
+                PyObject *out = PyBytes_FromStringAndSize(r->data + (r->head & r->mask) * r->record_size,
+                                                          (Py_ssize_t)r->record_size);
+                if (out != NULL && consume) {
+                    r->head++;
+                    r->popped++;
+                    sbr_release(r);
+                }
+                return out;
+            }
+            int rc = ring_wait_data(self, timeout_ns, start);
+            if (ring_closed_meanwhile(self)) return NULL;
+            if (rc != SB_OK) return PyLong_FromLong(rc);
+        }
+    }
+    const char *p;
+    uint32_t len, type;
+    int rc = ring_next(self, timeout_ns, &p, &len, &type);
+    if (ring_closed_meanwhile(self)) return NULL;
+    if (rc != SB_OK) return PyLong_FromLong(rc);
+    PyObject *out = PyBytes_FromStringAndSize(p, (Py_ssize_t)len);
+    if (out == NULL) return NULL;
+    if (consume) {
+        sbr_consume(r, len);
+        sbr_release(r);
+    }
+    if (!typed) return out;
+    return Py_BuildValue("(IN)", type, out);
+}
+
+static PyObject *ring_pop(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return ring_pop_impl(self, args, nargs, 1);
+}
+
+static PyObject *ring_peek(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return ring_pop_impl(self, args, nargs, 0);
+}
+
+/* pop_many(max_count, timeout, typed) -> list of bytes | list of (type, bytes) | status (variable mode):
+   waits for the first record, then takes up to max_count of those already published. */
+static PyObject *ring_pop_many(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "pop_many(max_count, timeout, typed)");
+    if (!ring_consumer(self)) return NULL;
+    Py_ssize_t max = PyLong_AsSsize_t(args[0]);
+    if (max == -1 && PyErr_Occurred()) return NULL;
+    if (max < 1) return PyErr_Format(R_OutOfRange, "max_count must be >= 1, got %zd", max);
+    int64_t timeout_ns;
+    if (!timeout_arg(args[1], &timeout_ns)) return NULL;
+    int typed = PyObject_IsTrue(args[2]);
+    sbr_ring *r = &self->r;
+    if (r->mode != SBR_MODE_VARIABLE)
+        return PyErr_Format(R_LayoutMismatch, "%s: a fixed-record ring pops into arrays (pop_into)", r->path);
+    const char *p;
+    uint32_t len, type;
+    int rc = ring_next(self, timeout_ns, &p, &len, &type);
+    if (ring_closed_meanwhile(self)) return NULL;
+    if (rc != SB_OK) return PyLong_FromLong(rc);
+    PyObject *list = PyList_New(0);
+    if (list == NULL) return NULL;
+    for (Py_ssize_t n = 0;;) {
+        PyObject *b = PyBytes_FromStringAndSize(p, (Py_ssize_t)len);
+        PyObject *item = b;
+        if (b != NULL && typed) item = Py_BuildValue("(IN)", type, b);
+        if (item == NULL || PyList_Append(list, item) != 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            sbr_release(r);
+            return NULL;
+        }
+        Py_DECREF(item);
+        sbr_consume(r, len);
+        if (++n >= max) break;
+        rc = sbr_peek(r, &p, &len, &type);
+        if (rc == SB_EAGAIN) break;
+        if (rc != SB_OK) { /* hand over what was good; the next call reports the damage */
+            break;
+        }
+    }
+    sbr_release(r);
+    return list;
+}
+
+/* pop_into(out, timeout) -> count >= 1 | status (< 0): fixed mode, whole records into a writable buffer. */
+static PyObject *ring_pop_into(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) return PyErr_Format(PyExc_TypeError, "pop_into(out, timeout)");
+    if (!ring_consumer(self)) return NULL;
+    int64_t timeout_ns;
+    if (!timeout_arg(args[1], &timeout_ns)) return NULL;
+    sbr_ring *r = &self->r;
+    if (r->mode != SBR_MODE_FIXED)
+        return PyErr_Format(R_LayoutMismatch, "%s: pop_into is for fixed-record rings", r->path);
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) return NULL;
+    uint64_t max = (uint64_t)view.len / r->record_size;
+    if (max == 0) {
+        PyBuffer_Release(&view);
+        return PyErr_Format(R_LayoutMismatch, "%s: out holds no whole %u-byte record", r->path, r->record_size);
+    }
+    uint64_t got = 0;
+    int rc = SB_EAGAIN;
+    if (view.len < RING_GIL_BYTES) {
+        rc = sbr_read_records(r, view.buf, max, &got);
+        if (rc == SB_OK) sbr_release(r);
+    }
+    if (rc == SB_EAGAIN) {
+        self->busy++;
+        Py_BEGIN_ALLOW_THREADS
+        rc = sbr_pop_records(r, view.buf, max, timeout_ns, self->spin_ns, &got);
+        Py_END_ALLOW_THREADS
+        self->busy--;
+    }
+    PyBuffer_Release(&view);
+    if (ring_closed_meanwhile(self)) return NULL;
+    if (rc != SB_OK) return PyLong_FromLong(rc);
+    return PyLong_FromUnsignedLongLong(got);
+}
+
+/* wait_data(timeout) -> status: waits, GIL released, until a record can be popped (does not pop).
+   Safe to run in a helper thread while the owning thread is idle (it reads shared fields only). */
+static PyObject *ring_wait(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 1) return PyErr_Format(PyExc_TypeError, "wait_data(timeout)");
+    if (!ring_consumer(self)) return NULL;
+    int64_t timeout_ns;
+    if (!timeout_arg(args[0], &timeout_ns)) return NULL;
+    int rc;
+    self->busy++;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sbr_wait_data(&self->r, timeout_ns, self->spin_ns);
+    Py_END_ALLOW_THREADS
+    self->busy--;
+    if (ring_closed_meanwhile(self)) return NULL;
+    return PyLong_FromLong(rc);
+}
+
+/* ---------------------------------------------------------------- inspection and lifecycle */
+
+static PyObject *ring_header_dict(sbr_ring *r) {
+    sbr_header id;
+    memcpy((void *)&id, r->identity, SBR_IDENTITY_BYTES);
+    sbr_counters c;
+    sbr_counters_get(r, &c);
+    sbr_header *h = r->hdr;
+    uint64_t word = atomic_load(&h->consumer);
+    char boot[SB_BOOT_ID_BYTES + 1];
+    memcpy(boot, id.boot_id, SB_BOOT_ID_BYTES);
+    boot[SB_BOOT_ID_BYTES] = '\0';
+    PyObject *boot_obj = PyUnicode_DecodeASCII(boot, (Py_ssize_t)strnlen(boot, SB_BOOT_ID_BYTES), "replace");
+    if (boot_obj == NULL) return NULL;
+    PyObject *descr = PyBytes_FromStringAndSize(h->descr, (Py_ssize_t)id.descr_bytes);
+    if (descr == NULL) {
+        Py_DECREF(boot_obj);
+        return NULL;
+    }
+    return Py_BuildValue(
+        "{sKsIsIsKsssIsIsKsKsIsOsIsKsNsKsNsIsKsKsKsKsKsKsKsKsIsIsKsOsO}", "magic", (unsigned long long)SBR_MAGIC,
+        "abi_version", id.abi_version, "header_bytes", id.header_bytes, "capacity",
+        (unsigned long long)id.capacity, "mode", id.mode == SBR_MODE_FIXED ? "fixed" : "variable", "record_size",
+        id.record_size, "max_payload", id.max_payload, "data_bytes", (unsigned long long)id.data_bytes,
+        "total_bytes", (unsigned long long)id.total_bytes, "producer_pid", id.producer_pid, "overflow_fail",
+        (id.flags & SBR_FLAG_OVERFLOW_FAIL) ? Py_True : Py_False, "state", (unsigned int)atomic_load(&h->state),
+        "producer_start_time", (unsigned long long)id.producer_start_time, "boot_id", boot_obj, "created_ns",
+        (unsigned long long)id.created_ns, "descr", descr, "consumer_pid",
+        (unsigned int)(word > SBR_CONSUMER_CLOSED ? word >> 32 : 0), "tail", (unsigned long long)c.tail, "head",
+        (unsigned long long)c.head, "pushed", (unsigned long long)c.pushed, "popped", (unsigned long long)c.popped,
+        "full_waits", (unsigned long long)c.full_waits, "empty_waits", (unsigned long long)c.empty_waits,
+        "producer_wakes", (unsigned long long)c.producer_wakes, "consumer_wakes",
+        (unsigned long long)c.consumer_wakes, "producer_parked", (unsigned int)atomic_load(&h->producer_parked),
+        "consumer_parked", (unsigned int)atomic_load(&h->consumer_parked), "consumer_word",
+        (unsigned long long)word, "producer_alive", sbr_producer_alive(r) ? Py_True : Py_False,
+        "consumer_alive", sbr_consumer_alive(r) ? Py_True : Py_False);
+}
+
+static PyObject *ring_header(RingObject *self, PyObject *unused) {
+    (void)unused;
+    if (self->closed || self->r.hdr == NULL)
+        return PyErr_Format(R_BlockClosed, "%s: the ring is closed", self->r.path);
+    if (!sbr_intact(&self->r)) return ring_raise_status(SB_EHEADER, self->r.path);
+    return ring_header_dict(&self->r);
+}
+
+static PyObject *ring_producer_alive(RingObject *self, PyObject *unused) {
+    (void)unused;
+    if (self->closed || self->r.hdr == NULL) return PyErr_Format(R_BlockClosed, "%s: the ring is closed", self->r.path);
+    return PyBool_FromLong(sbr_producer_alive(&self->r));
+}
+
+static PyObject *ring_consumer_alive(RingObject *self, PyObject *unused) {
+    (void)unused;
+    if (self->closed || self->r.hdr == NULL) return PyErr_Format(R_BlockClosed, "%s: the ring is closed", self->r.path);
+    return PyBool_FromLong(sbr_consumer_alive(&self->r));
+}
+
+/* Unlinks the name only if it still names this very segment (never a successor's). */
+static PyObject *ring_unlink(RingObject *self, PyObject *unused) {
+    (void)unused;
+    if (self->r.fd < 0 || self->r.pid != getpid() || !self->r.producer) Py_RETURN_FALSE;
+    char fs_path[SB_NAME_MAX + 32];
+    snprintf(fs_path, sizeof fs_path, "/dev/shm%s", self->r.path);
+    struct stat mine, named;
+    if (fstat(self->r.fd, &mine) != 0 || stat(fs_path, &named) != 0) Py_RETURN_FALSE;
+    if (mine.st_ino != named.st_ino || mine.st_dev != named.st_dev) Py_RETURN_FALSE;
+    if (shm_unlink(self->r.path) != 0) {
+        if (errno == ENOENT) Py_RETURN_FALSE;
+        return ring_raise_errno(errno, self->r.path);
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *ring_close(RingObject *self, PyObject *unused) {
+    (void)unused;
+    if (self->closed) Py_RETURN_NONE;
+    self->closed = 1;
+    if (self->fork_gen == ring_fork_generation) sbr_detach(&self->r);
+    /* A thread waiting with the GIL released notices within one peer-check slice; it unmaps then. */
+    if (self->busy == 0) ring_unmap(self);
+    Py_RETURN_NONE;
+}
+
+static void ring_dealloc(RingObject *self) {
+    if (!self->closed && self->fork_gen == ring_fork_generation) sbr_detach(&self->r);
+    ring_unmap(self);
+    Py_XDECREF(self->descr);
+    PyObject_Free(self);
+}
+
+#define RING_GETTER(NAME, EXPR)                                             \
+    static PyObject *ring_get_##NAME(RingObject *self, void *unused) {      \
+        (void)unused;                                                       \
+        return EXPR;                                                        \
+    }
+RING_GETTER(closed, PyBool_FromLong(self->closed))
+RING_GETTER(producer, PyBool_FromLong(self->r.producer))
+RING_GETTER(fixed, PyBool_FromLong(self->r.mode == SBR_MODE_FIXED))
+RING_GETTER(capacity, PyLong_FromUnsignedLongLong(self->r.capacity))
+RING_GETTER(record_size, PyLong_FromUnsignedLong(self->r.record_size))
+RING_GETTER(max_payload, PyLong_FromUnsignedLong(self->r.max_payload))
+RING_GETTER(overflow_fail, PyBool_FromLong(self->fail))
+RING_GETTER(path, PyUnicode_FromString(self->r.path))
+RING_GETTER(producer_pid, PyLong_FromUnsignedLong(((const sbr_header *)(const void *)self->r.identity)->producer_pid))
+static PyObject *ring_get_descr(RingObject *self, void *unused) {
+    (void)unused;
+    return Py_NewRef(self->descr);
+}
+static PyObject *ring_get_consumer_pid(RingObject *self, void *unused) {
+    (void)unused;
+    if (self->r.hdr == NULL) return PyLong_FromLong(0);
+    uint64_t w = atomic_load(&self->r.hdr->consumer);
+    return PyLong_FromUnsignedLong(w > SBR_CONSUMER_CLOSED ? (unsigned long)(w >> 32) : 0);
+}
+
+static PyMethodDef ring_methods[] = {
+    {"push", (PyCFunction)(void (*)(void))ring_push, METH_FASTCALL, "push(data, type, timeout) -> status"},
+    {"push_many", (PyCFunction)(void (*)(void))ring_push_many, METH_FASTCALL,
+     "push_many(items, type, timeout) -> (status, pushed)"},
+    {"pop", (PyCFunction)(void (*)(void))ring_pop, METH_FASTCALL, "pop(timeout, typed) -> bytes | status"},
+    {"peek", (PyCFunction)(void (*)(void))ring_peek, METH_FASTCALL, "peek(timeout, typed) -> bytes | status"},
+    {"pop_many", (PyCFunction)(void (*)(void))ring_pop_many, METH_FASTCALL,
+     "pop_many(max_count, timeout, typed) -> list | status"},
+    {"pop_into", (PyCFunction)(void (*)(void))ring_pop_into, METH_FASTCALL, "pop_into(out, timeout) -> count | status"},
+    {"wait_data", (PyCFunction)(void (*)(void))ring_wait, METH_FASTCALL, "wait_data(timeout) -> status"},
+    {"header", (PyCFunction)ring_header, METH_NOARGS, "header() -> dict"},
+    {"producer_alive", (PyCFunction)ring_producer_alive, METH_NOARGS, "producer_alive() -> bool"},
+    {"consumer_alive", (PyCFunction)ring_consumer_alive, METH_NOARGS, "consumer_alive() -> bool"},
+    {"unlink", (PyCFunction)ring_unlink, METH_NOARGS, "unlink() -> bool"},
+    {"close", (PyCFunction)ring_close, METH_NOARGS, "close()"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef ring_getset[] = {
+    {"closed", (getter)ring_get_closed, NULL, NULL, NULL},
+    {"producer", (getter)ring_get_producer, NULL, NULL, NULL},
+    {"fixed", (getter)ring_get_fixed, NULL, NULL, NULL},
+    {"capacity", (getter)ring_get_capacity, NULL, NULL, NULL},
+    {"record_size", (getter)ring_get_record_size, NULL, NULL, NULL},
+    {"max_payload", (getter)ring_get_max_payload, NULL, NULL, NULL},
+    {"overflow_fail", (getter)ring_get_overflow_fail, NULL, NULL, NULL},
+    {"path", (getter)ring_get_path, NULL, NULL, NULL},
+    {"producer_pid", (getter)ring_get_producer_pid, NULL, NULL, NULL},
+    {"consumer_pid", (getter)ring_get_consumer_pid, NULL, NULL, NULL},
+    {"descr", (getter)ring_get_descr, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "simbridge.shm._core.RingHandle",
+    .tp_basicsize = sizeof(RingObject),
+    .tp_dealloc = (destructor)ring_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One side of a simbridge SPSC ring (see RING in include/simbridge/shm.h).",
+    .tp_methods = ring_methods,
+    .tp_getset = ring_getset,
+};
+
+/* Called from PyInit__core: adds RingHandle and the ring constants to the module. */
+int sbpy_ring_init(PyObject *m) {
+    if (PyType_Ready(&RingType) < 0) return -1;
+    PyObject *errors = PyImport_ImportModule("simbridge.shm.errors");
+    if (errors == NULL) return -1;
+    struct { PyObject **slot; const char *name; } classes[] = {
+        {&R_ShmError, "ShmError"}, {&R_LayoutMismatch, "LayoutMismatch"}, {&R_BlockClosed, "BlockClosed"},
+        {&R_NotWriter, "NotWriter"}, {&R_NotConsumer, "NotConsumer"}, {&R_OutOfRange, "OutOfRange"},
+        {&R_BlockExists, "BlockExists"}, {&R_BlockNotFound, "BlockNotFound"}, {&R_RingBusy, "RingBusy"},
+        {&R_InvalidName, "InvalidName"}, {&R_AccessDenied, "AccessDenied"}, {&R_ShmOSError, "ShmOSError"},
+        {&R_NoSpace, "NoSpace"}, {&R_Corrupted, "Corrupted"},
+    };
+    for (size_t i = 0; i < sizeof classes / sizeof classes[0]; i++) {
+        *classes[i].slot = PyObject_GetAttrString(errors, classes[i].name);
+        if (*classes[i].slot == NULL) {
+            Py_DECREF(errors);
+            return -1;
+        }
+    }
+    Py_DECREF(errors);
+    if (pthread_atfork(NULL, NULL, ring_after_fork) != 0) {
+        PyErr_SetString(R_ShmError, "pthread_atfork failed");
+        return -1;
+    }
+    Py_INCREF(&RingType);
+    if (PyModule_AddObject(m, "RingHandle", (PyObject *)&RingType) != 0) return -1;
+    PyModule_AddIntConstant(m, "RING_MODE_VARIABLE", SBR_MODE_VARIABLE);
+    PyModule_AddIntConstant(m, "RING_MODE_FIXED", SBR_MODE_FIXED);
+    PyModule_AddIntConstant(m, "RING_HEADER_BYTES", SBR_HEADER_BYTES);
+    PyModule_AddIntConstant(m, "RING_DESCR_MAX", SBR_DESCR_MAX);
+    PyModule_AddIntConstant(m, "RING_MIN_BYTES", SBR_MIN_BYTES);
+    PyModule_AddIntConstant(m, "RING_MAX_RECORD_SIZE", SBR_MAX_RECORD_SIZE);
+    PyModule_AddIntConstant(m, "RING_MAX_TYPE", (long long)SBR_MAX_TYPE > LONG_MAX ? LONG_MAX : (long)SBR_MAX_TYPE);
+    PyModule_AddObject(m, "RING_MAX_DATA_BYTES", PyLong_FromUnsignedLongLong(SBR_MAX_DATA_BYTES));
+    PyModule_AddObject(m, "RING_MAGIC", PyLong_FromUnsignedLongLong(SBR_MAGIC));
+    PyModule_AddIntConstant(m, "OK", SB_OK);
+    PyModule_AddIntConstant(m, "EAGAIN_", SB_EAGAIN);
+    PyModule_AddIntConstant(m, "ETIMEDOUT", SB_ETIMEDOUT);
+    PyModule_AddIntConstant(m, "EPEERGONE", SB_EPEERGONE);
+    PyModule_AddIntConstant(m, "ECORRUPT", SB_ECORRUPT);
+    PyModule_AddIntConstant(m, "EHEADER", SB_EHEADER);
+    PyModule_AddIntConstant(m, "EFULL", SB_EFULL);
+    PyModule_AddIntConstant(m, "ETOOBIG", SB_ETOOBIG);
+    PyModule_AddIntConstant(m, "EINVAL", SB_EINVAL);
+    /* Byte offsets of the ring header's fields (tests scribble on them; tools may show them). */
+    PyObject *offsets = Py_BuildValue(
+        "{snsnsnsnsnsnsnsnsnsnsnsnsnsnsnsn}", "magic", (Py_ssize_t)offsetof(sbr_header, magic), "abi_version",
+        (Py_ssize_t)offsetof(sbr_header, abi_version), "header_bytes", (Py_ssize_t)offsetof(sbr_header, header_bytes),
+        "capacity", (Py_ssize_t)offsetof(sbr_header, capacity), "mode", (Py_ssize_t)offsetof(sbr_header, mode),
+        "record_size", (Py_ssize_t)offsetof(sbr_header, record_size), "data_offset",
+        (Py_ssize_t)offsetof(sbr_header, data_offset), "data_bytes", (Py_ssize_t)offsetof(sbr_header, data_bytes),
+        "total_bytes", (Py_ssize_t)offsetof(sbr_header, total_bytes), "max_payload",
+        (Py_ssize_t)offsetof(sbr_header, max_payload), "producer_pid", (Py_ssize_t)offsetof(sbr_header, producer_pid),
+        "descr_bytes", (Py_ssize_t)offsetof(sbr_header, descr_bytes), "flags", (Py_ssize_t)offsetof(sbr_header, flags),
+        "tail", (Py_ssize_t)offsetof(sbr_header, tail), "head", (Py_ssize_t)offsetof(sbr_header, head), "consumer",
+        (Py_ssize_t)offsetof(sbr_header, consumer));
+    if (offsets == NULL) return -1;
+    PyModule_AddObject(m, "RING_FIELD_OFFSETS", offsets);
+    return 0;
+}
