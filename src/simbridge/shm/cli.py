@@ -282,9 +282,9 @@ def _byte_size(text: str) -> int | None:
     try:
         value = float(number) * units[unit]
     except (ValueError, KeyError):
-        raise typer.BadParameter(f"{text!r} is not a size like 64MiB, 500k or 1000000") from None
+        raise _fail(f"--rotate-size {text!r} is not a size like 64MiB, 500k or 1000000", code=2) from None
     if not 1 <= value < 2**62:
-        raise typer.BadParameter(f"{text!r} must be at least one byte")
+        raise _fail(f"--rotate-size {text!r} must be at least one byte", code=2)
     return int(value)
 
 
@@ -298,6 +298,7 @@ def record_command(
     compression: Annotated[str, typer.Option(help="zstd, snappy, gzip, lz4, brotli or none.")] = "zstd",
     prefix: Annotated[str, typer.Option(help="File names are PREFIX-NNNNNN.parquet.")] = "",
     flush_seconds: Annotated[float, typer.Option(min=0.01, help="Flush a row group at least this often.")] = 0.5,
+    flush_rows: Annotated[int, typer.Option(min=1, help="Flush a row group at most this many rows.")] = 65_536,
     exchange_ts_offset: Annotated[
         int | None, typer.Option(min=0, help="Variable records: byte offset of an int64 exchange time (ns).")
     ] = None,
@@ -309,6 +310,7 @@ def record_command(
 
     from simbridge.shm.parquet import ParquetRecorder, open_ring
 
+    rotate_bytes = _byte_size(rotate_size)  # a usage error before anything is opened
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -317,10 +319,11 @@ def record_command(
                 source,
                 directory,
                 prefix=prefix or _file_prefix(ring),
-                rotate_bytes=_byte_size(rotate_size),
+                rotate_bytes=rotate_bytes,
                 rotate_seconds=rotate_seconds or None,
                 compression=compression,
                 flush_interval_s=flush_seconds,
+                flush_rows=flush_rows,
                 exchange_ts_offset=exchange_ts_offset,
             )
             for item in recorder.summary.recovered:

@@ -194,7 +194,7 @@ class ParquetRecorder:
         try:
             while stop is None or not stop.is_set():
                 try:
-                    batch = self.reader.read(self.batch_records, poll_s)
+                    batch = self.reader.read(min(self.batch_records, self.flush_rows - self._pending), poll_s)
                 except PeerGone as exc:
                     self.summary.stopped_by = f"producer gone: {exc}"
                     break

@@ -46,7 +46,7 @@ class Recovered:
 
     path: Path
     rows: int
-    action: Literal["renamed", "rebuilt", "discarded", "unrecoverable"]
+    action: Literal["renamed", "rebuilt", "finished", "discarded", "unrecoverable"]
     detail: str = ""
 
 
@@ -197,6 +197,8 @@ def recover(directory: str | os.PathLike[str], *, fsync: bool = True) -> list[Re
             # Killed after the rename, before the journal was deleted: the file is complete.
             tmp.unlink(missing_ok=True)
             journal.unlink(missing_ok=True)
+            rows = _complete_parquet_rows(final, pq, pa) or 0
+            done.append(Recovered(final, rows, "finished", "the file was complete; its journal was removed"))
             continue
         rows = _complete_parquet_rows(tmp, pq, pa)
         if rows is not None:

@@ -28,7 +28,7 @@ def _start_recorder(ring: str, folder: Path) -> subprocess.Popen[bytes]:
     code = "import sys; from simbridge.cli import app; sys.argv[0] = 'simbridge'; app()"
     return subprocess.Popen(
         [sys.executable, "-c", code, "shm", "record", ring, str(folder),
-         "--rotate-size", "8k", "--flush-seconds", "0.05", "--open-timeout", "10"],
+         "--rotate-size", "4k", "--flush-seconds", "0.05", "--flush-rows", "400", "--open-timeout", "10"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -93,7 +93,9 @@ def test_kill9_mid_stream_keeps_a_clean_prefix_and_a_restart_continues(block_nam
             proc.wait(10)
         # A new recorder on the same ring and folder: recovers the leftovers, then takes the consumer's
         # place and goes on from the last record the dead one popped.
+        wait_for(lambda: not producer.consumer_alive(), timeout=10, what="the killed consumer seen dead")
         second = _start_recorder(block_name, tmp_path)
+        wait_for(producer.consumer_alive, timeout=30, what="the second recorder attached to the ring")
         for _ in range(10):
             pushed += producer.push_many(_batch(pushed, 100), timeout=20)
         producer.close()
