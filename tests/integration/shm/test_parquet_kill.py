@@ -25,9 +25,10 @@ DT = np.dtype([("exchange_ts_ns", "<i8"), ("value", "<i8")])
 
 
 def _start_recorder(ring: str, folder: Path) -> subprocess.Popen[bytes]:
-    code = "import sys; from simbridge.cli import app; sys.argv[0] = 'simbridge'; app()"
+    # The shm commands alone: the same command as `simbridge shm record`, without importing every plane.
+    code = "from simbridge.shm.cli import app; app(prog_name='simbridge shm')"
     return subprocess.Popen(
-        [sys.executable, "-c", code, "shm", "record", ring, str(folder),
+        [sys.executable, "-c", code, "record", ring, str(folder),
          "--rotate-size", "4k", "--flush-seconds", "0.05", "--flush-rows", "400", "--open-timeout", "10"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -30,23 +30,46 @@ class Level:
 class _Side:
     """One side of the book: a dict for the levels and a sorted key list for the order."""
 
-    def __init__(self, *, descending: bool) -> None:
+    def __init__(self, *, descending: bool, price_scale: int, size_scale: int) -> None:
         self._sign = -1 if descending else 1
+        self._scales = (price_scale, size_scale)
         self._keys: list[int] = []  # sign * price, ascending: the best level first
         self.levels: dict[int, Level] = {}
+        # "price:size" as the exchange wrote it, made once per level change rather than per checksum.
+        self._texts: dict[int, str] = {}
 
     def set(self, level: Level) -> None:
         if level.size == 0:
             if self.levels.pop(level.price, None) is not None:
                 del self._keys[bisect.bisect_left(self._keys, self._sign * level.price)]
+                self._texts.pop(level.price, None)
             return
         if level.price not in self.levels:
             bisect.insort(self._keys, self._sign * level.price)
         self.levels[level.price] = level
+        self._texts.pop(level.price, None)
 
     def clear(self) -> None:
         self._keys.clear()
         self.levels.clear()
+        self._texts.clear()
+
+    def top_texts(self, count: int) -> list[str]:
+        """The top ``count`` levels as ``"price:size"`` in their original text."""
+        out = []
+        price_scale, size_scale = self._scales
+        for key in self._keys[:count]:
+            price = self._sign * key
+            text = self._texts.get(price)
+            if text is None:
+                level = self.levels[price]
+                text = (
+                    f"{format_fixed(level.price, price_scale, level.price_digits)}:"
+                    f"{format_fixed(level.size, size_scale, level.size_digits)}"
+                )
+                self._texts[price] = text
+            out.append(text)
+        return out
 
     def top(self, count: int) -> list[Level]:
         return [self.levels[self._sign * key] for key in self._keys[:count]]
@@ -61,8 +84,8 @@ class L2Book:
     def __init__(self, *, price_scale: int = 8, size_scale: int = 8) -> None:
         self.price_scale = price_scale
         self.size_scale = size_scale
-        self.bids = _Side(descending=True)
-        self.asks = _Side(descending=False)
+        self.bids = _Side(descending=True, price_scale=price_scale, size_scale=size_scale)
+        self.asks = _Side(descending=False, price_scale=price_scale, size_scale=size_scale)
 
     def parse_level(self, price: str, size: str) -> Level:
         """One ``[price, size]`` pair of the feed as a :class:`Level` (typed errors for bad text)."""
@@ -106,14 +129,10 @@ class L2Book:
 
     def checksum_text(self, levels: int = CHECKSUM_LEVELS) -> str:
         """Bitget's checksum string: ``bid1p:bid1s:ask1p:ask1s:bid2p:...``, a missing side skipped."""
-        parts: list[str] = []
-        bids, asks = self.bids.top(levels), self.asks.top(levels)
-        for index in range(levels):
-            for side in (bids, asks):
-                if index < len(side):
-                    level = side[index]
-                    parts.append(format_fixed(level.price, self.price_scale, level.price_digits))
-                    parts.append(format_fixed(level.size, self.size_scale, level.size_digits))
+        bids, asks = self.bids.top_texts(levels), self.asks.top_texts(levels)
+        common = min(len(bids), len(asks))
+        parts = [text for pair in zip(bids[:common], asks[:common], strict=True) for text in pair]
+        parts += bids[common:] + asks[common:]  # the longer side's rest, once the other has run out
         return ":".join(parts)
 
     def checksum(self, levels: int = CHECKSUM_LEVELS) -> int:

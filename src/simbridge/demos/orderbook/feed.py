@@ -117,6 +117,7 @@ class FeedAdapter:
                     compression=None,  # latency over bandwidth; Bitget sends small frames
                     ping_interval=None,  # Bitget's keep-alive is the text "ping", sent below
                     max_size=2**24,
+                    close_timeout=2.0,
                 ) as ws:
                     self._set_nodelay(ws)
                     self.stats.connects += 1
@@ -183,8 +184,23 @@ class FeedAdapter:
                 await ws.send(subscribe_message(self.options.channel, op="unsubscribe"))
                 await self._subscribe(ws, "resubscribed for a fresh snapshot")
             reached_live = reached_live or self.machine.state is FeedState.LIVE
-        await ws.close()
+        await self._leave(ws)
         return reached_live
+
+    async def _leave(self, ws: ClientConnection) -> None:
+        """Unsubscribe and read until the exchange confirms, then close.
+
+        Closing while updates still pour in would stall: frames nobody reads fill the queue, the
+        connection stops reading, and the server's close frame is never seen (a 10 s close timeout).
+        """
+        await ws.send(subscribe_message(self.options.channel, op="unsubscribe"))
+        deadline = time.monotonic() + 1.0
+        with contextlib.suppress(TimeoutError):
+            while (left := deadline - time.monotonic()) > 0:
+                frame = await asyncio.wait_for(ws.recv(), left)
+                if isinstance(frame, str) and frame.startswith('{"event"') and '"unsubscribe"' in frame:
+                    break
+        await ws.close()
 
     def _handle(self, message: DepthMessage | EventMessage | None, receive_ns: int) -> None:
         if message is None:

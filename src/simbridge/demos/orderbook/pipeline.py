@@ -43,7 +43,7 @@ class PipelineOptions:
 
     seconds: float = 10.0
     output: Path = Path("orderbook-run")
-    rate_hz: float = 2000.0
+    rate_hz: float = 1000.0
     depth: int = 10  # levels per side in the OBI
     cpus: tuple[int | None, int | None, int | None] = (None, None, None)  # feed, book, recorder
     bad_checksum_after_s: float = 0.3  # when the replay server sends its wrong checksum
@@ -98,7 +98,10 @@ def run_pipeline(options: PipelineOptions, *, on_tick: Callable[[LiveStats], Non
         bad_checksum_at=frozenset({max(1, int(rate * options.bad_checksum_after_s))}),
         drop_at=frozenset({max(2, int(rate * options.drop_after_s))}),
     )
-    ctx = multiprocessing.get_context("spawn")
+    # A fork server imports the demo once; every process then starts as a fork of that clean,
+    # thread-free server (never of this process, whose live view runs a thread).
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["simbridge.demos.orderbook.processes"])
     errors: Any = ctx.Queue()
     urls: Any = ctx.Queue()
     stop_feed, stop_server = ctx.Event(), ctx.Event()

@@ -2,7 +2,7 @@
 
 feed --(ring, variable records)--> book/OBI --(ring, TOP_DTYPE records)--> ParquetRecorder
 
-Each is a top-level function started with multiprocessing's ``spawn`` context. The feed and the book
+Each is a top-level function started from multiprocessing's fork server. The feed and the book
 publish their counters into small Blocks (``PREFIX.feed``, ``PREFIX.stats``) that the live view reads.
 A process that fails puts one line on the ``errors`` queue and exits non-zero.
 """
@@ -112,6 +112,7 @@ def book_main(
         rows = np.zeros(256, TOP_DTYPE)
         events = snapshots = 0
         window_start, window_events = time.monotonic(), 0
+        started = window_start
         with (
             channels.open_consumer(source_ring, timeout=30) as source,
             channels.create_fixed(out_ring, TOP_DTYPE, capacity=capacity) as out,
@@ -157,7 +158,9 @@ def book_main(
                     _fill_stats(stats, book, events, rate, latencies, snapshots, depth)
                     block.publish(stats)
                     last_publish = clock
-            _fill_stats(stats, book, events, 0.0, latencies, snapshots, depth)
+            # The last look: the mean rate over the whole run, as the live rate means nothing once stopped.
+            mean_rate = events / max(time.monotonic() - started, 1e-9)
+            _fill_stats(stats, book, events, mean_rate, latencies, snapshots, depth)
             block.publish(stats)
 
     _guarded("book", errors, body)
