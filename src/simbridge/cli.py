@@ -15,7 +15,9 @@ from simbridge.shm.cli import demo_app
 from simbridge.tui.cli import dashboard
 
 app = entry_app(help="Drive GPU simulations and models from Python, on one machine and across a cluster.")
-app.add_typer(shm_app, name="shm", help="Shared-memory blocks and rings: list, inspect, remove, clean, diff, record.")
+app.add_typer(
+    shm_app, name="shm", help="Shared-memory blocks and rings: list, inspect, remove, clean, diff, record."
+)
 demo_app.command("eki")(eki_command)
 demo_app.command("orderbook")(orderbook_command)
 app.add_typer(demo_app, name="demo", help="Small runnable demonstrations.")

@@ -272,8 +272,19 @@ def diff_command(folder: Annotated[str, typer.Argument(metavar="DIRECTORY")]) ->
 
 def _byte_size(text: str) -> int | None:
     """``64MiB``, ``500k``, ``1000000`` or ``none`` as bytes (None: no size limit)."""
-    units = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-             "g": 2**30, "gb": 10**9, "gib": 2**30}
+    units = {
+        "": 1,
+        "b": 1,
+        "k": 2**10,
+        "kb": 10**3,
+        "kib": 2**10,
+        "m": 2**20,
+        "mb": 10**6,
+        "mib": 2**20,
+        "g": 2**30,
+        "gb": 10**9,
+        "gib": 2**30,
+    }
     cleaned = text.strip().lower()
     if cleaned in ("none", "0", ""):
         return None
@@ -291,14 +302,25 @@ def _byte_size(text: str) -> int | None:
 @app.command("record")
 @one_line_errors
 def record_command(
-    ring: Annotated[str, typer.Argument(metavar="RING", help="The ring to consume (this becomes its consumer).")],
+    *,
+    ring: Annotated[
+        str, typer.Argument(metavar="RING", help="The ring to consume (this becomes its consumer).")
+    ],
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Where the Parquet files go (created).")],
-    rotate_size: Annotated[str, typer.Option(help="Start a new file past this size (e.g. 64MiB; none).")] = "64MiB",
-    rotate_seconds: Annotated[float, typer.Option(min=0, help="Start a new file after this long (0: never).")] = 3600.0,
+    rotate_size: Annotated[
+        str, typer.Option(help="Start a new file past this size (e.g. 64MiB; none).")
+    ] = "64MiB",
+    rotate_seconds: Annotated[
+        float, typer.Option(min=0, help="Start a new file after this long (0: never).")
+    ] = 3600.0,
     compression: Annotated[str, typer.Option(help="zstd, snappy, gzip, lz4, brotli or none.")] = "zstd",
     prefix: Annotated[str, typer.Option(help="File names are PREFIX-NNNNNN.parquet.")] = "",
-    flush_seconds: Annotated[float, typer.Option(min=0.01, help="Flush a row group at least this often.")] = 0.5,
-    flush_rows: Annotated[int, typer.Option(min=1, help="Flush a row group at most this many rows.")] = 65_536,
+    flush_seconds: Annotated[
+        float, typer.Option(min=0.01, help="Flush a row group at least this often.")
+    ] = 0.5,
+    flush_rows: Annotated[
+        int, typer.Option(min=1, help="Flush a row group at most this many rows.")
+    ] = 65_536,
     exchange_ts_offset: Annotated[
         int | None, typer.Option(min=0, help="Variable records: byte offset of an int64 exchange time (ns).")
     ] = None,
@@ -327,7 +349,9 @@ def record_command(
                 exchange_ts_offset=exchange_ts_offset,
             )
             for item in recorder.summary.recovered:
-                _console().print(f"recovered {item.path.name}: {item.action}, {item.rows} rows ({item.detail})")
+                _console().print(
+                    f"recovered {item.path.name}: {item.action}, {item.rows} rows ({item.detail})"
+                )
             summary = recorder.run(stop=stop)
     finally:
         for sig, handler in previous.items():

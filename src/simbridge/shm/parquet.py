@@ -99,13 +99,19 @@ class ParquetRecorder:
         if flush_rows < 1 or batch_records < 1 or flush_interval_s <= 0:
             raise InvalidArgument("flush_rows, batch_records and flush_interval_s must be positive")
         if compression not in ("zstd", "snappy", "gzip", "lz4", "brotli", "none"):
-            raise InvalidArgument(f"compression {compression!r} is not one of zstd, snappy, gzip, lz4, brotli, none")
+            raise InvalidArgument(
+                f"compression {compression!r} is not one of zstd, snappy, gzip, lz4, brotli, none"
+            )
         self.reader: StreamReader = as_reader(source)
         self.directory = Path(directory)
         self.prefix = prefix
         self.rotate_bytes, self.rotate_seconds = rotate_bytes, rotate_seconds
         self.compression, self.compression_level = compression, compression_level
-        self.flush_rows, self.flush_interval_s, self.batch_records = flush_rows, flush_interval_s, batch_records
+        self.flush_rows, self.flush_interval_s, self.batch_records = (
+            flush_rows,
+            flush_interval_s,
+            batch_records,
+        )
         self._offsets = (exchange_ts_offset, receive_ts_offset)
         for offset in self._offsets:
             if offset is not None and offset < 0:
@@ -148,12 +154,16 @@ class ParquetRecorder:
             ]
             return pa.schema(fields, metadata={**meta, "simbridge.records": "variable"})
         if dtype.names is None:
-            raise InvalidArgument(f"fixed records must have a structured dtype with named fields, not {dtype}")
+            raise InvalidArgument(
+                f"fixed records must have a structured dtype with named fields, not {dtype}"
+            )
         fields = []
         for name in dtype.names:
             sub = dtype.fields[name][0]  # type: ignore[index]
             if sub.shape or sub.names is not None:
-                raise InvalidArgument(f"field {name!r} ({sub}) is nested or an array; record flat fields only")
+                raise InvalidArgument(
+                    f"field {name!r} ({sub}) is nested or an array; record flat fields only"
+                )
             if sub.kind == "S":
                 fields.append(pa.field(name, pa.binary(sub.itemsize), nullable=False))
             elif sub.kind in "biuf":
@@ -164,7 +174,9 @@ class ParquetRecorder:
             fields.append(pa.field(RECEIVE_TS, pa.int64(), nullable=False))
         if EXCHANGE_TS not in dtype.names:
             fields.append(pa.field(EXCHANGE_TS, pa.int64()))
-        return pa.schema(fields, metadata={**meta, "simbridge.records": "fixed", "simbridge.dtype": str(dtype.descr)})
+        return pa.schema(
+            fields, metadata={**meta, "simbridge.records": "fixed", "simbridge.dtype": str(dtype.descr)}
+        )
 
     def _columns_of(self, batch: NDArray[Any] | VariableBatch, now_ns: int) -> dict[str, Any]:
         pa = self._pa
@@ -215,11 +227,17 @@ class ParquetRecorder:
         never leave a file closed early); one past ``rotate_seconds`` is closed even when idle.
         """
         now = time.monotonic()
-        if self._pending and (self._pending >= self.flush_rows or now - self._last_flush >= self.flush_interval_s):
+        if self._pending and (
+            self._pending >= self.flush_rows or now - self._last_flush >= self.flush_interval_s
+        ):
             if self._segment is not None and self._size_due():
                 self._close_segment()
             self.flush()
-        if self._segment is not None and self.rotate_seconds is not None and now - self._opened_at >= self.rotate_seconds:
+        if (
+            self._segment is not None
+            and self.rotate_seconds is not None
+            and now - self._opened_at >= self.rotate_seconds
+        ):
             self._close_segment()
 
     def flush(self) -> None:

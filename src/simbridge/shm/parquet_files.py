@@ -197,14 +197,16 @@ def recover(directory: str | os.PathLike[str], *, fsync: bool = True) -> list[Re
             # Killed after the rename, before the journal was deleted: the file is complete.
             tmp.unlink(missing_ok=True)
             journal.unlink(missing_ok=True)
-            rows = _complete_parquet_rows(final, pq, pa) or 0
-            done.append(Recovered(final, rows, "finished", "the file was complete; its journal was removed"))
+            kept = _complete_parquet_rows(final, pq, pa) or 0
+            done.append(Recovered(final, kept, "finished", "the file was complete; its journal was removed"))
             continue
         rows = _complete_parquet_rows(tmp, pq, pa)
         if rows is not None:
             os.rename(tmp, final)
             journal.unlink(missing_ok=True)
-            done.append(Recovered(final, rows, "renamed", "the footer was written; only the rename was missing"))
+            done.append(
+                Recovered(final, rows, "renamed", "the footer was written; only the rename was missing")
+            )
             continue
         table, rows, detail = _read_journal(journal) if journal.exists() else (None, 0, "no journal")
         if table is None and _size(journal) == 0 and _size(tmp) <= 4:

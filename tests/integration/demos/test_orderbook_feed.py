@@ -23,8 +23,11 @@ def _run_until(adapter: FeedAdapter, server: ReplayServer, *, updates: int, time
         task = asyncio.create_task(adapter.run(stop))
         deadline = time.monotonic() + timeout
         # Named wait: every update served, and the adapter live again on the last connection.
-        while not (server.stats.updates >= updates and adapter.machine.state is FeedState.LIVE
-                   and adapter.stats.messages >= server.stats.updates // 2):
+        while not (
+            server.stats.updates >= updates
+            and adapter.machine.state is FeedState.LIVE
+            and adapter.stats.messages >= server.stats.updates // 2
+        ):
             if time.monotonic() > deadline or task.done():
                 stop.set()
                 await task

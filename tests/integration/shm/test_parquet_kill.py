@@ -28,8 +28,22 @@ def _start_recorder(ring: str, folder: Path) -> subprocess.Popen[bytes]:
     # The shm commands alone: the same command as `simbridge shm record`, without importing every plane.
     code = "from simbridge.shm.cli import app; app(prog_name='simbridge shm')"
     return subprocess.Popen(
-        [sys.executable, "-c", code, "record", ring, str(folder),
-         "--rotate-size", "4k", "--flush-seconds", "0.05", "--flush-rows", "400", "--open-timeout", "10"],
+        [
+            sys.executable,
+            "-c",
+            code,
+            "record",
+            ring,
+            str(folder),
+            "--rotate-size",
+            "4k",
+            "--flush-seconds",
+            "0.05",
+            "--flush-rows",
+            "400",
+            "--open-timeout",
+            "10",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -68,7 +82,9 @@ def test_kill9_after_flush_loses_nothing(block_name: str, tmp_path: Path) -> Non
         try:
             for start in range(0, total, 200):
                 producer.push_many(_batch(start, 200), timeout=20)
-            wait_for(lambda: _rows_on_disk(tmp_path) == total, timeout=30, what=f"{total} rows flushed to disk")
+            wait_for(
+                lambda: _rows_on_disk(tmp_path) == total, timeout=30, what=f"{total} rows flushed to disk"
+            )
             closed_before = sorted(tmp_path.glob("*.parquet"))
             assert len(closed_before) >= 2 and list(tmp_path.glob(f"*{TMP_SUFFIX}"))  # some closed, one open
         finally:
@@ -82,7 +98,9 @@ def test_kill9_after_flush_loses_nothing(block_name: str, tmp_path: Path) -> Non
     assert not list(tmp_path.glob(f"*{TMP_SUFFIX}")) and not list(tmp_path.glob(f"*{JOURNAL_SUFFIX}"))
 
 
-def test_kill9_mid_stream_keeps_a_clean_prefix_and_a_restart_continues(block_name: str, tmp_path: Path) -> None:
+def test_kill9_mid_stream_keeps_a_clean_prefix_and_a_restart_continues(
+    block_name: str, tmp_path: Path
+) -> None:
     with Ring.create(block_name, capacity=1024, record_dtype=DT) as producer:
         proc = _start_recorder(block_name, tmp_path)
         pushed = 0

@@ -37,7 +37,10 @@ def _read_all(folder: Path) -> pa.Table:
 
 
 def test_fixed_records_become_columns_and_files_rotate(block_name: str, tmp_path: Path) -> None:
-    with Ring.create(block_name, capacity=1024, record_dtype=DT) as producer, Ring.open(block_name, timeout=5) as consumer:
+    with (
+        Ring.create(block_name, capacity=1024, record_dtype=DT) as producer,
+        Ring.open(block_name, timeout=5) as consumer,
+    ):
         recorder = ParquetRecorder(consumer, tmp_path, prefix="t", rotate_bytes=16_000, flush_rows=500)
         done = threading.Thread(target=recorder.run, kwargs={"poll_s": 0.05})
         done.start()
@@ -74,7 +77,10 @@ def test_variable_records_become_type_and_payload(block_name: str, tmp_path: Pat
 
 def test_stop_event_closes_the_open_file(block_name: str, tmp_path: Path) -> None:
     stop = threading.Event()
-    with Ring.create(block_name, capacity=1024, record_dtype=DT) as producer, Ring.open(block_name, timeout=5) as consumer:
+    with (
+        Ring.create(block_name, capacity=1024, record_dtype=DT) as producer,
+        Ring.open(block_name, timeout=5) as consumer,
+    ):
         producer.push_many(_records(0, 100))
         recorder = ParquetRecorder(consumer, tmp_path)
         stop.set()
@@ -104,7 +110,11 @@ def test_leftovers_are_recovered_on_start(tmp_path: Path) -> None:
     assert done["s-000002.parquet"].action == "rebuilt" and done["s-000002.parquet"].rows == 20
     assert done["s-000003.parquet.broken"].action == "unrecoverable"
     assert pq.read_table(tmp_path / "s-000002.parquet").column("value").to_pylist() == list(range(10)) * 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s-000001.parquet", "s-000002.parquet", "s-000003.parquet.broken"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "s-000001.parquet",
+        "s-000002.parquet",
+        "s-000003.parquet.broken",
+    ]
 
 
 def test_bad_options_and_folders_are_typed_errors(block_name: str, tmp_path: Path) -> None:
@@ -121,7 +131,11 @@ def test_bad_options_and_folders_are_typed_errors(block_name: str, tmp_path: Pat
 def test_record_cli_one_line_errors(block_name: str, tmp_path: Path) -> None:
     missing = runner.invoke(app, ["record", f"{block_name}-missing", str(tmp_path)])
     assert missing.exit_code == 1
-    assert missing.output.count("\n") == 1 and "error:" in missing.output and "did not become available" in missing.output
+    assert (
+        missing.output.count("\n") == 1
+        and "error:" in missing.output
+        and "did not become available" in missing.output
+    )
     (tmp_path / "file").write_text("x")
     with Ring.create(block_name, capacity=64, record_dtype=DT):
         bad_dir = runner.invoke(app, ["record", block_name, str(tmp_path / "file" / "sub")])

@@ -73,16 +73,19 @@ def parse_message(text: str | bytes, book: L2Book) -> DepthMessage | EventMessag
     if not isinstance(raw, dict):
         raise FeedProtocolError(f"the feed sent a {type(raw).__name__}, not a JSON object")
     if "event" in raw:
+        arg = raw.get("arg")
         return EventMessage(
             event=str(raw["event"]),
-            arg=raw.get("arg") if isinstance(raw.get("arg"), dict) else {},
+            arg=arg if isinstance(arg, dict) else {},
             code=str(raw.get("code", "")),
             msg=str(raw.get("msg", "")),
         )
     action = raw.get("action")
     data = raw.get("data")
     if action not in ("snapshot", "update") or not isinstance(data, list) or len(data) != 1:
-        raise FeedProtocolError(f"a push needs action snapshot|update and one data item, got {str(raw)[:200]}")
+        raise FeedProtocolError(
+            f"a push needs action snapshot|update and one data item, got {str(raw)[:200]}"
+        )
     item = data[0]
     if not isinstance(item, dict):
         raise FeedProtocolError("a push's data item is not an object")

@@ -119,7 +119,7 @@ class L2Book:
         bid, ask = self.best_bid(), self.best_ask()
         if bid is None or ask is None:
             return None
-        return (bid.price + ask.price) / 2 / 10**self.price_scale
+        return float((bid.price + ask.price) / 2 / 10**self.price_scale)
 
     def imbalance(self, depth: int) -> float:
         """Order-book imbalance over the top ``depth`` levels: (bid size - ask size) / (sum), in [-1, 1]."""

@@ -27,14 +27,21 @@ def live_table(stats: LiveStats) -> Table:
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("feed state", stats.state)
-    table.add_row("best bid / ask", f"{book.get('best_bid', float('nan')):.2f} / {book.get('best_ask', float('nan')):.2f}")
+    table.add_row(
+        "best bid / ask",
+        f"{book.get('best_bid', float('nan')):.2f} / {book.get('best_ask', float('nan')):.2f}",
+    )
     table.add_row("OBI (top levels)", f"{book.get('obi', 0.0):+.3f}")
     table.add_row("messages/s", f"{book.get('events_per_s', 0.0):,.0f}")
-    table.add_row("latency p50 / p99 (local - exchange)", f"{book.get('p50_us', 0) / 1e3:.2f} / {book.get('p99_us', 0) / 1e3:.2f} ms")
+    table.add_row(
+        "latency p50 / p99 (local - exchange)",
+        f"{book.get('p50_us', 0) / 1e3:.2f} / {book.get('p99_us', 0) / 1e3:.2f} ms",
+    )
     table.add_row("events through the book", f"{int(book.get('events', 0)):,}")
     table.add_row(
         "snapshots / checksum failures / reconnects",
-        f"{feed.get('snapshots', 0)} / {feed.get('checksum_failures', 0)} / {max(0, feed.get('connects', 0) - 1)}",
+        f"{feed.get('snapshots', 0)} / {feed.get('checksum_failures', 0)} / "
+        f"{max(0, feed.get('connects', 0) - 1)}",
     )
     table.add_row("TCP_NODELAY", "yes" if feed.get("nodelay") else "no")
     return table
@@ -53,8 +60,12 @@ def _cpus(text: str) -> tuple[int | None, int | None, int | None]:
 def orderbook_command(
     *,
     seconds: Annotated[float, typer.Option(min=0.5, max=86_400, help="How long to run.")] = _DEFAULTS.seconds,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for parquet/ and orderbook.png.")] = _DEFAULTS.output,
-    rate: Annotated[float, typer.Option(min=1, max=1e6, help="Updates per second the replay server sends.")] = _DEFAULTS.rate_hz,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for parquet/ and orderbook.png.")
+    ] = _DEFAULTS.output,
+    rate: Annotated[
+        float, typer.Option(min=1, max=1e6, help="Updates per second the replay server sends.")
+    ] = _DEFAULTS.rate_hz,
     depth: Annotated[int, typer.Option(min=1, max=400, help="Levels per side in the OBI.")] = _DEFAULTS.depth,
     cpus: Annotated[str, typer.Option(help="Pin feed,book,recorder to these CPUs, e.g. 0,1,1.")] = "",
     live: Annotated[bool, typer.Option(help="Show the Rich live view while running.")] = True,
@@ -72,7 +83,10 @@ def orderbook_command(
         console.print(live_table(result.last))
         columns = load_run(result.parquet_files)
         rows = len(columns.get("seq", []))
-        console.print(f"recorded {rows:,} rows in {len(result.parquet_files)} Parquet file(s) under {output / 'parquet'}")
+        console.print(
+            f"recorded {rows:,} rows in {len(result.parquet_files)} Parquet file(s) "
+            f"under {output / 'parquet'}"
+        )
         if plot and rows:
             from simbridge.demos.orderbook.plot import plot_run
 

@@ -144,7 +144,7 @@ class FeedAdapter:
     def _backoff(self, failures: int) -> float:
         # Full jitter: many clients dropped at once must not come back in step.
         ceiling = min(self.options.backoff_max_s, self.options.backoff_initial_s * 2**failures)
-        return ceiling * (0.5 + 0.5 * self._random.random())
+        return float(ceiling * (0.5 + 0.5 * self._random.random()))
 
     def _set_nodelay(self, ws: ClientConnection) -> None:
         # Small frames must leave at once, not wait for Nagle to fill a segment.

@@ -1,4 +1,4 @@
-"""Exact fixed-point decimals: ``"30000.96"`` becomes the int64 ``3000096000000`` (scale 10**8), never a float.
+"""Exact fixed-point decimals: ``"30000.96"`` is the int64 ``3000096000000`` at scale 10**8, never a float.
 
 A value remembers how many fraction digits its text had, so :func:`format_fixed` gives back the very
 string the exchange sent (``"0.0500"`` stays ``"0.0500"``) — the exchange's checksum is over that text.

@@ -84,7 +84,9 @@ def check_cpus(cpus: tuple[int | None, ...]) -> None:
             raise PipelineFailed(f"CPU {cpu} is not one this process may run on ({sorted(allowed)})")
 
 
-def run_pipeline(options: PipelineOptions, *, on_tick: Callable[[LiveStats], None] | None = None) -> PipelineResult:
+def run_pipeline(
+    options: PipelineOptions, *, on_tick: Callable[[LiveStats], None] | None = None
+) -> PipelineResult:
     """Run feed -> book -> recorder against a local replay server for ``options.seconds``."""
     check_cpus(options.cpus)
     output = options.output
@@ -106,31 +108,66 @@ def run_pipeline(options: PipelineOptions, *, on_tick: Callable[[LiveStats], Non
     urls: Any = ctx.Queue()
     stop_feed, stop_server = ctx.Event(), ctx.Event()
     procs: dict[str, BaseProcess] = {}
-    names = {"feed": f"{prefix}.feed", "stats": f"{prefix}.stats", "raw": f"{prefix}.raw", "top": f"{prefix}.top"}
+    names = {
+        "feed": f"{prefix}.feed",
+        "stats": f"{prefix}.stats",
+        "raw": f"{prefix}.raw",
+        "top": f"{prefix}.top",
+    }
     start = time.monotonic()
     last = LiveStats()
     try:
-        procs["replay"] = ctx.Process(target=replay_main, args=(scenario, urls, stop_server, errors), name="replay")
+        procs["replay"] = ctx.Process(
+            target=replay_main,
+            kwargs={"scenario": scenario, "urls": urls, "stop": stop_server, "errors": errors},
+            name="replay",
+        )
         procs["replay"].start()
         url = _get(urls, errors, procs, what="the replay server's address")
         procs["recorder"] = ctx.Process(
             target=recorder_main,
-            args=(names["top"], data, options.cpus[2], errors, options.rotate_seconds, {"price_scale": "8", "size_scale": "8"}),
+            kwargs={
+                "ring": names["top"],
+                "directory": data,
+                "cpu": options.cpus[2],
+                "errors": errors,
+                "rotate_seconds": options.rotate_seconds,
+                "metadata": {"price_scale": "8", "size_scale": "8"},
+            },
             name="recorder",
         )
         procs["book"] = ctx.Process(
             target=book_main,
-            args=(names["raw"], names["top"], names["stats"], options.depth, options.cpus[1], errors, options.ring_capacity),
+            kwargs={
+                "source_ring": names["raw"],
+                "out_ring": names["top"],
+                "stats_block": names["stats"],
+                "depth": options.depth,
+                "cpu": options.cpus[1],
+                "errors": errors,
+                "capacity": options.ring_capacity,
+            },
             name="book",
         )
         procs["feed"] = ctx.Process(
             target=feed_main,
-            args=(url, names["raw"], names["feed"], options.cpus[0], stop_feed, errors, options.ring_capacity),
+            kwargs={
+                "url": url,
+                "ring": names["raw"],
+                "feed_block": names["feed"],
+                "cpu": options.cpus[0],
+                "stop": stop_feed,
+                "errors": errors,
+                "capacity": options.ring_capacity,
+            },
             name="feed",
         )
         for name in ("feed", "book", "recorder"):
             procs[name].start()
-        with _open_block(names["feed"], errors, procs) as feed_block, _open_block(names["stats"], errors, procs) as stats_block:
+        with (
+            _open_block(names["feed"], errors, procs) as feed_block,
+            _open_block(names["stats"], errors, procs) as stats_block,
+        ):
             start = time.monotonic()
             while (elapsed := time.monotonic() - start) < options.seconds:
                 _check(errors, procs)

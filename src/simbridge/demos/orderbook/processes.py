@@ -32,9 +32,29 @@ from simbridge.demos.orderbook.wire import SNAPSHOT, TOP_DTYPE, decode_event, en
 from simbridge.shm import Block
 from simbridge.shm.errors import PeerGone
 
-FEED_FIELDS = ("state", "messages", "snapshots", "updates", "checksum_failures", "gaps", "connects", "drops", "nodelay")
+FEED_FIELDS = (
+    "state",
+    "messages",
+    "snapshots",
+    "updates",
+    "checksum_failures",
+    "gaps",
+    "connects",
+    "drops",
+    "nodelay",
+)
 STATE_CODES = {state: index for index, state in enumerate(FeedState)}
-STATS_FIELDS = ("events", "events_per_s", "best_bid", "best_ask", "obi", "p50_us", "p99_us", "snapshots", "mid")
+STATS_FIELDS = (
+    "events",
+    "events_per_s",
+    "best_bid",
+    "best_ask",
+    "obi",
+    "p50_us",
+    "p99_us",
+    "snapshots",
+    "mid",
+)
 _PUBLISH_EVERY_S = 0.1
 
 
@@ -52,7 +72,7 @@ def _guarded(name: str, errors: Queue[str], body: Callable[[], None]) -> None:
         raise SystemExit(1) from exc
 
 
-def replay_main(scenario: Scenario, urls: Queue[str], stop: Event, errors: Queue[str]) -> None:
+def replay_main(*, scenario: Scenario, urls: Queue[str], stop: Event, errors: Queue[str]) -> None:
     def body() -> None:
         with ReplayServer(scenario) as server:
             urls.put(server.url)
@@ -62,13 +82,14 @@ def replay_main(scenario: Scenario, urls: Queue[str], stop: Event, errors: Queue
 
 
 def feed_main(
-    url: str, ring: str, feed_block: str, cpu: int | None, stop: Event, errors: Queue[str], capacity: int
+    *, url: str, ring: str, feed_block: str, cpu: int | None, stop: Event, errors: Queue[str], capacity: int
 ) -> None:
     def body() -> None:
         pin(cpu)
-        with channels.create_variable(ring, capacity=capacity) as out, Block.create(
-            feed_block, len(FEED_FIELDS), np.int64
-        ) as block:
+        with (
+            channels.create_variable(ring, capacity=capacity) as out,
+            Block.create(feed_block, len(FEED_FIELDS), np.int64) as block,
+        ):
             counters = np.zeros(len(FEED_FIELDS), np.int64)
 
             def forward(event: BookEvent) -> None:
@@ -83,9 +104,9 @@ def feed_main(
                 while not task.done():
                     if stop.is_set():
                         halt.set()
-                    for index, key in enumerate(FEED_FIELDS):
-                        value = adapter.machine.state if key == "state" else getattr(adapter.stats, key)
-                        counters[index] = STATE_CODES[value] if key == "state" else int(value)
+                    counters[0] = STATE_CODES[adapter.machine.state]
+                    for index, key in enumerate(FEED_FIELDS[1:], start=1):
+                        counters[index] = int(getattr(adapter.stats, key))
                     block.publish(counters)
                     await asyncio.wait([task], timeout=_PUBLISH_EVERY_S)
                 await task
@@ -96,6 +117,7 @@ def feed_main(
 
 
 def book_main(
+    *,
     source_ring: str,
     out_ring: str,
     stats_block: str,
@@ -155,19 +177,19 @@ def book_main(
                     rate = window_events / max(clock - window_start, 1e-9)
                     if clock - window_start >= 1.0:
                         window_start, window_events = clock, 0
-                    _fill_stats(stats, book, events, rate, latencies, snapshots, depth)
+                    _fill_stats(stats, book, events, rate, latencies, snapshots=snapshots, depth=depth)
                     block.publish(stats)
                     last_publish = clock
             # The last look: the mean rate over the whole run, as the live rate means nothing once stopped.
             mean_rate = events / max(time.monotonic() - started, 1e-9)
-            _fill_stats(stats, book, events, mean_rate, latencies, snapshots, depth)
+            _fill_stats(stats, book, events, mean_rate, latencies, snapshots=snapshots, depth=depth)
             block.publish(stats)
 
     _guarded("book", errors, body)
 
 
 def _fill_stats(
-    stats: Any, book: L2Book, events: int, rate: float, latencies: Any, snapshots: int, depth: int
+    stats: Any, book: L2Book, events: int, rate: float, latencies: Any, *, snapshots: int, depth: int
 ) -> None:
     bid, ask = book.best_bid(), book.best_ask()
     p50, p99 = np.percentile(np.fromiter(latencies, float), [50, 99]) if latencies else (0.0, 0.0)
@@ -186,6 +208,7 @@ def _fill_stats(
 
 
 def recorder_main(
+    *,
     ring: str,
     directory: Path,
     cpu: int | None,

@@ -155,7 +155,9 @@ class ServerStats:
 class ReplayServer:
     """``with ReplayServer(scenario) as server: ... server.url``; binds 127.0.0.1 on a free port."""
 
-    def __init__(self, scenario: Scenario | None = None, *, channel: Channel | None = None, port: int = 0) -> None:
+    def __init__(
+        self, scenario: Scenario | None = None, *, channel: Channel | None = None, port: int = 0
+    ) -> None:
         self.scenario = scenario or Scenario()
         self.channel = channel or Channel()
         self.market: SimulatedMarket | RecordedMarket = (

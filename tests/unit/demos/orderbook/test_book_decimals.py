@@ -71,7 +71,10 @@ def test_an_update_replaces_its_level_and_size_zero_deletes_it() -> None:
     lv = book.parse_level
     book.apply_snapshot([lv("30000.96", "1.5"), lv("30000.95", "2")], [lv("30000.97", "3")])
     book.apply_update([lv("30000.96", "0.25")], [])
-    assert [(x.price, x.size) for x in book.bids.top(5)] == [(3_000_096_000_000, 25_000_000), (3_000_095_000_000, 200_000_000)]
+    assert [(x.price, x.size) for x in book.bids.top(5)] == [
+        (3_000_096_000_000, 25_000_000),
+        (3_000_095_000_000, 200_000_000),
+    ]
     book.apply_update([lv("30000.96", "0")], [lv("30000.98", "0"), lv("30000.97", "0.0")])
     assert len(book.bids) == 1 and len(book.asks) == 0  # deleting a level that is not there is a no-op
     assert book.best_bid() == lv("30000.95", "2")
@@ -113,7 +116,9 @@ def test_checksum_uses_the_original_text_and_only_the_top_25_levels() -> None:
     book = L2Book()
     lv = book.parse_level
     # "0.5000" must stay "0.5000" (the documented trap), so each level keeps its text's digits.
-    book.apply_snapshot([lv(f"{100 - i}.00", "0.5000") for i in range(30)], [lv(f"{101 + i}.00", "1.0") for i in range(30)])
+    book.apply_snapshot(
+        [lv(f"{100 - i}.00", "0.5000") for i in range(30)], [lv(f"{101 + i}.00", "1.0") for i in range(30)]
+    )
     text = book.checksum_text()
     assert text.startswith("100.00:0.5000:101.00:1.0:99.00:0.5000:")
     assert text.count(":") == 25 * 4 - 1
@@ -121,6 +126,9 @@ def test_checksum_uses_the_original_text_and_only_the_top_25_levels() -> None:
 
 
 def test_a_float_in_a_push_is_refused() -> None:
-    push = '{"action":"update","arg":{},"data":[{"bids":[[30000.96,"1"]],"asks":[],"checksum":1,"seq":2,"ts":"1"}]}'
-    with pytest.raises(FeedProtocolError, match="JSON number 30000.96"):
+    push = (
+        '{"action":"update","arg":{},"data":'
+        '[{"bids":[[30000.96,"1"]],"asks":[],"checksum":1,"seq":2,"ts":"1"}]}'
+    )
+    with pytest.raises(FeedProtocolError, match=r"JSON number 30000\.96"):
         parse_message(push, L2Book())

@@ -30,7 +30,7 @@ def test_the_normal_life_of_a_connection() -> None:
 
 def test_an_illegal_step_says_where_it_may_go() -> None:
     machine = FeedStateMachine()
-    with pytest.raises(IllegalTransition, match="connecting to live.*may go to backoff, closed, subscribed"):
+    with pytest.raises(IllegalTransition, match=r"connecting to live.*may go to backoff, closed, subscribed"):
         machine.transition_to(FeedState.LIVE, "no snapshot yet")
     assert machine.state is FeedState.CONNECTING and machine.history == []
 
