@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -149,7 +149,6 @@ class ServerStats:
     bad_checksums: int = 0
     drops: int = 0
     last_seq: int = 0
-    sent_seqs: list[int] = field(default_factory=list)
 
 
 class ReplayServer:
