@@ -356,7 +356,7 @@ def record_command(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    _console().print(
+    typer.echo(
         f"recorded {summary.rows} rows into {len(summary.files)} file(s) in {directory} "
         f"(stopped: {summary.stopped_by})"
     )

@@ -3,6 +3,7 @@ loopback; it ends by itself, exits 0, writes a PNG and Parquet files that read b
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.integration
 def test_demo_orderbook_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "run"
     code = "from simbridge.cli import app; app(prog_name='simbridge')"
+    cpu = str(min(os.sched_getaffinity(0)))  # every process pinned, all to one CPU this test may use
     done = subprocess.run(
         [
             sys.executable,

@@ -126,3 +126,17 @@ def test_kill9_mid_stream_keeps_a_clean_prefix_and_a_restart_continues(
     # the only loss (at most one flush interval), and nothing is duplicated.
     assert values == sorted(set(values)) and values[-1] == pushed - 1
     assert 3000 <= len(values) <= pushed
+
+
+def test_sigterm_stops_the_recorder_cleanly(block_name: str, tmp_path: Path) -> None:
+    with Ring.create(block_name, capacity=1024, record_dtype=DT) as producer:
+        proc = _start_recorder(block_name, tmp_path)
+        producer.push_many(_batch(0, 500), timeout=20)
+        wait_for(lambda: _rows_on_disk(tmp_path) == 500, timeout=30, what="500 rows flushed to disk")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    assert b"stop requested" in out
+    # Closed on the way out: final names only, every row there.
+    assert not list(tmp_path.glob(f"*{TMP_SUFFIX}")) and not list(tmp_path.glob(f"*{JOURNAL_SUFFIX}"))
+    assert _values(tmp_path) == list(range(500))
