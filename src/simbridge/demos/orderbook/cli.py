@@ -14,7 +14,7 @@ from rich.live import Live
 from rich.table import Table
 
 from simbridge.demos.orderbook.errors import OrderBookError
-from simbridge.demos.orderbook.pipeline import LiveStats, PipelineOptions, load_run, run_pipeline
+from simbridge.demos.orderbook.options import LiveStats, PipelineOptions
 from simbridge.errors import SimbridgeError
 
 _DEFAULTS = PipelineOptions()
@@ -72,6 +72,10 @@ def orderbook_command(
     plot: Annotated[bool, typer.Option(help="Write orderbook.png (needs matplotlib).")] = True,
 ) -> None:
     """An exchange order-book feed through shared-memory rings into Parquet, against a local replay server."""
+    # Imported here: WebSockets and pyarrow (the streams extra) are needed to run the demo, not to
+    # start the `simbridge` command.
+    from simbridge.demos.orderbook.pipeline import load_run, run_pipeline
+
     console = Console()
     options = PipelineOptions(seconds=seconds, output=output, rate_hz=rate, depth=depth, cpus=_cpus(cpus))
     try:

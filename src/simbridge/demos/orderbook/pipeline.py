@@ -13,7 +13,7 @@ import queue
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from simbridge.demos.orderbook.errors import PipelineFailed
+from simbridge.demos.orderbook.options import LiveStats, PipelineOptions
 from simbridge.demos.orderbook.processes import (
     FEED_FIELDS,
     STATS_FIELDS,
@@ -30,41 +31,8 @@ from simbridge.demos.orderbook.processes import (
     replay_main,
 )
 from simbridge.demos.orderbook.replay import Scenario
-from simbridge.demos.orderbook.states import FeedState
 from simbridge.shm import Block
 from simbridge.shm.errors import ShmError
-
-_STATES = list(FeedState)
-
-
-@dataclass(frozen=True)
-class PipelineOptions:
-    """What ``simbridge demo orderbook`` runs."""
-
-    seconds: float = 10.0
-    output: Path = Path("orderbook-run")
-    rate_hz: float = 1000.0
-    depth: int = 10  # levels per side in the OBI
-    cpus: tuple[int | None, int | None, int | None] = (None, None, None)  # feed, book, recorder
-    bad_checksum_after_s: float = 0.3  # when the replay server sends its wrong checksum
-    drop_after_s: float = 0.6  # and when it drops the connection
-    rotate_seconds: float = 1.0
-    ring_capacity: int = 1 << 20
-    seed: int = 0
-
-
-@dataclass
-class LiveStats:
-    """One look at the running pipeline, for the live view."""
-
-    elapsed_s: float = 0.0
-    feed: dict[str, int] = field(default_factory=dict)
-    book: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def state(self) -> str:
-        code = self.feed.get("state")
-        return _STATES[code].value if code is not None and 0 <= code < len(_STATES) else "starting"
 
 
 @dataclass
