@@ -21,7 +21,8 @@ pytestmark = pytest.mark.integration
 def test_demo_orderbook_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "run"
     code = "from simbridge.cli import app; app(prog_name='simbridge')"
-    cpu = str(min(os.sched_getaffinity(0)))  # every process pinned, all to one CPU this test may use
+    allowed = sorted(os.sched_getaffinity(0))  # every process pinned, to CPUs this test may use
+    cpus = f"{allowed[0]},{allowed[-1]},{allowed[-1]}"
     done = subprocess.run(
         [
             sys.executable,
@@ -35,6 +36,8 @@ def test_demo_orderbook_runs_end_to_end(tmp_path: Path) -> None:
             str(out),
             "--rate",
             "500",
+            "--cpus",
+            cpus,
         ],
         capture_output=True,
         text=True,

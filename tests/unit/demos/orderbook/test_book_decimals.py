@@ -132,3 +132,26 @@ def test_a_float_in_a_push_is_refused() -> None:
     )
     with pytest.raises(FeedProtocolError, match=r"JSON number 30000\.96"):
         parse_message(push, L2Book())
+
+
+_price = st.integers(1, 400).map(lambda cents: f"{cents // 100}.{cents % 100:02d}")
+_size = st.one_of(
+    st.just("0"), st.integers(1, 10**6).map(lambda units: f"{units // 10**4}.{units % 10**4:04d}")
+)
+
+
+@given(st.lists(st.tuples(st.booleans(), _price, _size), max_size=60))
+def test_the_book_matches_a_decimal_model_after_any_updates(updates: list[tuple[bool, str, str]]) -> None:
+    book = L2Book()
+    model: dict[bool, dict[Decimal, Decimal]] = {True: {}, False: {}}
+    for is_bid, price, size in updates:
+        level = book.parse_level(price, size)
+        book.apply_update([level] if is_bid else [], [] if is_bid else [level])
+        if Decimal(size) == 0:
+            model[is_bid].pop(Decimal(price), None)
+        else:
+            model[is_bid][Decimal(price)] = Decimal(size)
+    for is_bid, side in ((True, book.bids), (False, book.asks)):
+        expected = sorted(model[is_bid].items(), reverse=is_bid)
+        got = [(Decimal(lv.price) / 10**8, Decimal(lv.size) / 10**8) for lv in side.top(1000)]
+        assert got == expected
