@@ -1403,8 +1403,9 @@ static inline void sb_block_close(sb_block *b) {
  *
  * SEGMENT LAYOUT  (the same name space as blocks: "/simbridge.<name>"; the magic tells them apart)
  *   offset 0     sbr_header identity (write-once, 128 bytes; `magic` stored last with release)
- *   offset 256   producer line: published tail, state, the producer's parked flag and futex, counters
- *   offset 320   consumer line: released head, the attached consumer, its parked flag and futex, counters
+ *   offset 256   producer line: published tail, state, the producer's counters
+ *   offset 320   consumer line: released head, the attached consumer, the consumer's counters
+ *   offset 384   producer parking line: its parked flag and futex word (448: the consumer's)
  *   offset 512   descr: up to SBR_DESCR_MAX bytes of text describing a fixed record (numpy's
  *                dtype.descr, for Python peers; C peers ignore it), written once before `magic`
  *   offset 1536  data: `capacity` units, a power of two
@@ -1468,6 +1469,7 @@ static inline void sb_block_close(sb_block *b) {
 #define SBR_CONSUMER_CLOSED UINT64_C(1)           /* the last consumer detached cleanly */
 #define SBR_PID_LIMIT 4194304u                    /* Linux's PID_MAX_LIMIT: a larger pid is garbage */
 #define SBR_PEER_CHECK_NS UINT64_C(200000000)     /* parked waits look at the peer this often */
+#define SBR_DEFAULT_SPIN_NS UINT64_C(50000)       /* sbr_push/sbr_pop spin this long before parking */
 
 typedef struct sbr_header {
     /* identity (write-once; `magic` last, release) */
@@ -1488,32 +1490,37 @@ typedef struct sbr_header {
     uint32_t descr_bytes;               /* 120 length of the descr text at SBR_DESCR_OFFSET */
     uint32_t flags;                     /* 124 SBR_FLAG_* */
     uint8_t pad_identity[256 - 128];
-    /* producer line (256): the producer stores here (the consumer only to wake it) */
+    /* producer line (256): only the producer stores here */
     SB_ATOMIC(uint64_t) tail;           /* 256 published write position */
     SB_ATOMIC(uint32_t) state;          /* 264 sb_state: OPEN, or CLOSED by the producer */
-    SB_ATOMIC(uint32_t) producer_parked;/* 268 flag: the producer may be parked waiting for room */
-    SB_ATOMIC(uint32_t) producer_futex; /* 272 the consumer bumps it to wake the producer */
     uint32_t pad_p0;
-    SB_ATOMIC(uint64_t) pushed;         /* 280 records pushed (padding not counted) */
-    SB_ATOMIC(uint64_t) full_waits;     /* 288 pushes that found no room and waited */
-    SB_ATOMIC(uint64_t) producer_wakes; /* 296 FUTEX_WAKEs the producer made for a parked consumer */
-    uint8_t pad_producer[64 - 48];
-    /* consumer line (320): the consumer stores here (the producer only to wake it) */
+    SB_ATOMIC(uint64_t) pushed;         /* 272 records pushed (padding not counted) */
+    SB_ATOMIC(uint64_t) full_waits;     /* 280 pushes that found no room and waited */
+    SB_ATOMIC(uint64_t) producer_wakes; /* 288 FUTEX_WAKEs the producer made for a parked consumer */
+    uint8_t pad_producer[64 - 40];
+    /* consumer line (320): only the consumer stores here */
     SB_ATOMIC(uint64_t) head;           /* 320 released read position */
     SB_ATOMIC(uint64_t) consumer;       /* 328 pid << 32 | start time & 0xffffffff; NONE or CLOSED */
-    SB_ATOMIC(uint32_t) consumer_parked;/* 336 flag: the consumer may be parked waiting for data */
-    SB_ATOMIC(uint32_t) consumer_futex; /* 340 the producer bumps it to wake the consumer */
-    SB_ATOMIC(uint64_t) popped;         /* 344 records popped */
-    SB_ATOMIC(uint64_t) empty_waits;    /* 352 pops that found nothing and waited */
-    SB_ATOMIC(uint64_t) consumer_wakes; /* 360 FUTEX_WAKEs the consumer made for a parked producer */
-    uint8_t pad_consumer[64 - 48];
-    uint8_t reserved[SBR_DESCR_OFFSET - 384];
+    SB_ATOMIC(uint64_t) popped;         /* 336 records popped */
+    SB_ATOMIC(uint64_t) empty_waits;    /* 344 pops that found nothing and waited */
+    SB_ATOMIC(uint64_t) consumer_wakes; /* 352 FUTEX_WAKEs the consumer made for a parked producer */
+    uint8_t pad_consumer[64 - 40];
+    /* parking lines (384, 448): written only when a side parks or wakes the other, so the flag each
+       publish or release reads stays in the reader's cache while both sides are busy */
+    SB_ATOMIC(uint32_t) producer_parked;/* 384 flag: the producer may be parked waiting for room */
+    SB_ATOMIC(uint32_t) producer_futex; /* 388 the consumer bumps it to wake the producer */
+    uint8_t pad_park_p[64 - 8];
+    SB_ATOMIC(uint32_t) consumer_parked;/* 448 flag: the consumer may be parked waiting for data */
+    SB_ATOMIC(uint32_t) consumer_futex; /* 452 the producer bumps it to wake the consumer */
+    uint8_t pad_park_c[64 - 8];
     char descr[SBR_DESCR_MAX];          /* 512 */
 } sbr_header;
 
 SB_STATIC_ASSERT(sizeof(sbr_header) == SBR_HEADER_BYTES, "sbr_header must be SBR_HEADER_BYTES");
 SB_STATIC_ASSERT(offsetof(sbr_header, tail) == 256, "producer line must start a cache line");
 SB_STATIC_ASSERT(offsetof(sbr_header, head) == 320, "consumer line must start a cache line");
+SB_STATIC_ASSERT(offsetof(sbr_header, producer_parked) == 384 && offsetof(sbr_header, consumer_parked) == 448,
+                 "each parking flag on its own cache line");
 SB_STATIC_ASSERT(offsetof(sbr_header, descr) == SBR_DESCR_OFFSET, "descr offset");
 
 /* A handle; fill it with sbr_create or sbr_open, never by hand. */
@@ -1532,6 +1539,7 @@ typedef struct sbr_ring {
     uint64_t cached_tail;          /* consumer's copy of the producer's tail */
     uint64_t pushed, popped;       /* this side's counters, mirrored into the header */
     uint64_t consumer_word;        /* consumer: the word it attached with */
+    uint64_t peer_check_ns;        /* parked waits look at the peer this often (SBR_PEER_CHECK_NS) */
     unsigned char identity[SBR_IDENTITY_BYTES];
     char path[SB_NAME_MAX + 16];
 } sbr_ring;
@@ -1597,6 +1605,7 @@ static inline int sbr_intact(const sbr_ring *r) {
 }
 
 static inline void sbr__adopt_geometry(sbr_ring *r, const sbr_header *id) {
+    r->peer_check_ns = SBR_PEER_CHECK_NS;
     r->mode = id->mode;
     r->record_size = id->record_size;
     r->max_payload = id->max_payload;
@@ -1791,7 +1800,7 @@ static inline int sbr_wait_room(sbr_ring *r, uint64_t need, int64_t timeout_ns, 
         if (!sbr_consumer_alive(r)) return SB_EPEERGONE;
         uint64_t now = sb_now_ns(CLOCK_MONOTONIC);
         if (timeout_ns >= 0 && now - start >= (uint64_t)timeout_ns) return SB_ETIMEDOUT;
-        uint64_t park = SBR_PEER_CHECK_NS;
+        uint64_t park = r->peer_check_ns ? r->peer_check_ns : SBR_PEER_CHECK_NS;
         if (timeout_ns >= 0 && (uint64_t)timeout_ns - (now - start) < park) park = (uint64_t)timeout_ns - (now - start);
         sbr__wait(r, 0, need, spin_ns, park);
         spin_ns = 0;
@@ -1822,7 +1831,7 @@ static inline int sbr_push_ex(sbr_ring *r, const void *src, uint64_t len, uint32
 }
 
 static inline int sbr_push(sbr_ring *r, const void *src, uint64_t len, uint32_t type, int64_t timeout_ns) {
-    return sbr_push_ex(r, src, len, type, timeout_ns, 0, 0);
+    return sbr_push_ex(r, src, len, type, timeout_ns, SBR_DEFAULT_SPIN_NS, 0);
 }
 
 /* Never waits: SB_EAGAIN when full. */
@@ -1938,7 +1947,7 @@ static inline int sbr_wait_data(sbr_ring *r, int64_t timeout_ns, uint64_t spin_n
         }
         uint64_t now = sb_now_ns(CLOCK_MONOTONIC);
         if (timeout_ns >= 0 && now - start >= (uint64_t)timeout_ns) return SB_ETIMEDOUT;
-        uint64_t park = SBR_PEER_CHECK_NS;
+        uint64_t park = r->peer_check_ns ? r->peer_check_ns : SBR_PEER_CHECK_NS;
         if (timeout_ns >= 0 && (uint64_t)timeout_ns - (now - start) < park) park = (uint64_t)timeout_ns - (now - start);
         sbr__wait(r, 1, pos, spin_ns, park);
         spin_ns = 0;
@@ -1960,7 +1969,7 @@ static inline int sbr_pop(sbr_ring *r, void *dst, uint64_t cap, uint32_t *len, u
         }
         if (rc != SB_EAGAIN) return rc;
         sbr_release(r); /* padding skipped by peek is space too */
-        rc = sbr_wait_data(r, timeout_ns, 0);
+        rc = sbr_wait_data(r, timeout_ns, SBR_DEFAULT_SPIN_NS);
         if (rc != SB_OK) return rc;
     }
 }

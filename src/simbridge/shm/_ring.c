@@ -636,6 +636,16 @@ static PyObject *ring_header_dict(sbr_ring *r) {
         "consumer_alive", sbr_consumer_alive(r) ? Py_True : Py_False);
 }
 
+/* set_waits(spin_ns, peer_check_ns): how long waits spin, and how often parked waits look at the peer. */
+static PyObject *ring_set_waits(RingObject *self, PyObject *args) {
+    unsigned long long spin_ns, peer_ns;
+    if (!PyArg_ParseTuple(args, "KK", &spin_ns, &peer_ns)) return NULL;
+    if (peer_ns == 0) return PyErr_Format(R_OutOfRange, "the peer-check interval must be > 0 ns");
+    self->spin_ns = spin_ns;
+    self->r.peer_check_ns = peer_ns;
+    Py_RETURN_NONE;
+}
+
 static PyObject *ring_header(RingObject *self, PyObject *unused) {
     (void)unused;
     if (self->closed || self->r.hdr == NULL)
@@ -724,6 +734,7 @@ static PyMethodDef ring_methods[] = {
      "pop_many(max_count, timeout, typed) -> list | status"},
     {"pop_into", (PyCFunction)(void (*)(void))ring_pop_into, METH_FASTCALL, "pop_into(out, timeout) -> count | status"},
     {"wait_data", (PyCFunction)(void (*)(void))ring_wait, METH_FASTCALL, "wait_data(timeout) -> status"},
+    {"set_waits", (PyCFunction)ring_set_waits, METH_VARARGS, "set_waits(spin_ns, peer_check_ns)"},
     {"header", (PyCFunction)ring_header, METH_NOARGS, "header() -> dict"},
     {"producer_alive", (PyCFunction)ring_producer_alive, METH_NOARGS, "producer_alive() -> bool"},
     {"consumer_alive", (PyCFunction)ring_consumer_alive, METH_NOARGS, "consumer_alive() -> bool"},

@@ -27,6 +27,7 @@ from simbridge.shm.block import Block
 from simbridge.shm.errors import Corrupted, PeerGone, Timeout
 from simbridge.shm.layout import SHM_DIR
 from simbridge.shm.recorder import diff as diff_recording
+from simbridge.shm.ring import inspect_ring
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 demo_app = typer.Typer(no_args_is_help=True, add_completion=False)
@@ -116,9 +117,10 @@ def list_command(
         rows = [asdict(i) | {"name": _printable(i.name), "stale": i.stale} for i in infos]
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"simbridge blocks in {SHM_DIR}")
+    table = Table(title=f"simbridge blocks and rings in {SHM_DIR}")
     table.add_column("name", overflow="fold")
     for col in (
+        "kind",
         "owner pid",
         "alive",
         "state",
@@ -132,12 +134,13 @@ def list_command(
     for i in infos:
         table.add_row(
             _shown(i.name if i.error is None else f"{i.name} ({i.error})"),
+            i.kind,
             str(i.owner_pid or "-"),
             "yes" if i.alive else "[red]no[/red]",
             i.state,
             i.dtype or "-",
             str(i.shape) if i.shape is not None else "-",
-            str(i.iteration) if i.iteration is not None else "-",
+            str(i.iteration) if i.iteration is not None else (f"{i.commit} pushed" if i.ring else "-"),
             _age(i.last_publish),
             _size(i.size),
         )
@@ -147,8 +150,11 @@ def list_command(
 @app.command("inspect")
 @one_line_errors
 def inspect_command(name: str) -> None:
-    """Show a block's header and min/max/mean/NaN count of its latest iteration."""
+    """Show a block's header and min/max/mean/NaN count of its latest iteration, or a ring's counters."""
     info = registry.block_info(name)
+    if info is not None and info.kind == "ring":
+        _inspect_ring(name)
+        return
     if info is not None and info.state == "invalid":
         raise _fail(
             f"block {name!r} cannot be inspected: {info.error}; it is not a block of this simbridge "
@@ -193,6 +199,22 @@ def inspect_command(name: str) -> None:
             f"block {name!r}: the latest iteration is corrupted ({problem}); its writer or a peer "
             "wrote into the segment outside the protocol — restart the writer"
         )
+
+
+def _inspect_ring(name: str) -> None:
+    header = inspect_ring(name)
+    table = Table(title=f"ring {name}", show_header=False)
+    for key, raw in header.items():
+        value = raw
+        if key == "magic":
+            value = hex(raw)
+        elif key == "descr":
+            value = raw.decode("ascii", "replace") or "-"
+        table.add_row(key, _shown(str(value)))
+    queued = (header["tail"] - header["head"]) % 2**64
+    unit = "bytes" if header["mode"] == "variable" else "records"
+    table.add_row("queued", f"{queued} of {header['capacity']} {unit}")
+    _console().print(table)
 
 
 @app.command("rm")

@@ -111,6 +111,7 @@ class Ring:
         self.record_dtype = record_dtype
         self.producer_pid: int = handle.producer_pid
         self._timeout = seconds(settings.read_timeout_s, "shm.read_timeout_s")
+        handle.set_waits(int(settings.spin_us * 1000), max(1, int(settings.peer_check_ms * 1e6)))
         self._executor: ThreadPoolExecutor | None = None
         self._finalizer = weakref.finalize(self, _release_producer if self.is_producer else _release, handle)
 
@@ -495,6 +496,15 @@ class Ring:
         kind = f"records of {self.record_dtype}" if self.fixed else "variable records"
         role = "producer" if self.is_producer else "consumer"
         return f"Ring({self.name!r}, capacity={self.capacity}, {kind}, {role})"
+
+
+def inspect_ring(name: str) -> dict[str, Any]:
+    """Every header field and counter of ring ``name``, read without attaching (read-only mapping)."""
+    validate_name(name)
+    header = _core.ring_inspect(name)
+    if header is None:
+        raise BlockNotFound(f"ring {name!r} exists but its creator has not initialised it yet")
+    return header
 
 
 def _release(handle: _core.RingHandle) -> None:
