@@ -236,7 +236,7 @@ class ParquetRecorder:
         if (
             self._segment is not None
             and self.rotate_seconds is not None
-            and now - self._opened_at >= self.rotate_seconds
+            and time.monotonic() - self._opened_at >= self.rotate_seconds  # the file may be new since `now`
         ):
             self._close_segment()
 

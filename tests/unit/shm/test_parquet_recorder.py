@@ -61,6 +61,20 @@ def test_fixed_records_become_columns_and_files_rotate(block_name: str, tmp_path
     assert pq.ParquetFile(summary.files[0]).metadata.row_group(0).column(0).compression == "ZSTD"
 
 
+def test_files_rotate_by_age(block_name: str, tmp_path: Path) -> None:
+    with (
+        Ring.create(block_name, capacity=1024, record_dtype=DT) as producer,
+        Ring.open(block_name, timeout=5) as consumer,
+    ):
+        producer.push_many(_records(0, 300))
+        producer.close()
+        # Any file is older than a microsecond by its next check: one file per 100-row flush.
+        recorder = ParquetRecorder(consumer, tmp_path, rotate_seconds=1e-6, rotate_bytes=None, flush_rows=100)
+        summary = recorder.run(poll_s=0.05)
+    assert summary.rows == 300 and len(summary.files) == 3
+    assert [pq.ParquetFile(f).metadata.num_rows for f in summary.files] == [100, 100, 100]
+
+
 def test_variable_records_become_type_and_payload(block_name: str, tmp_path: Path) -> None:
     with Ring.create(block_name, capacity=1 << 16) as producer, Ring.open(block_name, timeout=5) as consumer:
         recorder = ParquetRecorder(consumer, tmp_path, exchange_ts_offset=0)
