@@ -31,7 +31,7 @@ from simbridge.demos.orderbook.processes import (
     replay_main,
 )
 from simbridge.demos.orderbook.replay import Scenario
-from simbridge.shm import Block
+from simbridge.shm import Block, registry
 from simbridge.shm.errors import ShmError
 
 
@@ -156,6 +156,10 @@ def run_pipeline(
             if proc.is_alive():
                 proc.terminate()
                 proc.join(5)
+        # A process ended by a signal left its segments behind; they are stale now (owner dead).
+        for name in names.values():
+            with contextlib.suppress(ShmError):
+                registry.remove(name)
     return PipelineResult(output, sorted(data.glob("*.parquet")), last, time.monotonic() - start)
 
 

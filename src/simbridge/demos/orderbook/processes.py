@@ -74,9 +74,12 @@ def _guarded(name: str, errors: Queue[str], body: Callable[[], None]) -> None:
 
 def replay_main(*, scenario: Scenario, urls: Queue[str], stop: Event, errors: Queue[str]) -> None:
     def body() -> None:
+        parent = os.getppid()
         with ReplayServer(scenario) as server:
             urls.put(server.url)
-            stop.wait()
+            # Until told to stop, or until orphaned (the demo died without telling anyone).
+            while not stop.wait(0.5) and os.getppid() == parent:
+                pass
 
     _guarded("replay server", errors, body)
 
@@ -101,8 +104,9 @@ def feed_main(
             async def run() -> None:
                 halt = asyncio.Event()
                 task = asyncio.create_task(adapter.run(halt))
+                parent = os.getppid()
                 while not task.done():
-                    if stop.is_set():
+                    if stop.is_set() or os.getppid() != parent:  # told to stop, or orphaned
                         halt.set()
                     counters[0] = STATE_CODES[adapter.machine.state]
                     for index, key in enumerate(FEED_FIELDS[1:], start=1):
