@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from simbridge.demos.orderbook.book import L2Book
+from simbridge.demos.orderbook.errors import EventSinkFailed
 from simbridge.demos.orderbook.feed import BookEvent, FeedAdapter, FeedOptions
 from simbridge.demos.orderbook.replay import ReplayServer, Scenario, record_session
 from simbridge.demos.orderbook.states import FeedState
@@ -90,3 +91,14 @@ def test_a_recorded_session_replays_and_verifies(tmp_path: Path) -> None:
         _run_until(adapter, server, updates=150, timeout=20)
     assert adapter.stats.checksum_failures == 0 and adapter.stats.updates == 150
     assert _rebuild(events).checksum() == server.market.book.checksum()
+
+
+def test_a_failing_consumer_stops_the_feed_instead_of_reconnecting() -> None:
+    def broken(event: BookEvent) -> None:
+        raise ConnectionResetError("the ring's consumer is gone")  # an OSError, like PeerGone
+
+    with ReplayServer(Scenario(updates=10)) as server:
+        adapter = FeedAdapter(options=FeedOptions(url=server.url), on_event=broken)
+        with pytest.raises(EventSinkFailed, match="consumer is gone"):
+            asyncio.run(asyncio.wait_for(adapter.run(asyncio.Event()), 20))
+    assert adapter.stats.connects == 1  # no reconnect loop

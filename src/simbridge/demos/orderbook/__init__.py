@@ -9,6 +9,7 @@ from simbridge.demos.orderbook.book import L2Book, Level
 from simbridge.demos.orderbook.errors import (
     ChecksumMismatch,
     DecimalOverflow,
+    EventSinkFailed,
     FeedProtocolError,
     IllegalTransition,
     InvalidDecimal,
@@ -24,6 +25,7 @@ from simbridge.demos.orderbook.states import FeedState, FeedStateMachine
 __all__ = [
     "ChecksumMismatch",
     "DecimalOverflow",
+    "EventSinkFailed",
     "FeedProtocolError",
     "FeedState",
     "FeedStateMachine",

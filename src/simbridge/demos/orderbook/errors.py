@@ -46,6 +46,11 @@ class FeedProtocolError(OrderBookError, ValueError):
     """Raised when a feed message is not what the channel documents (bad JSON, missing field, a gap)."""
 
 
+class EventSinkFailed(OrderBookError, RuntimeError):
+    """Raised by the feed when its ``on_event`` callback fails (e.g. its ring's consumer died): not a
+    connection problem, so no reconnect hides it."""
+
+
 class IllegalTransition(OrderBookError, RuntimeError):
     """Raised when the feed's state machine is asked for a transition its table does not allow."""
 

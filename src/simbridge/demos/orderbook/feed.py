@@ -30,6 +30,7 @@ from simbridge.demos.orderbook.bitget import (
 from simbridge.demos.orderbook.book import L2Book, Level
 from simbridge.demos.orderbook.errors import (
     ChecksumMismatch,
+    EventSinkFailed,
     FeedProtocolError,
     InvalidDecimal,
     ResyncNeeded,
@@ -122,6 +123,8 @@ class FeedAdapter:
                     self._set_nodelay(ws)
                     self.stats.connects += 1
                     reached_live = await self._session(ws, stop)
+            except EventSinkFailed:
+                raise  # downstream is broken (and a ring's PeerGone is also an OSError)
             except (OSError, TimeoutError, WebSocketException, FeedProtocolError, InvalidDecimal) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, InvalidURI | InvalidHandshake) and self.stats.connects == 0:
@@ -229,16 +232,18 @@ class FeedAdapter:
             self._verify(message)
             self._last_seq = message.seq
             self.stats.updates += 1
-        self.on_event(
-            BookEvent(
-                kind=message.action,
-                bids=message.bids,
-                asks=message.asks,
-                seq=message.seq or 0,
-                exchange_ts_ms=message.exchange_ts_ms,
-                receive_ns=receive_ns,
-            )
+        event = BookEvent(
+            kind=message.action,
+            bids=message.bids,
+            asks=message.asks,
+            seq=message.seq or 0,
+            exchange_ts_ms=message.exchange_ts_ms,
+            receive_ns=receive_ns,
         )
+        try:
+            self.on_event(event)
+        except Exception as exc:
+            raise EventSinkFailed(f"the feed's consumer failed: {type(exc).__name__}: {exc}") from exc
 
     def _verify(self, message: DepthMessage) -> None:
         if message.checksum is None:
