@@ -200,7 +200,8 @@ enum sb_status {
     SB_EHEADER = -14,   /* the header's write-once part changed after this handle validated it */
     SB_EBUSY = -15,     /* ring: another live consumer is attached */
     SB_EFULL = -16,     /* ring: no room and the overflow policy is "fail" */
-    SB_ETOOBIG = -17    /* ring: a record larger than the ring's largest */
+    SB_ETOOBIG = -17,   /* ring: a record larger than the ring's largest */
+    SB_ECANCELED = -18  /* ring: sbr_cancel ended the wait (the handle is being closed) */
 };
 
 /* ---------------------------------------------------------------- layout */
@@ -321,6 +322,7 @@ static inline const char *sb_strerror(int code) {
     case SB_EBUSY: return "another live consumer is attached to the ring";
     case SB_EFULL: return "the ring is full";
     case SB_ETOOBIG: return "the record is larger than the ring allows";
+    case SB_ECANCELED: return "the wait was cancelled (the handle is being closed)";
     default: return "unknown error";
     }
 }
@@ -1540,6 +1542,7 @@ typedef struct sbr_ring {
     uint64_t pushed, popped;       /* this side's counters, mirrored into the header */
     uint64_t consumer_word;        /* consumer: the word it attached with */
     uint64_t peer_check_ns;        /* parked waits look at the peer this often (SBR_PEER_CHECK_NS) */
+    SB_ATOMIC(uint32_t) cancel;    /* set by sbr_cancel from another thread: waits end with SB_ECANCELED */
     unsigned char identity[SBR_IDENTITY_BYTES];
     char path[SB_NAME_MAX + 16];
 } sbr_ring;
@@ -1707,7 +1710,7 @@ static inline int sbr__wait(sbr_ring *r, int consumer, uint64_t arg, uint64_t sp
     for (;;) {
         atomic_store_explicit(parked, 1u, memory_order_seq_cst);
         uint32_t word = atomic_load_explicit(futex, memory_order_seq_cst);
-        if (SBR__READY()) {
+        if (SBR__READY() || atomic_load_explicit(&r->cancel, memory_order_acquire)) {
             atomic_store_explicit(parked, 0u, memory_order_relaxed); /* spares the peer a needless wake */
             return 1;
         }
@@ -1793,6 +1796,7 @@ static inline int sbr_wait_room(sbr_ring *r, uint64_t need, int64_t timeout_ns, 
     uint64_t start = sb_now_ns(CLOCK_MONOTONIC);
     atomic_fetch_add_explicit(&r->hdr->full_waits, 1u, memory_order_relaxed);
     for (;;) {
+        if (atomic_load_explicit(&r->cancel, memory_order_acquire)) return SB_ECANCELED;
         if (!sbr_intact(r)) return SB_EHEADER;
         int room = sbr__room(r, need);
         if (room < 0) return room;
@@ -1938,6 +1942,7 @@ static inline int sbr_wait_data(sbr_ring *r, int64_t timeout_ns, uint64_t spin_n
             /* closed: one more look, the last records were published before the state */
             return atomic_load_explicit(&h->tail, memory_order_acquire) != pos ? SB_OK : SB_ECLOSED;
         }
+        if (atomic_load_explicit(&r->cancel, memory_order_acquire)) return SB_ECANCELED;
         if (!sbr_intact(r)) return SB_EHEADER;
         if (!counted) {
             atomic_fetch_add_explicit(&h->empty_waits, 1u, memory_order_relaxed);
@@ -2177,6 +2182,16 @@ static inline int sbr_open(sbr_ring *r, const char *name, int64_t timeout_ns) {
         usleep(backoff);
         if (backoff < 20000) backoff *= 2;
     }
+}
+
+/* Ends, from another thread, every wait on this handle (within microseconds: it wakes this side's futex):
+   they return SB_ECANCELED. For closing a handle that another thread may be waiting on. */
+static inline void sbr_cancel(sbr_ring *r) {
+    atomic_store_explicit(&r->cancel, 1u, memory_order_seq_cst);
+    if (r->hdr == NULL) return;
+    SB_ATOMIC(uint32_t) *futex = r->producer ? &r->hdr->producer_futex : &r->hdr->consumer_futex;
+    atomic_fetch_add_explicit(futex, 1u, memory_order_seq_cst);
+    sb__futex(futex, FUTEX_WAKE, INT_MAX, NULL);
 }
 
 /* What closing does to the segment, without unmapping: the producer publishes, marks the ring closed

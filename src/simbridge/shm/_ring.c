@@ -18,6 +18,8 @@ static PyObject *R_ShmError, *R_LayoutMismatch, *R_BlockClosed, *R_NotWriter, *R
     *R_BlockExists, *R_BlockNotFound, *R_RingBusy, *R_InvalidName, *R_AccessDenied, *R_ShmOSError, *R_NoSpace,
     *R_Corrupted;
 
+static PyObject *R_zero, *R_forever; /* 0 and math.inf, made once */
+
 static volatile unsigned long ring_fork_generation;
 static void ring_after_fork(void) { ring_fork_generation++; }
 
@@ -30,6 +32,8 @@ typedef struct {
     unsigned long fork_gen;
     uint64_t spin_ns;
     PyObject *descr; /* bytes: the fixed record's description as the producer wrote it */
+    PyObject *error_factory;   /* (status, waited_for, timeout, pushed, consumer_pid) -> exception */
+    PyObject *default_timeout; /* float: what timeout=None means */
 } RingObject;
 
 static PyTypeObject RingType;
@@ -159,6 +163,8 @@ static RingObject *ring_new(void) {
     self->fork_gen = ring_fork_generation;
     self->spin_ns = 0;
     self->descr = NULL;
+    self->error_factory = NULL;
+    self->default_timeout = NULL;
     return self;
 }
 
@@ -598,6 +604,85 @@ static PyObject *ring_wait(RingObject *self, PyObject *const *args, Py_ssize_t n
     return PyLong_FromLong(rc);
 }
 
+/* ---------------------------------------------------------------- the Python API's hot calls */
+
+/* Raises what the Python layer's error factory makes of a status (it words it with the ring's context). */
+static PyObject *ring_raise(RingObject *self, long rc, const char *waited_for, PyObject *timeout, uint64_t pushed) {
+    if (self->error_factory == NULL) return PyErr_Format(R_ShmError, "%s: status %ld", self->r.path, rc);
+    uint64_t w = self->r.hdr != NULL ? atomic_load(&self->r.hdr->consumer) : 0;
+    unsigned long consumer_pid = w > SBR_CONSUMER_CLOSED ? (unsigned long)(w >> 32) : 0;
+    PyObject *exc = PyObject_CallFunction(self->error_factory, "lsOKk", rc, waited_for, timeout ? timeout : Py_None,
+                                          (unsigned long long)pushed, consumer_pid);
+    if (exc == NULL) return NULL;
+    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    Py_DECREF(exc);
+    return NULL;
+}
+
+/* Picks the keyword arguments named in `names` out of a vectorcall; anything else is a TypeError. */
+static int ring_kwargs(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *const *names,
+                       PyObject **out, int count, const char *fn) {
+    for (int i = 0; i < count; i++) out[i] = NULL;
+    if (kwnames == NULL) return 1;
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(kwnames); k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        int found = 0;
+        for (int i = 0; i < count && !found; i++) {
+            if (PyUnicode_CompareWithASCIIString(key, names[i]) == 0) {
+                out[i] = args[nargs + k];
+                found = 1;
+            }
+        }
+        if (!found) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R", fn, key);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* push(data, *, type=0, timeout=None) -> None: Ring.push of a variable-record ring, in one C call. */
+static PyObject *ring_push_api(RingObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    static const char *const names[] = {"type", "timeout"};
+    PyObject *kw[2];
+    if (nargs != 1) return PyErr_Format(PyExc_TypeError, "push() takes one record (type and timeout by keyword)");
+    if (!ring_kwargs(args, nargs, kwnames, names, kw, 2, "push")) return NULL;
+    PyObject *call[3] = {args[0], kw[0] ? kw[0] : R_zero, kw[1] ? kw[1] : self->default_timeout};
+    if (call[2] == NULL) call[2] = R_forever;
+    PyObject *rc = ring_push(self, call, 3);
+    if (rc == NULL) return NULL;
+    long status = PyLong_AsLong(rc);
+    Py_DECREF(rc);
+    if (status == 0) Py_RETURN_NONE;
+    return ring_raise(self, status, "room for a record", kw[1], 0);
+}
+
+/* pop(*, timeout=None) -> bytes | record bytes: Ring.pop in one C call. */
+static PyObject *ring_pop_api(RingObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    static const char *const names[] = {"timeout"};
+    PyObject *kw[1];
+    if (nargs != 0) return PyErr_Format(PyExc_TypeError, "pop() takes no positional arguments (timeout by keyword)");
+    if (!ring_kwargs(args, nargs, kwnames, names, kw, 1, "pop")) return NULL;
+    PyObject *call[2] = {kw[0] ? kw[0] : self->default_timeout, Py_False};
+    if (call[0] == NULL) call[0] = R_forever;
+    PyObject *got = ring_pop_impl(self, call, 2, 1);
+    if (got == NULL || !PyLong_CheckExact(got)) return got;
+    long status = PyLong_AsLong(got);
+    Py_DECREF(got);
+    return ring_raise(self, status, "a record", kw[0], 0);
+}
+
+/* set_api(error_factory, default_timeout): what push_api/pop_api raise, and what timeout=None means. */
+static PyObject *ring_set_api(RingObject *self, PyObject *args) {
+    PyObject *factory, *timeout;
+    if (!PyArg_ParseTuple(args, "OO!", &factory, &PyFloat_Type, &timeout)) return NULL;
+    Py_XSETREF(self->error_factory, Py_NewRef(factory));
+    Py_XSETREF(self->default_timeout, Py_NewRef(timeout));
+    Py_RETURN_NONE;
+}
+
 /* ---------------------------------------------------------------- inspection and lifecycle */
 
 static PyObject *ring_header_dict(sbr_ring *r) {
@@ -686,9 +771,9 @@ static PyObject *ring_close(RingObject *self, PyObject *unused) {
     (void)unused;
     if (self->closed) Py_RETURN_NONE;
     self->closed = 1;
+    if (self->busy > 0) sbr_cancel(&self->r); /* a thread waiting with the GIL released returns at once */
     if (self->fork_gen == ring_fork_generation) sbr_detach(&self->r);
-    /* A thread waiting with the GIL released notices within one peer-check slice; it unmaps then. */
-    if (self->busy == 0) ring_unmap(self);
+    if (self->busy == 0) ring_unmap(self); /* else the last call in flight unmaps on its way out */
     Py_RETURN_NONE;
 }
 
@@ -696,6 +781,8 @@ static void ring_dealloc(RingObject *self) {
     if (!self->closed && self->fork_gen == ring_fork_generation) sbr_detach(&self->r);
     ring_unmap(self);
     Py_XDECREF(self->descr);
+    Py_XDECREF(self->error_factory);
+    Py_XDECREF(self->default_timeout);
     PyObject_Free(self);
 }
 
@@ -735,6 +822,11 @@ static PyMethodDef ring_methods[] = {
     {"pop_into", (PyCFunction)(void (*)(void))ring_pop_into, METH_FASTCALL, "pop_into(out, timeout) -> count | status"},
     {"wait_data", (PyCFunction)(void (*)(void))ring_wait, METH_FASTCALL, "wait_data(timeout) -> status"},
     {"set_waits", (PyCFunction)ring_set_waits, METH_VARARGS, "set_waits(spin_ns, peer_check_ns)"},
+    {"set_api", (PyCFunction)ring_set_api, METH_VARARGS, "set_api(error_factory, default_timeout)"},
+    {"push_api", (PyCFunction)(void (*)(void))ring_push_api, METH_FASTCALL | METH_KEYWORDS,
+     "push_api(data, *, type=0, timeout=None) -> None"},
+    {"pop_api", (PyCFunction)(void (*)(void))ring_pop_api, METH_FASTCALL | METH_KEYWORDS,
+     "pop_api(*, timeout=None) -> bytes"},
     {"header", (PyCFunction)ring_header, METH_NOARGS, "header() -> dict"},
     {"producer_alive", (PyCFunction)ring_producer_alive, METH_NOARGS, "producer_alive() -> bool"},
     {"consumer_alive", (PyCFunction)ring_consumer_alive, METH_NOARGS, "consumer_alive() -> bool"},
@@ -789,6 +881,9 @@ int sbpy_ring_init(PyObject *m) {
         }
     }
     Py_DECREF(errors);
+    R_zero = PyLong_FromLong(0);
+    R_forever = PyFloat_FromDouble(INFINITY);
+    if (R_zero == NULL || R_forever == NULL) return -1;
     if (pthread_atfork(NULL, NULL, ring_after_fork) != 0) {
         PyErr_SetString(R_ShmError, "pthread_atfork failed");
         return -1;

@@ -7,7 +7,6 @@ worded as typed errors, lifecycle (the producer unlinks at close), and consumpti
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import math
 import time
@@ -26,21 +25,22 @@ from simbridge.shm import _core
 from simbridge.shm.checks import seconds
 from simbridge.shm.errors import (
     BlockNotFound,
-    Corrupted,
-    Full,
     InvalidArgument,
-    InvalidLayout,
     LayoutMismatch,
     OutOfRange,
-    PeerGone,
-    RecordTooLarge,
     ShmError,
-    Timeout,
     WriterClosed,
 )
 from simbridge.shm.layout import check_mode, segment_path, validate_name
 from simbridge.shm.namelock import name_lock
 from simbridge.shm.registry import create_ring_segment
+from simbridge.shm.ringspec import (
+    ErrorContext,
+    check_capacity,
+    dtype_descr,
+    dtype_from_descr,
+    record_dtype_of,
+)
 
 log = get_logger("simbridge.shm")
 
@@ -48,53 +48,6 @@ Overflow = Literal["block", "fail"]
 # How long an asyncio consumer's helper thread waits per call: a cancelled wait frees it this soon.
 ASYNC_WAIT_SLICE_S: Final = 0.1
 DEFAULT_BATCH: Final = 1024
-
-
-def _dtype_descr(dtype: np.dtype[Any]) -> bytes:
-    """The record dtype as text a consumer can rebuild without evaluating code (numpy's descr)."""
-    text = repr(np.lib.format.dtype_to_descr(dtype)).encode()
-    if len(text) > _core.RING_DESCR_MAX:
-        raise InvalidLayout(
-            f"record dtype {dtype} needs {len(text)} bytes to describe, at most {_core.RING_DESCR_MAX} fit; "
-            "use fewer or shorter field names"
-        )
-    return text
-
-
-def _dtype_from_descr(text: bytes, record_size: int, name: str) -> np.dtype[Any] | None:
-    if not text:
-        return None
-    try:
-        # literal_eval builds only literals: a hostile description cannot run code.
-        dtype = np.lib.format.descr_to_dtype(ast.literal_eval(text.decode("ascii")))
-    except Exception as exc:  # any malformed text, whatever numpy or ast raise for it
-        raise LayoutMismatch(f"ring {name!r}: its record description {text[:80]!r} is not a dtype") from exc
-    if dtype.itemsize != record_size or dtype.hasobject:
-        raise LayoutMismatch(
-            f"ring {name!r}: record description {dtype} disagrees with its {record_size}-byte records"
-        )
-    return dtype
-
-
-def _record_dtype(record_dtype: DTypeLike) -> np.dtype[Any]:
-    try:
-        dtype = np.dtype(record_dtype)
-    except (TypeError, ValueError) as exc:
-        raise InvalidLayout(f"{record_dtype!r} is not a numpy dtype ({exc})") from exc
-    if dtype.hasobject or dtype.itemsize == 0 or dtype.itemsize > _core.RING_MAX_RECORD_SIZE:
-        raise InvalidLayout(
-            f"record dtype {dtype} cannot be a ring record: it must hold no Python objects and be "
-            f"1..{_core.RING_MAX_RECORD_SIZE} bytes"
-        )
-    return dtype
-
-
-def _capacity(capacity: object, fixed: bool) -> int:
-    unit, low = ("records", 2) if fixed else ("bytes", _core.RING_MIN_BYTES)
-    value = capacity if isinstance(capacity, int) and not isinstance(capacity, bool) else None
-    if value is None or value < low or value & (value - 1):
-        raise InvalidArgument(f"capacity is a power of two >= {low} ({unit}), got {capacity!r}")
-    return value
 
 
 class Ring:
@@ -112,6 +65,21 @@ class Ring:
         self.producer_pid: int = handle.producer_pid
         self._timeout = seconds(settings.read_timeout_s, "shm.read_timeout_s")
         handle.set_waits(int(settings.spin_us * 1000), max(1, int(settings.peer_check_ms * 1e6)))
+        self._context = ErrorContext(
+            name,
+            handle.producer,
+            handle.producer_pid,
+            self.capacity,
+            self.fixed,
+            self.max_payload,
+            self._timeout,
+        )
+        handle.set_api(self._context.error, float(self._timeout))
+        if not self.fixed:
+            # The per-message calls go straight to C (one call instead of a Python frame around one):
+            # the same signatures and errors as the methods below, about twice the calls per second.
+            setattr(self, "push", handle.push_api)  # noqa: B010
+            setattr(self, "pop", handle.pop_api)  # noqa: B010
         self._executor: ThreadPoolExecutor | None = None
         self._finalizer = weakref.finalize(self, _release_producer if self.is_producer else _release, handle)
 
@@ -139,12 +107,12 @@ class Ring:
         """
         validate_name(name)
         settings = load_settings().shm
-        dtype = None if record_dtype is None else _record_dtype(record_dtype)
-        cap = _capacity(capacity, dtype is not None)
+        dtype = None if record_dtype is None else record_dtype_of(record_dtype)
+        cap = check_capacity(capacity, dtype is not None)
         if overflow not in ("block", "fail"):
             raise InvalidArgument(f"overflow is 'block' or 'fail', got {overflow!r}")
         perm = check_mode(settings.mode if mode is None else mode)
-        descr = b"" if dtype is None else _dtype_descr(dtype)
+        descr = b"" if dtype is None else dtype_descr(dtype)
         spin_ns = int(settings.spin_us * 1000)
 
         def make() -> _core.RingHandle:
@@ -183,7 +151,7 @@ class Ring:
         validate_name(name)
         settings = load_settings().shm
         limit = seconds(settings.open_timeout_s if timeout is None else timeout, "Ring.open timeout")
-        want = None if record_dtype is None else _record_dtype(record_dtype)
+        want = None if record_dtype is None else record_dtype_of(record_dtype)
         deadline = time.monotonic() + limit
         delay = 0.0005
         while True:
@@ -215,7 +183,7 @@ class Ring:
                 raise LayoutMismatch(f"ring {name!r} carries variable-length records, not {want}")
             return None
         size = handle.record_size
-        found = _dtype_from_descr(handle.descr, size, name)
+        found = dtype_from_descr(handle.descr, size, name)
         if want is not None and (want.itemsize != size or (found is not None and found != want)):
             raise LayoutMismatch(f"ring {name!r} holds {found or f'{size}-byte records'}, expected {want}")
         return want or found or np.dtype((np.void, size))
@@ -406,54 +374,7 @@ class Ring:
     # ------------------------------------------------------------------ errors, inspection, lifecycle
 
     def _error(self, rc: int, waited_for: str, timeout: float | None, *, pushed: int = 0) -> ShmError:
-        name = self.name
-        if rc == _core.ETIMEDOUT:
-            limit = self._timeout if timeout is None else timeout
-            return Timeout(
-                f"ring {name!r}: waited {limit:g} s for {waited_for}, none came "
-                f"({'the consumer is slow or stopped' if self.is_producer else 'the producer sent nothing'})",
-                name=name,
-                waited_for=waited_for,
-                timeout=limit,
-            )
-        if rc == _core.EPEERGONE and self.is_producer:
-            return PeerGone(
-                f"ring {name!r}: the consumer died or closed the ring while the producer waited for room "
-                f"({pushed} record(s) of this call went in)",
-                name=name,
-                pid=self._h.consumer_pid,
-            )
-        if rc == _core.EPEERGONE:
-            return PeerGone(
-                f"ring {name!r}: producer pid {self.producer_pid} is gone; every record it completed "
-                "was delivered",
-                name=name,
-                pid=self.producer_pid,
-            )
-        if rc == _core.ECLOSED:
-            return WriterClosed(
-                f"ring {name!r}: the producer (pid {self.producer_pid}) closed it and every record was read",
-                name=name,
-                pid=self.producer_pid,
-            )
-        if rc == _core.EFULL:
-            return Full(
-                f"ring {name!r} is full ({self.capacity} {'records' if self.fixed else 'bytes'}; "
-                f"overflow='fail'); {pushed} record(s) of this call went in",
-                name=name,
-                pushed=pushed,
-            )
-        if rc == _core.ETOOBIG:
-            return RecordTooLarge(
-                f"ring {name!r}: a record is at most {self.max_payload} bytes (capacity/2 - 8); "
-                "create the ring with a larger capacity"
-            )
-        if rc in (_core.ECORRUPT, _core.EHEADER):
-            return Corrupted(
-                f"ring {name!r}: its indexes, records or header hold values no correct peer writes "
-                "(a peer wrote outside the protocol); recreate the ring"
-            )
-        return ShmError(f"ring {name!r}: unexpected status {rc}")
+        return self._context.error(rc, waited_for, timeout, pushed, self._h.consumer_pid)
 
     def header(self) -> dict[str, Any]:
         """Every header field and counter (pushed, popped, full_waits, empty_waits, wakes)."""

@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+from tests.support import wait_for
 from typer.testing import CliRunner
 
 from simbridge.shm import (
@@ -281,3 +282,24 @@ def test_closed_ring_handles_refuse_calls(block_name: str) -> None:
     producer.close()  # idempotent
     with pytest.raises(BlockClosed):
         producer.push(b"x")
+
+
+def test_close_from_another_thread_ends_an_endless_wait(block_name: str) -> None:
+    from simbridge.shm import BlockClosed
+
+    with Ring.create(block_name, capacity=64):
+        consumer = Ring.open(block_name, timeout=1)
+        outcome: list[BaseException] = []
+
+        def wait_forever() -> None:
+            try:
+                consumer.pop(timeout=math.inf)
+            except BaseException as exc:  # the test looks at what it was
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=wait_forever)
+        waiter.start()
+        wait_for(lambda: consumer.header()["consumer_parked"] == 1, timeout=10, what="the pop to park")
+        consumer.close()
+        waiter.join(timeout=10)
+        assert not waiter.is_alive() and isinstance(outcome[0], BlockClosed)
