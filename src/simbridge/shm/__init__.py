@@ -33,6 +33,9 @@ from simbridge.shm.errors import (
 )
 from simbridge.shm.headers import get_include
 from simbridge.shm.layout import validate_name
+from simbridge.shm.parquet import ParquetRecorder, RecordingSummary
+from simbridge.shm.parquet_files import Recovered
+from simbridge.shm.parquet_files import recover as recover_parquet
 from simbridge.shm.recorder import Recorder, diff, load_index
 from simbridge.shm.registry import BlockInfo, block_info, cleanup_stale, list_blocks, remove
 from simbridge.shm.ring import Ring
@@ -58,9 +61,12 @@ __all__ = [
     "NotConsumer",
     "NotWriter",
     "OutOfRange",
+    "ParquetRecorder",
     "PeerGone",
     "RecordTooLarge",
     "Recorder",
+    "RecordingSummary",
+    "Recovered",
     "Ring",
     "RingBusy",
     "ShmError",
@@ -74,6 +80,7 @@ __all__ = [
     "get_include",
     "list_blocks",
     "load_index",
+    "recover_parquet",
     "remove",
     "validate_name",
 ]

@@ -292,6 +292,102 @@ def diff_command(folder: Annotated[str, typer.Argument(metavar="DIRECTORY")]) ->
         raise typer.Exit(1)
 
 
+def _byte_size(text: str) -> int | None:
+    """``64MiB``, ``500k``, ``1000000`` or ``none`` as bytes (None: no size limit)."""
+    units = {
+        "": 1,
+        "b": 1,
+        "k": 2**10,
+        "kb": 10**3,
+        "kib": 2**10,
+        "m": 2**20,
+        "mb": 10**6,
+        "mib": 2**20,
+        "g": 2**30,
+        "gb": 10**9,
+        "gib": 2**30,
+    }
+    cleaned = text.strip().lower()
+    if cleaned in ("none", "0", ""):
+        return None
+    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = cleaned[len(number) :]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise _fail(f"--rotate-size {text!r} is not a size like 64MiB, 500k or 1000000", code=2) from None
+    if not 1 <= value < 2**62:
+        raise _fail(f"--rotate-size {text!r} must be at least one byte", code=2)
+    return int(value)
+
+
+@app.command("record")
+@one_line_errors
+def record_command(
+    *,
+    ring: Annotated[
+        str, typer.Argument(metavar="RING", help="The ring to consume (this becomes its consumer).")
+    ],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Where the Parquet files go (created).")],
+    rotate_size: Annotated[
+        str, typer.Option(help="Start a new file past this size (e.g. 64MiB; none).")
+    ] = "64MiB",
+    rotate_seconds: Annotated[
+        float, typer.Option(min=0, help="Start a new file after this long (0: never).")
+    ] = 3600.0,
+    compression: Annotated[str, typer.Option(help="zstd, snappy, gzip, lz4, brotli or none.")] = "zstd",
+    prefix: Annotated[str, typer.Option(help="File names are PREFIX-NNNNNN.parquet.")] = "",
+    flush_seconds: Annotated[
+        float, typer.Option(min=0.01, help="Flush a row group at least this often.")
+    ] = 0.5,
+    flush_rows: Annotated[
+        int, typer.Option(min=1, help="Flush a row group at most this many rows.")
+    ] = 65_536,
+    exchange_ts_offset: Annotated[
+        int | None, typer.Option(min=0, help="Variable records: byte offset of an int64 exchange time (ns).")
+    ] = None,
+    open_timeout: Annotated[float, typer.Option(min=0, help="Wait this long for the ring to appear.")] = 0.0,
+) -> None:
+    """Record a ring into rotating, crash-safe Parquet files until Ctrl-C, SIGTERM or its producer ends."""
+    import signal
+    import threading
+
+    from simbridge.shm.parquet import ParquetRecorder, open_ring
+
+    rotate_bytes = _byte_size(rotate_size)  # a usage error before anything is opened
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with open_ring(ring, timeout=open_timeout) as source:
+            recorder = ParquetRecorder(
+                source,
+                directory,
+                prefix=prefix or _file_prefix(ring),
+                rotate_bytes=rotate_bytes,
+                rotate_seconds=rotate_seconds or None,
+                compression=compression,
+                flush_interval_s=flush_seconds,
+                flush_rows=flush_rows,
+                exchange_ts_offset=exchange_ts_offset,
+            )
+            for item in recorder.summary.recovered:
+                _console().print(
+                    f"recovered {item.path.name}: {item.action}, {item.rows} rows ({item.detail})"
+                )
+            summary = recorder.run(stop=stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    typer.echo(
+        f"recorded {summary.rows} rows into {len(summary.files)} file(s) in {directory} "
+        f"(stopped: {summary.stopped_by})"
+    )
+
+
+def _file_prefix(ring: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in ring)[:100] or "stream"
+
+
 @demo_app.command("blocks")
 @one_line_errors
 def demo_blocks(iterations: Annotated[int, typer.Option(min=1, max=100_000)] = 20) -> None:
