@@ -66,4 +66,4 @@ bench: $(STAMP)
 	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/simbridge/**/*.so .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info src/simbridge/**/*.so src/simbridge/jobs/executors/simbridge-wrapper .mypy_cache .ruff_cache .pytest_cache
