@@ -175,6 +175,22 @@ class StoreBase:
         """From now on every write first checks that ``fence`` still holds the orchestrator lease."""
         self._fence = fence
 
+    def check_lease(self) -> None:
+        """Prove, right before acting, that this serve still holds the orchestrator lease.
+
+        A fenced transaction that writes nothing: :class:`LeaseLostError` if the lease is someone
+        else's, :class:`StoreUnavailableError` if it was not renewed lately (it may be taken over
+        any moment). Passing it, the lease stays ours for at least half its TTL: a serve paused
+        between writing a launch intent and launching (and replaced meanwhile, the intent judged
+        "never started" and relaunched) is stopped here instead of running the step twice.
+        Unfenced stores (no serve) have nothing to prove.
+        """
+        if self._fence is None:
+            return
+        with self.fast_tx():
+            pass
+        self._check_fresh()  # the transaction itself may have waited: still fresh after it?
+
     def _check_fresh(self) -> None:
         # Before any lock is taken: a lease not renewed lately may be taken over any moment, so
         # write nothing until it is renewed (a passing fault: the heartbeat keeps trying).
