@@ -5,7 +5,8 @@ the exit-code wrapper, collect, all committed), with 8 GPU slots. The anchor is 
 same run where it installs: Parsl running the same no-op command as a bash_app on its
 ThreadPoolExecutor (Parsl reports about 5 ms per task); AiiDA's ~0.25 s per process is quoted.
 
-Usage: python benchmarks/jobs_local.py [--beams 2000] [--no-postgres] [--no-parsl]
+Usage: python benchmarks/jobs_local.py [--beams 2000] [--no-postgres] [--no-parsl] [--wrapper c|perl|python]
+(--wrapper: force that launch wrapper, as on a machine without the others; default: the executor's pick)
 """
 
 from __future__ import annotations
@@ -162,7 +163,13 @@ def main() -> None:
     ap.add_argument("--beams", type=int, default=2000)
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--no-parsl", action="store_true")
+    ap.add_argument("--wrapper", choices=["c", "perl", "python"], default=None)
     args = ap.parse_args()
+    from simbridge.jobs.executors import local
+
+    chosen = local.wrapper_command(args.wrapper)
+    if args.wrapper is not None:  # every executor of this run takes it (the dispatcher makes its own)
+        local.wrapper_command = lambda kind=None: chosen
     load_before = os.getloadavg()[0]  # during the run our own threads would count in it
     n = args.beams
     rows: list[tuple[str, float, float, float | None]] = []
@@ -188,6 +195,7 @@ def main() -> None:
     print(f"{'AiiDA, reported (anchor)':42} {'':9} {250.0:9.2f}")
     if parsl is not None:
         print(f"\nsimbridge SQLite / Parsl (same run): {rows[0][1] / parsl[0]:.2f}x the time")
+    print(f"launch wrapper: {' '.join(chosen)}")
     print(f"load average before the run: {load_before:.1f} ({os.cpu_count()} cores, shared)")
 
 

@@ -307,7 +307,6 @@ def wrapper_command(kind: str | None = None) -> tuple[str, ...]:
     """
     if kind is not None and kind not in WRAPPER_KINDS:
         raise LaunchError(f"unknown launch wrapper {kind!r}; one of {', '.join(WRAPPER_KINDS)}")
-    command: tuple[str, ...] | None = None
     if kind in {None, "c"} and os.access(WRAPPER_C, os.X_OK) and WRAPPER_C.is_file():
         command, chosen = (str(WRAPPER_C),), "c"
     elif kind == "c":
