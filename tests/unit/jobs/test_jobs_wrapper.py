@@ -40,9 +40,7 @@ def wrapper(request: pytest.FixtureRequest) -> str:
 
 def _spec(tmp: Path, *argv: str, name: str = "run-1") -> LaunchSpec:
     (tmp / "logs").mkdir(exist_ok=True)
-    return LaunchSpec(
-        token=f"sb-test-{uuid.uuid4().hex}", argv=argv, cwd=tmp, log_prefix=tmp / "logs" / name
-    )
+    return LaunchSpec(token=f"sb-test-{uuid.uuid4().hex}", argv=argv, cwd=tmp, log_prefix=tmp / "logs" / name)
 
 
 def _run(spec: LaunchSpec, wrapper: str) -> tuple[int, bytes]:
@@ -71,7 +69,7 @@ def _wait_for(path: Path, what: str) -> str:
     return path.read_text()
 
 
-def test_the_report_names_the_commands_group_and_start_and_the_token_moves(tmp_path: Path, wrapper: str) -> None:
+def test_the_report_names_the_command_and_its_start_and_the_token_moves(tmp_path: Path, wrapper: str) -> None:
     script = 'echo "$$ $SIMBRIDGE_ATTEMPT ${SIMBRIDGE_WRAPPER-unset}" > "$0/seen"'
     spec = _spec(tmp_path, "sh", "-c", script, str(tmp_path))
     os.environ["SIMBRIDGE_ATTEMPT"] = "sb-stale-token-of-someone-else"
@@ -141,7 +139,7 @@ def test_a_signal_to_the_wrapper_reaches_the_whole_group(tmp_path: Path, wrapper
 
 HOSTILE = (
     "with space",
-    "it's \"quoted\"",
+    'it\'s "quoted"',
     "new\nline",
     "ünïcødé ✓ 日本",
     "$(touch pwned); `touch pwned`",

@@ -1,8 +1,9 @@
 """The local executor: each attempt is a process group on this machine, detached from us.
 
 A small wrapper (the compiled ``simbridge-wrapper`` built from ``wrapper.c``, else its perl twin
-``wrapper.pl``, else ``wrapper.py``; one protocol) runs the argv (never parsed by a shell) as the leader of a process group of its own and writes ``exit N`` or ``signal N`` to a
-marker file, so an attempt that outlives a killed orchestrator is still found (by its token in
+``wrapper.pl``, else ``wrapper.py``; one protocol) runs the argv (never parsed by a shell) as the
+leader of a process group of its own and writes ``exit N`` or ``signal N`` to a marker file,
+so an attempt that outlives a killed orchestrator is still found (by its token in
 ``/proc/PID/environ``) and its result still collected. The group leader's pid is the job id;
 cancel and timeouts signal the group's processes, each proven ours (same group, our token)
 through a pidfd before the signal. If the wrapper dies while the command runs, the command's
@@ -307,6 +308,7 @@ def wrapper_command(kind: str | None = None) -> tuple[str, ...]:
     """
     if kind is not None and kind not in WRAPPER_KINDS:
         raise LaunchError(f"unknown launch wrapper {kind!r}; one of {', '.join(WRAPPER_KINDS)}")
+    command: tuple[str, ...]
     if kind in {None, "c"} and os.access(WRAPPER_C, os.X_OK) and WRAPPER_C.is_file():
         command, chosen = (str(WRAPPER_C),), "c"
     elif kind == "c":
