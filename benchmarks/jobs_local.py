@@ -34,6 +34,8 @@ from simbridge.jobs.inbox import take_case
 from simbridge.jobs.states import BeamState
 from simbridge.jobs.store import Store
 
+# `true` is a shell builtin: a launch through `sh -c` pays no exec for it, one through a wrapper
+# that execs its argv does. --noop /bin/true makes every launcher exec a program, as a real one does.
 NOOP = "true"
 
 
@@ -82,7 +84,7 @@ def postgres() -> Iterator[str | None]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def run_simbridge(beams: int, db_url: str | None) -> tuple[float, float, float]:
+def run_simbridge(beams: int, db_url: str | None, noop: str = NOOP) -> tuple[float, float, float]:
     """(s to take the case, s to run every beam to COMPLETED, our CPU s meanwhile)."""
     with tempfile.TemporaryDirectory(prefix="simbridge-bench-") as tmp:
         root = Path(tmp)
@@ -99,7 +101,7 @@ def run_simbridge(beams: int, db_url: str | None) -> tuple[float, float, float]:
                 "database_url": db_url,
                 "poll_s": 0.01,
                 "workers": 8,
-                "steps": {"simulate": NOOP, "outputs": ["plan.json"]},
+                "steps": {"simulate": noop, "outputs": ["plan.json"]},
             },
         }
         (root / "simbridge.yaml").write_text(yaml.safe_dump(config))
@@ -127,7 +129,7 @@ def run_simbridge(beams: int, db_url: str | None) -> tuple[float, float, float]:
         return take_s, run_s, cpu_s
 
 
-def run_parsl(tasks: int) -> tuple[float, float] | None:
+def run_parsl(tasks: int, noop: str = NOOP) -> tuple[float, float] | None:
     """Seconds for Parsl (ThreadPoolExecutor, 8 threads) to run ``tasks`` no-op bash_apps."""
     try:
         import parsl
@@ -143,7 +145,7 @@ def run_parsl(tasks: int) -> tuple[float, float] | None:
 
             @bash_app  # type: ignore[untyped-decorator]
             def noop() -> str:
-                return NOOP
+                return noop
 
             noop().result()  # warm up
             t0, c0 = time.perf_counter(), time.process_time()
@@ -164,6 +166,7 @@ def main() -> None:
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--no-parsl", action="store_true")
     ap.add_argument("--wrapper", choices=["c", "perl", "python"], default=None)
+    ap.add_argument("--noop", default=NOOP, help="the no-op simulation command (default: true)")
     args = ap.parse_args()
     from simbridge.jobs.executors import local
 
@@ -173,20 +176,20 @@ def main() -> None:
     load_before = os.getloadavg()[0]  # during the run our own threads would count in it
     n = args.beams
     rows: list[tuple[str, float, float, float | None]] = []
-    take_s, run_s, cpu_s = run_simbridge(n, None)
+    take_s, run_s, cpu_s = run_simbridge(n, None, args.noop)
     rows.append(("simbridge, SQLite (WAL)", run_s, cpu_s, take_s))
     if not args.no_postgres:
         with postgres() as url:
             if url is None:
                 print("PostgreSQL: not available here (needs root and Debian's postgresql)")
             else:
-                take_s, run_s, cpu_s = run_simbridge(n, url)
+                take_s, run_s, cpu_s = run_simbridge(n, url, args.noop)
                 rows.append(("simbridge, PostgreSQL 15", run_s, cpu_s, take_s))
-    parsl = None if args.no_parsl else run_parsl(n)
+    parsl = None if args.no_parsl else run_parsl(n, args.noop)
     if parsl is not None:
         rows.append(("Parsl ThreadPool bash_app (same no-op)", parsl[0], parsl[1], None))
     cpu = platform.processor() or platform.machine()
-    print(f"\njobs_local: {n} beams, no-op simulation `{NOOP}`, 8 GPU slots; {os.cpu_count()} cores, {cpu}")
+    print(f"\njobs_local: {n} beams, no-op simulation `{args.noop}`, 8 GPU slots; {os.cpu_count()} cores, {cpu}")
     print(f"{'what':42} {'total s':>9} {'ms/beam':>9} {'cpu ms/beam':>12} {'take ms/beam':>13}")
     for what, total, cpu, take in rows:
         take_txt = f"{take / n * 1000:13.2f}" if take is not None else f"{'-':>13}"

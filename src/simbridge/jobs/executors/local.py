@@ -48,6 +48,9 @@ WRAPPER = Path(__file__).with_name("wrapper.py")
 WRAPPER_C = Path(__file__).with_name("simbridge-wrapper")
 WRAPPER_PERL = Path(__file__).with_name("wrapper.pl")
 WRAPPER_KINDS = ("c", "perl", "python")
+_WRAPPER_ENV_B = WRAPPER_ENV.encode()
+_TOKEN_ENV_B = TOKEN_ENV.encode()
+_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
 # How long a launch waits for the wrapper to report the command's group (a Python start-up:
 # milliseconds when idle, seconds on a machine under heavy load).
 REPORT_TIMEOUT_S = 60.0
@@ -333,21 +336,31 @@ def start_wrapper(
     spec: LaunchSpec, report_fd: int, *, wrapper: tuple[str, ...] | None = None
 ) -> subprocess.Popen[bytes]:
     """Start the wrapper of ``spec`` in a session of its own; it reports on ``report_fd``."""
-    env = {**os.environ, **spec.env, WRAPPER_ENV: spec.token}
-    env.pop(TOKEN_ENV, None)  # the wrapper hands the token on; it must not carry one itself
+    # Bytes throughout, and plain descriptors for the logs: every launch pays this on the
+    # orchestrator's own thread, and a str environment is decoded here only to be encoded again.
+    env = {**os.environb, **{os.fsencode(k): os.fsencode(v) for k, v in spec.env.items()}}
+    env[_WRAPPER_ENV_B] = os.fsencode(spec.token)
+    env.pop(_TOKEN_ENV_B, None)  # the wrapper hands the token on; it must not carry one itself
     argv = [*(wrapper or wrapper_command()), str(spec.exit_file), str(report_fd), *spec.argv]
-    with open(spec.stdout, "ab") as out, open(spec.stderr, "ab") as err:
-        return subprocess.Popen(
-            argv,
-            cwd=spec.cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            # Own session: a kill of the orchestrator (or its terminal) leaves it running.
-            start_new_session=True,
-            pass_fds=(*spec.pass_fds, report_fd),
-        )
+    out = os.open(spec.stdout, _LOG_FLAGS, 0o644)
+    try:
+        err = os.open(spec.stderr, _LOG_FLAGS, 0o644)
+        try:
+            return subprocess.Popen(
+                argv,
+                cwd=spec.cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                # Own session: a kill of the orchestrator (or its terminal) leaves it running.
+                start_new_session=True,
+                pass_fds=(*spec.pass_fds, report_fd),
+            )
+        finally:
+            os.close(err)
+    finally:
+        os.close(out)
 
 
 def _read_report(fd: int, proc: subprocess.Popen[bytes], spec: LaunchSpec) -> tuple[int, int]:
