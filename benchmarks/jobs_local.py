@@ -129,7 +129,7 @@ def run_simbridge(beams: int, db_url: str | None, noop: str = NOOP) -> tuple[flo
         return take_s, run_s, cpu_s
 
 
-def run_parsl(tasks: int, noop: str = NOOP) -> tuple[float, float] | None:
+def run_parsl(tasks: int, command: str = NOOP) -> tuple[float, float] | None:
     """Seconds for Parsl (ThreadPoolExecutor, 8 threads) to run ``tasks`` no-op bash_apps."""
     try:
         import parsl
@@ -145,7 +145,7 @@ def run_parsl(tasks: int, noop: str = NOOP) -> tuple[float, float] | None:
 
             @bash_app  # type: ignore[untyped-decorator]
             def noop() -> str:
-                return noop
+                return command
 
             noop().result()  # warm up
             t0, c0 = time.perf_counter(), time.process_time()
@@ -189,7 +189,9 @@ def main() -> None:
     if parsl is not None:
         rows.append(("Parsl ThreadPool bash_app (same no-op)", parsl[0], parsl[1], None))
     cpu = platform.processor() or platform.machine()
-    print(f"\njobs_local: {n} beams, no-op simulation `{args.noop}`, 8 GPU slots; {os.cpu_count()} cores, {cpu}")
+    print(
+        f"\njobs_local: {n} beams, no-op simulation `{args.noop}`, 8 GPU slots; {os.cpu_count()} cores, {cpu}"
+    )
     print(f"{'what':42} {'total s':>9} {'ms/beam':>9} {'cpu ms/beam':>12} {'take ms/beam':>13}")
     for what, total, cpu, take in rows:
         take_txt = f"{take / n * 1000:13.2f}" if take is not None else f"{'-':>13}"
