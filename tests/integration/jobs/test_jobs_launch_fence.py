@@ -27,7 +27,7 @@ LEASE_S = 2.0
 # Named bounds of the waits below.
 PAUSE_S = 60.0
 SERVE_S = 120.0
-SIM = 'echo "$1" >> "$2/launches"\nprintf ok > raw\n'
+SIM = 'echo "$1" >> "$2/launches"\necho "$1 $SIMBRIDGE_ATTEMPT $PPID" >> "$2/tokens"\nprintf ok > raw\n'
 
 # The serve under test, stopped by itself (SIGSTOP) at the first launch, right after its intent.
 PAUSING_SERVE = """
