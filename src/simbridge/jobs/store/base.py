@@ -188,8 +188,6 @@ class StoreBase:
         freshness rule, not the lock, is what keeps a successor out. Unfenced stores (no serve)
         have nothing to prove.
         """
-        import sys, time
-        print("CHECK_LEASE", self._fence, self._fence and self._fence.fresh(), time.monotonic(), getattr(self._fence, "_renewed", None), file=sys.stderr, flush=True)
         if self._fence is None:
             return
         self._check_fresh()
