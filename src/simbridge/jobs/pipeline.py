@@ -397,6 +397,9 @@ class Pipeline:
             # The intent above was written under our lease, but time has passed (a pause, a slow
             # setup): if we were replaced meanwhile, the new holder may already have judged this
             # attempt "never started" and relaunched it. Prove the lease is still ours, last thing.
+            # (Left open: a pause of over half the lease TTL inside the few calls between this
+            # check and the executor's fork; closing that needs the wrapper itself to check the
+            # lease's deadline before its exec.)
             self.store.check_lease()
             launched = self.executor_for(step).submit(spec)
         except (LaunchError, OSError) as exc:
