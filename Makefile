@@ -32,7 +32,12 @@ $(STAMP): $(PY) $(SOURCES)
 	$(PIP) install --quiet -e ".[all,dev]"
 	@touch $(STAMP)
 
-install: $(STAMP)
+# The compiled launch wrapper is built by the install above; rebuilt alone if it went missing.
+WRAPPER_BIN := src/simbridge/jobs/executors/simbridge-wrapper
+$(WRAPPER_BIN): src/simbridge/jobs/executors/wrapper.c | $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+install: $(STAMP) $(WRAPPER_BIN)
 
 run: $(STAMP)
 	$(VENV)/bin/simbridge demo blocks
@@ -53,17 +58,17 @@ typecheck: $(STAMP)
 imports: $(STAMP)
 	$(VENV)/bin/lint-imports
 
-unit: $(STAMP)
+unit: $(STAMP) $(WRAPPER_BIN)
 	$(PY) -m pytest tests/unit -q
 
-integration: $(STAMP)
+integration: $(STAMP) $(WRAPPER_BIN)
 	$(PY) -m pytest tests/integration -q
 
-test: system-packages lint typecheck imports
+test: system-packages lint typecheck imports $(WRAPPER_BIN)
 	$(PY) -m pytest tests -q
 
 bench: $(STAMP)
 	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/simbridge/**/*.so .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info src/simbridge/**/*.so $(WRAPPER_BIN) .mypy_cache .ruff_cache .pytest_cache

@@ -5,7 +5,13 @@ the exit-code wrapper, collect, all committed), with 8 GPU slots. The anchor is 
 same run where it installs: Parsl running the same no-op command as a bash_app on its
 ThreadPoolExecutor (Parsl reports about 5 ms per task); AiiDA's ~0.25 s per process is quoted.
 
+"child cpu" is the CPU of the launch wrappers and the simulations they ran (reaped children), per
+beam: less noisy than wall time on a shared machine.
+
 Usage: python benchmarks/jobs_local.py [--beams 2000] [--no-postgres] [--no-parsl]
+                                      [--wrapper c|perl|python] [--noop COMMAND]
+(--wrapper: force that launch wrapper, as on a machine without the others; default: the executor's
+pick. --noop: the no-op simulation, `true` by default.)
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import contextlib
 import glob
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -33,6 +40,8 @@ from simbridge.jobs.inbox import take_case
 from simbridge.jobs.states import BeamState
 from simbridge.jobs.store import Store
 
+# `true` is a shell builtin: a launch through `sh -c` pays no exec for it, one through a wrapper
+# that execs its argv does. --noop /bin/true makes every launcher exec a program, as a real one does.
 NOOP = "true"
 
 
@@ -81,8 +90,14 @@ def postgres() -> Iterator[str | None]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def run_simbridge(beams: int, db_url: str | None) -> tuple[float, float, float]:
-    """(s to take the case, s to run every beam to COMPLETED, our CPU s meanwhile)."""
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_simbridge(beams: int, db_url: str | None, noop: str = NOOP) -> tuple[float, float, float, float]:
+    """(s to take the case, s to run every beam to COMPLETED, our CPU s meanwhile, our reaped
+    children's CPU s meanwhile: the launch wrappers and the simulations they ran)."""
     with tempfile.TemporaryDirectory(prefix="simbridge-bench-") as tmp:
         root = Path(tmp)
         case = root / "incoming" / "bench"
@@ -98,7 +113,7 @@ def run_simbridge(beams: int, db_url: str | None) -> tuple[float, float, float]:
                 "database_url": db_url,
                 "poll_s": 0.01,
                 "workers": 8,
-                "steps": {"simulate": NOOP, "outputs": ["plan.json"]},
+                "steps": {"simulate": noop, "outputs": ["plan.json"]},
             },
         }
         (root / "simbridge.yaml").write_text(yaml.safe_dump(config))
@@ -110,9 +125,10 @@ def run_simbridge(beams: int, db_url: str | None) -> tuple[float, float, float]:
             take_case(store, case, work_root=settings.jobs.work_root, ready_marker=None)
             take_s = time.perf_counter() - t0
         with Dispatcher(settings=settings, watch_inbox=False) as dispatcher:
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu_s()
             assert dispatcher.run(until_idle=True, max_s=1800), "did not finish"
             run_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+            kids_s = _children_cpu_s() - k0
             done = dispatcher.store.beams(states=[BeamState.COMPLETED])
             assert len(done) == beams, f"only {len(done)} of {beams} completed"
         if db_url is not None:
@@ -123,10 +139,10 @@ def run_simbridge(beams: int, db_url: str | None) -> tuple[float, float, float]:
             with engine.begin() as conn:
                 conn.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
             engine.dispose()
-        return take_s, run_s, cpu_s
+        return take_s, run_s, cpu_s, kids_s
 
 
-def run_parsl(tasks: int) -> tuple[float, float] | None:
+def run_parsl(tasks: int, command: str = NOOP) -> tuple[float, float] | None:
     """Seconds for Parsl (ThreadPoolExecutor, 8 threads) to run ``tasks`` no-op bash_apps."""
     try:
         import parsl
@@ -142,7 +158,7 @@ def run_parsl(tasks: int) -> tuple[float, float] | None:
 
             @bash_app  # type: ignore[untyped-decorator]
             def noop() -> str:
-                return NOOP
+                return command
 
             noop().result()  # warm up
             t0, c0 = time.perf_counter(), time.process_time()
@@ -162,32 +178,45 @@ def main() -> None:
     ap.add_argument("--beams", type=int, default=2000)
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--no-parsl", action="store_true")
+    ap.add_argument("--wrapper", choices=["c", "perl", "python"], default=None)
+    ap.add_argument("--noop", default=NOOP, help="the no-op simulation command (default: true)")
     args = ap.parse_args()
+    from simbridge.jobs.executors import local
+
+    chosen = local.wrapper_command(args.wrapper)
+    if args.wrapper is not None:  # every executor of this run takes it (the dispatcher makes its own)
+        local.wrapper_command = lambda kind=None: chosen
     load_before = os.getloadavg()[0]  # during the run our own threads would count in it
     n = args.beams
     rows: list[tuple[str, float, float, float | None]] = []
-    take_s, run_s, cpu_s = run_simbridge(n, None)
+    kids: dict[str, float] = {}
+    take_s, run_s, cpu_s, kids["simbridge, SQLite (WAL)"] = run_simbridge(n, None, args.noop)
     rows.append(("simbridge, SQLite (WAL)", run_s, cpu_s, take_s))
     if not args.no_postgres:
         with postgres() as url:
             if url is None:
                 print("PostgreSQL: not available here (needs root and Debian's postgresql)")
             else:
-                take_s, run_s, cpu_s = run_simbridge(n, url)
+                take_s, run_s, cpu_s, kids["simbridge, PostgreSQL 15"] = run_simbridge(n, url, args.noop)
                 rows.append(("simbridge, PostgreSQL 15", run_s, cpu_s, take_s))
-    parsl = None if args.no_parsl else run_parsl(n)
+    parsl = None if args.no_parsl else run_parsl(n, args.noop)
     if parsl is not None:
         rows.append(("Parsl ThreadPool bash_app (same no-op)", parsl[0], parsl[1], None))
     cpu = platform.processor() or platform.machine()
-    print(f"\njobs_local: {n} beams, no-op simulation `{NOOP}`, 8 GPU slots; {os.cpu_count()} cores, {cpu}")
-    print(f"{'what':42} {'total s':>9} {'ms/beam':>9} {'cpu ms/beam':>12} {'take ms/beam':>13}")
+    print(
+        f"\njobs_local: {n} beams, no-op simulation `{args.noop}`, 8 GPU slots; {os.cpu_count()} cores, {cpu}"
+    )
+    head = f"{'what':42} {'total s':>9} {'ms/beam':>9} {'cpu ms/beam':>12} {'take ms/beam':>13}"
+    print(f"{head} {'child cpu':>10}")
     for what, total, cpu, take in rows:
         take_txt = f"{take / n * 1000:13.2f}" if take is not None else f"{'-':>13}"
-        print(f"{what:42} {total:9.2f} {total / n * 1000:9.2f} {cpu / n * 1000:12.2f} {take_txt}")
+        kid_txt = f"{kids[what] / n * 1000:10.2f}" if what in kids else f"{'-':>10}"
+        print(f"{what:42} {total:9.2f} {total / n * 1000:9.2f} {cpu / n * 1000:12.2f} {take_txt} {kid_txt}")
     print(f"{'Parsl, reported (anchor)':42} {'':9} {5.0:9.2f}")
     print(f"{'AiiDA, reported (anchor)':42} {'':9} {250.0:9.2f}")
     if parsl is not None:
         print(f"\nsimbridge SQLite / Parsl (same run): {rows[0][1] / parsl[0]:.2f}x the time")
+    print(f"launch wrapper: {' '.join(chosen)}")
     print(f"load average before the run: {load_before:.1f} ({os.cpu_count()} cores, shared)")
 
 

@@ -43,6 +43,10 @@ T = TypeVar("T")
 # Steps whose command runs on this machine whatever the executor (they touch local files).
 LOCAL_STEPS = frozenset({BeamState.PREPARING, BeamState.POSTPROCESSING})
 
+# Called (when set) between writing a launch's intent and checking the lease before it starts: the
+# place where a paused serve could be replaced. For tests only (they stop a serve right there).
+BEFORE_LAUNCH_HOOK: Callable[[], None] | None = None
+
 
 @dataclass(frozen=True)
 class BeamPaths:
@@ -388,6 +392,15 @@ class Pipeline:
         try:
             if setup is not None:
                 setup()
+            if BEFORE_LAUNCH_HOOK is not None:
+                BEFORE_LAUNCH_HOOK()
+            # The intent above was written under our lease, but time has passed (a pause, a slow
+            # setup): if we were replaced meanwhile, the new holder may already have judged this
+            # attempt "never started" and relaunched it. Prove the lease is still ours, last thing.
+            # (Left open: a pause of over half the lease TTL inside the few calls between this
+            # check and the executor's fork; closing that needs the wrapper itself to check the
+            # lease's deadline before its exec.)
+            self.store.check_lease()
             launched = self.executor_for(step).submit(spec)
         except (LaunchError, OSError) as exc:
             self.fail(self.store.beam(beam.id), step, str(exc), close=(attempt.id, "failed", None))

@@ -19,6 +19,7 @@ from tests.support import require
 
 from simbridge.jobs.executors.base import JobInfo, JobRef, JobStatus, Launched, LaunchSpec
 from simbridge.jobs.executors.local import (
+    WRAPPER_C,
     LocalExecutor,
     group_members,
     signal_group,
@@ -101,9 +102,12 @@ class Attempt:
         return int(path.read_text())
 
 
-# Both wrappers (perl where it exists, else Python) keep one protocol: every test runs on each.
-@pytest.fixture(params=["perl", "python"])
+# The three wrappers (compiled where built, perl where it exists, else Python) keep one protocol:
+# every test runs on each.
+@pytest.fixture(params=["c", "perl", "python"])
 def wrapper(request: pytest.FixtureRequest) -> str:
+    if request.param == "c":  # built by setup.py (build_ext); the executor's default
+        require(os.access(WRAPPER_C, os.X_OK), "the compiled wrapper: python setup.py build_ext --inplace")
     if request.param == "perl":  # where perl is missing the Python wrapper serves, tested anyway
         require(shutil.which("perl") is not None, "perl (Debian: perl-base)")
     return str(request.param)

@@ -92,3 +92,19 @@ def test_a_lease_not_renewed_for_half_its_ttl_holds_every_write(url: str) -> Non
         lease.renew()
         store.add_event(reason="renewed")
         assert [e.reason for e in store.events()] == ["renewed"]
+
+
+def test_check_lease_proves_the_lease_right_before_a_launch(url: str) -> None:
+    with Store(url=url) as store, Store(url=url) as other:
+        store.check_lease()  # no fence (no serve): nothing to prove
+        lease = OrchestratorLease(store, ttl_s=30)
+        lease.acquire()
+        store.fence(lease)
+        store.check_lease()
+        lease._renewed -= 16  # paused: the lease may be taken over any moment
+        with pytest.raises(StoreUnavailableError, match="not renewed for 16s"):
+            store.check_lease()
+        lease.renew()
+        _forge(other, holder="serve-new", host="node-2", pid=7)
+        with pytest.raises(LeaseLostError, match="now held by node-2 pid 7"):
+            store.check_lease()

@@ -1,6 +1,7 @@
-# The attempt wrapper, perl twin of wrapper.py (same arguments, report line, marker and signals;
-# wrapper.py's docstring is the protocol). Used where perl exists: it starts in about a third of
-# the time of a Python interpreter, and every launch pays for the start. No `use strict` or
+# The attempt wrapper, perl twin of wrapper.py and wrapper.c (same arguments, report line, marker
+# and signals; wrapper.py's docstring is the protocol). Used where perl exists but the compiled one
+# was not built: it starts in about a third of the time of a Python interpreter, and every launch
+# pays for the start. No `use strict` or
 # `warnings`: loading them costs a millisecond and a half of each launch.
 my ($exit_file, $report_fd, @cmd) = @ARGV;
 my $pid = 0;

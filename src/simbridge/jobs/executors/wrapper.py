@@ -1,7 +1,8 @@
 """The attempt wrapper: runs one command in a process group of its own and writes how it ended.
 
-Run as ``python -I -S wrapper.py EXIT_FILE REPORT_FD ARGV...`` by the local executor (or its twin
-``perl wrapper.pl`` with the same arguments, where perl exists; keep the two alike). It starts the
+Run as ``python -I -S wrapper.py EXIT_FILE REPORT_FD ARGV...`` by the local executor where neither
+of its twins can run (the compiled ``simbridge-wrapper`` from ``wrapper.c``, ``perl wrapper.pl``;
+same arguments; keep the three alike, tests/unit/jobs/test_jobs_wrapper.py runs each). It starts the
 command (never parsed by a shell) as the leader of a new process group, reports ``PID START`` on
 ``REPORT_FD``, forwards SIGTERM/SIGINT/SIGHUP to the group, and writes ``exit N`` or ``signal N``
 to EXIT_FILE (a temporary file renamed into place), so a signal death never reads as exit 128+N

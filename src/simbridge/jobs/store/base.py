@@ -175,6 +175,26 @@ class StoreBase:
         """From now on every write first checks that ``fence`` still holds the orchestrator lease."""
         self._fence = fence
 
+    def check_lease(self) -> None:
+        """Prove, right before acting, that this serve still holds the orchestrator lease.
+
+        :class:`LeaseLostError` if the lease row names someone else, :class:`StoreUnavailableError`
+        if it was not renewed lately (it may be taken over any moment). Passing it, the lease stays
+        ours for at least half its TTL more (fresh means renewed within half of it, and a holder
+        is replaced only once its heartbeat is a whole TTL old): a serve paused between writing a
+        launch intent and launching, replaced meanwhile (the intent judged "never started" and
+        relaunched), is stopped here instead of running the step twice. A plain read, not a locked
+        one: a row lock would cost a commit (an fsync on PostgreSQL) on every launch, and the
+        freshness rule, not the lock, is what keeps a successor out. Unfenced stores (no serve)
+        have nothing to prove.
+        """
+        if self._fence is None:
+            return
+        self._check_fresh()
+        with self._fast_read() as cursor:
+            self._check_fence(lambda _locked: cursor.run(sql.FENCE, {}).fetchone())
+        self._check_fresh()  # the read itself may have waited: still fresh after it?
+
     def _check_fresh(self) -> None:
         # Before any lock is taken: a lease not renewed lately may be taken over any moment, so
         # write nothing until it is renewed (a passing fault: the heartbeat keeps trying).
