@@ -134,26 +134,29 @@ class DriverCursor:
         self, stmt: sa.Executable, params: dict[str, Any]
     ) -> tuple[str, tuple[str, ...] | None, dict[str, Any]]:
         sizes = tuple(len(v) for v in params.values() if isinstance(v, list))
-        key = (id(stmt), sizes)
-        found = self._compiled.get(key)
+        found = self._compiled.get((id(stmt), sizes))
         if found is None or found[0] is not stmt:
-            compiled = plain = stmt.compile(dialect=self._dialect)  # type: ignore[attr-defined]
-            if sizes:
-                # Expanding IN: render one placeholder per element (named NAME_1, NAME_2, ...).
-                shape = {k: [None] * len(v) if isinstance(v, list) else None for k, v in params.items()}
-                compiled = stmt.params(shape).compile(  # type: ignore[attr-defined]
-                    dialect=self._dialect, compile_kwargs={"render_postcompile": True}
-                )
-            positions = tuple(compiled.positiontup) if compiled.positiontup is not None else None
-            # Values SQLAlchemy bound itself (e.g. SQLite's OFFSET after a LIMIT), ours left out.
-            defaults = {k: v for k, v in plain.params.items() if k not in params and v is not None}
-            found = self._compiled[key] = (stmt, compiled.string, positions, defaults)
+            found = self._compile(stmt, params, sizes)
         return found[1], found[2], found[3]
+
+    def _compile(
+        self, stmt: sa.Executable, params: dict[str, Any], sizes: tuple[int, ...]
+    ) -> tuple[object, str, tuple[str, ...] | None, dict[str, Any]]:
+        compiled = plain = stmt.compile(dialect=self._dialect)  # type: ignore[attr-defined]
+        if sizes:
+            # Expanding IN: render one placeholder per element (named NAME_1, NAME_2, ...).
+            shape = {k: [None] * len(v) if isinstance(v, list) else None for k, v in params.items()}
+            compiled = stmt.params(shape).compile(  # type: ignore[attr-defined]
+                dialect=self._dialect, compile_kwargs={"render_postcompile": True}
+            )
+        positions = tuple(compiled.positiontup) if compiled.positiontup is not None else None
+        # Values SQLAlchemy bound itself (e.g. SQLite's OFFSET after a LIMIT), ours left out.
+        defaults = {k: v for k, v in plain.params.items() if k not in params and v is not None}
+        found = self._compiled[(id(stmt), sizes)] = (stmt, compiled.string, positions, defaults)
+        return found
 
     @staticmethod
     def _flat(params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-        if not defaults and not any(isinstance(v, list) for v in params.values()):
-            return params
         flat = dict(defaults)
         for name, value in params.items():
             if isinstance(value, list):
@@ -165,8 +168,18 @@ class DriverCursor:
     def run(self, stmt: sa.Executable, params: dict[str, Any]) -> Any:
         """Execute ``stmt`` with named ``params`` (a list value fills an expanding ``IN``); the
         cursor (for rows or rowcount)."""
-        if any(isinstance(v, list) for v in params.values()):
-            params = {k: _padded(v) if isinstance(v, list) else v for k, v in params.items()}
+        if list not in map(type, params.values()):
+            # The common case, kept short: it runs for every statement of every beam (a tenth
+            # of the orchestrator's CPU went to the general path's generator expressions).
+            found = self._compiled.get((id(stmt), ()))
+            if found is None or found[0] is not stmt:
+                found = self._compile(stmt, params, ())
+            _, text, positions, defaults = found
+            if defaults:
+                params = {**defaults, **params}
+            self._cursor.execute(text, params if positions is None else [params[k] for k in positions])
+            return self._cursor
+        params = {k: _padded(v) if isinstance(v, list) else v for k, v in params.items()}
         text, positions, defaults = self._sql(stmt, params)
         flat = self._flat(params, defaults)
         self._cursor.execute(text, flat if positions is None else [flat[k] for k in positions])
