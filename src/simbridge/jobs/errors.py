@@ -53,6 +53,11 @@ class LaunchError(JobsError, OSError):
     """Raised when an executor cannot start a command (missing program, no fork)."""
 
 
+class LaunchTooLateError(LaunchError):
+    """Raised when the launch wrapper refused to start a command past its deadline (the lease it
+    was launched under may be someone else's by now): nothing ran, so it is no failed try."""
+
+
 class JobsConfigError(JobsError, ValueError):
     """Raised when the jobs configuration lacks something a command needs (e.g. steps.simulate)."""
 

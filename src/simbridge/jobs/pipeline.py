@@ -28,7 +28,13 @@ from tenacity import (
 
 from simbridge.config import JobsSettings, config_file
 from simbridge.gpus import GpuLease
-from simbridge.jobs.errors import LaunchError, StaleStateError, TransferError, UnsafeFileError
+from simbridge.jobs.errors import (
+    LaunchError,
+    LaunchTooLateError,
+    StaleStateError,
+    TransferError,
+    UnsafeFileError,
+)
 from simbridge.jobs.executors import Executor, JobInfo, JobRef, JobStatus, LaunchSpec
 from simbridge.jobs.names import child_path
 from simbridge.jobs.states import LAUNCHED_FROM, NEXT, BeamState
@@ -46,6 +52,9 @@ LOCAL_STEPS = frozenset({BeamState.PREPARING, BeamState.POSTPROCESSING})
 # Called (when set) between writing a launch's intent and checking the lease before it starts: the
 # place where a paused serve could be replaced. For tests only (they stop a serve right there).
 BEFORE_LAUNCH_HOOK: Callable[[], None] | None = None
+# Called (when set) right after that lease check, before the executor starts the command: the
+# window the launch wrapper's deadline closes. For tests only, like the hook above.
+AFTER_LEASE_CHECK_HOOK: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -396,12 +405,21 @@ class Pipeline:
                 BEFORE_LAUNCH_HOOK()
             # The intent above was written under our lease, but time has passed (a pause, a slow
             # setup): if we were replaced meanwhile, the new holder may already have judged this
-            # attempt "never started" and relaunched it. Prove the lease is still ours, last thing.
-            # (Left open: a pause of over half the lease TTL inside the few calls between this
-            # check and the executor's fork; closing that needs the wrapper itself to check the
-            # lease's deadline before its exec.)
-            self.store.check_lease()
+            # attempt "never started" and relaunched it. Prove the lease is still ours, last thing;
+            # and since a pause may still fall after this check, the local wrapper gets the
+            # lease's validity end and starts nothing past it.
+            not_after = self.store.check_lease()
+            if AFTER_LEASE_CHECK_HOOK is not None:
+                AFTER_LEASE_CHECK_HOOK()
+            if not_after is not None:
+                spec = dataclasses.replace(spec, not_after=not_after)
             launched = self.executor_for(step).submit(spec)
+        except LaunchTooLateError as exc:
+            # Nothing ran and no exit marker was written: the attempt is left as an intent without
+            # a process, which the lease's holder (us, if still) closes as never started, gives
+            # the try back and relaunches. If the lease is gone, our own writes would be refused.
+            log.warning("jobs.launch_too_late", beam=beam.id, step=step, error=str(exc))
+            return None
         except (LaunchError, OSError) as exc:
             self.fail(self.store.beam(beam.id), step, str(exc), close=(attempt.id, "failed", None))
             return None

@@ -1,6 +1,8 @@
 """A serve paused between writing a launch intent and launching, replaced meanwhile, and woken up:
 the new holder judged the attempt "never started" and ran it; the old one must not run it again.
 The lease is proven still ours right before each launch (a fenced transaction), so it stops there.
+Paused after that proof, before the fork: the launch wrapper gets the lease's validity end and,
+past it, starts nothing (reported as never launched).
 """
 
 from __future__ import annotations
@@ -34,17 +36,17 @@ PAUSING_SERVE = """
 import os, runpy, signal, sys, threading
 from simbridge.jobs import pipeline
 
-MARKER = sys.argv[1]
+MARKER, HOOK = sys.argv[1], sys.argv[2]
 
 def pause():
-    pipeline.BEFORE_LAUNCH_HOOK = None  # once
+    setattr(pipeline, HOOK, None)  # once
     with open(MARKER, "w") as marker:
         marker.write("paused\\n")
     # To this very thread: it stops on its way out of the call. A kill() of the process would
     # let it run on (past the lease check, into the launch) until another thread took the stop.
     signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
-pipeline.BEFORE_LAUNCH_HOOK = pause
+setattr(pipeline, HOOK, pause)
 sys.argv = ["simbridge", "serve", "--max-seconds", "120"]
 runpy.run_module("simbridge.jobs", run_name="__main__")
 """
@@ -66,7 +68,16 @@ def _tokens(env: JobsEnv) -> list[str]:
         return [row.token for row in conn.execute(sa.select(attempts.c.token))]
 
 
-def test_a_serve_paused_inside_a_launch_and_replaced_never_launches_it(sqlite_env: JobsEnv) -> None:
+@pytest.mark.parametrize(
+    "hook",
+    [
+        "BEFORE_LAUNCH_HOOK",  # stopped by the lease check in the pipeline
+        "AFTER_LEASE_CHECK_HOOK",  # past that check: stopped by the launch wrapper's deadline
+    ],
+)
+def test_a_serve_paused_inside_a_launch_and_replaced_never_launches_it(
+    sqlite_env: JobsEnv, hook: str
+) -> None:
     env = sqlite_env
     (env.root / "sim.sh").write_text(SIM)
     (env.root / "pausing_serve.py").write_text(PAUSING_SERVE)
@@ -81,7 +92,7 @@ def test_a_serve_paused_inside_a_launch_and_replaced_never_launches_it(sqlite_en
     marker = env.root / "paused"
     with open(env.root / "first.log", "wb") as first_log:
         first = subprocess.Popen(
-            [sys.executable, str(env.root / "pausing_serve.py"), str(marker)],
+            [sys.executable, str(env.root / "pausing_serve.py"), str(marker), hook],
             cwd=env.root, env=child_env, stdout=first_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
@@ -118,3 +129,7 @@ def test_a_serve_paused_inside_a_launch_and_replaced_never_launches_it(sqlite_en
     [case] = env.status()
     assert case["state"] == "COMPLETED", case
     assert "orchestrator lease" in log_text, log_text
+    if hook == "AFTER_LEASE_CHECK_HOOK":
+        # The first serve did fork its wrapper, which refused to start the command.
+        late = [p for p in env.root.rglob("*.err") if b"past its deadline" in p.read_bytes()]
+        assert late, f"no wrapper refused a late start:\n{log_text}"

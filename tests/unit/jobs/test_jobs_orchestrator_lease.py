@@ -96,11 +96,15 @@ def test_a_lease_not_renewed_for_half_its_ttl_holds_every_write(url: str) -> Non
 
 def test_check_lease_proves_the_lease_right_before_a_launch(url: str) -> None:
     with Store(url=url) as store, Store(url=url) as other:
-        store.check_lease()  # no fence (no serve): nothing to prove
+        assert store.check_lease() is None  # no fence (no serve): nothing to prove, no deadline
         lease = OrchestratorLease(store, ttl_s=30)
         lease.acquire()
         store.fence(lease)
-        store.check_lease()
+        before = time.time()
+        not_after = store.check_lease()
+        # The launch wrapper's deadline: the end of the freshness window (half the TTL from the
+        # renewal), never later.
+        assert not_after is not None and before < not_after <= time.time() + 15
         lease._renewed -= 16  # paused: the lease may be taken over any moment
         with pytest.raises(StoreUnavailableError, match="not renewed for 16s"):
             store.check_lease()

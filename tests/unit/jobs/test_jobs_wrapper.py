@@ -5,6 +5,7 @@ through untouched; and the compiled one's refusal of arguments it cannot trust."
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 from tests.support import require
 
-from simbridge.jobs.executors.base import WRAPPER_ENV, JobInfo, JobStatus, LaunchSpec
+from simbridge.jobs.errors import LaunchTooLateError
+from simbridge.jobs.executors.base import LATE_REPORT, WRAPPER_ENV, JobInfo, JobStatus, LaunchSpec
 from simbridge.jobs.executors.local import (
     WRAPPER_C,
     LocalExecutor,
@@ -83,6 +85,46 @@ def test_the_report_names_the_command_and_its_start_and_the_token_moves(tmp_path
     sim_pid, token, wrapper_var = (tmp_path / "seen").read_text().split()
     # The command itself (not a shell between) was started, with the token under its own name.
     assert sim_pid == pid_text and token == spec.token and wrapper_var == "unset"
+
+
+def test_past_its_deadline_the_wrapper_starts_nothing_and_says_late(tmp_path: Path, wrapper: str) -> None:
+    spec = _spec(tmp_path, "sh", "-c", 'echo ran > "$0/ran"', str(tmp_path))
+    status, line = _run(dataclasses.replace(spec, not_after=time.time() - 0.001), wrapper)
+    assert (status, line) == (75, LATE_REPORT)
+    assert not (tmp_path / "ran").exists() and not spec.exit_file.exists()  # never launched
+    assert b"past its deadline" in spec.stderr.read_bytes()
+
+
+def test_before_its_deadline_the_command_runs_without_the_deadline(tmp_path: Path, wrapper: str) -> None:
+    spec = _spec(tmp_path, "sh", "-c", 'echo "${SIMBRIDGE_NOT_AFTER-unset}" > "$0/seen"', str(tmp_path))
+    status, line = _run(dataclasses.replace(spec, not_after=time.time() + 600), wrapper)
+    assert status == 0 and line.endswith(b"\n") and line != LATE_REPORT
+    assert (tmp_path / "seen").read_text() == "unset\n"
+
+
+def test_a_deadline_that_is_no_time_is_refused(tmp_path: Path, wrapper: str) -> None:
+    spec = _spec(tmp_path, "sh", "-c", 'echo ran > "$0/ran"', str(tmp_path))
+    os.environ["SIMBRIDGE_NOT_AFTER"] = "1e99"  # set by hand: start_wrapper would drop it
+    try:
+        report, report_w = os.pipe()
+        try:
+            argv = [*wrapper_command(wrapper), str(spec.exit_file), str(report_w), *spec.argv]
+            proc = subprocess.Popen(argv, pass_fds=(report_w,), stderr=subprocess.PIPE)
+        finally:
+            os.close(report_w)
+        os.close(report)
+        _, err = proc.communicate(timeout=END_S)
+    finally:
+        del os.environ["SIMBRIDGE_NOT_AFTER"]
+    assert proc.returncode == 126 and b"SIMBRIDGE_NOT_AFTER" in err
+    assert not (tmp_path / "ran").exists()
+
+
+def test_the_executor_reports_a_late_wrapper_as_never_launched(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, "sh", "-c", 'echo ran > "$0/ran"', str(tmp_path))
+    with pytest.raises(LaunchTooLateError, match="past its deadline"):
+        LocalExecutor().submit(dataclasses.replace(spec, not_after=time.time() - 0.001))
+    assert not (tmp_path / "ran").exists() and not spec.exit_file.exists()
 
 
 def test_a_command_not_found_is_127_and_not_runnable_126(tmp_path: Path, wrapper: str) -> None:

@@ -20,6 +20,10 @@ TOKEN_ENV = "SIMBRIDGE_ATTEMPT"
 # The same token as the local wrapper carries it (not in TOKEN_ENV, so the wrapper is never taken
 # for the command's group); the wrapper hands it on to the command as TOKEN_ENV.
 WRAPPER_ENV = "SIMBRIDGE_WRAPPER"
+# The local wrapper's deadline (epoch seconds): past it, the wrapper starts nothing (the lease the
+# launch was proven under may have passed to another serve) and reports LATE_REPORT instead.
+NOT_AFTER_ENV = "SIMBRIDGE_NOT_AFTER"
+LATE_REPORT = b"late\n"
 
 
 def log_file(prefix: Path, suffix: str) -> Path:
@@ -37,6 +41,9 @@ class LaunchSpec:
     log_prefix: Path
     env: Mapping[str, str] = field(default_factory=dict)
     pass_fds: tuple[int, ...] = ()
+    # Epoch seconds after which the command must not start (the orchestrator lease's validity
+    # end, see Store.check_lease); None: no deadline. Executors that cannot enforce it ignore it.
+    not_after: float | None = None
 
     @property
     def stdout(self) -> Path:

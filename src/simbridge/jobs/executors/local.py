@@ -25,8 +25,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from simbridge.jobs.errors import LaunchError
+from simbridge.jobs.errors import LaunchError, LaunchTooLateError
 from simbridge.jobs.executors.base import (
+    LATE_REPORT,
+    NOT_AFTER_ENV,
     TOKEN_ENV,
     WRAPPER_ENV,
     Executor,
@@ -50,6 +52,7 @@ WRAPPER_PERL = Path(__file__).with_name("wrapper.pl")
 WRAPPER_KINDS = ("c", "perl", "python")
 _WRAPPER_ENV_B = WRAPPER_ENV.encode()
 _TOKEN_ENV_B = TOKEN_ENV.encode()
+_NOT_AFTER_ENV_B = NOT_AFTER_ENV.encode()
 _LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
 # How long a launch waits for the wrapper to report the command's group (a Python start-up:
 # milliseconds when idle, seconds on a machine under heavy load).
@@ -341,6 +344,10 @@ def start_wrapper(
     env = {**os.environb, **{os.fsencode(k): os.fsencode(v) for k, v in spec.env.items()}}
     env[_WRAPPER_ENV_B] = os.fsencode(spec.token)
     env.pop(_TOKEN_ENV_B, None)  # the wrapper hands the token on; it must not carry one itself
+    if spec.not_after is None:
+        env.pop(_NOT_AFTER_ENV_B, None)  # an inherited deadline is none of this launch's
+    else:
+        env[_NOT_AFTER_ENV_B] = b"%.6f" % spec.not_after
     argv = [*(wrapper or wrapper_command()), str(spec.exit_file), str(report_fd), *spec.argv]
     out = os.open(spec.stdout, _LOG_FLAGS, 0o644)
     try:
@@ -387,6 +394,12 @@ def _read_report(fd: int, proc: subprocess.Popen[bytes], spec: LaunchSpec) -> tu
                 f"see {spec.stderr}"
             )
         data += chunk
+    if data == LATE_REPORT:
+        proc.wait(timeout=REPORT_TIMEOUT_S)
+        raise LaunchTooLateError(
+            f"the wrapper of {spec.argv[0]!r} did not start it: past its deadline (the "
+            "orchestrator lease it was launched under may have passed to another serve)"
+        )
     pid, start = (int(word) for word in data.split())
     return pid, start
 

@@ -9,6 +9,9 @@
  * and writes "exit N" or "signal N" to EXIT_FILE.tmp, renamed to EXIT_FILE. Its own status: the
  * command's exit code, 128+N for a signal, 126/127 if the command cannot be run (127: not found),
  * 125 if the marker cannot be written, 126 for arguments or an environment it refuses.
+ * With SIMBRIDGE_NOT_AFTER set (epoch seconds: the orchestrator lease's validity end), a wrapper
+ * that finds that time passed right before starting the command starts nothing: it reports
+ * "late\n" instead of "PID START\n", writes no marker and exits 75 (nothing ran: never launched).
  *
  * Why C: every launch pays for the wrapper's start while holding its GPU; perl takes about 3 ms
  * of CPU, a Python interpreter about 11 ms, this well under one.
@@ -25,10 +28,14 @@
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define WRAPPER_ENV "SIMBRIDGE_WRAPPER"
 #define TOKEN_ENV "SIMBRIDGE_ATTEMPT"
+#define NOT_AFTER_ENV "SIMBRIDGE_NOT_AFTER"
+#define LATE_REPORT "late\n"
+#define EXIT_CODE_LATE 75
 /* Tokens are "sb-" and 32 hex digits; anything far longer is not one of ours. */
 #define TOKEN_MAX 256
 #define EXIT_CODE_BAD_USE 126
@@ -161,7 +168,8 @@ static char **command_environment(const char *token) {
     size_t n = 0;
     for (char **e = environ; *e; e++) {
         if (strncmp(*e, WRAPPER_ENV "=", sizeof WRAPPER_ENV) == 0 ||
-            strncmp(*e, TOKEN_ENV "=", sizeof TOKEN_ENV) == 0) {
+            strncmp(*e, TOKEN_ENV "=", sizeof TOKEN_ENV) == 0 ||
+            strncmp(*e, NOT_AFTER_ENV "=", sizeof NOT_AFTER_ENV) == 0) {
             continue;
         }
         env[n++] = *e;
@@ -185,6 +193,33 @@ static void close_from(int lowest) {
     for (int fd = lowest; fd < most; fd++) {
         close(fd);
     }
+}
+
+/* SIMBRIDGE_NOT_AFTER as epoch seconds: 1 and *out, 0 if unset, -1 if it is not a plain
+ * non-negative decimal number (digits, at most one '.'). */
+static int parse_deadline(const char *text, double *out) {
+    if (text == NULL) {
+        return 0;
+    }
+    size_t digits = strspn(text, "0123456789");
+    const char *rest = text + digits;
+    if (*rest == '.') {
+        rest += 1 + strspn(rest + 1, "0123456789");
+    }
+    if (digits == 0 || digits > 12 || *rest != '\0') {
+        return -1;
+    }
+    *out = strtod(text, NULL);
+    return 1;
+}
+
+/* Whether the wall clock is past `deadline` (epoch seconds); an unreadable clock counts as past. */
+static int past(double deadline) {
+    struct timespec now;
+    if (clock_gettime(CLOCK_REALTIME, &now) != 0) {
+        return 1;
+    }
+    return (double)now.tv_sec + (double)now.tv_nsec / 1e9 > deadline;
 }
 
 /* "exit N\n" or "signal N\n" to PATH.tmp, renamed to PATH; 0, or -1 with errno set. */
@@ -296,6 +331,11 @@ int main(int argc, char **argv) {
     if (strlen(token) > TOKEN_MAX) {
         return refuse("SIMBRIDGE_WRAPPER is too long to be an attempt token");
     }
+    double deadline = 0;
+    int has_deadline = parse_deadline(getenv(NOT_AFTER_ENV), &deadline);
+    if (has_deadline < 0) {
+        return refuse(NOT_AFTER_ENV " is not a time in epoch seconds");
+    }
     char **env = command_environment(token);
     if (env == NULL) {
         return refuse("out of memory");
@@ -319,6 +359,14 @@ int main(int argc, char **argv) {
     sigaction(SIGCHLD, &dfl, NULL);
     sigprocmask(SIG_BLOCK, &held, &saved_mask);
 
+    /* Last thing before the command starts: the launcher proved its lease only until then. */
+    if (has_deadline && past(deadline)) {
+        say("not started: past its deadline (" NOT_AFTER_ENV "); the orchestrator lease it was "
+            "launched under may have passed to another serve",
+            NULL, NULL);
+        write_all(report_fd, LATE_REPORT, sizeof LATE_REPORT - 1);
+        return EXIT_CODE_LATE;
+    }
     pid_t pid = 0;
     if (spawn_command(argv + 3, env, report_fd, &pid) != 0) {
         /* Not started (not found, not runnable, no resources): the slow way, which fails the

@@ -5,9 +5,25 @@
 # `warnings`: loading them costs a millisecond and a half of each launch.
 my ($exit_file, $report_fd, @cmd) = @ARGV;
 my $pid = 0;
+my $not_after = delete $ENV{SIMBRIDGE_NOT_AFTER};
+if (defined $not_after && $not_after !~ /\A[0-9]{1,12}(?:\.[0-9]*)?\z/) {
+    print STDERR "simbridge: SIMBRIDGE_NOT_AFTER is not a time in epoch seconds\n";
+    exit 126;
+}
 # Before the fork: no window in which a stop request is lost.
 for my $name (qw(TERM INT HUP)) {
     $SIG{$name} = sub { kill($_[0], -$pid) if $pid > 1 };
+}
+# Last thing before the command starts: the launcher proved its lease only until then. (Time::HiRes
+# only when there is a deadline: loading it costs each such launch about a millisecond.)
+if (defined $not_after) {
+    require Time::HiRes;
+    if (Time::HiRes::time() > $not_after) {
+        print STDERR "simbridge: not started: past its deadline (SIMBRIDGE_NOT_AFTER); the "
+            . "orchestrator lease it was launched under may have passed to another serve\n";
+        if (open(my $report, ">&=", $report_fd)) { syswrite($report, "late\n"); close($report) }
+        exit 75;
+    }
 }
 $pid = fork;
 if (!defined $pid) {

@@ -7,19 +7,24 @@ command (never parsed by a shell) as the leader of a new process group, reports 
 ``REPORT_FD``, forwards SIGTERM/SIGINT/SIGHUP to the group, and writes ``exit N`` or ``signal N``
 to EXIT_FILE (a temporary file renamed into place), so a signal death never reads as exit 128+N
 and the result is kept even if the orchestrator is gone. Processes the command leaves behind in
-its group are killed when it ends. It imports builtin modules only: it must
-start in a few milliseconds, since every launch pays for it.
+its group are killed when it ends. With ``SIMBRIDGE_NOT_AFTER`` set (epoch seconds: the
+orchestrator lease's validity end) and that time passed right before the command would start, it
+starts nothing: it reports ``late`` instead of ``PID START``, writes no marker and exits 75. It
+imports builtin modules only: it must start in a few milliseconds, since every launch pays for it.
 """
 
 # Builtins only: `signal` would import enum, `contextlib` more, each costing every launch time.
 import _signal  # type: ignore[import-not-found]  # the builtin under `signal`; no stub
 import posix
 import sys
+import time  # builtin, like the others
 
 # The wrapper is found by this variable, the command (and what it starts) by the attempt token;
 # so a search for the token finds the command's group, never the wrapper. (base.py names both.)
 WRAPPER_ENV = b"SIMBRIDGE_WRAPPER"
 TOKEN_ENV = b"SIMBRIDGE_ATTEMPT"
+NOT_AFTER_ENV = b"SIMBRIDGE_NOT_AFTER"
+EXIT_CODE_LATE = 75
 _FORWARDED = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
 
 _group = [0]  # the command's pid (= its group id) once started; a list, set from main()
@@ -85,14 +90,38 @@ def _write_end(path: str, text: bytes) -> None:
     posix.rename(tmp, path)
 
 
+def _deadline(raw: bytes | None) -> float | None:
+    """SIMBRIDGE_NOT_AFTER as epoch seconds (None: unset); SystemExit(126) if it is no time."""
+    if raw is None:
+        return None
+    whole, _, part = raw.partition(b".")
+    if not whole.isdigit() or len(whole) > 12 or (part and not part.isdigit()):
+        posix.write(2, b"simbridge: SIMBRIDGE_NOT_AFTER is not a time in epoch seconds\n")
+        raise SystemExit(126)
+    return float(raw)
+
+
 def main(args: list[str]) -> int:
     """Run the command, report its group, wait for it and write how it ended; the exit status."""
     exit_file, report_fd = args[0], int(args[1])
     argv = [a.encode("utf-8", "surrogateescape") for a in args[2:]]
     env = dict(posix.environ)
     env[TOKEN_ENV] = env.pop(WRAPPER_ENV, b"")
+    not_after = _deadline(env.pop(NOT_AFTER_ENV, None))
     for signum in _FORWARDED:  # before the fork: no window in which a stop request is lost
         _signal.signal(signum, _forward)
+    # Last thing before the command starts: the launcher proved its lease only until then.
+    if not_after is not None and time.time() > not_after:
+        posix.write(
+            2,
+            b"simbridge: not started: past its deadline (SIMBRIDGE_NOT_AFTER); the orchestrator "
+            b"lease it was launched under may have passed to another serve\n",
+        )
+        try:  # noqa: SIM105 (as below)
+            posix.write(report_fd, b"late\n")
+        except OSError:
+            pass  # the executor gave up waiting: nothing ran either way
+        return EXIT_CODE_LATE
     pid = posix.fork()
     if pid == 0:
         _child(argv, env, report_fd)

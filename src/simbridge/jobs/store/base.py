@@ -46,6 +46,8 @@ class Fence(Protocol):
 
     def fresh(self) -> bool: ...
 
+    def valid_until(self) -> float: ...
+
     def stale_reason(self) -> str: ...
 
     def lost_reason(self) -> str | None: ...
@@ -175,7 +177,7 @@ class StoreBase:
         """From now on every write first checks that ``fence`` still holds the orchestrator lease."""
         self._fence = fence
 
-    def check_lease(self) -> None:
+    def check_lease(self) -> float | None:
         """Prove, right before acting, that this serve still holds the orchestrator lease.
 
         :class:`LeaseLostError` if the lease row names someone else, :class:`StoreUnavailableError`
@@ -187,13 +189,19 @@ class StoreBase:
         one: a row lock would cost a commit (an fsync on PostgreSQL) on every launch, and the
         freshness rule, not the lock, is what keeps a successor out. Unfenced stores (no serve)
         have nothing to prove.
+
+        Returns the epoch time until which the lease stays ours by that rule (None: unfenced),
+        for the launch wrapper to check right before it starts the command: a pause after this
+        check (before the fork, or of the wrapper itself) then cannot start a step twice.
         """
-        if self._fence is None:
-            return
+        fence = self._fence
+        if fence is None:
+            return None
         self._check_fresh()
         with self._fast_read() as cursor:
             self._check_fence(lambda _locked: cursor.run(sql.FENCE, {}).fetchone())
         self._check_fresh()  # the read itself may have waited: still fresh after it?
+        return fence.valid_until()
 
     def _check_fresh(self) -> None:
         # Before any lock is taken: a lease not renewed lately may be taken over any moment, so

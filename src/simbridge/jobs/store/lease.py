@@ -75,6 +75,10 @@ class OrchestratorLease:
         """Renewed recently enough that no one can have taken the lease over (half the TTL)."""
         return self.lost is None and time.monotonic() - self._renewed < self.ttl_s / 2
 
+    def valid_until(self) -> float:
+        """Epoch seconds until which :meth:`fresh` holds (no one can have taken the lease over)."""
+        return time.time() + (self._renewed + self.ttl_s / 2 - time.monotonic())
+
     def lost_reason(self) -> str | None:
         """Why the lease is gone for good (taken over), or None."""
         return self.lost
