@@ -11,7 +11,7 @@ beam: less noisy than wall time on a shared machine.
 Usage: python benchmarks/jobs_local.py [--beams 2000] [--no-postgres] [--no-parsl]
                                       [--wrapper c|perl|python] [--noop COMMAND]
 (--wrapper: force that launch wrapper, as on a machine without the others; default: the executor's
-pick. --noop: the no-op simulation, `true` by default.)
+pick. --noop: the no-op simulation, `/bin/true` by default.)
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ from simbridge.jobs.inbox import take_case
 from simbridge.jobs.states import BeamState
 from simbridge.jobs.store import Store
 
-# `true` is a shell builtin: a launch through `sh -c` pays no exec for it, one through a wrapper
-# that execs its argv does. --noop /bin/true makes every launcher exec a program, as a real one does.
-NOOP = "true"
+# A program, as a real simulation always is: `true` alone is a shell builtin, which a launch
+# through `sh -c` (simbridge before 2026-12) never exec'd while a wrapper that execs its argv does;
+# comparing those would time an exec on one side only.
+NOOP = "/bin/true"
 
 
 def _free_port() -> int:
@@ -179,7 +180,7 @@ def main() -> None:
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--no-parsl", action="store_true")
     ap.add_argument("--wrapper", choices=["c", "perl", "python"], default=None)
-    ap.add_argument("--noop", default=NOOP, help="the no-op simulation command (default: true)")
+    ap.add_argument("--noop", default=NOOP, help="the no-op simulation command (default: /bin/true)")
     args = ap.parse_args()
     from simbridge.jobs.executors import local
 
