@@ -1,9 +1,10 @@
-"""jobs_local, two source trees interleaved: before / after / before / after ..., medians per tree.
+"""jobs_local, two source trees interleaved (before and after in alternating order), medians per tree.
 
 Each run is a fresh interpreter with ``PYTHONPATH`` at one tree's ``src`` running this tree's
 ``jobs_local.run_simbridge`` (the same beams, config and no-op for both), so only the simbridge
-code differs. Alternating rounds spread a shared machine's swings over both trees; the load
-average before each run is printed with it.
+code differs. Rounds alternate the order (before, after, after, before, ...) to spread a shared
+machine's swings and the run-after-clean-up effect over both trees; the load average before each
+run is printed with it.
 
 Usage: python benchmarks/jobs_local_ab.py --before /tmp/before/src [--after src] [--rounds 5]
                                           [--beams 1000] [--postgres] [--noop /bin/true]
@@ -63,7 +64,10 @@ def main() -> None:
     db = "PostgreSQL" if args.postgres else "SQLite"
     print(f"jobs_local A/B: {args.beams} beams, {db}, no-op `{args.noop}`, {args.rounds} rounds")
     for i in range(args.rounds):
-        for name, src in trees.items():
+        # ABBA: the second run of a round follows the first's clean-up (thousands of inodes just
+        # freed, which makes the file creations of the next run dearer), so the order alternates.
+        order = list(trees.items()) if i % 2 == 0 else list(reversed(trees.items()))
+        for name, src in order:
             r = run_once(src, beams=args.beams, postgres=args.postgres, noop=args.noop)
             runs[name].append(r)
             print(
