@@ -133,3 +133,54 @@ def test_a_serve_paused_inside_a_launch_and_replaced_never_launches_it(
         # The first serve did fork its wrapper, which refused to start the command.
         late = [p for p in env.root.rglob("*.err") if b"past its deadline" in p.read_bytes()]
         assert late, f"no wrapper refused a late start:\n{log_text}"
+
+
+# A serve that keeps its lease but reaches the wrapper only after the deadline it proved (a long
+# stall after the check): the wrapper starts nothing, and the serve's next look finds an intent
+# with no process, closes it as never started and launches again. Not a failed try.
+LATE_SERVE = """
+import runpy, sys, time
+from simbridge.jobs import pipeline
+
+PAST_S = float(sys.argv[1])
+
+def stall():
+    pipeline.AFTER_LEASE_CHECK_HOOK = None  # once
+    # The deadline is at most half the lease TTL after the check, which just passed.
+    deadline = time.time() + PAST_S
+    while time.time() < deadline:
+        time.sleep(0.05)
+
+pipeline.AFTER_LEASE_CHECK_HOOK = stall
+sys.argv = ["simbridge", "serve", "--until-idle", "--max-seconds", "120"]
+runpy.run_module("simbridge.jobs", run_name="__main__")
+"""
+
+
+def test_a_launch_past_its_deadline_is_never_launched_and_runs_once_later(sqlite_env: JobsEnv) -> None:
+    env = sqlite_env
+    (env.root / "sim.sh").write_text(SIM)
+    (env.root / "late_serve.py").write_text(LATE_SERVE)
+    env.configure(
+        steps={"simulate": "sh {config_dir}/sim.sh {beam_id} {config_dir}"},
+        orchestrator_lease_s=LEASE_S,
+        retry={"backoff_initial_s": 0, "max_attempts": 1},  # a counted try would fail the beam
+    )
+    env.make_case("c1", {"b1": {"plan.json": "{}"}})
+    child_env = {**os.environ, "SIMBRIDGE_CONFIG": str(env.config_path), "COLUMNS": "200"}
+    child_env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), child_env.get("PYTHONPATH", "")])
+    serve = subprocess.run(
+        [sys.executable, str(env.root / "late_serve.py"), str(LEASE_S / 2 + 0.2)],
+        cwd=env.root, env=child_env, capture_output=True, text=True, timeout=SERVE_S + 60, check=False,
+    )  # fmt: skip
+    assert serve.returncode == 0, serve.stdout + serve.stderr
+    assert (env.root / "launches").read_text().split() == ["b1"]
+    late = [p for p in env.root.rglob("*.err") if b"past its deadline" in p.read_bytes()]
+    assert late, serve.stdout + serve.stderr
+    [case] = env.status()
+    assert case["state"] == "COMPLETED", case
+    with Store(url=env.db_url, migrate=False) as store, store.read() as conn:
+        outcomes = [
+            row.outcome for row in conn.execute(sa.select(attempts.c.outcome).order_by(attempts.c.id))
+        ]
+    assert outcomes == ["unlaunched", "ok"]
