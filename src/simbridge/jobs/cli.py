@@ -22,6 +22,7 @@ from rich.text import Text
 from simbridge.config import CONFIG_ENV, Settings, load_settings
 from simbridge.errors import ConfigError, SimbridgeError
 from simbridge.jobs import control
+from simbridge.jobs.clusters import Clusters
 from simbridge.jobs.dispatcher import Dispatcher
 from simbridge.jobs.errors import NotFoundError
 from simbridge.jobs.intake import NOTE_PREFIX, InboxEntry, inbox_entries, take_case, tree_limits
@@ -193,12 +194,16 @@ def cancel(
     """Cancel unfinished beams and kill their running processes (the whole process group)."""
     try:
         settings = _settings(config)
-        with _store(settings, "cancel", migrate=False) as store:
+        with (
+            _store(settings, "cancel", migrate=False) as store,
+            Clusters(settings=settings, store=store) as clusters,
+        ):
             keys = control.cancel(
                 store,
                 target,
                 work_root=settings.jobs.work_root,
                 grace_s=settings.jobs.timeouts.kill_grace_s,
+                clusters=clusters,
             )
     except SimbridgeError as exc:
         raise _fail(exc) from exc

@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from simbridge.jobs.errors import NotFoundError, StaleStateError
+from simbridge.jobs.clusters import LOCAL, Clusters
+from simbridge.jobs.errors import JobsConfigError, NotFoundError, RemoteError, StaleStateError
 from simbridge.jobs.executors import Executor, make_executor
 from simbridge.jobs.names import safe_key
-from simbridge.jobs.pipeline import attempt_ref, logs_dir
+from simbridge.jobs.pipeline import attempt_ref, logs_dir, remote_logs_dir
 from simbridge.jobs.states import BeamState, case_state, progress, retry_target
 from simbridge.jobs.store import BeamRow, CaseRow, Store
 from simbridge.logs import get_logger
@@ -154,8 +155,19 @@ def retry(store: Store, target: str, *, failed: bool = True, cancelled: bool = F
     return done
 
 
-def cancel(store: Store, target: str, *, work_root: Path, grace_s: float) -> list[str]:
-    """Cancel every unfinished beam of the target: record it, then kill its processes."""
+def cancel(
+    store: Store,
+    target: str,
+    *,
+    work_root: Path,
+    grace_s: float,
+    clusters: Clusters | None = None,
+) -> list[str]:
+    """Cancel every unfinished beam of the target: record it, then kill its processes.
+
+    A job on a cluster is cancelled by its executor there (``scancel`` on Slurm, the remote process
+    group on a plain host), through ``clusters``.
+    """
     _, beams = resolve(store, target)
     executors: dict[str, Executor] = {}
     done = []
@@ -174,12 +186,35 @@ def cancel(store: Store, target: str, *, work_root: Path, grace_s: float) -> lis
         for attempt in store.open_attempts(beam_id=beam.id):
             if store.beam(beam.id).state is not BeamState.CANCELLED:
                 break
-            ex = executors.get(attempt.executor)
-            if ex is None:
-                ex = executors[attempt.executor] = make_executor(attempt.executor)
             case = store.case(beam.case_id)
-            ref = attempt_ref(logs_dir(work_root.resolve(), case.key, beam.key), attempt)
-            killed = ex.cancel(ref, grace_s=grace_s)
+            if attempt.executor == LOCAL:
+                ex = executors.get(LOCAL)
+                if ex is None:
+                    ex = executors[LOCAL] = make_executor(LOCAL)
+                ref = attempt_ref(logs_dir(work_root.resolve(), case.key, beam.key), attempt)
+            else:
+                if clusters is None or not clusters.known(attempt.executor):
+                    raise JobsConfigError(
+                        f"beam {beam.key} runs on cluster {attempt.executor!r}, which is not in the "
+                        "clusters section; add it back to cancel its job there"
+                    )
+                cluster = clusters.get(attempt.executor)
+                ex = cluster.executor
+                beam_dir = cluster.transport.beam_dir(case.key, beam.key)
+                ref = attempt_ref(remote_logs_dir(beam_dir), attempt)
+            try:
+                killed = ex.cancel(ref, grace_s=grace_s)
+            except RemoteError as exc:
+                # The beam is CANCELLED already; the attempt stays open, so a running serve (or
+                # the next cancel) cancels the job once the cluster answers.
+                log.warning("jobs.cancel_unreached", beam=beam.id, cluster=attempt.executor, error=str(exc))
+                store.add_event(
+                    case_id=beam.case_id,
+                    beam_id=beam.id,
+                    reason=f"cancel: cluster {attempt.executor} unreachable ({exc}); job "
+                    f"{attempt.job_id} is cancelled when it answers",
+                )
+                continue
             store.close_attempt(attempt.id, outcome="cancelled", exit_code=None)
             store.add_event(
                 case_id=beam.case_id,

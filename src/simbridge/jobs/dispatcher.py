@@ -26,21 +26,23 @@ import tenacity
 from simbridge.config import Settings
 from simbridge.gpus import GpuPool
 from simbridge.gpus.errors import LeaseTimeout
+from simbridge.jobs.clusters import LOCAL, Cluster, Clusters, is_fatal
 from simbridge.jobs.errors import (
     BadNameError,
     CaseRejectedError,
     JobsConfigError,
     LeaseLostError,
+    RemoteError,
     StaleStateError,
     StoreError,
     StoreLostError,
 )
-from simbridge.jobs.executors import Executor, JobInfo, JobRef, JobStatus, make_executor
+from simbridge.jobs.executors import Executor, JobInfo, JobRef, JobStatus
 from simbridge.jobs.executors.local import LocalExecutor
 from simbridge.jobs.inbox import RETRY_INITIAL_S, Inbox
 from simbridge.jobs.intake import NOTE_PREFIX, is_taken, reject_case, shown, take_case, tree_limits
 from simbridge.jobs.names import safe_key
-from simbridge.jobs.pipeline import LOCAL_STEPS, Pipeline
+from simbridge.jobs.pipeline import LOCAL_STEPS, Pipeline, remote_transient
 from simbridge.jobs.states import IN_FLIGHT, LAUNCHED_FROM, NEXT, SCHEDULABLE, BeamState
 from simbridge.jobs.store import AttemptRow, BeamRow, Store, default_actor
 from simbridge.jobs.store.base import FILE_CHECK_S
@@ -52,6 +54,8 @@ from simbridge.logs import get_logger
 log = get_logger(__name__)
 
 SCAN_LIMIT = 256
+# Steps that need the cluster when simulations run remotely (held back while it is unreachable).
+_REMOTE_STATES = frozenset({BeamState.UPLOADING, BeamState.QUEUED, BeamState.COLLECTING})
 
 
 def _store_error(state: tenacity.RetryCallState) -> StoreError:
@@ -78,19 +82,38 @@ class Dispatcher:
         self._recovered = False
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._fatal: RemoteError | None = None  # a cluster refused us for good (key, user)
         self.local = LocalExecutor(notify=self._wake.set)
-        self.executor: Executor = self.local if jobs.executor == "local" else make_executor(jobs.executor)
-        self._executors: dict[str, Executor] = {"local": self.local, jobs.executor: self.executor}
+        # One connection, transport and executor per cluster, closed when serve ends.
+        self.clusters = Clusters(settings=settings, store=self.store)
+        self.cluster: Cluster | None = None
+        try:
+            if jobs.executor != LOCAL:
+                self.cluster = self.clusters.get(jobs.executor)
+        except BaseException:
+            self.clusters.close()
+            if self._own_store:
+                self.store.close()
+            raise
+        self.executor: Executor = self.local if self.cluster is None else self.cluster.executor
         self.pipeline = Pipeline(
             settings=jobs,
             store=self.store,
             executor=self.executor,
             local=self.local,
-            transport=LocalTransport(root=jobs.work_root.resolve() / "remote"),
+            transport=(
+                LocalTransport(root=jobs.work_root.resolve() / "remote")
+                if self.cluster is None
+                else self.cluster.transport
+            ),
+            clusters=self.clusters,
+            cluster=self.cluster,
         )
         self.gpus = GpuPool.from_settings(settings)
-        if jobs.gpus_per_beam > len(self.gpus.gpus):
+        # Remote simulations get their GPUs from the scheduler or the host's own assignment.
+        if self.cluster is None and jobs.gpus_per_beam > len(self.gpus.gpus):
             self.gpus.close()
+            self.clusters.close()
             if self._own_store:
                 self.store.close()
             raise JobsConfigError(
@@ -104,6 +127,8 @@ class Dispatcher:
         self._recent_seen: set[int] = set()
         self._ingesting: set[str] = set()
         self._open: dict[int, AttemptRow] = {}
+        self._polled_at: dict[str, float] = {}  # cluster -> when its jobs were last polled
+        self._unknown: set[str] = set()  # clusters named by attempts but no longer configured
         self._lock = threading.Lock()
         self._inbox: Inbox | None = None
         if watch_inbox:
@@ -123,6 +148,7 @@ class Dispatcher:
         except BaseException:
             self._threads.shutdown(wait=False)
             self.gpus.close()
+            self.clusters.close()
             if self._own_store:
                 self.store.close()
             raise
@@ -155,6 +181,8 @@ class Dispatcher:
             self._inbox.__exit__(None, None, None)
         self._threads.shutdown(wait=True, cancel_futures=True)
         self.gpus.close()
+        # After the steps drained (they use the connections); remote jobs keep running.
+        self.clusters.close()
         self._let_go()
 
     def _let_go(self) -> None:
@@ -167,6 +195,32 @@ class Dispatcher:
     def _lease_lost(self, why: str) -> None:
         self._lost = why
         self.stop()
+
+    def _remote_failed(self, exc: RemoteError, cluster: str | None = None) -> None:
+        """A remote error outside a beam's own fault: back off, or stop serve for good."""
+        if is_fatal(exc):
+            if self._fatal is None:
+                log.error("jobs.cluster_refused", cluster=cluster, error=str(exc))
+                self._fatal = exc
+            self.stop()
+            return
+        target = self.pipeline.cluster if cluster is None else self._cluster(cluster)
+        delay = target.backoff.failed(exc) if target is not None else 0.0
+        log.warning("jobs.cluster_unreachable", cluster=cluster or getattr(target, "name", None),
+                    error=str(exc), retry_in_s=delay)  # fmt: skip
+
+    def _cluster(self, name: str) -> Cluster | None:
+        if name == LOCAL:
+            return None
+        if self.cluster is not None and name == self.cluster.name:
+            return self.cluster
+        return self.clusters.get(name) if self.clusters.known(name) else None
+
+    def _executor_of(self, name: str) -> Executor | None:
+        if name == LOCAL:
+            return self.local
+        cluster = self._cluster(name)
+        return None if cluster is None else cluster.executor
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the current tick (signal-safe)."""
@@ -227,6 +281,8 @@ class Dispatcher:
             self._wake.clear()
         if self._lost is not None:
             raise LeaseLostError(self._lost)
+        if self._fatal is not None:
+            raise self._fatal
         return False
 
     def _turn(self, until_idle: bool) -> bool:
@@ -272,22 +328,26 @@ class Dispatcher:
             self._schedule(time.time())
 
     def _submit(self, beam_id: int, action: Callable[[], object], *, launching: bool) -> None:
+        self._submit_batch([beam_id], action, launching=launching)
+
+    def _submit_batch(self, beam_ids: list[int], action: Callable[[], object], *, launching: bool) -> None:
+        """One action on the pool for one beam, or for several (a job array): all busy till it ends."""
         with self._lock:
-            self._busy.add(beam_id)
+            self._busy.update(beam_ids)
             if launching:
-                self._launching.add(beam_id)
+                self._launching.update(beam_ids)
 
         def done(_fut: Future[None]) -> None:
             with self._lock:
-                self._busy.discard(beam_id)
+                self._busy.difference_update(beam_ids)
                 if launching:
                     # Its attempt row is committed but our last look at open attempts may
                     # predate it: keep the beam off the schedule until the next look.
-                    self._recent.add(beam_id)
-                self._launching.discard(beam_id)
+                    self._recent.update(beam_ids)
+                self._launching.difference_update(beam_ids)
             self._wake.set()
 
-        self._threads.submit(self._guard, beam_id, action).add_done_callback(done)
+        self._threads.submit(self._guard, beam_ids[0], action).add_done_callback(done)
 
     def _guard(self, beam_id: int, action: Callable[[], object]) -> None:
         try:
@@ -300,14 +360,23 @@ class Dispatcher:
             # Never the beam's fault: it stays where it is and every step resumes from there
             # (an attempt launched but not yet recorded is found again by its token).
             self._trouble.failed(exc)
+        except RemoteError as exc:
+            if remote_transient(exc) or is_fatal(exc):
+                # Never the beam's fault either: it stays where it is until the host answers.
+                self._remote_failed(exc)
+                return
+            self._crashed(beam_id, str(exc))
         except Exception as exc:  # a step must never take the dispatcher down
             log.exception("jobs.step_crashed", beam=beam_id)
-            try:
-                beam = self.store.beam(beam_id)
-                if beam.state in SCHEDULABLE:  # a RUNNING beam's command is the watcher's
-                    self.pipeline.fail(beam, beam.state, f"internal error in {beam.state}: {exc!r}")
-            except Exception:
-                log.exception("jobs.step_crash_unrecorded", beam=beam_id)
+            self._crashed(beam_id, f"internal error: {exc!r}")
+
+    def _crashed(self, beam_id: int, why: str) -> None:
+        try:
+            beam = self.store.beam(beam_id)
+            if beam.state in SCHEDULABLE:  # a RUNNING beam's command is the watcher's
+                self.pipeline.fail(beam, beam.state, f"{beam.state.lower()}: {why}")
+        except Exception:
+            log.exception("jobs.step_crash_unrecorded", beam=beam_id)
 
     def _watch(self, now: float) -> None:
         with self._lock:
@@ -319,14 +388,58 @@ class Dispatcher:
         if not attempts:
             return
         beams = {b.id: b for b in self.store.beams(ids=self._open.keys())}
-        polled: dict[str, list[tuple[AttemptRow, JobRef]]] = {}
+        by_executor: dict[str, list[AttemptRow]] = {}
         for attempt in attempts:
-            beam = beams.get(attempt.beam_id)
-            if attempt.beam_id in launching or beam is None:
+            if attempt.beam_id in launching or attempt.beam_id not in beams:
                 continue
+            by_executor.setdefault(attempt.executor, []).append(attempt)
+        for name, group in by_executor.items():
+            executor = self._watched_executor(name, now)
+            if executor is None:
+                continue
+            try:
+                self._watch_group(executor, group, beams, now)
+            except RemoteError as exc:
+                if not (remote_transient(exc) or is_fatal(exc)):
+                    raise
+                self._remote_failed(exc, name)
+                continue
+            cluster = self._cluster(name)
+            if cluster is not None:
+                cluster.backoff.ok()
+                self._polled_at[name] = now
+
+    def _watched_executor(self, name: str, now: float) -> Executor | None:
+        """The executor to poll for ``name`` now (None: not now, or not configured any more)."""
+        if name == LOCAL:
+            return self.local
+        if not self.clusters.known(name):
+            if name not in self._unknown:
+                self._unknown.add(name)
+                log.error(
+                    "jobs.cluster_unknown",
+                    cluster=name,
+                    fix="put the cluster back in the clusters section to finish or cancel its beams",
+                )
+            return None
+        cluster = self._cluster(name)
+        assert cluster is not None
+        # A cluster that just failed is left alone for its backoff; a healthy one is asked at
+        # most once per its poll_s (site admins may ask for minutes between scheduler queries).
+        if cluster.backoff.waiting() or now - self._polled_at.get(name, 0.0) < cluster.settings.poll_s:
+            return None
+        return cluster.executor
+
+    def _watch_group(
+        self, executor: Executor, attempts: list[AttemptRow], beams: dict[int, BeamRow], now: float
+    ) -> None:
+        """Find, poll (once for the whole group) and judge the open attempts of one executor."""
+        items: list[tuple[AttemptRow, JobRef]] = []
+        for attempt in attempts:
+            beam = beams[attempt.beam_id]
             ref = self.pipeline.ref(attempt, beam)
             if attempt.pid is None and attempt.job_id is None:
-                found = self._executors[attempt.executor].find(ref)
+                found = executor.find(ref)
                 if found is not None:
                     self.store.record_launch(
                         attempt.id,
@@ -336,17 +449,21 @@ class Dispatcher:
                         pid_start=found.pid_start,
                         simulation=attempt.step is BeamState.RUNNING,
                     )
+                    log.info("jobs.attempt_adopted", beam=beam.id, job_id=found.job_id)
                     ref = dataclasses.replace(
                         ref, job_id=found.job_id, pid=found.pid, pid_start=found.pid_start
                     )
-                elif not ref.exit_file.exists():
+                elif not self.pipeline.marker_exists(attempt, ref):
                     self._never_started(attempt, beam)
                     continue
-            polled.setdefault(attempt.executor, []).append((attempt, ref))
-        for name, items in polled.items():
-            infos = self._executors[name].poll([ref for _, ref in items])
-            for attempt, ref in items:
-                self._judge(attempt, ref, beams[attempt.beam_id], infos[ref.token], now)
+            items.append((attempt, ref))
+        if not items:
+            return
+        infos = executor.poll([ref for _, ref in items])
+        for attempt, ref in items:
+            info = infos.get(ref.token)
+            if info is not None:
+                self._judge(attempt, ref, beams[attempt.beam_id], info, now)
 
     def _never_started(self, attempt: AttemptRow, beam: BeamRow) -> None:
         # Killed between writing the intent and launching: nothing ran, so this was no try.
@@ -369,7 +486,9 @@ class Dispatcher:
         with self._lock:
             if beam.id in self._busy:
                 return  # a kill (timeout/cancel) is under way; it judges the attempt itself
-        executor = self._executors[attempt.executor]
+        executor = self._executor_of(attempt.executor)
+        if executor is None:
+            return
         if info.status is JobStatus.RUNNING:
             if beam.state is not attempt.step:
                 # Cancelled (by `simbridge cancel` in another process that died midway).
@@ -484,6 +603,7 @@ class Dispatcher:
         local_cmds = sum(1 for a in self._open.values() if a.step in LOCAL_STEPS)
         queued: list[int] = []
         chosen: list[tuple[int, bool]] = []
+        states = dict(rows)
         for beam_id, state in rows:
             if state is BeamState.QUEUED:
                 queued.append(beam_id)
@@ -500,11 +620,18 @@ class Dispatcher:
                 elif state in commands:
                     continue
             chosen.append((beam_id, may_launch))
-        # The GPU queue: strictly first come, first served (beam id order). When our own runs
-        # already hold every GPU, asking the pool would only fail: skip the futile lease.
-        ours = sum(1 for a in self._open.values() if a.step is BeamState.RUNNING)
-        free = (len(self.gpus.gpus) - ours * self.jobs.gpus_per_beam) // self.jobs.gpus_per_beam
-        queued = queued[: max(0, free)]
+        if self.cluster is not None:
+            # Remote: the scheduler (or the host's GPU assignment) queues the simulations. Nothing
+            # that needs the cluster starts while it is backing off after a dropped link.
+            if self.cluster.backoff.waiting():
+                chosen = [(i, m) for i, m in chosen if states.get(i) not in _REMOTE_STATES]
+                queued = []
+        else:
+            # The GPU queue: strictly first come, first served (beam id order). When our own runs
+            # already hold every GPU, asking the pool would only fail: skip the futile lease.
+            ours = sum(1 for a in self._open.values() if a.step is BeamState.RUNNING)
+            free = (len(self.gpus.gpus) - ours * self.jobs.gpus_per_beam) // self.jobs.gpus_per_beam
+            queued = queued[: max(0, free)]
         wanted = [i for i, _ in chosen] + queued
         # One read of every beam acted on this tick (two while they were read apart).
         beams = {b.id: b for b in self.store.beams(ids=wanted)} if wanted else {}
@@ -514,7 +641,11 @@ class Dispatcher:
                 if beam is not None:
                     action = functools.partial(self.pipeline.advance, beam, may_launch=may_launch)
                     self._submit(beam_id, action, launching=True)
-        if queued:
+        if queued and self.cluster is not None:
+            self._launch_remote(
+                [beams[i] for i in queued if i in beams and beams[i].state is BeamState.QUEUED]
+            )
+        elif queued:
             for beam_id in queued:
                 beam = beams.get(beam_id)
                 if beam is None or beam.state is not BeamState.QUEUED:
@@ -525,3 +656,23 @@ class Dispatcher:
                     break
                 launch = functools.partial(self.pipeline.submit, beam, lease)
                 self._submit(beam_id, launch, launching=True)
+
+    def _launch_remote(self, ready: list[BeamRow]) -> None:
+        """Submit the cluster's ready beams: one job array when Slurm arrays pay off, else one by one."""
+        if not ready:
+            return
+        cluster = self.cluster
+        assert cluster is not None
+        cfg = cluster.settings.slurm
+        batch = (
+            cluster.slurm
+            and cfg.arrays
+            and len(ready) >= cfg.array_min
+            and callable(getattr(cluster.executor, "submit_many", None))
+        )
+        if batch:
+            ids = [b.id for b in ready]
+            self._submit_batch(ids, functools.partial(self.pipeline.submit_many, ready), launching=True)
+            return
+        for beam in ready:
+            self._submit(beam.id, functools.partial(self.pipeline.submit_remote, beam), launching=True)
