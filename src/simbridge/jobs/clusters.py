@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import PurePath, PurePosixPath
 from types import TracebackType
 from typing import Any
 
@@ -23,9 +23,9 @@ from simbridge.jobs.errors import (
     HostKeyError,
     JobsConfigError,
     RemoteError,
-    RemotePathError,
 )
 from simbridge.jobs.executors import Executor
+from simbridge.jobs.executors.runscript import AttemptFiles, attempt_files, confined
 from simbridge.jobs.transport import CommandRunner, Transport
 from simbridge.logs import get_logger
 
@@ -43,14 +43,6 @@ BACKOFF_FIRST_S = 0.5
 def is_fatal(exc: BaseException) -> bool:
     """True for a remote error that stops `serve` (wrong key or user), never for a dropped link."""
     return isinstance(exc, FATAL_REMOTE)
-
-
-def confined(root: PurePosixPath, path: PurePosixPath | str) -> PurePosixPath:
-    """``path`` if it lies strictly below ``root`` (lexically; no ``..``), else RemotePathError."""
-    p = PurePosixPath(path)
-    if not p.is_absolute() or ".." in p.parts or p == root or root not in p.parents:
-        raise RemotePathError(f"remote path {str(p)!r} is not inside remote_root {str(root)!r}")
-    return p
 
 
 @dataclass
@@ -100,6 +92,10 @@ class Cluster:
     def root(self) -> PurePosixPath:
         """The cluster's remote_root (every remote path lies below it)."""
         return self.settings.remote_root
+
+    def files(self, log_prefix: PurePath) -> AttemptFiles:
+        """An attempt's remote files (script, logs, exit marker), from its local log prefix."""
+        return attempt_files(self.root, log_prefix)
 
     def run(self, command: str) -> bytes:
         """Run one command on the cluster's host; its stdout, or RemoteError with its stderr."""
@@ -156,14 +152,21 @@ def _closer(obj: object) -> Callable[[], None] | None:
     return None
 
 
+def open_connection(name: str, settings: ClusterSettings) -> Any:
+    """The one SSH connection of a cluster (a CommandRunner and a context manager)."""
+    from simbridge.jobs.transport.ssh import SshConnection
+
+    return SshConnection(name=name, settings=settings)
+
+
 def build_cluster(name: str, settings: ClusterSettings, store: Any = None) -> Cluster:
     """Connect to ``name`` and build its transport and executor (the SSH and scheduler modules are
     imported here, so a local-only install never loads asyncssh)."""
     # Imported late: these modules pull in asyncssh, which `local` never needs.
-    from simbridge.jobs.transport.ssh import SshConnection, SshTransport
+    from simbridge.jobs.transport.ssh import SshTransport
 
     closers: list[Callable[[], None]] = []
-    conn = SshConnection(name=name, settings=settings)
+    conn = open_connection(name, settings)
     c = _closer(conn)
     if c is not None:
         closers.append(c)

@@ -15,7 +15,7 @@ from simbridge.jobs.clusters import LOCAL, Clusters
 from simbridge.jobs.errors import JobsConfigError, NotFoundError, RemoteError, StaleStateError
 from simbridge.jobs.executors import Executor, make_executor
 from simbridge.jobs.names import safe_key
-from simbridge.jobs.pipeline import attempt_ref, logs_dir, remote_logs_dir
+from simbridge.jobs.pipeline import attempt_ref, logs_dir
 from simbridge.jobs.states import BeamState, case_state, progress, retry_target
 from simbridge.jobs.store import BeamRow, CaseRow, Store
 from simbridge.logs import get_logger
@@ -191,17 +191,15 @@ def cancel(
                 ex = executors.get(LOCAL)
                 if ex is None:
                     ex = executors[LOCAL] = make_executor(LOCAL)
-                ref = attempt_ref(logs_dir(work_root.resolve(), case.key, beam.key), attempt)
             else:
                 if clusters is None or not clusters.known(attempt.executor):
                     raise JobsConfigError(
                         f"beam {beam.key} runs on cluster {attempt.executor!r}, which is not in the "
                         "clusters section; add it back to cancel its job there"
                     )
-                cluster = clusters.get(attempt.executor)
-                ex = cluster.executor
-                beam_dir = cluster.transport.beam_dir(case.key, beam.key)
-                ref = attempt_ref(remote_logs_dir(beam_dir), attempt)
+                ex = clusters.get(attempt.executor).executor
+            # A remote executor derives its remote files from the same local log prefix.
+            ref = attempt_ref(logs_dir(work_root.resolve(), case.key, beam.key), attempt)
             try:
                 killed = ex.cancel(ref, grace_s=grace_s)
             except RemoteError as exc:

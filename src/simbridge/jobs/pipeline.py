@@ -73,16 +73,6 @@ def logs_dir(work_root: Path, case_key: str, beam_key: str) -> Path:
     return child_path(child_path(work_root / "logs", case_key), beam_key)
 
 
-# A remote attempt's logs and exit marker live beside its beam's files on the cluster (hidden, so
-# no output pattern matches them): {remote_root}/CASE/BEAM/.simbridge/running-N.{out,err,exit}.
-REMOTE_LOGS = ".simbridge"
-
-
-def remote_logs_dir(beam_dir: PurePosixPath) -> Path:
-    """Where a remote attempt's logs live on the cluster (a POSIX path, typed as the ref's Path)."""
-    return Path(str(beam_dir / REMOTE_LOGS))
-
-
 def remote_transient(exc: BaseException) -> bool:
     """A remote error that passes by itself (host unreachable, link dropped, controller away)."""
     if isinstance(exc, HostUnreachableError):
@@ -178,13 +168,13 @@ class Pipeline:
         }
 
     def ref(self, attempt: AttemptRow, beam: BeamRow | None = None) -> JobRef:
-        """How to find an attempt's process and marker again (on its cluster if it ran there)."""
+        """How to find an attempt's process and marker again.
+
+        A remote attempt's ref carries the same local log prefix: its executor derives the remote
+        files from it (runscript.attempt_files: ``{remote_root}/CASE/BEAM/.simbridge/STEP-N``).
+        """
         beam = beam or self.store.beam(attempt.beam_id)
-        cluster = self.cluster_of(attempt)
-        if cluster is None:
-            return attempt_ref(self.paths(beam).logs, attempt)
-        beam_dir = cluster.transport.beam_dir(self.case_of(beam).key, beam.key)
-        return attempt_ref(remote_logs_dir(beam_dir), attempt)
+        return attempt_ref(self.paths(beam).logs, attempt)
 
     def cluster_of(self, attempt: AttemptRow) -> Cluster | None:
         """The cluster an attempt ran on (None: this machine)."""
@@ -208,14 +198,14 @@ class Pipeline:
         cluster = self.cluster_of(attempt)
         if cluster is None:
             return ref.exit_file.exists()
-        return cluster.exists(str(ref.exit_file))
+        return cluster.exists(cluster.files(ref.log_prefix).exit_file)
 
     def stderr_tail(self, attempt: AttemptRow, ref: JobRef) -> str:
         """The end of an attempt's stderr ('' if none), fetched from its cluster if remote."""
         cluster = self.cluster_of(attempt)
         if cluster is None:
             return log_tail(ref.stderr)
-        return cluster.tail(str(ref.stderr))
+        return cluster.tail(cluster.files(ref.log_prefix).stderr)
 
     # ---- actions, one per state --------------------------------------------------------------
 
@@ -455,7 +445,7 @@ class Pipeline:
         spec = LaunchSpec(
             token=attempt.token,
             argv=render(template, self.fields(beam, remote)),
-            cwd=Path(str(remote)),
+            cwd=Path(str(remote)),  # a POSIX path on the cluster
             log_prefix=ref.log_prefix,
             env=dict(self.cluster.settings.env),
         )
