@@ -42,7 +42,8 @@ from simbridge.jobs.executors.local import LocalExecutor
 from simbridge.jobs.inbox import RETRY_INITIAL_S, Inbox
 from simbridge.jobs.intake import NOTE_PREFIX, is_taken, reject_case, shown, take_case, tree_limits
 from simbridge.jobs.names import safe_key
-from simbridge.jobs.pipeline import LOCAL_STEPS, Pipeline, remote_transient
+from simbridge.jobs.pipeline import LOCAL_STEPS, Pipeline
+from simbridge.jobs.remote import passing
 from simbridge.jobs.states import IN_FLIGHT, LAUNCHED_FROM, NEXT, SCHEDULABLE, BeamState
 from simbridge.jobs.store import AttemptRow, BeamRow, Store, default_actor
 from simbridge.jobs.store.base import FILE_CHECK_S
@@ -361,7 +362,7 @@ class Dispatcher:
             # (an attempt launched but not yet recorded is found again by its token).
             self._trouble.failed(exc)
         except RemoteError as exc:
-            if remote_transient(exc) or is_fatal(exc):
+            if passing(exc):
                 # Never the beam's fault either: it stays where it is until the host answers.
                 self._remote_failed(exc)
                 return
@@ -400,7 +401,7 @@ class Dispatcher:
             try:
                 self._watch_group(executor, group, beams, now)
             except RemoteError as exc:
-                if not (remote_transient(exc) or is_fatal(exc)):
+                if not (passing(exc)):
                     raise
                 self._remote_failed(exc, name)
                 continue

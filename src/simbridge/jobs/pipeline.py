@@ -28,24 +28,22 @@ from tenacity import (
 
 from simbridge.config import JobsSettings, config_file
 from simbridge.gpus import GpuLease
-from simbridge.jobs.clusters import LOCAL, Cluster, Clusters, is_fatal
+from simbridge.jobs import remote as remote_steps
+from simbridge.jobs.clusters import Cluster, Clusters
 from simbridge.jobs.errors import (
-    HostUnreachableError,
-    JobsConfigError,
     LaunchError,
     RemoteError,
-    SchedulerError,
     StaleStateError,
     TransferError,
     UnsafeFileError,
 )
-from simbridge.jobs.executors import Executor, JobInfo, JobRef, JobStatus, Launched, LaunchSpec
+from simbridge.jobs.executors import Executor, JobInfo, JobRef, JobStatus, LaunchSpec
 from simbridge.jobs.names import child_path
 from simbridge.jobs.states import LAUNCHED_FROM, NEXT, BeamState
 from simbridge.jobs.store import AttemptRow, BeamRow, CaseRow, Store
 from simbridge.jobs.transport import Transport
 from simbridge.logs import get_logger
-from simbridge.processes import last_line, log_tail
+from simbridge.processes import last_line
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -71,16 +69,6 @@ def render(template: str, fields: Mapping[str, str]) -> tuple[str, ...]:
 def logs_dir(work_root: Path, case_key: str, beam_key: str) -> Path:
     """Where a beam's attempt logs and exit markers live, under the (resolved) work root."""
     return child_path(child_path(work_root / "logs", case_key), beam_key)
-
-
-def remote_transient(exc: BaseException) -> bool:
-    """A remote error that passes by itself (host unreachable, link dropped, controller away)."""
-    if isinstance(exc, HostUnreachableError):
-        return True
-    if isinstance(exc, SchedulerError):
-        return bool(getattr(exc, "transient", False))
-    # The base class itself is what a dropped connection without a finer reason raises.
-    return type(exc) is RemoteError
 
 
 def attempt_ref(logs: Path, attempt: AttemptRow) -> JobRef:
@@ -178,34 +166,28 @@ class Pipeline:
 
     def cluster_of(self, attempt: AttemptRow) -> Cluster | None:
         """The cluster an attempt ran on (None: this machine)."""
-        if attempt.executor == LOCAL:
-            return None
-        if self.cluster is not None and attempt.executor == self.cluster.name:
-            return self.cluster
-        if self.clusters is None or not self.clusters.known(attempt.executor):
-            raise JobsConfigError(
-                f"attempt {attempt.id} ran on cluster {attempt.executor!r}, which is not in the "
-                "clusters section any more; put it back to finish or cancel its beams"
-            )
-        return self.clusters.get(attempt.executor)
+        return remote_steps.cluster_of(self, attempt)
+
+    def marker_exists(self, attempt: AttemptRow, ref: JobRef) -> bool:
+        """Whether the attempt's exit marker exists (asked of its cluster if it ran there)."""
+        return remote_steps.marker_exists(self, attempt, ref)
+
+    def stderr_tail(self, attempt: AttemptRow, ref: JobRef) -> str:
+        """The end of an attempt's stderr ('' if none), fetched from its cluster if remote."""
+        return remote_steps.stderr_tail(self, attempt, ref)
+
+    def submit_remote(self, beam: BeamRow) -> AttemptRow | None:
+        """QUEUED -> RUNNING on the cluster: one job (the scheduler or the host assigns the GPUs)."""
+        started = remote_steps.submit_many(self, [beam])
+        return started[0] if started else None
+
+    def submit_many(self, beams: list[BeamRow]) -> list[AttemptRow]:
+        """QUEUED -> RUNNING for several beams of the cluster at once (one job array on Slurm)."""
+        return remote_steps.submit_many(self, beams)
 
     def executor_for(self, step: BeamState) -> Executor:
         """The local executor for local steps, the configured one for the simulation."""
         return self.local if step in LOCAL_STEPS else self.executor
-
-    def marker_exists(self, attempt: AttemptRow, ref: JobRef) -> bool:
-        """Whether the attempt's exit marker exists (asked of its cluster if it ran there)."""
-        cluster = self.cluster_of(attempt)
-        if cluster is None:
-            return ref.exit_file.exists()
-        return cluster.exists(cluster.files(ref.log_prefix).exit_file)
-
-    def stderr_tail(self, attempt: AttemptRow, ref: JobRef) -> str:
-        """The end of an attempt's stderr ('' if none), fetched from its cluster if remote."""
-        cluster = self.cluster_of(attempt)
-        if cluster is None:
-            return log_tail(ref.stderr)
-        return cluster.tail(cluster.files(ref.log_prefix).stderr)
 
     # ---- actions, one per state --------------------------------------------------------------
 
@@ -280,7 +262,7 @@ class Pipeline:
         except TransferError:
             return False  # the step-by-step path retries and reports it
         except RemoteError as exc:
-            if remote_transient(exc) or is_fatal(exc):
+            if remote_steps.passing(exc):
                 raise
             return False
         return False
@@ -335,7 +317,7 @@ class Pipeline:
             self.fail(beam, BeamState.UPLOADING, str(exc))
             return None
         except RemoteError as exc:
-            if remote_transient(exc) or is_fatal(exc):
+            if remote_steps.passing(exc):
                 raise  # the dispatcher backs off (or stops); the beam stays UPLOADING
             # Disk full, permission denied, a path outside remote_root: say so; the local files
             # stay, so `simbridge retry` resumes here once it is fixed.
@@ -379,24 +361,13 @@ class Pipeline:
             self.fail(beam, BeamState.COLLECTING, str(exc))
             return None
         except RemoteError as exc:
-            if remote_transient(exc) or is_fatal(exc):
+            if remote_steps.passing(exc):
                 raise  # the dispatcher backs off (or stops); the beam stays COLLECTING
             self.fail(beam, BeamState.COLLECTING, str(exc))
             return None
         moved = self._move(beam, BeamState.POSTPROCESSING, f"downloaded {len(got)} file(s) to {results}")
-        self._cleanup(beam, remote)
+        remote_steps.cleanup(self, beam, remote)
         return moved
-
-    def _cleanup(self, beam: BeamRow, remote: PurePosixPath) -> None:
-        # After the move: the results are ours, so the remote copy may go (best effort; a crash
-        # before this line only leaves the folder behind, never loses a result).
-        cluster = self.cluster
-        if cluster is None or not cluster.settings.cleanup:
-            return
-        try:
-            cluster.remove_tree(remote)
-        except RemoteError as exc:
-            log.warning("jobs.remote_cleanup_failed", beam=beam.id, cluster=cluster.name, error=str(exc))
 
     def postprocess(self, beam: BeamRow) -> BeamRow | None:
         """POSTPROCESSING: run the postprocess command in the results folder (or finish)."""
@@ -428,87 +399,6 @@ class Pipeline:
         return retrying(call)
 
     # ---- launching and ending attempts -------------------------------------------------------
-
-    def submit_remote(self, beam: BeamRow) -> AttemptRow | None:
-        """QUEUED -> RUNNING on the cluster: one job (the scheduler or the host assigns the GPUs)."""
-        specs = self.submit_many([beam])
-        return specs[0] if specs else None
-
-    def remote_spec(self, beam: BeamRow, attempt: AttemptRow) -> LaunchSpec:
-        """What runs on the cluster for one attempt: the simulate command in the beam's folder."""
-        template = self.settings.steps.simulate
-        assert template is not None  # checked when the dispatcher starts
-        assert self.cluster is not None
-        remote = self.remote_dir(beam)
-        case = self.case_of(beam)
-        ref = self.ref(attempt, beam)
-        spec = LaunchSpec(
-            token=attempt.token,
-            argv=render(template, self.fields(beam, remote)),
-            cwd=Path(str(remote)),  # a POSIX path on the cluster
-            log_prefix=ref.log_prefix,
-            env=dict(self.cluster.settings.env),
-        )
-        names = {"case": case.key, "beam": beam.key, "beam_id": beam.key, "attempt": str(attempt.number)}
-        if "fields" in {f.name for f in dataclasses.fields(LaunchSpec)}:
-            # The executor's job-name template fields (moqui_{beam_id}); added by the Slurm executor.
-            spec = dataclasses.replace(spec, fields=names)  # type: ignore[call-arg,unused-ignore]
-        return spec
-
-    def submit_many(self, beams: list[BeamRow]) -> list[AttemptRow]:
-        """QUEUED -> RUNNING for several beams of the cluster at once (one job array on Slurm).
-
-        Every intent is written before the one submit call; a dropped link during it leaves the
-        attempts open without a job id, and the watcher finds the jobs again by name (never
-        submitting twice) or puts the beams back in line if nothing was submitted.
-        """
-        assert self.cluster is not None
-        timeout_s = self.settings.timeouts.simulate_s
-        opened: list[tuple[BeamRow, AttemptRow]] = []
-        for beam in beams:
-            remote = self.remote_dir(beam)
-            try:
-                attempt = self.store.open_attempt(
-                    beam.id,
-                    expected=BeamState.QUEUED,
-                    target=BeamState.RUNNING,
-                    token=f"sb-{uuid.uuid4().hex}",
-                    executor=self.cluster.name,
-                    work_dir=str(remote),
-                    deadline=time.time() + timeout_s,
-                )
-            except StaleStateError:
-                continue
-            opened.append((beam, attempt))
-        if not opened:
-            return []
-        specs = [self.remote_spec(beam, attempt) for beam, attempt in opened]
-        many = getattr(self.executor, "submit_many", None)
-        try:
-            if len(specs) > 1 and callable(many):
-                launched: list[Launched] = list(many(specs))
-            else:
-                launched = [self.executor.submit(spec) for spec in specs]
-        except RemoteError as exc:
-            if remote_transient(exc) or is_fatal(exc):
-                raise  # attempts stay open: the watcher adopts or forgets them
-            for beam, attempt in opened:
-                self.fail(beam, BeamState.RUNNING, str(exc), close=(attempt.id, "failed", None))
-            return []
-        except (LaunchError, SchedulerError, OSError) as exc:
-            if isinstance(exc, SchedulerError) and remote_transient(exc):
-                raise
-            for beam, attempt in opened:
-                self.fail(
-                    self.store.beam(beam.id), BeamState.RUNNING, str(exc), close=(attempt.id, "failed", None)
-                )
-            return []
-        for (beam, attempt), got in zip(opened, launched, strict=True):
-            self.store.record_launch(
-                attempt.id, beam_id=beam.id, job_id=got.job_id, pid=got.pid, pid_start=got.pid_start
-            )
-            log.debug("jobs.launched", beam=beam.id, step=BeamState.RUNNING, job_id=got.job_id)
-        return [attempt for _, attempt in opened]
 
     def launch(
         self,
@@ -602,7 +492,9 @@ class Pipeline:
             return
         retry = self.settings.retry
         ref = self.ref(attempt, beam)
-        tail = self.stderr_tail(attempt, ref)
+        # A scheduler's executor may bring the tail along (fetched in its one poll of the host).
+        tail = getattr(info, "log_tail", "") or self.stderr_tail(attempt, ref)
+        policy: bool | None = getattr(info, "transient", None)
         if timed_out:
             what, transient = (
                 f"timed out after its limit (job {attempt.job_id})",
@@ -614,6 +506,9 @@ class Pipeline:
             what, transient = info.describe(), retry.retry_lost
         else:
             what, transient = info.describe(), info.exit_code in retry.transient_exit_codes
+        if policy is not None and not timed_out:
+            # The executor's policy for a named end (Slurm requeues NODE_FAIL and PREEMPTED).
+            transient = policy
         outcome = "timeout" if timed_out else "transient" if transient else "failed"
         if transient and beam.step_tries < retry.max_attempts:
             delay = retry.backoff_s(beam.step_tries)

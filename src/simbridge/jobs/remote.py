@@ -1,0 +1,190 @@
+"""The pipeline's remote side: which cluster an attempt ran on, its marker and log tail there, the
+launch of simulations on a cluster (one job, or one job array) and the cleanup after success.
+
+Kept apart from pipeline.py (which calls these) so the local steps read on their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+from simbridge.jobs.clusters import LOCAL, Cluster, is_fatal
+from simbridge.jobs.errors import (
+    HostUnreachableError,
+    JobsConfigError,
+    LaunchError,
+    RemoteError,
+    SchedulerError,
+    StaleStateError,
+)
+from simbridge.jobs.executors import JobRef, Launched, LaunchSpec
+from simbridge.jobs.states import BeamState
+from simbridge.jobs.store import AttemptRow, BeamRow
+from simbridge.logs import get_logger
+from simbridge.processes import log_tail
+
+if TYPE_CHECKING:
+    from simbridge.jobs.pipeline import Pipeline
+
+log = get_logger(__name__)
+
+
+def remote_transient(exc: BaseException) -> bool:
+    """A remote error that passes by itself (host unreachable, link dropped, controller away)."""
+    if isinstance(exc, HostUnreachableError):
+        return True
+    if isinstance(exc, SchedulerError):
+        return bool(getattr(exc, "transient", False))
+    # The base class itself is what a dropped connection without a finer reason raises.
+    return type(exc) is RemoteError
+
+
+def passing(exc: BaseException) -> bool:
+    """Not the beam's fault: a passing outage (back off) or a refusal that stops serve."""
+    return remote_transient(exc) or is_fatal(exc)
+
+
+def cluster_of(pipeline: Pipeline, attempt: AttemptRow) -> Cluster | None:
+    """The cluster an attempt ran on (None: this machine)."""
+    if attempt.executor == LOCAL:
+        return None
+    if pipeline.cluster is not None and attempt.executor == pipeline.cluster.name:
+        return pipeline.cluster
+    if pipeline.clusters is None or not pipeline.clusters.known(attempt.executor):
+        raise JobsConfigError(
+            f"attempt {attempt.id} ran on cluster {attempt.executor!r}, which is not in the "
+            "clusters section any more; put it back to finish or cancel its beams"
+        )
+    return pipeline.clusters.get(attempt.executor)
+
+
+def marker_exists(pipeline: Pipeline, attempt: AttemptRow, ref: JobRef) -> bool:
+    """Whether the attempt's exit marker exists (asked of its cluster if it ran there)."""
+    cluster = cluster_of(pipeline, attempt)
+    if cluster is None:
+        return ref.exit_file.exists()
+    return cluster.exists(cluster.files(ref.log_prefix).exit_file)
+
+
+def stderr_tail(pipeline: Pipeline, attempt: AttemptRow, ref: JobRef) -> str:
+    """The end of an attempt's stderr ('' if none), fetched from its cluster if remote."""
+    cluster = cluster_of(pipeline, attempt)
+    if cluster is None:
+        return log_tail(ref.stderr)
+    return cluster.tail(cluster.files(ref.log_prefix).stderr)
+
+
+def cleanup(pipeline: Pipeline, beam: BeamRow, remote: PurePosixPath) -> None:
+    """Remove a beam's remote folder once its results are here, if the cluster asks for it.
+
+    Called after the move out of COLLECTING: the results are ours, so this is best effort (a
+    crash before it only leaves the folder behind, never loses a result).
+    """
+    cluster = pipeline.cluster
+    if cluster is None or not cluster.settings.cleanup:
+        return
+    try:
+        cluster.remove_tree(remote)
+    except RemoteError as exc:
+        log.warning("jobs.remote_cleanup_failed", beam=beam.id, cluster=cluster.name, error=str(exc))
+
+
+def remote_spec(pipeline: Pipeline, beam: BeamRow, attempt: AttemptRow) -> LaunchSpec:
+    """What runs on the cluster for one attempt: the simulate command in the beam's folder.
+
+    ``log_prefix`` stays the local one: the executor derives the remote script, logs and exit
+    marker from it (runscript.attempt_files), so a ref finds them again after a crash.
+    """
+    from simbridge.jobs.pipeline import render
+
+    template = pipeline.settings.steps.simulate
+    assert template is not None  # checked when the dispatcher starts
+    cluster = pipeline.cluster
+    assert cluster is not None
+    remote = pipeline.remote_dir(beam)
+    case = pipeline.case_of(beam)
+    spec = LaunchSpec(
+        token=attempt.token,
+        argv=render(template, pipeline.fields(beam, remote)),
+        cwd=Path(str(remote)),  # a POSIX path on the cluster
+        log_prefix=pipeline.ref(attempt, beam).log_prefix,
+        env=dict(cluster.settings.env),
+    )
+    names = {"case": case.key, "beam": beam.key, "beam_id": beam.key, "attempt": str(attempt.number)}
+    if "fields" in {f.name for f in dataclasses.fields(LaunchSpec)}:
+        # The job-name template's fields (moqui_{beam_id}), if the executors take them.
+        spec = dataclasses.replace(spec, fields=names)  # type: ignore[call-arg,unused-ignore]
+    return spec
+
+
+def submit_many(pipeline: Pipeline, beams: list[BeamRow]) -> list[AttemptRow]:
+    """QUEUED -> RUNNING on the cluster for these beams (one job array when there are several).
+
+    Every intent is written before the submit call; a dropped link during it leaves the attempts
+    open without a job id, and the watcher finds the jobs again by name (never submitting twice)
+    or, if nothing was submitted, puts the beams back in line.
+    """
+    cluster = pipeline.cluster
+    assert cluster is not None
+    timeout_s = pipeline.settings.timeouts.simulate_s
+    opened: list[tuple[BeamRow, AttemptRow]] = []
+    for beam in beams:
+        try:
+            attempt = pipeline.store.open_attempt(
+                beam.id,
+                expected=BeamState.QUEUED,
+                target=BeamState.RUNNING,
+                token=f"sb-{uuid.uuid4().hex}",
+                executor=cluster.name,
+                work_dir=str(pipeline.remote_dir(beam)),
+                deadline=time.time() + timeout_s,
+            )
+        except StaleStateError:
+            continue
+        opened.append((beam, attempt))
+    if not opened:
+        return []
+    specs = [remote_spec(pipeline, beam, attempt) for beam, attempt in opened]
+    many = getattr(cluster.executor, "submit_many", None)
+    if len(specs) > 1 and callable(many):
+        try:
+            launched: list[Launched] = list(many(specs))
+        except (LaunchError, SchedulerError, OSError) as exc:
+            _refused(pipeline, opened, exc)
+            return []
+        for (beam, attempt), got in zip(opened, launched, strict=True):
+            _record(pipeline, beam, attempt, got)
+        return [attempt for _, attempt in opened]
+    done = []
+    for (beam, attempt), spec in zip(opened, specs, strict=True):
+        try:
+            got = cluster.executor.submit(spec)
+        except (LaunchError, SchedulerError, OSError) as exc:
+            _refused(pipeline, [(beam, attempt)], exc)
+            continue
+        _record(pipeline, beam, attempt, got)
+        done.append(attempt)
+    return done
+
+
+def _record(pipeline: Pipeline, beam: BeamRow, attempt: AttemptRow, got: Launched) -> None:
+    pipeline.store.record_launch(
+        attempt.id, beam_id=beam.id, job_id=got.job_id, pid=got.pid, pid_start=got.pid_start
+    )
+    log.debug("jobs.launched", beam=beam.id, step=BeamState.RUNNING, job_id=got.job_id)
+
+
+def _refused(pipeline: Pipeline, opened: list[tuple[BeamRow, AttemptRow]], exc: BaseException) -> None:
+    if passing(exc):
+        raise exc  # attempts stay open: the watcher adopts the jobs or puts the beams back
+    for beam, attempt in opened:
+        pipeline.fail(
+            pipeline.store.beam(beam.id),
+            BeamState.RUNNING,
+            f"submit: {exc}",
+            close=(attempt.id, "failed", None),
+        )
