@@ -57,6 +57,9 @@ log = get_logger(__name__)
 SCAN_LIMIT = 256
 # Steps that need the cluster when simulations run remotely (held back while it is unreachable).
 _REMOTE_STATES = frozenset({BeamState.UPLOADING, BeamState.QUEUED, BeamState.COLLECTING})
+_UPSTREAM = frozenset({BeamState.PENDING, BeamState.PREPARING, BeamState.UPLOADING})
+# How long ready beams may wait for the rest of their case before a job array goes out anyway.
+ARRAY_GATHER_S = 2.0
 
 
 def _store_error(state: tenacity.RetryCallState) -> StoreError:
@@ -128,6 +131,7 @@ class Dispatcher:
         self._recent_seen: set[int] = set()
         self._ingesting: set[str] = set()
         self._open: dict[int, AttemptRow] = {}
+        self._gather_since: float | None = None  # ready beams held back for one job array
         self._polled_at: dict[str, float] = {}  # cluster -> when its jobs were last polled
         self._unknown: set[str] = set()  # clusters named by attempts but no longer configured
         self._lock = threading.Lock()
@@ -643,9 +647,9 @@ class Dispatcher:
                     action = functools.partial(self.pipeline.advance, beam, may_launch=may_launch)
                     self._submit(beam_id, action, launching=True)
         if queued and self.cluster is not None:
-            self._launch_remote(
-                [beams[i] for i in queued if i in beams and beams[i].state is BeamState.QUEUED]
-            )
+            upstream = bool(self._busy) or any(st in _UPSTREAM for _, st in rows)
+            ready = [beams[i] for i in queued if i in beams and beams[i].state is BeamState.QUEUED]
+            self._launch_remote(ready, upstream=upstream)
         elif queued:
             for beam_id in queued:
                 beam = beams.get(beam_id)
@@ -658,20 +662,27 @@ class Dispatcher:
                 launch = functools.partial(self.pipeline.submit, beam, lease)
                 self._submit(beam_id, launch, launching=True)
 
-    def _launch_remote(self, ready: list[BeamRow]) -> None:
-        """Submit the cluster's ready beams: one job array when Slurm arrays pay off, else one by one."""
+    def _launch_remote(self, ready: list[BeamRow], *, upstream: bool) -> None:
+        """Submit the cluster's ready beams: one job array when Slurm arrays pay off, else one by one.
+
+        With arrays on, ready beams wait a moment (at most ARRAY_GATHER_S) while others are still
+        being prepared or uploaded, so a case goes out as one array rather than many small ones.
+        """
         if not ready:
+            self._gather_since = None
             return
         cluster = self.cluster
         assert cluster is not None
         cfg = cluster.settings.slurm
-        batch = (
-            cluster.slurm
-            and cfg.arrays
-            and len(ready) >= cfg.array_min
-            and callable(getattr(cluster.executor, "submit_many", None))
-        )
-        if batch:
+        arrays = cluster.slurm and cfg.arrays and callable(getattr(cluster.executor, "submit_many", None))
+        if arrays and upstream:
+            now = time.monotonic()
+            if self._gather_since is None:
+                self._gather_since = now
+            if now - self._gather_since < ARRAY_GATHER_S:
+                return
+        self._gather_since = None
+        if arrays and len(ready) >= cfg.array_min:
             ids = [b.id for b in ready]
             self._submit_batch(ids, functools.partial(self.pipeline.submit_many, ready), launching=True)
             return
