@@ -143,7 +143,7 @@ Builder = Callable[[str, ClusterSettings, Any], Cluster]
 
 
 def _closer(obj: object) -> Callable[[], None] | None:
-    close = getattr(obj, "close", None)
+    close: Callable[[], None] | None = getattr(obj, "close", None)
     if callable(close):
         return close
     exit_ = getattr(obj, "__exit__", None)

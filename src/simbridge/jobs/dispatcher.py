@@ -43,7 +43,7 @@ from simbridge.jobs.inbox import RETRY_INITIAL_S, Inbox
 from simbridge.jobs.intake import NOTE_PREFIX, is_taken, reject_case, shown, take_case, tree_limits
 from simbridge.jobs.names import safe_key
 from simbridge.jobs.pipeline import LOCAL_STEPS, Pipeline
-from simbridge.jobs.remote import passing
+from simbridge.jobs.remote import passing, remote_cause
 from simbridge.jobs.states import IN_FLIGHT, LAUNCHED_FROM, NEXT, SCHEDULABLE, BeamState
 from simbridge.jobs.store import AttemptRow, BeamRow, Store, default_actor
 from simbridge.jobs.store.base import FILE_CHECK_S
@@ -70,7 +70,14 @@ def _store_error(state: tenacity.RetryCallState) -> StoreError:
 class Dispatcher:
     """Watch the inbox and run every beam to the end. A context manager (owns threads, store)."""
 
-    def __init__(self, *, settings: Settings, store: Store | None = None, watch_inbox: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store | None = None,
+        watch_inbox: bool = True,
+        clusters: Clusters | None = None,
+    ) -> None:
         jobs = settings.jobs
         if jobs.steps.simulate is None:
             raise JobsConfigError(
@@ -89,7 +96,8 @@ class Dispatcher:
         self._fatal: RemoteError | None = None  # a cluster refused us for good (key, user)
         self.local = LocalExecutor(notify=self._wake.set)
         # One connection, transport and executor per cluster, closed when serve ends.
-        self.clusters = Clusters(settings=settings, store=self.store)
+        # (``clusters`` may be given: built another way, e.g. a cluster whose login node is this host.)
+        self.clusters = clusters or Clusters(settings=settings, store=self.store)
         self.cluster: Cluster | None = None
         try:
             if jobs.executor != LOCAL:
@@ -213,6 +221,14 @@ class Dispatcher:
         delay = target.backoff.failed(exc) if target is not None else 0.0
         log.warning("jobs.cluster_unreachable", cluster=cluster or getattr(target, "name", None),
                     error=str(exc), retry_in_s=delay)  # fmt: skip
+
+    def _watch_failed(self, name: str, exc: BaseException) -> None:
+        cluster = self._cluster(name)
+        if cluster is None:
+            log.exception("jobs.watch_failed", executor=name)
+            return
+        delay = cluster.backoff.failed(exc)
+        log.warning("jobs.cluster_watch_failed", cluster=name, error=str(exc)[:300], retry_in_s=delay)
 
     def _cluster(self, name: str) -> Cluster | None:
         if name == LOCAL:
@@ -365,15 +381,16 @@ class Dispatcher:
             # Never the beam's fault: it stays where it is and every step resumes from there
             # (an attempt launched but not yet recorded is found again by its token).
             self._trouble.failed(exc)
-        except RemoteError as exc:
-            if passing(exc):
-                # Never the beam's fault either: it stays where it is until the host answers.
-                self._remote_failed(exc)
-                return
-            self._crashed(beam_id, str(exc))
         except Exception as exc:  # a step must never take the dispatcher down
-            log.exception("jobs.step_crashed", beam=beam_id)
-            self._crashed(beam_id, f"internal error: {exc!r}")
+            cause = remote_cause(exc)
+            if cause is not None and passing(exc):
+                # Never the beam's fault either: it stays where it is until the host answers.
+                self._remote_failed(cause)
+            elif isinstance(exc, RemoteError):
+                self._crashed(beam_id, str(exc))  # disk full, permission, path: the beam's error
+            else:
+                log.exception("jobs.step_crashed", beam=beam_id)
+                self._crashed(beam_id, f"internal error: {exc!r}")
 
     def _crashed(self, beam_id: int, why: str) -> None:
         try:
@@ -404,10 +421,15 @@ class Dispatcher:
                 continue
             try:
                 self._watch_group(executor, group, beams, now)
-            except RemoteError as exc:
-                if not (passing(exc)):
-                    raise
-                self._remote_failed(exc, name)
+            except (StoreError, LeaseLostError):
+                raise
+            except Exception as exc:
+                # The watcher never fails a beam for the cluster's trouble: it asks again later.
+                cause = remote_cause(exc)
+                if cause is not None and is_fatal(cause):
+                    self._remote_failed(cause, name)
+                    continue
+                self._watch_failed(name, exc)
                 continue
             cluster = self._cluster(name)
             if cluster is not None:
@@ -647,9 +669,8 @@ class Dispatcher:
                     action = functools.partial(self.pipeline.advance, beam, may_launch=may_launch)
                     self._submit(beam_id, action, launching=True)
         if queued and self.cluster is not None:
-            upstream = bool(self._busy) or any(st in _UPSTREAM for _, st in rows)
             ready = [beams[i] for i in queued if i in beams and beams[i].state is BeamState.QUEUED]
-            self._launch_remote(ready, upstream=upstream)
+            self._launch_remote(ready)
         elif queued:
             for beam_id in queued:
                 beam = beams.get(beam_id)
@@ -662,7 +683,7 @@ class Dispatcher:
                 launch = functools.partial(self.pipeline.submit, beam, lease)
                 self._submit(beam_id, launch, launching=True)
 
-    def _launch_remote(self, ready: list[BeamRow], *, upstream: bool) -> None:
+    def _launch_remote(self, ready: list[BeamRow]) -> None:
         """Submit the cluster's ready beams: one job array when Slurm arrays pay off, else one by one.
 
         With arrays on, ready beams wait a moment (at most ARRAY_GATHER_S) while others are still
@@ -675,7 +696,13 @@ class Dispatcher:
         assert cluster is not None
         cfg = cluster.settings.slurm
         arrays = cluster.slurm and cfg.arrays and callable(getattr(cluster.executor, "submit_many", None))
-        if arrays and upstream:
+        # Asked only when an array could form: are other beams still on their way here?
+        with self._lock:
+            # Beams whose step just ended are off this tick's list: their state is not known yet.
+            settling = self._busy or (self._recent | self._recent_seen) - set(self._open) - {
+                b.id for b in ready
+            }
+        if arrays and (settling or self.store.beams(states=_UPSTREAM)):
             now = time.monotonic()
             if self._gather_since is None:
                 self._gather_since = now

@@ -43,9 +43,25 @@ def remote_transient(exc: BaseException) -> bool:
     return type(exc) is RemoteError
 
 
+def remote_cause(exc: BaseException) -> RemoteError | None:
+    """The remote error behind ``exc`` (itself, or one it was raised from), if any."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a cause chain is short; never loop on a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, RemoteError):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
 def passing(exc: BaseException) -> bool:
-    """Not the beam's fault: a passing outage (back off) or a refusal that stops serve."""
-    return remote_transient(exc) or is_fatal(exc)
+    """Not the beam's fault: a passing outage (back off) or a refusal that stops serve, also when
+    an executor wrapped it (a LaunchError raised from a dropped connection)."""
+    if isinstance(exc, SchedulerError) and remote_transient(exc):
+        return True
+    cause = remote_cause(exc)
+    return cause is not None and (remote_transient(cause) or is_fatal(cause))
 
 
 def cluster_of(pipeline: Pipeline, attempt: AttemptRow) -> Cluster | None:
@@ -150,24 +166,34 @@ def submit_many(pipeline: Pipeline, beams: list[BeamRow]) -> list[AttemptRow]:
         return []
     specs = [remote_spec(pipeline, beam, attempt) for beam, attempt in opened]
     many = getattr(cluster.executor, "submit_many", None)
+    results: list[Launched | BaseException] = []
     if len(specs) > 1 and callable(many):
         try:
-            launched: list[Launched] = list(many(specs))
+            results = list(many(specs))
         except (LaunchError, SchedulerError, OSError) as exc:
-            _refused(pipeline, opened, exc)
-            return []
-        for (beam, attempt), got in zip(opened, launched, strict=True):
-            _record(pipeline, beam, attempt, got)
-        return [attempt for _, attempt in opened]
+            results = [exc] * len(specs)
+    else:
+        for spec in specs:
+            try:
+                results.append(cluster.executor.submit(spec))
+            except (LaunchError, SchedulerError, OSError) as exc:
+                results.append(exc)
     done = []
-    for (beam, attempt), spec in zip(opened, specs, strict=True):
-        try:
-            got = cluster.executor.submit(spec)
-        except (LaunchError, SchedulerError, OSError) as exc:
-            _refused(pipeline, [(beam, attempt)], exc)
-            continue
-        _record(pipeline, beam, attempt, got)
-        done.append(attempt)
+    later: BaseException | None = None
+    for (beam, attempt), got in zip(opened, results, strict=True):
+        if isinstance(got, Launched):
+            _record(pipeline, beam, attempt, got)
+            done.append(attempt)
+        elif passing(got):
+            # The attempt stays open without a job id: the watcher finds the job by its name
+            # (adopts it, never submitting twice) or, if it never reached the cluster, puts the
+            # beam back in line. The dispatcher backs off (or stops, for a refusal).
+            later = later or got
+        else:
+            current = pipeline.store.beam(beam.id)
+            pipeline.fail(current, BeamState.RUNNING, f"submit: {got}", close=(attempt.id, "failed", None))
+    if later is not None:
+        raise later
     return done
 
 
@@ -176,15 +202,3 @@ def _record(pipeline: Pipeline, beam: BeamRow, attempt: AttemptRow, got: Launche
         attempt.id, beam_id=beam.id, job_id=got.job_id, pid=got.pid, pid_start=got.pid_start
     )
     log.debug("jobs.launched", beam=beam.id, step=BeamState.RUNNING, job_id=got.job_id)
-
-
-def _refused(pipeline: Pipeline, opened: list[tuple[BeamRow, AttemptRow]], exc: BaseException) -> None:
-    if passing(exc):
-        raise exc  # attempts stay open: the watcher adopts the jobs or puts the beams back
-    for beam, attempt in opened:
-        pipeline.fail(
-            pipeline.store.beam(beam.id),
-            BeamState.RUNNING,
-            f"submit: {exc}",
-            close=(attempt.id, "failed", None),
-        )

@@ -26,9 +26,15 @@ class ClusterEnv(JobsEnv):
 
     def configure(self, **jobs: Any) -> Settings:
         """Write the config (as JobsEnv does) with the clusters section added, and load it."""
+        executor = jobs.pop("executor", None)
+        # JobsEnv validates what it wrote: first without the cluster, then the whole file.
+        self.jobs.pop("executor", None)
         JobsEnv.configure(self, **jobs)
         doc = yaml.safe_load(self.config_path.read_text())
         doc["clusters"] = self.clusters
+        if executor is not None:
+            doc["jobs"]["executor"] = executor
+            self.jobs["executor"] = executor
         self.config_path.write_text(yaml.safe_dump(doc))
         os.environ["SIMBRIDGE_CONFIG"] = str(self.config_path)
         return load_settings()
