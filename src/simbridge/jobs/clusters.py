@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePath, PurePosixPath
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from simbridge.config import ClusterSettings, Settings
 from simbridge.jobs.errors import (
@@ -28,6 +28,9 @@ from simbridge.jobs.executors import Executor
 from simbridge.jobs.executors.runscript import AttemptFiles, attempt_files, confined
 from simbridge.jobs.transport import CommandRunner, Transport
 from simbridge.logs import get_logger
+
+if TYPE_CHECKING:
+    from simbridge.jobs.transport.ssh_connection import SshConnection
 
 log = get_logger(__name__)
 
@@ -152,11 +155,12 @@ def _closer(obj: object) -> Callable[[], None] | None:
     return None
 
 
-def open_connection(name: str, settings: ClusterSettings) -> Any:
-    """The one SSH connection of a cluster (a CommandRunner and a context manager)."""
-    from simbridge.jobs.transport.ssh import SshConnection
+def open_connection(name: str, settings: ClusterSettings) -> SshConnection:
+    """The one SSH connection of a cluster (a CommandRunner and a context manager; it connects on
+    first use and reconnects with backoff). Ours alone: closing it never affects another user."""
+    from simbridge.jobs.transport.ssh_connection import SshConnection
 
-    return SshConnection(name=name, settings=settings)
+    return SshConnection.from_settings(settings, name=name)
 
 
 def build_cluster(name: str, settings: ClusterSettings, store: Any = None) -> Cluster:
@@ -171,7 +175,9 @@ def build_cluster(name: str, settings: ClusterSettings, store: Any = None) -> Cl
     if c is not None:
         closers.append(c)
     try:
-        transport = SshTransport(connection=conn, settings=settings)
+        transport = SshTransport(
+            connection=conn, remote_root=settings.remote_root, parallel=settings.transfer_parallel
+        )
         executor = make_remote_executor(name, settings, conn, store)
     except BaseException:
         for close in reversed(closers):

@@ -26,6 +26,7 @@ class ClusterEnv(JobsEnv):
 
     def configure(self, **jobs: Any) -> Settings:
         """Write the config (as JobsEnv does) with the clusters section added, and load it."""
+        self.root.mkdir(parents=True, exist_ok=True)
         executor = jobs.pop("executor", None)
         # JobsEnv validates what it wrote: first without the cluster, then the whole file.
         self.jobs.pop("executor", None)
@@ -71,7 +72,7 @@ def sbatch_job_ids(store: Store) -> set[str]:
     ids = set()
     for beam in store.beams():
         for attempt in store.attempts(beam.id):
-            if attempt.job_id:
+            if attempt.job_id and attempt.executor != "local":
                 ids.add(attempt.job_id.split("_")[0])
     return ids
 

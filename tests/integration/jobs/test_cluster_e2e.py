@@ -30,11 +30,13 @@ pytestmark = pytest.mark.integration
 def cenv(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> ClusterEnv:
     monkeypatch.setenv("SIMBRIDGE_CONFIG", "")
     monkeypatch.delenv("SIMBRIDGE_CONFIG")
+    (tmp_path / "c").mkdir()
     return ClusterEnv(root=tmp_path / "c", db_url=f"sqlite:///{tmp_path / 'c' / 'work' / 'simbridge.db'}")
 
 
 def _local_reference(root: Path) -> dict[str, bytes]:
     """The example case's raw files as the local executor produces them."""
+    root.mkdir(parents=True)
     local = JobsEnv(root=root, db_url=f"sqlite:///{root / 'work' / 'simbridge.db'}")
     settings = local.configure(steps=EXAMPLE_STEPS)
     local.drop_example("ref")
@@ -122,15 +124,16 @@ def test_cancel_runs_scancel(cenv: ClusterEnv, testbed: Testbed, tmp_remote_root
         assert dispatcher.store.open_attempts() == []
 
 
-HOSTILE_CASE = "case $(touch /tmp/sb-pwned-case) ; 'x\" `id`"
-HOSTILE_BEAMS = ["beam; rm -rf ~", "b$(touch /tmp/sb-pwned-beam)", "-n", "a'b\"c d"]
+# Each would create a file named "pwned" (in whatever folder a shell ran it) if it ever reached a
+# shell unquoted; none may contain "/" (a path separator cannot be in a folder name).
+HOSTILE_CASE = "case $(touch pwned) ; 'x\" `touch pwned`"
+HOSTILE_BEAMS = ["beam; touch pwned", "b$(touch pwned)", "-n", "a'b\"c d", "x\ny"]
 
 
 def test_hostile_names_through_every_remote_command(
     cenv: ClusterEnv, testbed: Testbed, tmp_remote_root: Path
 ) -> None:
-    for p in ("/tmp/sb-pwned-case", "/tmp/sb-pwned-beam"):
-        Path(p).unlink(missing_ok=True)
+    Path.home().joinpath("pwned").unlink(missing_ok=True)  # sshd starts commands in $HOME
     cenv.clusters = {
         CLUSTER: testbed.cluster_settings(CLUSTER, remote_root=str(tmp_remote_root), cleanup=True)
     }
@@ -143,11 +146,13 @@ def test_hostile_names_through_every_remote_command(
             b.last_error for b in beams
         ]
         case_key = dispatcher.store.cases()[0].key
-    assert not Path("/tmp/sb-pwned-case").exists() and not Path("/tmp/sb-pwned-beam").exists()
+    for where in (Path.home(), tmp_remote_root, cenv.root):
+        assert not list(where.rglob("pwned")), f"a name reached a shell unquoted (in {where})"
     for beam in beams:
         assert (cenv.results / case_key / beam.key / "raw").read_bytes() == beam.key.encode()
     # cleanup: every beam folder went; nothing was ever written outside remote_root's case folder.
-    assert sorted(p.name for p in tmp_remote_root.iterdir()) == [case_key]
+    # (hidden: the executor's own folders, e.g. job-array logs)
+    assert sorted(p.name for p in tmp_remote_root.iterdir() if not p.name.startswith(".")) == [case_key]
     assert list((tmp_remote_root / case_key).iterdir()) == []
 
 
