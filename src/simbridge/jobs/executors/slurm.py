@@ -360,7 +360,11 @@ class SlurmExecutor(Executor):
                 pending.append((ref, intent, job_id))
                 if job_id and job_id not in queue:
                     unknown.append(job_id)
-        history = ended_jobs(self.runner, unknown, accounting=self.accounting, timeout_s=self._timeout)
+        history = (
+            ended_jobs(self.runner, unknown, accounting=self.accounting, timeout_s=self._timeout)
+            if unknown
+            else {}
+        )
         for ref, _intent, job_id in pending:
             job = queue.get(job_id) if job_id else None
             job = job or (history.get(job_id) if job_id else None)
