@@ -1,6 +1,6 @@
 """The GPUs of plain SSH hosts and the beams waiting for them (assigned by the store).
 
-Revision ID: 0003_host_gpus
+Revision ID: 0003
 Revises: 0002
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_host_gpus"
+revision = "0003"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
