@@ -1,0 +1,135 @@
+"""The loopback testbed itself: sbatch through sshd gets a job that completes, GPUs as generic
+resources reach the job, the cluster side counts sbatch calls, sshd comes back with the same host key,
+slurmctld restarts on its saved jobs, asyncssh sessions see Slurm's config, a tmpfs remote root fills."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import tempfile
+from pathlib import Path
+
+import asyncssh
+import pytest
+from tests.support import wait_for
+from tests.testbed import Testbed, sweep
+
+pytestmark = pytest.mark.integration
+
+
+def _job_state(testbed: Testbed, job_id: str) -> str:
+    shown = subprocess.run(
+        ["scontrol", "show", "job", job_id],
+        env=testbed.env(),
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+    )
+    found = [word for word in shown.stdout.split() if word.startswith("JobState=")]
+    return found[0].removeprefix("JobState=") if found else ""
+
+
+def _sbatch(testbed: Testbed, folder: Path, script: str) -> str:
+    command = f"sbatch --parsable --chdir={folder} --output={folder}/slurm-%j.out {script}"
+    done = testbed.ssh(command)
+    job_id = done.stdout.strip().split(";")[0]
+    assert job_id.isdigit(), done
+    return job_id
+
+
+def test_sbatch_through_sshd_runs_jobs_with_gpus_and_counts_calls(
+    testbed: Testbed, tmp_remote_root: Path
+) -> None:
+    before = testbed.sbatch_calls()
+    plain = _sbatch(testbed, tmp_remote_root, "--wrap true")
+    gpus = _sbatch(
+        testbed, tmp_remote_root, "--gres=gpu:2 --wrap 'echo \"$CUDA_VISIBLE_DEVICES\" > gpus.txt'"
+    )
+    # The wrapper first on the session's PATH counted both, on the cluster's side.
+    assert testbed.sbatch_calls() == before + 2
+    for job_id in (plain, gpus):
+        wait_for(
+            lambda job_id=job_id: _job_state(testbed, job_id) == "COMPLETED",  # type: ignore[misc]
+            timeout=30,
+            what=f"job {job_id} COMPLETED",
+        )
+    visible = (tmp_remote_root / "gpus.txt").read_text().strip().split(",")
+    assert len(visible) == 2 and all(index.isdigit() for index in visible)
+
+
+def test_sshd_stopped_and_started_keeps_port_and_host_key(testbed: Testbed) -> None:
+    assert testbed.ssh("true").returncode == 0
+    testbed.stop_sshd()
+    try:
+        refused = testbed.ssh("true", check=False)
+        assert refused.returncode == 255
+    finally:
+        testbed.start_sshd()
+    # StrictHostKeyChecking=yes against the same known_hosts: the key did not change.
+    assert testbed.ssh("echo back").stdout.strip() == "back"
+
+
+def test_slurmctld_restart_keeps_queued_jobs(testbed: Testbed, tmp_remote_root: Path) -> None:
+    held = _sbatch(testbed, tmp_remote_root, "--hold --wrap true")
+    testbed.restart_slurmctld()
+    assert _job_state(testbed, held) == "PENDING"
+    subprocess.run(["scancel", held], env=testbed.env(), check=True, timeout=15)
+
+
+def test_asyncssh_session_sees_slurm_and_sftp_works(testbed: Testbed, tmp_remote_root: Path) -> None:
+    async def session() -> tuple[str, bytes]:
+        async with asyncssh.connect(
+            testbed.host,
+            port=testbed.port,
+            username=testbed.user,
+            client_keys=[str(testbed.identity_file)],
+            known_hosts=str(testbed.known_hosts),
+        ) as conn:
+            ran = await conn.run("echo $SLURM_CONF; command -v sbatch", check=True, timeout=30)
+            async with (
+                conn.start_sftp_client() as sftp,
+                sftp.open(str(tmp_remote_root / "hello"), "wb") as remote,
+            ):
+                await remote.write(b"hello over sftp")
+            return str(ran.stdout), (tmp_remote_root / "hello").read_bytes()
+
+    text, written = asyncio.run(asyncio.wait_for(session(), timeout=60))
+    assert text.split() == [str(testbed.slurm_conf), str(testbed.root / "bin" / "sbatch")]
+    assert written == b"hello over sftp"
+
+
+def test_other_user_refused_and_tmpfs_root_fills(testbed: Testbed, tmpfs_remote_root: Path) -> None:
+    wrong = subprocess.run(
+        [*testbed.ssh_argv("true")[:-2], f"daemon@{testbed.host}", "true"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert wrong.returncode == 255
+    full = testbed.ssh(f"head -c 3000000 /dev/zero > {tmpfs_remote_root}/big", check=False)
+    assert full.returncode != 0 and "No space left" in full.stderr
+
+
+def test_a_dead_runs_testbed_is_stopped_with_its_jobs_and_detached_processes(tmp_path: Path) -> None:
+    # A second testbed whose "owner" (a pytest run) died: the next run's sweep must stop it and
+    # every process it made, down to a job's `sleep` and a setsid'ed command started over ssh.
+    root = Path(tempfile.mkdtemp(prefix=sweep.STALE_PREFIX))
+    dead = subprocess.Popen(["true"])
+    dead.wait(timeout=10)
+    (root / sweep.OWNER_FILE).write_text(f"{dead.pid}\n")
+    other = Testbed.up(root, gpus=0, cpus=2)
+    try:
+        other.ssh("setsid nohup sleep 600 >/dev/null 2>&1 </dev/null &")
+        job = _sbatch(other, other.remote_root, "--wrap 'sleep 600'")
+        wait_for(lambda: _job_state(other, job) == "RUNNING", timeout=30, what=f"job {job} RUNNING")
+        made = sweep.ours(other.layout, ssh_port=other.port)
+        assert len(made) >= 3  # the detached sleep, the job's shell or sleep, its slurmstepd
+    finally:
+        stopped = sweep.stop_stale()
+    assert root in stopped and not root.exists()
+    assert not any(_alive(pid) for pid in made)
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
