@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import tempfile
 from pathlib import Path
 
 import asyncssh
 import pytest
 from tests.support import wait_for
-from tests.testbed import Testbed
+from tests.testbed import Testbed, sweep
 
 pytestmark = pytest.mark.integration
 
@@ -108,3 +109,27 @@ def test_other_user_refused_and_tmpfs_root_fills(testbed: Testbed, tmpfs_remote_
     assert wrong.returncode == 255
     full = testbed.ssh(f"head -c 3000000 /dev/zero > {tmpfs_remote_root}/big", check=False)
     assert full.returncode != 0 and "No space left" in full.stderr
+
+
+def test_a_dead_runs_testbed_is_stopped_with_its_jobs_and_detached_processes(tmp_path: Path) -> None:
+    # A second testbed whose "owner" (a pytest run) died: the next run's sweep must stop it and
+    # every process it made, down to a job's `sleep` and a setsid'ed command started over ssh.
+    root = Path(tempfile.mkdtemp(prefix=sweep.STALE_PREFIX))
+    dead = subprocess.Popen(["true"])
+    dead.wait(timeout=10)
+    (root / sweep.OWNER_FILE).write_text(f"{dead.pid}\n")
+    other = Testbed.up(root, gpus=0, cpus=2)
+    try:
+        other.ssh("setsid nohup sleep 600 >/dev/null 2>&1 </dev/null &")
+        job = _sbatch(other, other.remote_root, "--wrap 'sleep 600'")
+        wait_for(lambda: _job_state(other, job) == "RUNNING", timeout=30, what=f"job {job} RUNNING")
+        made = sweep.ours(other.layout, ssh_port=other.port)
+        assert len(made) >= 3  # the detached sleep, the job's shell or sleep, its slurmstepd
+    finally:
+        stopped = sweep.stop_stale()
+    assert root in stopped and not root.exists()
+    assert not any(_alive(pid) for pid in made)
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start munge, slurmctld, slurmd and sshd under DIR")
     up.add_argument("dir", type=Path)
     up.add_argument("--gpus", type=int, default=8, help="fake GPUs as Slurm gres (0: none)")
-    up.add_argument("--cpus", type=int, default=16, help="CPUs the node offers Slurm")
+    up.add_argument("--cpus", type=int, default=64, help="CPUs the node offers Slurm")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds each daemon may take to start")
     down = sub.add_parser("down", help="stop what `up DIR` started")
     down.add_argument("dir", type=Path)

@@ -9,15 +9,17 @@ import shutil
 import socket
 import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from tests.testbed import slurm, sshd
-from tests.testbed._proc import TestbedError, free_port
+from tests.testbed import slurm, sshd, sweep
+from tests.testbed._proc import TestbedError, free_port, stop_pidfile
 from tests.testbed.layout import Layout, Ports, Saved
 from tests.testbed.munge import ensure_munge
 
+_PORT_ATTEMPTS = 3
 DAEMONS = ("/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/bin/sbatch", "/usr/sbin/sshd", "/usr/sbin/munged")
 
 
@@ -33,6 +35,18 @@ def missing_requirements() -> str | None:
             "munge openssh-server (make system-packages)"
         )
     return None
+
+
+def _fresh(*, gpus: int, cpus: int) -> Saved:
+    ssh_port = free_port()
+    ctld_port = free_port(taken=[ssh_port])
+    return Saved(
+        ports=Ports(ssh=ssh_port, slurmctld=ctld_port, slurmd=free_port(taken=[ssh_port, ctld_port])),
+        node=socket.gethostname(),
+        cluster=f"tb{uuid.uuid4().hex[:8]}",
+        gpus=gpus,
+        cpus=cpus,
+    )
 
 
 class Testbed:
@@ -96,28 +110,33 @@ class Testbed:
     # ---- start and stop -----------------------------------------------------------------------
 
     @classmethod
-    def up(cls, root: Path, *, gpus: int = 8, cpus: int = 16, timeout_s: float = 60.0) -> Testbed:
+    def up(cls, root: Path, *, gpus: int = 8, cpus: int = 64, timeout_s: float = 60.0) -> Testbed:
         """Start munge (if none answers), slurmctld, slurmd and sshd under `root`; wait until the node
-        is idle and sshd accepts. On any failure whatever started is stopped before the error rises."""
+        is idle and sshd accepts. On any failure whatever started is stopped before the error rises.
+
+        Ports are drawn at random and probed, but another testbed on this host may take one between the
+        probe and the daemon's bind: then everything is stopped and started again on fresh ports."""
         why = missing_requirements()
         if why:
             raise TestbedError(f"testbed: {why}")
         root.mkdir(parents=True, exist_ok=True)
-        ssh_port = free_port()
-        ctld_port = free_port(taken=[ssh_port])
-        saved = Saved(
-            ports=Ports(ssh=ssh_port, slurmctld=ctld_port, slurmd=free_port(taken=[ssh_port, ctld_port])),
-            node=socket.gethostname(),
-            cluster=f"tb{uuid.uuid4().hex[:8]}",
-            gpus=gpus,
-            cpus=cpus,
-        )
-        testbed = cls(root=root, saved=saved)
-        layout = testbed.layout
+        ensure_munge()
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            testbed = cls(root=root, saved=_fresh(gpus=gpus, cpus=cpus))
+            try:
+                testbed._start(timeout_s=timeout_s)
+            except TestbedError as exc:
+                if attempt < _PORT_ATTEMPTS and "Address already in use" in str(exc):
+                    continue
+                raise
+            return testbed
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _start(self, *, timeout_s: float) -> None:
+        layout, saved = self.layout, self.saved
         slurm.check_spool_path(layout)
         try:
             saved.write(layout.state)  # first: `down` can find the pidfiles even of a half start
-            ensure_munge()
             slurm.write_config(layout, saved)
             sshd.write_keys(layout, port=saved.ports.ssh)
             sshd.write_sbatch_wrapper(layout)
@@ -127,9 +146,8 @@ class Testbed:
             slurm.start_slurmd(layout, saved, timeout_s=timeout_s)
             sshd.start_sshd(layout, port=saved.ports.ssh, timeout_s=timeout_s)
         except BaseException:
-            testbed.down()
+            self.down()
             raise
-        return testbed
 
     @classmethod
     def attach(cls, root: Path) -> Testbed:
@@ -140,18 +158,25 @@ class Testbed:
         return cls(root=root, saved=Saved.read(layout.state))
 
     def down(self) -> None:
-        """Stop sshd, slurmd, slurmctld (by their pidfiles) and unmount the tmpfs folders; works on a
-        half-started testbed too. munged stays: other testbeds on this host may share it."""
+        """Stop everything this testbed runs, by pidfiles, and works on a half-started one too: its
+        jobs are cancelled, sshd stops, leftover job and session processes (even detached ones) are
+        killed, then slurmd, slurmctld; its tmpfs folders are unmounted. munged stays: other testbeds
+        on this host may share it. The folder itself is kept (logs, remote files)."""
+        layout, port = self.layout, self.saved.ports.ssh
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("cancel jobs", lambda: sweep.cancel_jobs(layout) if slurm.slurmctld_running(layout) else None),
+            ("stop sshd", lambda: sshd.stop_sshd(layout)),
+            ("kill job and session processes", lambda: sweep.kill_leftovers(layout, ssh_port=port)),
+            ("stop slurmd and slurmctld", lambda: slurm.stop_slurm(layout)),
+            ("kill leftover job steps", lambda: sweep.kill_leftovers(layout, ssh_port=port)),
+            ("unmount tmpfs", self.unmount_all),
+        ]
         errors: list[str] = []
-        for step in (
-            lambda: sshd.stop_sshd(self.layout),
-            lambda: slurm.stop_slurm(self.layout),
-            self.unmount_all,
-        ):
+        for what, step in steps:
             try:
                 step()
             except (TestbedError, OSError, subprocess.SubprocessError) as exc:
-                errors.append(str(exc))
+                errors.append(f"{what}: {exc}")
         if errors:
             raise TestbedError("testbed: stopping failed:\n" + "\n".join(errors))
 
@@ -179,8 +204,6 @@ class Testbed:
 
     def stop_slurmctld(self) -> None:
         """slurmctld gone (until `start_slurmctld`): squeue and sbatch fail meanwhile."""
-        from tests.testbed._proc import stop_pidfile
-
         stop_pidfile(self.layout.pidfile("slurmctld"), comm="slurmctld")
 
     def start_slurmctld(self, *, timeout_s: float = 30.0) -> None:

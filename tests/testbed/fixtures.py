@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import IN_CI
+from tests.testbed import sweep
 from tests.testbed.core import Testbed, missing_requirements
 
 
@@ -27,7 +28,9 @@ def testbed() -> Iterator[Testbed]:
             pytest.fail(f"CI=true but {why}")
         pytest.skip(why)
     # Short and under /tmp: slurmd's unix sockets live below it (108 bytes at most).
-    root = Path(tempfile.mkdtemp(prefix="sbtb-"))
+    sweep.stop_stale()  # testbeds of pytest runs killed before their teardown
+    root = Path(tempfile.mkdtemp(prefix=sweep.STALE_PREFIX))
+    sweep.mark_owner(root)
     started = Testbed.up(root)
     try:
         yield started

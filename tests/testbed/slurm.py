@@ -41,7 +41,7 @@ def _slurm_conf(layout: Layout, saved: Saved, *, real_mb: int) -> str:
         "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_CPU",
         # The node's CPUs come from this file, not the hardware: a 2-core host still runs many no-op
-        # beams at once (arrays of 50 must not crawl two at a time).
+        # beams at once (arrays of 50 must not crawl two at a time; 64 by default).
         "SlurmdParameters=config_overrides",
         "ReturnToService=2",
         "MpiDefault=none",
@@ -52,6 +52,9 @@ def _slurm_conf(layout: Layout, saved: Saved, *, real_mb: int) -> str:
         # scancel: SIGTERM, then SIGKILL after KillWait; 30 s by default is a long test.
         "KillWait=5",
         "InactiveLimit=0",
+        # Schedule every second (default 60 s main loop, 30 s backfill): measured here, 20 single jobs
+        # drain in 0.5 s instead of 5.8 s, 50 array tasks in 1.2 s instead of 6 s (with 64 CPUs).
+        "SchedulerParameters=sched_interval=1,bf_interval=1,sched_min_interval=0",
         "GresTypes=gpu" if saved.gpus else "",
         f"NodeName={node} NodeAddr=127.0.0.1 CPUs={saved.cpus} RealMemory={real_mb}{gres_node} State=UNKNOWN",
         "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES",

@@ -13,7 +13,7 @@ from typing import Any
 from simbridge.jobs.errors import CaseRejectedError, NotFoundError, StaleStateError
 from simbridge.jobs.states import BeamState, check_transition
 from simbridge.jobs.store import statements as sql
-from simbridge.jobs.store.base import StoreBase
+from simbridge.jobs.store.hostgpus import HostGpuStore
 from simbridge.jobs.store.rows import (
     AttemptRow,
     BeamRow,
@@ -27,7 +27,7 @@ from simbridge.logs import get_logger
 log = get_logger(__name__)
 
 
-class Store(StoreBase):
+class Store(HostGpuStore):
     """Job state in SQLite or PostgreSQL. A context manager: closing disposes the engine's pool."""
 
     def __enter__(self) -> Store:
@@ -177,6 +177,7 @@ class Store(StoreBase):
                 if not ended.rowcount:
                     # Someone else already judged this attempt: raising rolls the move back.
                     raise StaleStateError(f"attempt {close[0]} was already closed")
+                tx.run(sql.RELEASE_HOST_GPUS_OF_ATTEMPT, {"_id": close[0]})
             tx.run(
                 sql.INSERT_EVENT,
                 {
@@ -365,7 +366,10 @@ class Store(StoreBase):
                     "v_exit_code": exit_code,
                 },
             )
-            return bool(res.rowcount)
+            if not res.rowcount:
+                return False
+            tx.run(sql.RELEASE_HOST_GPUS_OF_ATTEMPT, {"_id": attempt_id})
+            return True
 
     def open_attempts(self, *, beam_id: int | None = None) -> list[AttemptRow]:
         """Attempts launched (or about to be) that have not ended."""

@@ -97,3 +97,29 @@ orchestrator = sa.Table(
     sa.Column("heartbeat_at", sa.Float),
     sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
 )
+
+# The GPUs of plain SSH hosts (scheduler: none), one row each: the store assigns them, so no two
+# beams ever run on one remote GPU. ``beam_id`` is the holder (NULL: free); a beam holds its GPUs
+# from its grant (still QUEUED) until its attempt closes (same transaction).
+host_gpus = sa.Table(
+    "host_gpus",
+    metadata,
+    sa.Column("host", sa.String(128), primary_key=True),
+    sa.Column("gpu", sa.String(64), primary_key=True),
+    sa.Column("slot", sa.Integer, nullable=False),
+    sa.Column("uuid", sa.String(128)),
+    sa.Column("beam_id", sa.Integer, sa.ForeignKey("beams.id")),
+    sa.Column("held_at", sa.Float),
+    sa.Index("ix_host_gpus_beam", "beam_id"),
+)
+
+# Beams waiting for GPUs of a host, served first come first served (``since``, then beam id).
+host_gpu_waits = sa.Table(
+    "host_gpu_waits",
+    metadata,
+    sa.Column("host", sa.String(128), primary_key=True),
+    sa.Column("beam_id", sa.Integer, sa.ForeignKey("beams.id"), primary_key=True, autoincrement=False),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Column("since", sa.Float, nullable=False),
+    sa.Column("seen_at", sa.Float, nullable=False),
+)
