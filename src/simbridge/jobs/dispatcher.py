@@ -370,6 +370,12 @@ class Dispatcher:
             if beam.id in self._busy:
                 return  # a kill (timeout/cancel) is under way; it judges the attempt itself
         executor = self._executors[attempt.executor]
+        if info.scheduler_state and (info.scheduler_state, info.reason) != (
+            attempt.scheduler_state,
+            attempt.scheduler_reason,
+        ):
+            # What the scheduler says (PENDING + Priority, TIMEOUT...): written only when it changes.
+            self.store.record_scheduler(attempt.id, state=info.scheduler_state, reason=info.reason)
         if info.status is JobStatus.RUNNING:
             if beam.state is not attempt.step:
                 # Cancelled (by `simbridge cancel` in another process that died midway).

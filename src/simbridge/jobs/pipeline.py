@@ -435,7 +435,7 @@ class Pipeline:
             return
         retry = self.settings.retry
         ref = self.ref(attempt, beam)
-        tail = log_tail(ref.stderr)
+        tail = log_tail(ref.stderr) or info.log_tail.strip()
         if timed_out:
             what, transient = (
                 f"timed out after its limit (job {attempt.job_id})",
@@ -447,6 +447,9 @@ class Pipeline:
             what, transient = info.describe(), retry.retry_lost
         else:
             what, transient = info.describe(), info.exit_code in retry.transient_exit_codes
+        if info.transient is not None and not timed_out:
+            # The executor's policy for a named reason (Slurm: requeue NODE_FAIL, PREEMPTED).
+            transient = info.transient
         outcome = "timeout" if timed_out else "transient" if transient else "failed"
         if transient and beam.step_tries < retry.max_attempts:
             delay = retry.backoff_s(beam.step_tries)

@@ -65,7 +65,9 @@ def ref_of(s: LaunchSpec, job_id: str | None) -> JobRef:
     return JobRef(token=s.token, log_prefix=s.log_prefix, job_id=job_id)
 
 
-def wait_all(ex: SlurmExecutor, refs: Sequence[JobRef], *, seen: list[JobInfo] | None = None) -> dict[str, JobInfo]:
+def wait_all(
+    ex: SlurmExecutor, refs: Sequence[JobRef], *, seen: list[JobInfo] | None = None
+) -> dict[str, JobInfo]:
     deadline = time.monotonic() + DEADLINE_S
     while True:
         infos = ex.poll(refs)
@@ -77,8 +79,10 @@ def wait_all(ex: SlurmExecutor, refs: Sequence[JobRef], *, seen: list[JobInfo] |
         time.sleep(0.1)
 
 
-def test_submit_poll_complete_fail_and_stderr_tail(testbed: Any, tmp_remote_root: Path, tmp_path: Path) -> None:
-    ex, runner = make(testbed, tmp_remote_root)
+def test_submit_poll_complete_fail_and_stderr_tail(
+    testbed: Any, tmp_remote_root: Path, tmp_path: Path
+) -> None:
+    ex, _ = make(testbed, tmp_remote_root)
     ok = spec(tmp_path, tmp_remote_root, "b-ok", ["sh", "-c", "echo done > raw"])
     bad = spec(tmp_path, tmp_remote_root, "b-bad", ["sh", "-c", "echo boom-on-stderr >&2; exit 3"])
     before = testbed.sbatch_calls()
@@ -179,7 +183,9 @@ def test_array_of_50_one_squeue_per_poll(testbed: Any, tmp_remote_root: Path, tm
 def test_hostile_names_are_quoted(testbed: Any, tmp_remote_root: Path, tmp_path: Path) -> None:
     canary = tmp_path / "pwned"
     hostile = f"$(touch {canary}); `touch {canary}` ' \" |&;"
-    ex, _ = make(testbed, tmp_remote_root, job_name="moqui_{beam_id} " + hostile.replace("{", "").replace("}", ""))
+    ex, _ = make(
+        testbed, tmp_remote_root, job_name="moqui_{beam_id} " + hostile.replace("{", "").replace("}", "")
+    )
     s = spec(tmp_path, tmp_remote_root, "b-x_1.y", ["printf", "%s\\n", hostile])
     s = LaunchSpec(token=s.token, argv=s.argv, cwd=s.cwd, log_prefix=s.log_prefix, env={"HOSTILE": hostile})
     ref = ref_of(s, ex.submit(s).job_id)

@@ -354,6 +354,11 @@ class Store(HostGpuStore):
             if simulation:
                 tx.run(sql.SET_JOB_ID, {"_id": beam_id, "v_job_id": job_id})
 
+    def record_scheduler(self, attempt_id: int, *, state: str, reason: str) -> None:
+        """Note what the scheduler says of an attempt (state and reason), for status and the dashboard."""
+        with self.fast_tx() as tx:
+            tx.run(sql.RECORD_SCHEDULER, {"_id": attempt_id, "v_state": state[:32], "v_reason": reason[:500]})
+
     def close_attempt(self, attempt_id: int, *, outcome: str, exit_code: int | None) -> bool:
         """Mark an attempt ended (once; False if it was already closed)."""
         with self.fast_tx() as tx:

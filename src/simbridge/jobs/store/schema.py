@@ -64,6 +64,9 @@ attempts = sa.Table(
     sa.Column("ended_at", sa.Float),
     sa.Column("exit_code", sa.Integer),
     sa.Column("outcome", sa.String(16)),
+    # What the scheduler last said (Slurm: PENDING + Priority, RUNNING, TIMEOUT...); revision 0004.
+    sa.Column("scheduler_state", sa.String(32)),
+    sa.Column("scheduler_reason", sa.Text),
     sa.Index("ix_attempts_open", "ended_at"),
 )
 

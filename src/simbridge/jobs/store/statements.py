@@ -82,6 +82,11 @@ RECORD_LAUNCH = (
     .where(attempts.c.id == B("_id"))
     .values(job_id=B("v_job_id"), pid=B("v_pid"), pid_start=B("v_pid_start"))
 )
+RECORD_SCHEDULER = (
+    sa.update(attempts)
+    .where(attempts.c.id == B("_id"))
+    .values(scheduler_state=B("v_state"), scheduler_reason=B("v_reason"))
+)
 SET_JOB_ID = sa.update(beams).where(beams.c.id == B("_id")).values(hpc_job_id=B("v_job_id"))
 
 
