@@ -202,3 +202,21 @@ def test_hostile_names_are_quoted(testbed: Any, tmp_remote_root: Path, tmp_path:
     found = fresh.find(ref_of(s, None))
     assert found is not None and found.job_id == ref.job_id
     assert not canary.exists()
+
+
+def test_through_sshd_a_job_and_an_array(testbed: Any, tmp_remote_root: Path, tmp_path: Path) -> None:
+    from simbridge.jobs.transport.ssh_connection import SshConnection
+
+    entry = testbed.cluster_settings("tb", remote_root=str(tmp_remote_root))
+    settings = ClusterSettings.model_validate(entry)
+    with SshConnection.from_settings(settings, name="tb") as conn:
+        runner = CountingRunner(conn)
+        ex = SlurmExecutor(name="tb", settings=settings, runner=runner)
+        one = spec(tmp_path, tmp_remote_root, "s-one", ["sh", "-c", "echo one > raw; exit 4"])
+        many = [spec(tmp_path, tmp_remote_root, f"s{i}", ["sh", "-c", "hostname > raw"]) for i in range(3)]
+        refs = [ref_of(one, ex.submit(one).job_id)]
+        refs += [ref_of(s, x.job_id) for s, x in zip(many, ex.submit_many(many), strict=True)]  # type: ignore[union-attr]
+        infos = wait_all(ex, refs)
+    assert infos[one.token].status is JobStatus.EXITED and infos[one.token].exit_code == 4
+    assert all(infos[s.token].exit_code == 0 for s in many)
+    assert runner.count("sbatch") == 2
