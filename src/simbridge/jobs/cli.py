@@ -250,7 +250,8 @@ def _print_beams(view: control.CaseView, notes: list[str] | None = None) -> None
     for b in view.beams:
         error = (b.last_error or "").splitlines()[0][:80] if b.last_error else ""
         label = _label(b.name) if b.name == b.beam else _label(b.name).append(f" ({b.beam})", style="dim")
-        row = (b.state, b.gpu or "-", b.job_id or "-", str(b.tries), elapsed_text(b.elapsed_s))
+        job = f"{b.job_id or '-'} {b.scheduler}" if b.scheduler else b.job_id or "-"
+        row = (b.state, b.gpu or "-", job, str(b.tries), elapsed_text(b.elapsed_s))
         table.add_row(label, *row, _label(error))
     out.print(table)
     for note in notes or []:

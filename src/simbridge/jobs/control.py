@@ -17,7 +17,7 @@ from simbridge.jobs.executors import Executor, make_executor
 from simbridge.jobs.names import safe_key
 from simbridge.jobs.pipeline import attempt_ref, logs_dir
 from simbridge.jobs.states import BeamState, case_state, progress, retry_target
-from simbridge.jobs.store import BeamRow, CaseRow, Store
+from simbridge.jobs.store import AttemptRow, BeamRow, CaseRow, Store
 from simbridge.logs import get_logger
 from simbridge.processes import signal_name
 
@@ -44,6 +44,8 @@ class BeamView:
     last_error: str | None
     progress: float
     signal: str | None = None
+    # What the scheduler says of the running attempt (Slurm: "PENDING (Priority)", "RUNNING").
+    scheduler: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,15 @@ class CaseView:
         return asdict(self)
 
 
-def beam_view(case: CaseRow, beam: BeamRow, now: float) -> BeamView:
+def scheduler_text(attempt: AttemptRow | None) -> str | None:
+    """``PENDING (Priority)`` from an attempt's scheduler state and reason; None if it has none."""
+    if attempt is None or not attempt.scheduler_state:
+        return None
+    reason = attempt.scheduler_reason
+    return f"{attempt.scheduler_state} ({reason})" if reason else attempt.scheduler_state
+
+
+def beam_view(case: CaseRow, beam: BeamRow, now: float, attempt: AttemptRow | None = None) -> BeamView:
     """How one beam looks on screen (progress is the pipeline position, 0..1)."""
     start = beam.started_at or beam.created_at
     end = beam.finished_at if beam.state.terminal else now
@@ -79,6 +89,7 @@ def beam_view(case: CaseRow, beam: BeamRow, now: float) -> BeamView:
         last_error=beam.last_error,
         progress=progress(beam.state),
         signal=signal_name(-beam.exit_code) if beam.exit_code is not None and beam.exit_code < 0 else None,
+        scheduler=scheduler_text(attempt),
     )
 
 
@@ -89,6 +100,7 @@ def snapshot(store: Store, case: str | None = None) -> list[CaseView]:
     by_case: dict[int, list[BeamRow]] = {}
     for beam in store.beams(case_id=cases[0].id if case is not None else None):
         by_case.setdefault(beam.case_id, []).append(beam)
+    running = {a.beam_id: a for a in store.open_attempts()}
     views = []
     for c in cases:
         beams = by_case.get(c.id, [])
@@ -98,7 +110,7 @@ def snapshot(store: Store, case: str | None = None) -> list[CaseView]:
                 name=c.name,
                 state=case_state(b.state for b in beams).value,
                 created_at=c.created_at,
-                beams=tuple(beam_view(c, b, now) for b in beams),
+                beams=tuple(beam_view(c, b, now, running.get(b.id)) for b in beams),
             )
         )
     return views

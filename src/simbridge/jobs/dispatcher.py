@@ -516,6 +516,12 @@ class Dispatcher:
         executor = self._executor_of(attempt.executor)
         if executor is None:
             return
+        if info.scheduler_state and (info.scheduler_state, info.reason) != (
+            attempt.scheduler_state,
+            attempt.scheduler_reason,
+        ):
+            # What the scheduler says (PENDING + Priority, TIMEOUT...): written only when it changes.
+            self.store.record_scheduler(attempt.id, state=info.scheduler_state, reason=info.reason)
         if info.status is JobStatus.RUNNING:
             if beam.state is not attempt.step:
                 # Cancelled (by `simbridge cancel` in another process that died midway).

@@ -493,8 +493,7 @@ class Pipeline:
         retry = self.settings.retry
         ref = self.ref(attempt, beam)
         # A scheduler's executor may bring the tail along (fetched in its one poll of the host).
-        tail = getattr(info, "log_tail", "") or self.stderr_tail(attempt, ref)
-        policy: bool | None = getattr(info, "transient", None)
+        tail = info.log_tail.strip() or self.stderr_tail(attempt, ref)
         if timed_out:
             what, transient = (
                 f"timed out after its limit (job {attempt.job_id})",
@@ -506,9 +505,9 @@ class Pipeline:
             what, transient = info.describe(), retry.retry_lost
         else:
             what, transient = info.describe(), info.exit_code in retry.transient_exit_codes
-        if policy is not None and not timed_out:
-            # The executor's policy for a named end (Slurm requeues NODE_FAIL and PREEMPTED).
-            transient = policy
+        if info.transient is not None and not timed_out:
+            # The executor's policy for a named reason (Slurm: requeue NODE_FAIL, PREEMPTED).
+            transient = info.transient
         outcome = "timeout" if timed_out else "transient" if transient else "failed"
         if transient and beam.step_tries < retry.max_attempts:
             delay = retry.backoff_s(beam.step_tries)

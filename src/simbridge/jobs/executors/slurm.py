@@ -19,11 +19,10 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import PurePosixPath
 from typing import Any
 
 from simbridge.config import ClusterSettings
-from simbridge.jobs.errors import LaunchError, RemoteError, RemotePathError, SchedulerError
+from simbridge.jobs.errors import LaunchError, RemoteError, RemotePathError, RunScriptError, SchedulerError
 from simbridge.jobs.executors.base import Executor, JobInfo, JobRef, JobStatus, Launched, LaunchSpec
 from simbridge.jobs.executors.slurm_array import submit_many
 from simbridge.jobs.executors.slurm_intent import Intent, intent_file, read_intent, write_intent
@@ -37,7 +36,7 @@ from simbridge.jobs.executors.slurm_parse import (
     parse_sbatch,
     parse_squeue_find,
 )
-from simbridge.jobs.executors.slurm_script import remote_attempt, single_script
+from simbridge.jobs.executors.slurm_script import remote_files, run_script
 from simbridge.jobs.executors.slurm_watch import (
     TAIL_BYTES,
     QueueWatcher,
@@ -114,12 +113,17 @@ class SlurmExecutor(Executor):
     # ---- submit ------------------------------------------------------------------------------
 
     def job_name(self, spec: LaunchSpec) -> str:
-        """The job's name from the template: {beam_id} {beam} {case} {attempt}."""
-        cwd = PurePosixPath(str(spec.cwd))
+        """The job's name from the template: {beam_id} {beam} {case} {attempt}.
+
+        Unique per beam (the default ``moqui_{beam_id}``); the attempt's token, sent as the job's
+        comment, tells two attempts of one beam apart.
+        """
+        # The log prefix is .../{case}/{beam}/{step}-{n} (the pipeline's layout; runscript's too).
+        beam, case = spec.log_prefix.parent.name, spec.log_prefix.parent.parent.name
         fields = {
-            "beam_id": cwd.name,
-            "beam": cwd.name,
-            "case": cwd.parent.name,
+            "beam_id": beam,
+            "beam": beam,
+            "case": case,
             "attempt": spec.log_prefix.name.rpartition("-")[2],
         }
         try:
@@ -164,14 +168,14 @@ class SlurmExecutor(Executor):
                 time.sleep(wait)
             self._next_submit = max(now, self._next_submit) + 1.0 / self.settings.slurm.submit_per_s
 
-    def sbatch(self, words: Sequence[str], script: str, *, prepare: Sequence[str] = ()) -> str:
-        """Run ``prepare`` commands then sbatch (script on stdin) in one call; the job id."""
+    def sbatch(self, words: Sequence[str], stdin: bytes, *, prepare: Sequence[str] = ()) -> str:
+        """Run ``prepare`` commands then sbatch in one call (``stdin`` goes to the command); the job id."""
         command = " && ".join([*prepare, " ".join(shlex.quote(w) for w in words)])
         self.throttle()
         with self._lock:
             self.sbatch_calls += 1
         try:
-            result = self.runner.run(command, timeout_s=self._timeout, stdin=script.encode())
+            result = self.runner.run(command, timeout_s=self._timeout, stdin=stdin)
             job_id, _cluster = parse_sbatch(checked(result, "sbatch"))
         except (SchedulerError, RemoteError) as exc:
             raise LaunchError(f"{self.name}: {exc}") from exc
@@ -181,22 +185,19 @@ class SlurmExecutor(Executor):
     def submit(self, spec: LaunchSpec) -> Launched:
         """Submit one job; its intent is on disk before sbatch, its job id right after."""
         try:
-            attempt = remote_attempt(self.root, spec)
-        except RemotePathError as exc:
+            cwd, files = remote_files(self.root, spec)
+            script = run_script(self.settings, spec, cwd, files)
+        except (RemotePathError, RunScriptError) as exc:
             raise LaunchError(str(exc)) from exc
         name = self.job_name(spec)
-        intent = Intent(name=name, comment=spec.token, cwd=str(attempt.cwd), prefix=str(attempt.prefix))
+        intent = Intent(name=name, comment=spec.token, cwd=str(cwd), prefix=str(files.prefix))
         write_intent(spec.log_prefix, intent)
         q = shlex.quote
         words = self.sbatch_words(
-            name=name,
-            comment=spec.token,
-            chdir=str(attempt.cwd),
-            output=str(attempt.stdout),
-            error=str(attempt.stderr),
+            name=name, comment=spec.token, chdir=str(cwd), output=str(files.stdout), error=str(files.stderr)
         )
-        prepare = [f"mkdir -p -- {q(str(attempt.prefix.parent))}", f"rm -f -- {q(str(attempt.exit_file))}"]
-        job_id = self.sbatch(words, single_script(attempt, spec), prepare=prepare)
+        prepare = [f"mkdir -p -- {q(str(files.folder))}", f"rm -f -- {q(str(files.exit_file))}"]
+        job_id = self.sbatch(words, script.encode(), prepare=prepare)
         self.remember(spec, replace(intent, job_id=job_id))
         log.debug("slurm.submitted", cluster=self.name, job_id=job_id, name=name)
         return Launched(job_id=job_id)
@@ -359,7 +360,11 @@ class SlurmExecutor(Executor):
                 pending.append((ref, intent, job_id))
                 if job_id and job_id not in queue:
                     unknown.append(job_id)
-        history = ended_jobs(self.runner, unknown, accounting=self.accounting, timeout_s=self._timeout)
+        history = (
+            ended_jobs(self.runner, unknown, accounting=self.accounting, timeout_s=self._timeout)
+            if unknown
+            else {}
+        )
         for ref, _intent, job_id in pending:
             job = queue.get(job_id) if job_id else None
             job = job or (history.get(job_id) if job_id else None)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from simbridge.jobs.errors import SchedulerError
+from simbridge.jobs.errors import RemotePathError, SchedulerError
 from simbridge.jobs.executors.base import log_file
-from simbridge.jobs.executors.slurm_script import RemoteAttempt, confined
+from simbridge.jobs.executors.runscript import AttemptFiles, confined
 
 INTENT_SUFFIX = ".slurm"
 
@@ -34,9 +34,9 @@ class Intent:
     job_id: str | None = None
 
     @property
-    def remote(self) -> RemoteAttempt:
+    def remote(self) -> AttemptFiles:
         """The attempt's files on the cluster."""
-        return RemoteAttempt(cwd=PurePosixPath(self.cwd), prefix=PurePosixPath(self.prefix))
+        return AttemptFiles(PurePosixPath(self.prefix))
 
 
 def intent_file(log_prefix: Path) -> Path:
@@ -72,8 +72,11 @@ def read_intent(log_prefix: Path, root: PurePosixPath) -> Intent | None:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise SchedulerError(f"intent file of {log_prefix} is malformed: {exc}") from exc
-    confined(root, PurePosixPath(intent.cwd), "beam folder")
-    confined(root, PurePosixPath(intent.prefix), "log prefix")
+    try:
+        confined(root, PurePosixPath(intent.cwd))
+        confined(root, PurePosixPath(intent.prefix))
+    except RemotePathError as exc:
+        raise SchedulerError(f"intent file of {log_prefix}: {exc}") from exc
     if intent.index is not None and not 0 <= intent.index < 4_000_001:
         raise SchedulerError(f"intent file of {log_prefix}: array index {intent.index} out of range")
     return intent

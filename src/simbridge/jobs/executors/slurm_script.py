@@ -1,148 +1,96 @@
-"""The batch script of a Slurm job (one beam) or job array (many), and where its files live.
+"""What a Slurm job runs: the attempt's ``run.sh`` (runscript.py), and for a job array its manifest.
 
-The script follows the local executor's marker protocol: it runs the argv (each word quoted,
-never re-parsed), then writes ``exit N`` or ``signal N`` to the attempt's exit marker through a
-temporary name and a rename, so a reader never sees a torn marker. It also records the host and
-start time in the job's stdout. An array's script carries its manifest inline, one ``case`` arm
-per index (the beam folder, log files, token, environment and argv of that element): sbatch
-stores the script with the job, so the manifest can never be torn, lost or out of step with it.
+A single job's batch script is the attempt's rendered run.sh itself, sent to sbatch on stdin; it
+writes the exit marker (``exit N`` / ``signal N``, via a temporary name and a rename), SUCCESS or
+FAILED, and the host/start/exit record, the same protocol as the local executor. An array's
+elements each get their run.sh written under the beam's attempts folder; the array's manifest
+(one ``index<TAB>run.sh`` line per element) and its small batch script live in
+``{remote_root}/.arrays/{name}/``, all written by one ``tar -x`` from stdin.
 """
 
 from __future__ import annotations
 
+import io
 import re
-import shlex
+import tarfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from simbridge.jobs.errors import RemotePathError
-from simbridge.jobs.executors.base import TOKEN_ENV, LaunchSpec
+from simbridge.config import ClusterSettings
+from simbridge.jobs.errors import RemotePathError, RunScriptError
+from simbridge.jobs.executors.base import LaunchSpec
+from simbridge.jobs.executors.runscript import AttemptFiles, attempt_files, confined, render_run_script
 
 # Variables the cluster sets for the job itself: a local GPU lease's CUDA_VISIBLE_DEVICES must
 # never override the GPUs Slurm gave the job.
 _SCHEDULER_OWNED = re.compile(r"^(CUDA_VISIBLE_DEVICES|GPU_DEVICE_ORDINAL|ROCR_VISIBLE_DEVICES|SLURM_.*)$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-LOGS_DIR = ".logs"  # beside the beam folders of a case; no case or beam key starts with '.'
 
-
-@dataclass(frozen=True)
-class RemoteAttempt:
-    """Where one attempt's files live on the cluster."""
-
-    cwd: PurePosixPath
-    prefix: PurePosixPath
-
-    @property
-    def stdout(self) -> PurePosixPath:
-        """The job's standard output."""
-        return self.prefix.with_name(self.prefix.name + ".out")
-
-    @property
-    def stderr(self) -> PurePosixPath:
-        """The job's standard error."""
-        return self.prefix.with_name(self.prefix.name + ".err")
-
-    @property
-    def exit_file(self) -> PurePosixPath:
-        """The exit marker (``exit N`` / ``signal N``)."""
-        return self.prefix.with_name(self.prefix.name + ".exit")
-
-
-def confined(root: PurePosixPath, path: PurePosixPath, what: str) -> PurePosixPath:
-    """``path`` if it lies strictly below ``root`` (lexically, no ``..``), else RemotePathError."""
-    if not path.is_absolute() or ".." in path.parts or "." in path.parts:
-        raise RemotePathError(f"{what} {str(path)!r} is not an absolute path without '..'")
-    try:
-        rel = path.relative_to(root)
-    except ValueError:
-        raise RemotePathError(f"{what} {str(path)!r} is outside remote_root {str(root)!r}") from None
-    if not rel.parts:
-        raise RemotePathError(f"{what} {str(path)!r} is remote_root itself, not a folder below it")
-    return path
-
-
-def remote_attempt(root: PurePosixPath, spec: LaunchSpec) -> RemoteAttempt:
-    """The cluster-side files of ``spec``: ``{case}/.logs/{beam}/{step}-{n}.{out,err,exit}``.
-
-    The logs sit beside the beam folder, not in it: output patterns and cleanup of the beam
-    folder never touch them.
-    """
-    cwd = confined(root, PurePosixPath(str(spec.cwd)), "beam folder")
-    logs = root / LOGS_DIR / cwd.name if cwd.parent == root else cwd.parent / LOGS_DIR / cwd.name
-    name = spec.log_prefix.name
-    if not name or name in {".", ".."} or "/" in name:
-        raise RemotePathError(f"log prefix {name!r} is not a plain file name")
-    return RemoteAttempt(cwd=cwd, prefix=confined(root, logs / name, "log prefix"))
-
-
-def _env_words(env: Mapping[str, str], token: str) -> list[str]:
-    words = [f"{TOKEN_ENV}={token}"]
-    for key, value in env.items():
-        if not _ENV_NAME.match(key):
-            raise RemotePathError(f"environment name {key!r} is not a shell variable name")
-        if not _SCHEDULER_OWNED.match(key):
-            words.append(f"{key}={value}")
-    return words
-
-
-_PRELUDE = """#!/bin/bash
-# simbridge job script: run one beam's command, then write its exit marker atomically.
+ARRAY_SCRIPT = """#!/bin/bash
+# simbridge job array: element i runs the run.sh the manifest names for it, with its own logs.
 set -u
-"""
-
-_RUN = """
-mark() {
-    part="$exit_file.part.${SLURM_JOB_ID:-0}"
-    printf '%s\\n' "$1" > "$part" && mv -f -- "$part" "$exit_file"
-}
-printf 'simbridge: host %s start %s job %s\\n' "$(hostname)" "$(date +%s)" "${SLURM_JOB_ID:-?}"
-if ! cd -- "$cwd"; then
-    mark "exit 127"
-    exit 127
+i=${SLURM_ARRAY_TASK_ID:?not an array element}
+script=$(awk -F '\\t' -v i="$i" '$1 == i { print $2; exit }' manifest)
+if [ -z "$script" ]; then
+    echo "simbridge: no manifest entry for index $i" >&2
+    exit 2
 fi
-export "${envs[@]}"
-"${argv[@]}" </dev/null
-rc=$?
-# bash reports a child killed by signal N as 128+N; the marker says which it was.
-if [ "$rc" -gt 128 ] && [ "$rc" -le 192 ]; then
-    mark "signal $((rc - 128))"
-else
-    mark "exit $rc"
-fi
-printf 'simbridge: end %s rc %s\\n' "$(date +%s)" "$rc"
-exit "$rc"
+exec bash -- "$script" >>"${script%.sh}.out" 2>>"${script%.sh}.err"
 """
 
 
-def _arm(attempt: RemoteAttempt, spec: LaunchSpec) -> str:
-    """The shell assignments of one element: folder, marker, logs, environment, argv."""
-    q = shlex.quote
-    if not spec.argv:
-        raise RemotePathError("empty command: nothing to run")
-    return (
-        f"cwd={q(str(attempt.cwd))}; exit_file={q(str(attempt.exit_file))}; "
-        f"out={q(str(attempt.stdout))}; err={q(str(attempt.stderr))}\n"
-        f"    envs=({' '.join(q(w) for w in _env_words(spec.env, spec.token))})\n"
-        f"    argv=({' '.join(q(w) for w in spec.argv)})"
+def job_env(settings: ClusterSettings, env: Mapping[str, str]) -> dict[str, str]:
+    """The cluster's env, then the launch's, without what Slurm sets for the job itself."""
+    merged = {**settings.env, **env}
+    return {k: v for k, v in merged.items() if not _SCHEDULER_OWNED.match(k)}
+
+
+def remote_files(root: PurePosixPath, spec: LaunchSpec) -> tuple[PurePosixPath, AttemptFiles]:
+    """The beam's folder (confined to ``root``) and the attempt's files on the cluster."""
+    cwd = confined(root, PurePosixPath(str(spec.cwd)))
+    return cwd, attempt_files(root, spec.log_prefix)
+
+
+def run_script(settings: ClusterSettings, spec: LaunchSpec, cwd: PurePosixPath, files: AttemptFiles) -> str:
+    """The attempt's rendered run.sh (the template of ``run_template``, or the built-in one)."""
+    from simbridge.jobs.executors.runscript import load_template
+
+    return render_run_script(
+        remote_root=settings.remote_root,
+        files=files,
+        token=spec.token,
+        argv=spec.argv,
+        workdir=cwd,
+        env=job_env(settings, spec.env),
+        template=load_template(settings.run_template),
     )
 
 
-def single_script(attempt: RemoteAttempt, spec: LaunchSpec) -> str:
-    """The script of one job (sbatch sends its output to the attempt's files itself)."""
-    return _PRELUDE + _arm(attempt, spec).replace("\n    ", "\n") + "\n" + _RUN
+def array_bundle(
+    settings: ClusterSettings,
+    folder: PurePosixPath,
+    elements: Sequence[tuple[LaunchSpec, PurePosixPath, AttemptFiles]],
+) -> bytes:
+    """A tar (paths relative to remote_root) of every element's run.sh, the manifest, the script."""
+    root = settings.remote_root
+    confined(root, folder)
+    buffer = io.BytesIO()
+    manifest = []
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for index, (spec, cwd, files) in enumerate(elements):
+            text = run_script(settings, spec, cwd, files)
+            _add(tar, root, files.script, text.encode(), 0o755)
+            if "\t" in str(files.script) or "\n" in str(files.script):
+                raise RemotePathError(f"remote path {str(files.script)!r} holds a tab or newline")
+            manifest.append(f"{index}\t{files.script}\n")
+        _add(tar, root, folder / "manifest", "".join(manifest).encode(), 0o644)
+        _add(tar, root, folder / "array.sh", ARRAY_SCRIPT.encode(), 0o755)
+    return buffer.getvalue()
 
 
-def array_script(elements: Sequence[tuple[RemoteAttempt, LaunchSpec]]) -> str:
-    """The script of a job array: the manifest (one arm per index), then the common run."""
-    arms = [f"{i})\n    {_arm(attempt, spec)}\n    ;;" for i, (attempt, spec) in enumerate(elements)]
-    return (
-        _PRELUDE
-        + 'case "${SLURM_ARRAY_TASK_ID:-}" in\n'
-        + "\n".join(arms)
-        + '\n*)\n    echo "simbridge: no manifest entry for index ${SLURM_ARRAY_TASK_ID:-?}" >&2\n'
-        + "    exit 2\n    ;;\nesac\n"
-        # Each element writes into its own beam's log files, not the array's.
-        + 'exec >>"$out" 2>>"$err"\n'
-        + _RUN
-    )
+def _add(tar: tarfile.TarFile, root: PurePosixPath, path: PurePosixPath, data: bytes, mode: int) -> None:
+    info = tarfile.TarInfo(str(confined(root, path).relative_to(root)))
+    info.size, info.mode = len(data), mode
+    tar.addfile(info, io.BytesIO(data))
+
+
+__all__ = ["ARRAY_SCRIPT", "RunScriptError", "array_bundle", "job_env", "remote_files", "run_script"]
