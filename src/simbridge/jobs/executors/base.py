@@ -10,7 +10,6 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 from simbridge.processes import end_text
 
@@ -123,9 +122,12 @@ class JobInfo:
 
 
 class Executor(abc.ABC):
-    """Where an attempt's command runs. One instance per process; thread-safe."""
+    """Where an attempt's command runs. One instance per process; thread-safe.
 
-    name: ClassVar[str]
+    ``name`` is what attempts record (``local``, or a cluster's name from config).
+    """
+
+    name: str
 
     @abc.abstractmethod
     def submit(self, spec: LaunchSpec) -> Launched:
