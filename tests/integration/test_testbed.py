@@ -13,6 +13,7 @@ import asyncssh
 import pytest
 from tests.support import wait_for
 from tests.testbed import Testbed, sweep
+from tests.testbed.delay_proxy import DelayProxy, delay_proxy_process
 
 pytestmark = pytest.mark.integration
 
@@ -121,8 +122,9 @@ def test_a_dead_runs_testbed_is_stopped_with_its_jobs_and_detached_processes(tmp
     other = Testbed.up(root, gpus=0, cpus=2)
     try:
         other.ssh("setsid nohup sleep 600 >/dev/null 2>&1 </dev/null &")
-        job = _sbatch(other, other.remote_root, "--wrap 'sleep 600'")
-        wait_for(lambda: _job_state(other, job) == "RUNNING", timeout=30, what=f"job {job} RUNNING")
+        job = _sbatch(other, other.remote_root, "--wrap 'touch started; exec sleep 600'")
+        started = other.remote_root / "started"
+        wait_for(started.exists, timeout=30, what=f"job {job} started")
         made = sweep.ours(other.layout, ssh_port=other.port)
         assert len(made) >= 3  # the detached sleep, the job's shell or sleep, its slurmstepd
     finally:
@@ -133,3 +135,35 @@ def test_a_dead_runs_testbed_is_stopped_with_its_jobs_and_detached_processes(tmp
 
 def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_delay_proxy_adds_its_round_trip_and_carries_ssh(testbed: Testbed) -> None:
+    async def exchange() -> tuple[float, bytes]:
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(await reader.read())  # everything until the client's half-close
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        target = server.sockets[0].getsockname()[1]
+        async with server, DelayProxy(target_port=target, rtt_s=0.05) as proxy:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            payload = bytes(range(256)) * 4096  # 1 MB: several chunks each way
+            writer.write(payload)
+            writer.write_eof()
+            back = await reader.read()
+            writer.close()
+            return loop.time() - started, back if back == payload else b""
+
+    took, back = asyncio.run(asyncio.wait_for(exchange(), timeout=30))
+    assert back  # the bytes came back whole, in order, through both delayed directions
+    assert took >= 0.05  # a lower bound, never flaky: the reply cannot beat the added round trip
+    # sshd through a proxy process: the host key is the testbed's, checked under its usual name.
+    with delay_proxy_process(target_port=testbed.port, rtt_s=0.02) as port:
+        argv = testbed.ssh_argv("echo through")
+        argv[argv.index(str(testbed.port))] = str(port)
+        argv[1:1] = ["-o", f"HostKeyAlias=[127.0.0.1]:{testbed.port}"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.stdout.strip() == "through", done.stderr

@@ -30,11 +30,7 @@ def _ancestors() -> set[int]:
     found, pid = set(), os.getpid()
     while pid > 1:
         found.add(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            break
-        pid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        pid = _parent(pid)
     return found
 
 
@@ -52,16 +48,30 @@ def ours(layout: Layout, *, ssh_port: int) -> list[int]:
         env = _environ(int(entry.name))
         if env.get("SLURM_CONF") != conf:
             continue
-        try:
-            comm = (entry / "comm").read_text().strip()
-        except OSError:
-            continue
+        comm = _comm(int(entry.name))
         via_sshd = env.get("SSH_CONNECTION", "").endswith(f" {ssh_port}")
         if comm in ("slurmstepd", "slurmd", "slurmctld", "sshd") and not via_sshd:
             continue  # daemons are stopped by their pidfiles; their job steps below
         if via_sshd or "SLURM_JOB_ID" in env or comm == "slurmstepd":
             found.append(int(entry.name))
-    return found
+    # slurmd starts slurmstepd with an environment of its own: it is found as a job's parent.
+    steps = {_parent(pid) for pid in found}
+    return found + [pid for pid in steps if pid > 1 and pid not in found and _comm(pid) == "slurmstepd"]
+
+
+def _parent(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def cancel_jobs(layout: Layout) -> None:
