@@ -26,6 +26,9 @@ from simbridge.jobs.errors import (
 )
 from simbridge.jobs.executors import Executor
 from simbridge.jobs.executors.runscript import AttemptFiles, attempt_files, confined
+from simbridge.jobs.executors.slurm import SlurmExecutor
+from simbridge.jobs.executors.ssh import SshExecutor
+from simbridge.jobs.store.hostgpus import HostGpuStore
 from simbridge.jobs.transport import CommandRunner, Transport
 from simbridge.logs import get_logger
 
@@ -85,6 +88,9 @@ class Cluster:
     executor: Executor
     closers: list[Callable[[], None]] = field(default_factory=list)
     backoff: Backoff = field(default_factory=Backoff)
+    # A plain host's GPUs are recorded in the store once, on first use (under ``lock``).
+    gpus_registered: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def slurm(self) -> bool:
@@ -193,15 +199,11 @@ def build_cluster(name: str, settings: ClusterSettings, store: Any = None) -> Cl
 
 
 def make_remote_executor(
-    name: str, settings: ClusterSettings, runner: CommandRunner, store: Any = None
+    name: str, settings: ClusterSettings, runner: CommandRunner, store: HostGpuStore | None = None
 ) -> Executor:
     """The executor of a cluster: SlurmExecutor (scheduler: slurm) or SshExecutor (none)."""
     if settings.scheduler == "slurm":
-        from simbridge.jobs.executors.slurm import SlurmExecutor
-
         return SlurmExecutor(name=name, settings=settings, runner=runner)
-    from simbridge.jobs.executors.ssh import SshExecutor
-
     return SshExecutor(name=name, settings=settings, runner=runner, store=store)
 
 

@@ -22,6 +22,7 @@ from simbridge.jobs.errors import (
     StaleStateError,
 )
 from simbridge.jobs.executors import JobRef, Launched, LaunchSpec
+from simbridge.jobs.executors.ssh import SshExecutor
 from simbridge.jobs.states import BeamState
 from simbridge.jobs.store import AttemptRow, BeamRow
 from simbridge.logs import get_logger
@@ -109,7 +110,24 @@ def cleanup(pipeline: Pipeline, beam: BeamRow, remote: PurePosixPath) -> None:
         log.warning("jobs.remote_cleanup_failed", beam=beam.id, cluster=cluster.name, error=str(exc))
 
 
-def remote_spec(pipeline: Pipeline, beam: BeamRow, attempt: AttemptRow) -> LaunchSpec:
+def host_gpus(pipeline: Pipeline, cluster: Cluster, beam: BeamRow) -> tuple[str, ...] | None:
+    """GPUs of a plain host for a beam, assigned by the store ('()': none to assign, as on Slurm,
+    where the scheduler assigns them; None: all busy, the beam waits its turn, first come first
+    served). The host's GPUs are recorded in the store on first use."""
+    executor = cluster.executor
+    if cluster.slurm or cluster.settings.gpus is None or not isinstance(executor, SshExecutor):
+        return ()
+    with cluster.lock:
+        if not cluster.gpus_registered:
+            executor.register_gpus()
+            cluster.gpus_registered = True
+    held: tuple[str, ...] | None = executor.acquire_gpus(beam.id, pipeline.settings.gpus_per_beam)
+    return held
+
+
+def remote_spec(
+    pipeline: Pipeline, beam: BeamRow, attempt: AttemptRow, gpus: tuple[str, ...] = ()
+) -> LaunchSpec:
     """What runs on the cluster for one attempt: the simulate command in the beam's folder.
 
     ``log_prefix`` stays the local one: the executor derives the remote script, logs and exit
@@ -128,7 +146,8 @@ def remote_spec(pipeline: Pipeline, beam: BeamRow, attempt: AttemptRow) -> Launc
         argv=render(template, pipeline.fields(beam, remote)),
         cwd=Path(str(remote)),  # a POSIX path on the cluster
         log_prefix=pipeline.ref(attempt, beam).log_prefix,
-        env=dict(cluster.settings.env),
+        # The plain host's run.sh sets it (Slurm sets it itself from --gres/--gpus).
+        env={"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {},
     )
     names = {"case": case.key, "beam": beam.key, "beam_id": beam.key, "attempt": str(attempt.number)}
     if "fields" in {f.name for f in dataclasses.fields(LaunchSpec)}:
@@ -148,7 +167,11 @@ def submit_many(pipeline: Pipeline, beams: list[BeamRow]) -> list[AttemptRow]:
     assert cluster is not None
     timeout_s = pipeline.settings.timeouts.simulate_s
     opened: list[tuple[BeamRow, AttemptRow]] = []
+    gpus: dict[int, tuple[str, ...]] = {}
     for beam in beams:
+        held = host_gpus(pipeline, cluster, beam)
+        if held is None:
+            continue  # a plain host's GPUs are all busy: the beam keeps its place in line
         try:
             attempt = pipeline.store.open_attempt(
                 beam.id,
@@ -158,13 +181,17 @@ def submit_many(pipeline: Pipeline, beams: list[BeamRow]) -> list[AttemptRow]:
                 executor=cluster.name,
                 work_dir=str(pipeline.remote_dir(beam)),
                 deadline=time.time() + timeout_s,
+                gpu_id=",".join(held) if held else None,
             )
         except StaleStateError:
+            if held:
+                pipeline.store.release_host_gpus(beam.id)
             continue
+        gpus[beam.id] = held
         opened.append((beam, attempt))
     if not opened:
         return []
-    specs = [remote_spec(pipeline, beam, attempt) for beam, attempt in opened]
+    specs = [remote_spec(pipeline, beam, attempt, gpus.get(beam.id, ())) for beam, attempt in opened]
     many = getattr(cluster.executor, "submit_many", None)
     results: list[Launched | BaseException] = []
     if len(specs) > 1 and callable(many):
