@@ -211,16 +211,17 @@ class Dispatcher:
 
     def _remote_failed(self, exc: RemoteError, cluster: str | None = None) -> None:
         """A remote error outside a beam's own fault: back off, or stop serve for good."""
+        if cluster is None and self.cluster is not None:
+            cluster = self.cluster.name
         if is_fatal(exc):
             if self._fatal is None:
                 log.error("jobs.cluster_refused", cluster=cluster, error=str(exc))
                 self._fatal = exc
             self.stop()
             return
-        target = self.pipeline.cluster if cluster is None else self._cluster(cluster)
+        target = None if cluster is None else self._cluster(cluster)
         delay = target.backoff.failed(exc) if target is not None else 0.0
-        log.warning("jobs.cluster_unreachable", cluster=cluster or getattr(target, "name", None),
-                    error=str(exc), retry_in_s=delay)  # fmt: skip
+        log.warning("jobs.cluster_unreachable", cluster=cluster, error=str(exc), retry_in_s=delay)
 
     def _watch_failed(self, name: str, exc: BaseException) -> None:
         cluster = self._cluster(name)
