@@ -10,6 +10,10 @@ import pytest
 from tests.integration.jobs.cluster_fixtures import CLUSTER, ClusterEnv, tiny_steps
 from tests.testbed import Testbed
 
+from simbridge.jobs.dispatcher import Dispatcher
+from simbridge.jobs.states import BeamState
+from simbridge.jobs.store import Store
+
 pytestmark = pytest.mark.integration
 
 
@@ -53,17 +57,16 @@ def test_refused_connection_is_one_clear_error(
     assert all(word in (check.stdout + check.stderr).lower() for word in expected), check.stdout
 
     cenv.make_case("kept", {"b1": {"plan.json": "{}"}})
-    cenv.cli("submit", str(cenv.inbox / "kept"))
     serve = cenv.cli("serve", "--until-idle", "--max-seconds", "30", check=False)
     assert serve.returncode == 1, serve.stdout + serve.stderr
     errors = [line for line in serve.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in serve.stderr, serve.stderr
     assert all(word in errors[0].lower() for word in expected), errors[0]
     # Nothing lost: the beam waits (not FAILED) and runs once the cluster lets us in.
-    [case] = cenv.status()
-    assert [b["state"] for b in case["beams"]] != ["FAILED"]
+    with Store(url=cenv.db_url) as store:
+        assert [b.state for b in store.beams()] == [BeamState.PENDING]
     cenv.clusters = {CLUSTER: testbed.cluster_settings(CLUSTER, remote_root=str(tmp_remote_root))}
-    cenv.configure(steps=tiny_steps(cenv), executor=CLUSTER)
-    assert cenv.cli("serve", "--until-idle", "--max-seconds", "60").returncode == 0
-    [case] = cenv.status()
-    assert [b["state"] for b in case["beams"]] == ["COMPLETED"]
+    settings = cenv.configure(steps=tiny_steps(cenv), executor=CLUSTER)
+    with Dispatcher(settings=settings) as dispatcher:
+        assert dispatcher.run(until_idle=True, max_s=60)
+        assert [b.state for b in dispatcher.store.beams()] == [BeamState.COMPLETED]

@@ -16,6 +16,7 @@ from tests.integration.jobs.cluster_fixtures import CLUSTER, ClusterEnv, sbatch_
 from tests.integration.jobs.jobs_fixtures import REPO
 from tests.testbed import Testbed
 
+from simbridge.jobs.dispatcher import Dispatcher
 from simbridge.jobs.states import BeamState
 from simbridge.jobs.store import Store
 
@@ -49,7 +50,7 @@ def test_kill_9_while_jobs_run_then_adopt(
     # Odd trials submit one array, even ones single jobs: adoption of both.
     slurm = {"arrays": trial % 2 == 1}
     env.clusters = {CLUSTER: testbed.cluster_settings(CLUSTER, remote_root=str(remote), slurm=slurm)}
-    env.configure(steps=tiny_steps(env, sleep_s=0.3), executor=CLUSTER)
+    settings = env.configure(steps=tiny_steps(env, sleep_s=0.3), executor=CLUSTER)
     env.make_case("case", {b: {"plan.json": "{}"} for b in BEAMS})
     # Moments spread over start-up, upload, submit, queue and run (later trials later).
     moment = 0.4 + (trial / TRIALS) * 2.5 + rng.uniform(0.0, 0.25)
@@ -61,10 +62,10 @@ def test_kill_9_while_jobs_run_then_adopt(
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    final = env.cli("serve", "--until-idle", "--max-seconds", "90", check=False)
-    assert final.returncode == 0, final.stdout + final.stderr + (env.root / "serve.log").read_text()
-    [case] = env.status()
-    assert case["state"] == "COMPLETED", case
+    # The restart, in this process (a fresh Dispatcher: nothing of the killed serve survives
+    # but the store, the local intent files and what runs on the cluster).
+    with Dispatcher(settings=settings) as dispatcher:
+        assert dispatcher.run(until_idle=True, max_s=90), (env.root / "serve.log").read_text()
     assert env.lines("launches") == BEAMS, "a job ran twice or not at all"
     with Store(url=env.db_url) as store:
         assert store.open_attempts() == []
