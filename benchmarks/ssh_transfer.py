@@ -30,10 +30,10 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 import paramiko
-
-from simbridge.jobs.transport.ssh import SshConnection, SshTransport
 from tests.testbed import Testbed
 from tests.testbed.delay_proxy import delay_proxy_process
+
+from simbridge.jobs.transport.ssh import SshConnection, SshTransport
 
 
 def _known_hosts(bed: Testbed, port: int, folder: Path) -> Path:
@@ -63,31 +63,75 @@ class Methods:
     def __init__(self, bed: Testbed, port: int, kh: Path, remote_root: Path) -> None:
         self.bed, self.port, self.kh, self.remote_root = bed, port, kh, remote_root
         self.conn = SshConnection(
-            host="127.0.0.1", port=port, user="root", identity_file=Path(bed.identity_file),
-            known_hosts=kh, connect_timeout_s=30, command_timeout_s=600,
+            host="127.0.0.1",
+            port=port,
+            user="root",
+            identity_file=Path(bed.identity_file),
+            known_hosts=kh,
+            connect_timeout_s=30,
+            command_timeout_s=600,
         ).open()
         self.sb = SshTransport(connection=self.conn, remote_root=PurePosixPath(remote_root), parallel=8)
         self.pm = paramiko.SSHClient()
         self.pm.load_host_keys(str(kh))
-        self.pm.connect("127.0.0.1", port=port, username="root", key_filename=str(bed.identity_file),
-                        allow_agent=False, look_for_keys=False)
+        self.pm.connect(
+            "127.0.0.1",
+            port=port,
+            username="root",
+            key_filename=str(bed.identity_file),
+            allow_agent=False,
+            look_for_keys=False,
+        )
         self.sftp = self.pm.open_sftp()
-        self.ssh_opts = ["-P", str(port), "-i", str(bed.identity_file), "-o", f"UserKnownHostsFile={kh}",
-                         "-o", "BatchMode=yes", "-q"]
+        self.ssh_opts = [
+            "-P",
+            str(port),
+            "-i",
+            str(bed.identity_file),
+            "-o",
+            f"UserKnownHostsFile={kh}",
+            "-o",
+            "BatchMode=yes",
+            "-q",
+        ]
 
     def ciphers(self) -> dict[str, str]:
         conn = self.conn.call(self.conn.connection, timeout_s=30)
         t = self.pm.get_transport()
         assert t is not None
         verbose = subprocess.run(
-            ["ssh", "-v", "-p", str(self.port), "-i", str(self.bed.identity_file), "-o",
-             f"UserKnownHostsFile={self.kh}", "-o", "BatchMode=yes", "root@127.0.0.1", "true"],
-            capture_output=True, text=True, timeout=60, check=False,
+            [
+                "ssh",
+                "-v",
+                "-p",
+                str(self.port),
+                "-i",
+                str(self.bed.identity_file),
+                "-o",
+                f"UserKnownHostsFile={self.kh}",
+                "-o",
+                "BatchMode=yes",
+                "root@127.0.0.1",
+                "true",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         ).stderr
-        scp = next((ln.split("cipher:")[1].split()[0] for ln in verbose.splitlines()
-                    if "client->server cipher:" in ln), "?")
-        return {"simbridge": str(conn.get_extra_info("send_cipher")),
-                "paramiko": str(t.local_cipher), "scp": scp}
+        scp = next(
+            (
+                ln.split("cipher:")[1].split()[0]
+                for ln in verbose.splitlines()
+                if "client->server cipher:" in ln
+            ),
+            "?",
+        )
+        return {
+            "simbridge": str(conn.get_extra_info("send_cipher")),
+            "paramiko": str(t.local_cipher),
+            "scp": scp,
+        }
 
     def close(self) -> None:
         self.sftp.close()
@@ -112,12 +156,14 @@ class Methods:
             self.sftp.get(str(src / name), str(dst / name))
 
     def scp_up(self, src: Path, dst: Path) -> None:
-        subprocess.run(["scp", "-r", *self.ssh_opts, str(src), f"root@127.0.0.1:{dst}"], check=True,
-                       timeout=3600)
+        subprocess.run(
+            ["scp", "-r", *self.ssh_opts, str(src), f"root@127.0.0.1:{dst}"], check=True, timeout=3600
+        )
 
     def scp_down(self, src: Path, dst: Path) -> None:
-        subprocess.run(["scp", "-r", *self.ssh_opts, f"root@127.0.0.1:{src}", str(dst)], check=True,
-                       timeout=3600)
+        subprocess.run(
+            ["scp", "-r", *self.ssh_opts, f"root@127.0.0.1:{src}", str(dst)], check=True, timeout=3600
+        )
 
 
 def _time(fn: Callable[[Path, Path], None], src: Path, dst: Path) -> float:
@@ -152,12 +198,18 @@ def run_link(bed: Testbed, port: int, label: str, data: dict[str, Path], work: P
                     times[name] = statistics.median(runs)
                 for name, s in times.items():
                     ratio = s / times["simbridge"]
-                    print(f"{name:<12}{direction:<6}{s:>10.3f}{nbytes / 1e6 / s:>9.1f}{nfiles / s:>9.1f}"
-                          f"{ratio:>12.2f}x")
+                    print(
+                        f"{name:<12}{direction:<6}{s:>10.3f}{nbytes / 1e6 / s:>9.1f}{nfiles / s:>9.1f}"
+                        f"{ratio:>12.2f}x"
+                    )
                     sys.stdout.flush()
     finally:
         m.close()
         shutil.rmtree(remote, ignore_errors=True)
+
+
+def _openssh_version() -> str:
+    return subprocess.run(["ssh", "-V"], capture_output=True, text=True, check=False).stderr.strip()
 
 
 def main() -> None:
@@ -169,9 +221,11 @@ def main() -> None:
     args = ap.parse_args()
     big_mb, small_n = (128, 100) if args.quick else (1024, 500)
     repeats = args.repeats or (1 if args.quick else 3)
-    print(f"simbridge ssh_transfer — {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC — "
-          f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"paramiko {paramiko.__version__}, {subprocess.run(['ssh', '-V'], capture_output=True, text=True).stderr.strip()}")
+    print(
+        f"simbridge ssh_transfer — {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC — "
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"paramiko {paramiko.__version__}, {_openssh_version()}"
+    )
     print(f"load average before: {os.getloadavg()[0]:.2f}; repeats: {repeats}")
     with tempfile.TemporaryDirectory(prefix="sbbench-", dir="/tmp") as tmp:
         work = Path(tmp)

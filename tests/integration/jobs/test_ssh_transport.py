@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
+from tests.testbed import Testbed
+from tests.testbed.delay_proxy import delay_proxy_process
 
 from simbridge.config import ClusterSettings
 from simbridge.jobs.errors import (
@@ -26,8 +28,6 @@ from simbridge.jobs.errors import (
 )
 from simbridge.jobs.transport.ssh import SshConnection, SshTransport, close_all, connect
 from simbridge.jobs.transport.ssh_files import Tuning
-from tests.testbed import Testbed
-from tests.testbed.delay_proxy import delay_proxy_process
 
 pytestmark = pytest.mark.integration
 
@@ -139,7 +139,7 @@ def test_sshd_killed_mid_upload(testbed: Testbed, tmp_remote_root: Path, tmp_pat
         testbed.start_sshd()
         worker.join(60)
         assert not worker.is_alive()
-        assert result and getattr(result[0], "files", None) == 12
+        assert result and getattr(result[0], "files", None) == len(want)
         assert c.connects >= 2
         c.close()
     assert _files(Path(remote)) == want
@@ -213,7 +213,7 @@ def test_full_remote_disk(conn: SshConnection, tmpfs_remote_root: Path, tmp_path
     _tree(local, ["small"], size=1000)
     (local / "big").write_bytes(os.urandom(3 << 20))
     t = SshTransport(connection=conn, remote_root=PurePosixPath(tmpfs_remote_root))
-    with pytest.raises(RemoteDiskFullError, match="full|free"):
+    with pytest.raises(RemoteDiskFullError, match=r"full|free"):
         t.upload(local, t.beam_dir("c", "b"))
 
 
