@@ -133,8 +133,13 @@ class SshTransport(Transport):
         source = confine(self.remote_root, remote_dir, host=self.host)
         for pattern in patterns:
             check_pattern(pattern)
-        return self.connection.call(
-            lambda: self._download(source, list(patterns), local_dir), timeout_s=self._budget(1 << 40, 10_000)
+        c = self.connection
+        # Two waits: the plan (an SFTP listing and one hash command), then the fetch, whose limit
+        # grows with the bytes the plan found.
+        plan = c.call(lambda: self._plan(source, list(patterns)), timeout_s=self._budget(0, 0))
+        total = sum(size for size, _ in plan.values())
+        return c.call(
+            lambda: self._fetch_all(source, plan, local_dir), timeout_s=self._budget(total, len(plan))
         )
 
     def remove(self, remote_dir: PurePosixPath) -> None:
@@ -377,7 +382,8 @@ class SshTransport(Transport):
 
     # ---- download ----------------------------------------------------------------------------
 
-    async def _download(self, remote: PurePosixPath, patterns: list[str], local_dir: Path) -> list[Path]:
+    async def _plan(self, remote: PurePosixPath, patterns: list[str]) -> dict[str, tuple[int, str]]:
+        """{relative name: (size, sha256)} of the files the patterns match, in pattern order."""
         split = [check_pattern(p) for p in patterns]
         depth = HARD_MAX_DEPTH if any("**" in parts for parts in split) else max(map(len, split))
         listing = await self._walk(remote, max_depth=depth)
@@ -400,13 +406,18 @@ class SshTransport(Transport):
             raise TransferError(
                 f"{self.host}: output {missing[0]!r} in {remote} vanished before it was hashed"
             )
+        return {name: (listing[name], hashes[name]) for name in chosen}
+
+    async def _fetch_all(
+        self, remote: PurePosixPath, plan: dict[str, tuple[int, str]], local_dir: Path
+    ) -> list[Path]:
         gate = asyncio.Semaphore(self.parallel)
 
-        async def one(name: str) -> Path:
+        async def one(name: str, size: int, want: str) -> Path:
             async with gate:
-                return await self._fetch(remote, name, listing[name], hashes[name], local_dir)
+                return await self._fetch(remote, name, size, want, local_dir)
 
-        tasks = [asyncio.ensure_future(one(name)) for name in chosen]
+        tasks = [asyncio.ensure_future(one(name, *what)) for name, what in plan.items()]
         try:
             return list(await asyncio.gather(*tasks))
         finally:
