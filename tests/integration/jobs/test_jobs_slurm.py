@@ -42,8 +42,10 @@ class CountingRunner(CommandRunner):
         return sum(1 for c in self.commands if c.startswith(word + " ") or f"&& {word} " in c)
 
 
-def make(testbed: Any, root: Path, **slurm: Any) -> tuple[SlurmExecutor, CountingRunner]:
-    entry = testbed.cluster_settings("tb", remote_root=str(root))
+def make(
+    testbed: Any, root: Path, *, top: dict[str, Any] | None = None, **slurm: Any
+) -> tuple[SlurmExecutor, CountingRunner]:
+    entry = testbed.cluster_settings("tb", remote_root=str(root), **(top or {}))
     entry["slurm"] = {**entry.get("slurm", {}), **slurm}
     settings = ClusterSettings.model_validate(entry)
     runner = CountingRunner(LocalRunner(env=testbed.env()))
@@ -143,14 +145,21 @@ def test_find_adopts_after_crash_never_submits_twice(
 def test_slurmctld_restart_mid_run_polling_recovers(
     testbed: Any, tmp_remote_root: Path, tmp_path: Path
 ) -> None:
-    ex, _ = make(testbed, tmp_remote_root)
-    s = spec(tmp_path, tmp_remote_root, "b-restart", ["sleep", "2"])
+    # Slurm's clients retry an absent controller for about 9 s; a 3 s command limit keeps the
+    # test short and is itself a case the watcher must survive (a command that hangs).
+    ex, _ = make(testbed, tmp_remote_root, top={"command_timeout_s": 3.0})
+    s = spec(tmp_path, tmp_remote_root, "b-restart", ["sleep", "5"])
     ref = ref_of(s, ex.submit(s).job_id)
+    deadline = time.monotonic() + DEADLINE_S
+    while ex.poll([ref])[s.token].scheduler_state != "RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     testbed.stop_slurmctld()
     try:
         time.sleep(0.3)  # past poll_s, so the next poll really asks the (stopped) controller
         info = ex.poll([ref])[s.token]
         assert info.status is JobStatus.RUNNING, info  # unknown is never "lost"
+        assert info.scheduler_state == "UNKNOWN"
     finally:
         testbed.start_slurmctld()
     final = wait_all(ex, [ref])[s.token]

@@ -145,6 +145,49 @@ def read_many(
     return out
 
 
+def read_endings(
+    runner: CommandRunner, items: Sequence[tuple[str, str, bool]], *, timeout_s: float
+) -> list[tuple[bytes | None, bytes | None]]:
+    """For each ``(exit marker, stderr, ended)``: the marker's bytes and the stderr's last
+    :data:`TAIL_BYTES` bytes when the marker says other than ``exit 0`` (or, for a job Slurm says
+    ended, when there is no marker); None where a file is missing or not read. One command for all.
+
+    Each answer line is ``M T`` where each field is ``-`` (none) or ``+`` and the base64 bytes.
+    """
+    if not items:
+        return []
+    if any("\n" in p or "\x00" in p for f, e, _ in items for p in (f, e)):
+        raise SchedulerError("a remote path holds a newline or NUL; refused")
+    script = (
+        'ok=$(printf "exit 0\\n" | base64 -w0); '
+        "while IFS= read -r f && IFS= read -r e && IFS= read -r ended; do "
+        'm=-; t=-; if [ -f "$f" ]; then m=+$(head -c 64 -- "$f" | base64 -w0); fi; '
+        'if { [ "$m" != - ] && [ "$m" != "+$ok" ]; } || { [ "$m" = - ] && [ "$ended" = 1 ]; }; then '
+        f'[ -f "$e" ] && t=+$(tail -c {TAIL_BYTES} -- "$e" | base64 -w0); fi; '
+        'printf "%s %s\\n" "$m" "$t"; done'
+    )
+    stdin = "".join(f"{f}\n{e}\n{int(ended)}\n" for f, e, ended in items).encode()
+    text = checked(runner.run(script, timeout_s=timeout_s, stdin=stdin), "reading markers")
+    if len(text) > _MAX_READ:
+        raise SchedulerError(f"reading {len(items)} marker(s) printed {len(text)} bytes; refused")
+    lines = text.split("\n")
+    out: list[tuple[bytes | None, bytes | None]] = []
+    for i in range(len(items)):
+        fields = (lines[i] if i < len(lines) else "").split(" ")
+        marker, tail = [*fields, "-", "-"][:2]
+        out.append((_b64(marker), _b64(tail)))
+    return out
+
+
+def _b64(field: str) -> bytes | None:
+    if not field.startswith("+"):
+        return None
+    try:
+        return base64.b64decode(field[1:], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
 def marker_info(data: bytes | None) -> JobInfo | None:
     """EXITED/KILLED from an exit marker's bytes; None if there is none (yet) or it is garbage."""
     if data is None:
