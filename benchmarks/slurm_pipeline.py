@@ -27,14 +27,17 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from simbridge.config import ClusterSettings
 from simbridge.jobs.executors import JobRef, JobStatus, LaunchSpec
 from simbridge.jobs.executors.slurm import SlurmExecutor
+from simbridge.jobs.transport import LocalRunner
 from simbridge.jobs.transport.ssh_connection import SshConnection
 
 DEADLINE_S = 600.0
+WORKERS = 4  # jobs.workers default: the dispatcher submits from this many threads
 
 
 def noop() -> int:
@@ -79,34 +82,43 @@ def refs_of(items: Sequence[LaunchSpec], ids: Sequence[str]) -> list[JobRef]:
 def run_simbridge(
     ex: SlurmExecutor, root: Path, logs: Path, tag: str, count: int, *, array: bool
 ) -> tuple[float, float]:
-    """(submit seconds, end-to-end seconds) for ``count`` no-op beams."""
+    """(submit seconds, end-to-end seconds) for ``count`` no-op beams.
+
+    Single jobs are submitted from WORKERS threads, as the dispatcher's step pool does.
+    """
     items = specs(root, logs, tag, count)
     start = time.perf_counter()
     if array:
         launched = ex.submit_many(items)
         ids = [getattr(x, "job_id") for x in launched]  # noqa: B009 (a LaunchError has none: fail loudly)
     else:
-        ids = [ex.submit(s).job_id for s in items]
+        with ThreadPoolExecutor(WORKERS) as pool:
+            ids = [x.job_id for x in pool.map(ex.submit, items)]
     submitted = time.perf_counter() - start
     wait_all(ex, refs_of(items, ids))
     return submitted, time.perf_counter() - start
 
 
-def poll_costs(ex: SlurmExecutor, root: Path, logs: Path) -> dict[int, float]:
-    """Median seconds of one fresh poll for 10/100/500 jobs (held pending, then released)."""
+def poll_costs(ex: SlurmExecutor, held: SlurmExecutor, root: Path, logs: Path) -> dict[str, float]:
+    """Median seconds of one fresh poll: 10/100/500 held (pending) jobs, then 500 ended ones."""
     items = specs(root, logs, "poll", 500)
-    ids = [getattr(x, "job_id") for x in ex.submit_many(items)]  # noqa: B009
+    ids = [getattr(x, "job_id") for x in held.submit_many(items)]  # noqa: B009
     refs = refs_of(items, ids)
-    costs = {}
-    for n in (10, 100, 500):
+
+    def median_poll(sub: Sequence[JobRef]) -> float:
         times = []
         for _ in range(7):
             ex.watcher.invalidate()
             t = time.perf_counter()
-            ex.poll(refs[:n])
+            ex.poll(sub)
             times.append(time.perf_counter() - t)
-        costs[n] = statistics.median(times)
+        return statistics.median(times)
+
+    costs = {f"{n} pending": median_poll(refs[:n]) for n in (10, 100, 500)}
+    array_id = ids[0].partition("_")[0]
+    ex.runner.run(f"scontrol release {array_id}", timeout_s=60)
     wait_all(ex, refs)
+    costs["500 ended (markers read)"] = median_poll(refs)
     return costs
 
 
@@ -147,38 +159,60 @@ def main() -> None:
         settings = ClusterSettings.model_validate(entry)
         print(
             f"simbridge slurm_pipeline benchmark — {time.strftime('%Y-%m-%d %H:%M')} — "
-            f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+            f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}"
         )
         print(f"Slurm testbed through sshd 127.0.0.1:{bed.port}; load average {os.getloadavg()[0]:.2f}")
+        held_settings = settings.model_copy(
+            update={"slurm": settings.slurm.model_copy(update={"extra_args": ("--hold",)})}
+        )
+        runs: dict[str, tuple[int, float, float]] = {}
         with SshConnection.from_settings(settings, name="bench") as conn:
             ex = SlurmExecutor(name="bench", settings=settings, runner=conn)
-            single_sub, single_e2e = run_simbridge(ex, root, logs, "single", args.e2e, array=False)
-            array_sub, array_e2e = run_simbridge(ex, root, logs, "array", args.beams, array=True)
-            costs = poll_costs(ex, root, logs)
-        sub_single, sub_e2e = run_submitit(base / "submitit", args.e2e, array=False)
-        sub_arr_sub, sub_arr_e2e = run_submitit(base / "submitit-array", args.beams, array=True)
+            held = SlurmExecutor(name="bench", settings=held_settings, runner=conn)
+            runs["simbridge ssh single"] = (
+                args.e2e,
+                *run_simbridge(ex, root, logs, "s1", args.e2e, array=False),
+            )
+            runs["simbridge ssh array"] = (
+                args.beams,
+                *run_simbridge(ex, root, logs, "s2", args.beams, array=True),
+            )
+            costs = poll_costs(ex, held, root, logs)
+        local = SlurmExecutor(name="bench", settings=settings, runner=LocalRunner(env=bed.env()))
+        runs["simbridge local single"] = (
+            args.e2e,
+            *run_simbridge(local, root, logs, "l1", args.e2e, array=False),
+        )
+        runs["simbridge local array"] = (
+            args.beams,
+            *run_simbridge(local, root, logs, "l2", args.beams, array=True),
+        )
+        runs["submitit single"] = (args.e2e, *run_submitit(base / "submitit", args.e2e, array=False))
+        runs["submitit map_array"] = (args.beams, *run_submitit(base / "submitit-a", args.beams, array=True))
     finally:
         bed.down()
 
-    print("\nsubmit rate (beams/s)")
-    print(f"  simbridge single jobs ({args.e2e})   {args.e2e / single_sub:9.1f}")
-    print(f"  simbridge job array ({args.beams})    {args.beams / array_sub:9.1f}")
-    print(f"  submitit submit ({args.e2e})          {args.e2e / sub_single:9.1f}")
-    print(f"  submitit map_array ({args.beams})     {args.beams / sub_arr_sub:9.1f}")
-    print("\none poll (fresh look), median of 7")
-    for n, cost in costs.items():
-        print(f"  {n:4d} jobs  {cost * 1000:8.1f} ms   ({cost / costs[10]:.2f}x the 10-job poll)")
-    print("\nend to end per beam (submit .. seen ended), ms")
-    per = {
-        "simbridge single": single_e2e / args.e2e,
-        "submitit single": sub_e2e / args.e2e,
-        "simbridge array": array_e2e / args.beams,
-        "submitit map_array": sub_arr_e2e / args.beams,
-    }
-    for name, value in per.items():
-        print(f"  {name:20s} {value * 1000:8.1f}")
-    print(f"  ratio single  simbridge/submitit {per['simbridge single'] / per['submitit single']:.2f}x")
-    print(f"  ratio arrays  simbridge/submitit {per['simbridge array'] / per['submitit map_array']:.2f}x")
+    print(f"\n{'run':26s} {'beams':>6s} {'submit/s':>9s} {'e2e ms/beam':>12s}")
+    for name, (n, sub, e2e) in runs.items():
+        print(f"{name:26s} {n:6d} {n / sub:9.1f} {e2e / n * 1000:12.1f}")
+    print("\none poll (one fresh look), median of 7, through sshd")
+    base_cost = costs["10 pending"]
+    for name, cost in costs.items():
+        print(f"  {name:26s} {cost * 1000:8.1f} ms   ({cost / base_cost:.2f}x the 10-job poll)")
+
+    def per(name: str) -> float:
+        n, _, e2e = runs[name]
+        return e2e / n
+
+    print("\nend to end per beam, simbridge / submitit (same Slurm, same machine)")
+    for mine, theirs in (
+        ("simbridge local single", "submitit single"),
+        ("simbridge ssh single", "submitit single"),
+        ("simbridge local array", "submitit map_array"),
+        ("simbridge ssh array", "submitit map_array"),
+    ):
+        print(f"  {mine:24s} / {theirs:18s} {per(mine) / per(theirs):6.2f}x")
 
 
 if __name__ == "__main__":

@@ -148,23 +148,24 @@ def read_many(
 def read_endings(
     runner: CommandRunner, items: Sequence[tuple[str, str, bool]], *, timeout_s: float
 ) -> list[tuple[bytes | None, bytes | None]]:
-    """For each ``(exit marker, stderr, ended)``: the marker's bytes and the stderr's last
+    """For each ``(exit marker, stderr, ended)``: the marker's line and the stderr's last
     :data:`TAIL_BYTES` bytes when the marker says other than ``exit 0`` (or, for a job Slurm says
     ended, when there is no marker); None where a file is missing or not read. One command for all.
 
-    Each answer line is ``M T`` where each field is ``-`` (none) or ``+`` and the base64 bytes.
+    Each answer line is ``M<TAB>T``: ``-`` (none) or ``+`` and the marker's line / the tail in base64.
     """
     if not items:
         return []
     if any("\n" in p or "\x00" in p for f, e, _ in items for p in (f, e)):
         raise SchedulerError("a remote path holds a newline or NUL; refused")
+    # Bash builtins only for the markers (no process per file: 500 markers cost one shell);
+    # a marker is one whole line (``read`` fails on a line without its newline: torn, unread).
     script = (
-        'ok=$(printf "exit 0\\n" | base64 -w0); '
         "while IFS= read -r f && IFS= read -r e && IFS= read -r ended; do "
-        'm=-; t=-; if [ -f "$f" ]; then m=+$(head -c 64 -- "$f" | base64 -w0); fi; '
-        'if { [ "$m" != - ] && [ "$m" != "+$ok" ]; } || { [ "$m" = - ] && [ "$ended" = 1 ]; }; then '
+        'm=-; t=-; if [ -f "$f" ] && IFS= read -r line < "$f"; then m="+$line"; fi; '
+        'if { [ "$m" != - ] && [ "$m" != "+exit 0" ]; } || { [ "$m" = - ] && [ "$ended" = 1 ]; }; then '
         f'[ -f "$e" ] && t=+$(tail -c {TAIL_BYTES} -- "$e" | base64 -w0); fi; '
-        'printf "%s %s\\n" "$m" "$t"; done'
+        'printf \'%s\\t%s\\n\' "$m" "$t"; done'
     )
     stdin = "".join(f"{f}\n{e}\n{int(ended)}\n" for f, e, ended in items).encode()
     text = checked(runner.run(script, timeout_s=timeout_s, stdin=stdin), "reading markers")
@@ -173,9 +174,9 @@ def read_endings(
     lines = text.split("\n")
     out: list[tuple[bytes | None, bytes | None]] = []
     for i in range(len(items)):
-        fields = (lines[i] if i < len(lines) else "").split(" ")
-        marker, tail = [*fields, "-", "-"][:2]
-        out.append((_b64(marker), _b64(tail)))
+        marker, _, tail = (lines[i] if i < len(lines) else "").rpartition("\t")
+        data = (marker[1:] + "\n").encode() if marker.startswith("+") else None
+        out.append((data, _b64(tail)))
     return out
 
 
