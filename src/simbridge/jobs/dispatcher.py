@@ -31,6 +31,7 @@ from simbridge.jobs.errors import (
     CaseRejectedError,
     JobsConfigError,
     LeaseLostError,
+    SchedulerError,
     StaleStateError,
     StoreError,
     StoreLostError,
@@ -326,7 +327,12 @@ class Dispatcher:
                 continue
             ref = self.pipeline.ref(attempt, beam)
             if attempt.pid is None and attempt.job_id is None:
-                found = self._executors[attempt.executor].find(ref)
+                try:
+                    found = self._executors[attempt.executor].find(ref)
+                except SchedulerError as exc:
+                    # The scheduler cannot say now: ask again next tick, never relaunch meanwhile.
+                    log.warning("jobs.find_failed", beam=beam.id, error=str(exc)[:300])
+                    continue
                 if found is not None:
                     self.store.record_launch(
                         attempt.id,

@@ -247,7 +247,8 @@ class SlurmExecutor(Executor):
 
         None when it never reached Slurm; a job that ended and left the queue but wrote its
         marker gets that marker mirrored locally, so the caller collects it instead of
-        submitting it again.
+        submitting it again. Raises SchedulerError when Slurm cannot be asked now: "unknown"
+        must never be taken for "never started" (that would submit it twice).
         """
         intent = self.intent(ref)
         if intent is None:
@@ -262,7 +263,7 @@ class SlurmExecutor(Executor):
             jobs = parse_squeue_find(checked(self.runner.run(command, timeout_s=self._timeout), "squeue"))
         except (SchedulerError, RemoteError) as exc:
             # Unknown now is not "never started": answering None would submit it twice.
-            raise LaunchError(f"{self.name}: cannot look for job {intent.name!r}: {exc}") from exc
+            raise SchedulerError(f"{self.name}: cannot look for job {intent.name!r}: {exc}") from exc
         for job in jobs:
             if job.comment != intent.comment:
                 continue
