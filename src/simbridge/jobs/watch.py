@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from simbridge.config import JobsSettings
 from simbridge.jobs.clusters import LOCAL, Cluster, Clusters, is_fatal
-from simbridge.jobs.errors import LeaseLostError, RemoteError, StaleStateError, StoreError
+from simbridge.jobs.errors import LeaseLostError, RemoteError, SchedulerError, StaleStateError, StoreError
 from simbridge.jobs.executors import Executor, JobInfo, JobRef, JobStatus
 from simbridge.jobs.executors.local import LocalExecutor
 from simbridge.jobs.pipeline import Pipeline
@@ -165,7 +165,12 @@ class Watching:
             beam = beams[attempt.beam_id]
             ref = self.pipeline.ref(attempt, beam)
             if attempt.pid is None and attempt.job_id is None:
-                found = executor.find(ref)
+                try:
+                    found = executor.find(ref)
+                except SchedulerError as exc:
+                    # The scheduler cannot say now: ask again next tick, never relaunch meanwhile.
+                    log.warning("jobs.find_failed", beam=beam.id, error=str(exc)[:300])
+                    continue
                 if found is not None:
                     self.store.record_launch(
                         attempt.id,

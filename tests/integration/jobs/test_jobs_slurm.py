@@ -42,8 +42,10 @@ class CountingRunner(CommandRunner):
         return sum(1 for c in self.commands if c.startswith(word + " ") or f"&& {word} " in c)
 
 
-def make(testbed: Any, root: Path, **slurm: Any) -> tuple[SlurmExecutor, CountingRunner]:
-    entry = testbed.cluster_settings("tb", remote_root=str(root))
+def make(
+    testbed: Any, root: Path, *, top: dict[str, Any] | None = None, **slurm: Any
+) -> tuple[SlurmExecutor, CountingRunner]:
+    entry = testbed.cluster_settings("tb", remote_root=str(root), **(top or {}))
     entry["slurm"] = {**entry.get("slurm", {}), **slurm}
     settings = ClusterSettings.model_validate(entry)
     runner = CountingRunner(LocalRunner(env=testbed.env()))
@@ -100,19 +102,24 @@ def test_submit_poll_complete_fail_and_stderr_tail(
     assert any(i.scheduler_state for i in seen)
 
 
-def test_cancel_runs_scancel_and_maps_cancelled(testbed: Any, tmp_remote_root: Path, tmp_path: Path) -> None:
+def test_cancel_runs_scancel_per_array_element(testbed: Any, tmp_remote_root: Path, tmp_path: Path) -> None:
     ex, runner = make(testbed, tmp_remote_root)
-    s = spec(tmp_path, tmp_remote_root, "b-long", ["sleep", "300"])
-    ref = ref_of(s, ex.submit(s).job_id)
+    pair = [spec(tmp_path, tmp_remote_root, f"b-long{i}", ["sleep", "300"]) for i in range(2)]
+    refs = [ref_of(s, x.job_id) for s, x in zip(pair, ex.submit_many(pair), strict=True)]  # type: ignore[union-attr]
+    assert refs[0].job_id is not None and refs[0].job_id.endswith("_0")
     deadline = time.monotonic() + DEADLINE_S
-    while ex.poll([ref])[s.token].scheduler_state != "RUNNING":
+    while any(i.scheduler_state != "RUNNING" for i in ex.poll(refs).values()):
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert ex.cancel(ref, grace_s=5.0)
+    assert ex.cancel(refs[1], grace_s=5.0)
     assert runner.count("scancel") == 1
-    info = wait_all(ex, [ref])[s.token]
+    info = wait_all(ex, [refs[1]])[pair[1].token]
     assert info.status is JobStatus.KILLED, info
     assert info.reason == "CANCELLED" and info.scheduler_state == "CANCELLED"
+    ex.watcher.invalidate()  # the next poll is a fresh look, not the cached one
+    assert ex.poll([refs[0]])[pair[0].token].status is JobStatus.RUNNING  # its sibling runs on
+    assert ex.cancel(refs[0], grace_s=5.0)
+    assert wait_all(ex, [refs[0]])[pair[0].token].reason == "CANCELLED"
 
 
 def test_find_adopts_after_crash_never_submits_twice(
@@ -143,14 +150,21 @@ def test_find_adopts_after_crash_never_submits_twice(
 def test_slurmctld_restart_mid_run_polling_recovers(
     testbed: Any, tmp_remote_root: Path, tmp_path: Path
 ) -> None:
-    ex, _ = make(testbed, tmp_remote_root)
-    s = spec(tmp_path, tmp_remote_root, "b-restart", ["sleep", "2"])
+    # Slurm's clients retry an absent controller for about 9 s; a 3 s command limit keeps the
+    # test short and is itself a case the watcher must survive (a command that hangs).
+    ex, _ = make(testbed, tmp_remote_root, top={"command_timeout_s": 3.0})
+    s = spec(tmp_path, tmp_remote_root, "b-restart", ["sleep", "5"])
     ref = ref_of(s, ex.submit(s).job_id)
+    deadline = time.monotonic() + DEADLINE_S
+    while ex.poll([ref])[s.token].scheduler_state != "RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     testbed.stop_slurmctld()
     try:
-        time.sleep(0.3)  # past poll_s, so the next poll really asks the (stopped) controller
+        ex.watcher.invalidate()  # the next poll really asks the (stopped) controller
         info = ex.poll([ref])[s.token]
         assert info.status is JobStatus.RUNNING, info  # unknown is never "lost"
+        assert info.scheduler_state == "UNKNOWN"
     finally:
         testbed.start_slurmctld()
     final = wait_all(ex, [ref])[s.token]

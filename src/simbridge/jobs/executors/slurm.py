@@ -38,11 +38,11 @@ from simbridge.jobs.executors.slurm_parse import (
 )
 from simbridge.jobs.executors.slurm_script import remote_files, run_script
 from simbridge.jobs.executors.slurm_watch import (
-    TAIL_BYTES,
     QueueWatcher,
     checked,
     ended_jobs,
     marker_info,
+    read_endings,
     read_many,
     scheduler_info,
 )
@@ -54,6 +54,14 @@ log = get_logger(__name__)
 # A job just submitted may be missing from squeue for a moment; this long it is not a failure.
 MISSING_GRACE_S = 30.0
 CANCEL_WAIT_S = 10.0
+# Running jobs whose marker is read each interval too: the marker is the final word, and a
+# controller that is slow to learn of an end (restarting, slurmd retrying) must not delay it.
+MARKED_STATES = frozenset({"RUNNING", "COMPLETING"})
+
+
+def _active(queue: dict[str, Any], job_id: str | None) -> bool:
+    job = queue.get(job_id) if job_id else None
+    return job is not None and bool(job.active)
 
 
 class SlurmExecutor(Executor):
@@ -239,7 +247,8 @@ class SlurmExecutor(Executor):
 
         None when it never reached Slurm; a job that ended and left the queue but wrote its
         marker gets that marker mirrored locally, so the caller collects it instead of
-        submitting it again.
+        submitting it again. Raises SchedulerError when Slurm cannot be asked now: "unknown"
+        must never be taken for "never started" (that would submit it twice).
         """
         intent = self.intent(ref)
         if intent is None:
@@ -254,7 +263,7 @@ class SlurmExecutor(Executor):
             jobs = parse_squeue_find(checked(self.runner.run(command, timeout_s=self._timeout), "squeue"))
         except (SchedulerError, RemoteError) as exc:
             # Unknown now is not "never started": answering None would submit it twice.
-            raise LaunchError(f"{self.name}: cannot look for job {intent.name!r}: {exc}") from exc
+            raise SchedulerError(f"{self.name}: cannot look for job {intent.name!r}: {exc}") from exc
         for job in jobs:
             if job.comment != intent.comment:
                 continue
@@ -294,7 +303,8 @@ class SlurmExecutor(Executor):
                 continue
             job_id = ref.job_id or (intent.job_id if intent else None)
             job = snap.jobs.get(job_id) if job_id else None
-            if job is not None and job.active:
+            if job is not None and job.active and job.state not in MARKED_STATES:
+                # Waiting (PENDING + its reason, SUSPENDED...): no command of it has run to an end.
                 result[ref.token] = JobInfo(JobStatus.RUNNING, scheduler_state=job.state, reason=job.reason)
             elif not fresh:
                 result[ref.token] = JobInfo(JobStatus.RUNNING, scheduler_state="SUBMITTED")
@@ -327,16 +337,21 @@ class SlurmExecutor(Executor):
                     JobStatus.LOST, detail=f"no record of a Slurm submission ({intent_file(ref.log_prefix)})"
                 )
         try:
-            markers = read_many(
+            endings = read_endings(
                 self.runner,
-                [str(i.remote.exit_file) for _, i, _ in with_intent if i is not None],
-                limit=64,
+                [
+                    (str(i.remote.exit_file), str(i.remote.stderr), not _active(queue, job_id))
+                    for _, i, job_id in with_intent
+                    if i is not None
+                ],
                 timeout_s=self._timeout,
             )
         except (SchedulerError, RemoteError) as exc:
             log.warning("slurm.markers_unread", cluster=self.name, error=str(exc)[:300])
-            markers = [None] * len(with_intent)
+            endings = [(None, None)] * len(with_intent)
             queue_error = queue_error or str(exc)
+        markers = [m for m, _ in endings]
+        tails = {ref.token: t for (ref, _, _), (_, t) in zip(with_intent, endings, strict=True) if t}
         unknown: list[str] = []
         pending: list[tuple[JobRef, Intent, str | None]] = []
         for (ref, intent, job_id), data in zip(with_intent, markers, strict=True):
@@ -379,38 +394,24 @@ class SlurmExecutor(Executor):
                     JobStatus.LOST,
                     detail=f"job {job_id or '?'} is unknown to Slurm and left no exit marker",
                 )
-        self._add_tails(todo, result)
+        self._add_tails(tails, todo, result)
         return result
 
     def _add_tails(
-        self, todo: Sequence[tuple[JobRef, Intent | None, str | None]], result: dict[str, JobInfo]
+        self,
+        tails: dict[str, bytes],
+        todo: Sequence[tuple[JobRef, Intent | None, str | None]],
+        result: dict[str, JobInfo],
     ) -> None:
-        """Fetch the stderr tail of each failed job (one command) and mirror it locally."""
-        failed = [
-            (ref, intent)
-            for ref, intent, _ in todo
-            if intent is not None
-            and result[ref.token].status is not JobStatus.RUNNING
-            and result[ref.token].code != 0
-        ]
-        if not failed:
-            return
-        try:
-            tails = read_many(
-                self.runner,
-                [str(i.remote.stderr) for _, i in failed],
-                limit=TAIL_BYTES,
-                timeout_s=self._timeout,
-            )
-        except (SchedulerError, RemoteError) as exc:
-            log.warning("slurm.tail_unread", cluster=self.name, error=str(exc)[:300])
-            return
-        for (ref, _), data in zip(failed, tails, strict=True):
-            if data:
-                with contextlib.suppress(OSError):
-                    ref.stderr.parent.mkdir(parents=True, exist_ok=True)
-                    ref.stderr.write_bytes(data)
-                result[ref.token] = replace(result[ref.token], log_tail=data.decode(errors="replace"))
+        """Give each failed job its stderr tail and mirror it where the pipeline reads it."""
+        for ref, _intent, _ in todo:
+            info, data = result[ref.token], tails.get(ref.token)
+            if data is None or info.status is JobStatus.RUNNING or info.code == 0:
+                continue
+            with contextlib.suppress(OSError):
+                ref.stderr.parent.mkdir(parents=True, exist_ok=True)
+                ref.stderr.write_bytes(data)
+            result[ref.token] = replace(info, log_tail=data.decode(errors="replace"))
 
     def _mirror(self, ref: JobRef, data: bytes) -> None:
         """Keep a local copy of the marker (what the pipeline checks after a restart)."""
