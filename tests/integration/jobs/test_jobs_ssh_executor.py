@@ -148,6 +148,9 @@ def test_a_new_executor_adopts_the_job_and_it_runs_once(
     found = again.find(job.ref())
     assert found is not None and (found.pid, found.pid_start) == (first.pid, first.pid_start)
     assert again.poll([job.ref()])[job.spec.token].status is JobStatus.RUNNING
+    # A submit repeated with the same attempt (after a dropped link) reports it, never reruns it.
+    repeated = again.submit(job.spec)
+    assert (repeated.pid, repeated.pid_start) == (first.pid, first.pid_start)
     (job.dir / "go").touch()
     assert _ended(again, [job.ref(found)])[job.spec.token].exit_code == 0
     assert again.find(job.ref()) == found  # ended: still found (its marker tells how)

@@ -54,10 +54,15 @@ _sb_size() { _z=$(wc -c 2>/dev/null < "$1") || _z=0; echo $((_z + 0)); }
 """
 
 # submit: $1 folder $2 script $3 exit $4 pidfile $5 out $6 err $7 success $8 failed $9 token.
-# run.sh comes on stdin. Prints run.sh's own ``PID START`` (it writes them first thing).
+# run.sh comes on stdin. Prints run.sh's own ``PID START`` (it writes them first thing). An
+# attempt already started (a submit repeated after a dropped connection) is reported, not rerun.
 SUBMIT = (
     LIBRARY
     + r"""
+if [ -s "$4" ] && read -r _pid _start < "$4" && { _sb_alive "$_pid" "$_start" || [ -f "$3" ]; }; then
+    echo "$_pid $_start"
+    exit 0
+fi
 set -e
 umask 022
 for _tool in bash setsid nohup; do
