@@ -280,7 +280,7 @@ class SshTransport(Transport):
                 conn, sftp = await c.sftp()
                 fd = open_regular(local_dir, parts, where=f"(in {local_dir})")
                 try:
-                    return await put_file(sftp, fd, size, tmp, final, self.tuning)
+                    return await put_file(sftp, fd, size, tmp, final, tuning=self.tuning)
                 except LINK_ERRORS as exc:
                     await c.link_down(conn)
                     raise HostUnreachableError(f"{self.host}: link lost sending {final_path}: {exc}") from exc
@@ -362,7 +362,7 @@ class SshTransport(Transport):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp, dir_fd=parent)
                 try:
-                    return await get_file(sftp, src, size, parent, tmp, self.tuning)
+                    return await get_file(sftp, src, size, parent, tmp, tuning=self.tuning)
                 except LINK_ERRORS as exc:
                     await c.link_down(conn)
                     raise HostUnreachableError(f"{self.host}: link lost fetching {shown}: {exc}") from exc

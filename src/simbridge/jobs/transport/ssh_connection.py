@@ -54,6 +54,8 @@ LINK_ERRORS: tuple[type[BaseException], ...] = (
     EOFError,
 )
 
+_SFTP_START_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *LINK_ERRORS)
+
 
 class _LoopThread:
     """One asyncio event loop running forever in one daemon thread."""
@@ -277,11 +279,12 @@ class SshConnection(CommandRunner):
                     self._sftp = await asyncio.wait_for(
                         conn.start_sftp_client(path_encoding=None), self.connect_timeout_s
                     )
-                except (TimeoutError, *LINK_ERRORS) as exc:
+                except _SFTP_START_ERRORS as exc:
                     raise HostUnreachableError(f"{self.label}: cannot start SFTP: {exc}") from exc
                 except asyncssh.Error as exc:
                     raise HostUnreachableError(
-                        f"{self.label}: the host refused SFTP ({exc}); enable the sftp subsystem in sshd_config"
+                        f"{self.label}: the host refused SFTP ({exc}); enable the sftp subsystem in "
+                        "sshd_config"
                     ) from exc
                 self._sftp_conn = conn
             return conn, self._sftp
@@ -297,7 +300,7 @@ class SshConnection(CommandRunner):
         return AsyncRetrying(
             retry=retry_if_exception_type(HostUnreachableError),
             stop=stop_after_delay(self.reconnect_s),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
             reraise=True,
         )
 
@@ -315,7 +318,7 @@ class SshConnection(CommandRunner):
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(HostUnreachableError),
             stop=stop_after_delay(self.connect_timeout_s),
-            wait=wait_exponential_jitter(initial=0.1, max=2.0),
+            wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
             reraise=True,
         ):
             with attempt:

@@ -100,7 +100,7 @@ async def _drain(pending: set[asyncio.Future[int]], keep: int) -> set[asyncio.Fu
 
 
 async def put_file(
-    sftp: asyncssh.SFTPClient, fd: int, size: int, tmp: bytes, final: bytes, tuning: Tuning
+    sftp: asyncssh.SFTPClient, fd: int, size: int, tmp: bytes, final: bytes, *, tuning: Tuning
 ) -> str:
     """Write ``size`` bytes of ``fd`` to ``tmp`` on the host, rename to ``final``; the sha256 sent."""
     loop = asyncio.get_running_loop()
@@ -162,7 +162,7 @@ def _write_hash(out: int, data: bytes, digest: hashlib._Hash) -> None:
 
 
 async def get_file(
-    sftp: asyncssh.SFTPClient, remote: bytes, size: int, parent_fd: int, tmp: str, tuning: Tuning
+    sftp: asyncssh.SFTPClient, remote: bytes, size: int, parent_fd: int, tmp: str, *, tuning: Tuning
 ) -> str:
     """Read ``remote`` into ``tmp`` (in ``parent_fd``, created exclusively); the sha256 received."""
     loop = asyncio.get_running_loop()

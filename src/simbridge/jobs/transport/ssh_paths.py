@@ -158,7 +158,7 @@ def clean_partials_script(remote_dir: PurePosixPath) -> str:
 
 
 def names_stdin(names: Iterable[str]) -> bytes:
-    """NUL-separated ``./NAME`` records for ``xargs -0`` (the './' keeps a leading '-' from being an option)."""
+    """NUL-separated ``./NAME`` records for ``xargs -0`` ('./': a leading '-' is never an option)."""
     return b"".join(b"./" + name.encode("utf-8", "surrogateescape") + b"\0" for name in names)
 
 
@@ -211,10 +211,10 @@ def parse_listing(data: bytes, *, hashes: bool) -> dict[str, RemoteFile]:
     for record in sizes_part.split(b"\0"):
         if not record:
             continue
-        size, sep, name = record.partition(b" ")
-        if not sep or not size.isdigit() or not name:
+        size, sep, raw = record.partition(b" ")
+        if not sep or not size.isdigit() or not raw:
             raise TransferError(f"unexpected remote listing record {record[:200]!r}")
-        files[_rel(name)] = RemoteFile(size=int(size))
+        files[_rel(raw)] = RemoteFile(size=int(size))
     if hashes:
         for name, digest in parse_hashes(hash_part).items():
             if name in files:
