@@ -139,9 +139,17 @@ class SshExecutor(Executor):
             spec.token,
         ]
         # The wait for run.sh's pid file is part of the command: give it its 60 s on top.
-        result = self._sh(
-            scripts.SUBMIT, args, stdin=text.encode(), timeout_s=self.settings.command_timeout_s + 60
-        )
+        try:
+            result = self._sh(
+                scripts.SUBMIT, args, stdin=text.encode(), timeout_s=self.settings.command_timeout_s + 60
+            )
+        except RemoteError:
+            # The link dropped: the attempt may have started all the same. Report it if so (a
+            # failed launch would close the attempt while its job runs on), else the error.
+            found = self._found_after_error(spec)
+            if found is None:
+                raise
+            return found
         if not result.ok:
             raise LaunchError(self._failed(f"starting attempt {spec.token} ({spec.argv[0]!r})", result))
         pid, start = _pid_line(result.stdout, what=f"{self.runner.host}: start of {spec.token}")
@@ -150,6 +158,12 @@ class SshExecutor(Executor):
             self._tails.pop(spec.token, None)
         log.debug("ssh.submitted", host=self.runner.host, token=spec.token, pid=pid)
         return Launched(job_id=str(pid), pid=pid, pid_start=start)
+
+    def _found_after_error(self, spec: LaunchSpec) -> Launched | None:
+        try:
+            return self.find(JobRef(token=spec.token, log_prefix=spec.log_prefix))
+        except RemoteError:
+            return None
 
     def find(self, ref: JobRef) -> Launched | None:
         """The attempt's run.sh (running or ended) by its pid file or its token; None: never started.

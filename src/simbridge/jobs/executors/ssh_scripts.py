@@ -10,13 +10,14 @@ from __future__ import annotations
 # How many bytes of a job's stderr one poll brings back at most (the newest ones).
 TAIL_BYTES = 16384
 
-# Functions shared by the scripts below. `set -f`: no glob ever expands a word split from /proc.
+# Functions shared by the scripts below. (The words split from /proc/PID/stat after the command
+# name are numbers and a state letter: nothing a glob could expand.)
 LIBRARY = r"""
-set -f
 _sb_stat() {
     # State, process group and start time (field 22) of pid $1, after the command name (which
     # may hold spaces and ')').
-    _s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    _s=
+    read -r _s 2>/dev/null < "/proc/$1/stat"
     [ -n "$_s" ] || return 1
     _s=${_s##*) }
     set -- $_s
@@ -31,21 +32,21 @@ _sb_alive() {
     _sb_stat "$1" || return 1
     [ "$_s_state" != Z ] && [ "$_s_state" != X ] && [ "$_s_start" = "$2" ]
 }
-_sb_ours() {
-    # pid $1 carries the attempt's token $2 in its environment.
-    tr '\000' '\n' < "/proc/$1/environ" 2>/dev/null | grep -qxF "SIMBRIDGE_ATTEMPT=$2"
+_sb_carriers() {
+    # Pids whose environment holds SIMBRIDGE_ATTEMPT=$1 (one grep over every process's).
+    grep -lzxF "SIMBRIDGE_ATTEMPT=$1" /proc/[0-9]*/environ 2>/dev/null | while read -r _e; do
+        _e=${_e#/proc/}
+        echo "${_e%/environ}"
+    done
 }
 _sb_members() {
     # Live processes of group $1 that carry token $2: the only ones we may signal.
     case $1 in ''|*[!0-9]*) return 0 ;; esac
     [ "$1" -gt 1 ] || return 0
-    for _d in /proc/[0-9]*; do
-        _p=${_d#/proc/}
+    for _p in $(_sb_carriers "$2"); do
         [ "$_p" -gt 1 ] || continue
         _sb_stat "$_p" || continue
-        if [ "$_s_pgrp" = "$1" ] && [ "$_s_state" != Z ] && _sb_ours "$_p" "$2"; then
-            echo "$_p"
-        fi
+        if [ "$_s_pgrp" = "$1" ] && [ "$_s_state" != Z ] && [ "$_s_state" != X ]; then echo "$_p"; fi
     done
 }
 _sb_hex() { od -An -v -tx1 | tr -d ' \n'; }
@@ -53,10 +54,15 @@ _sb_size() { _z=$(wc -c 2>/dev/null < "$1") || _z=0; echo $((_z + 0)); }
 """
 
 # submit: $1 folder $2 script $3 exit $4 pidfile $5 out $6 err $7 success $8 failed $9 token.
-# run.sh comes on stdin. Prints run.sh's own ``PID START`` (it writes them first thing).
+# run.sh comes on stdin. Prints run.sh's own ``PID START`` (it writes them first thing). An
+# attempt already started (a submit repeated after a dropped connection) is reported, not rerun.
 SUBMIT = (
     LIBRARY
     + r"""
+if [ -s "$4" ] && read -r _pid _start < "$4" && { _sb_alive "$_pid" "$_start" || [ -f "$3" ]; }; then
+    echo "$_pid $_start"
+    exit 0
+fi
 set -e
 umask 022
 for _tool in bash setsid nohup; do
@@ -99,9 +105,10 @@ _sb_job() {
     if _sb_alive "$_pid" "$_start"; then _alive=1; fi
     _m=-
     if [ -f "$2" ]; then _m=$(head -c 64 -- "$2" | _sb_hex); fi
-    if [ "$_m" = - ] && [ "$_alive" = 0 ] && [ ! -e "/proc/$_pid" ]; then
-        # The leader is gone without a marker: what is left of its group runs unwatched; kill
-        # it (each process proven ours by its token) before the attempt counts as lost.
+    if [ "$_m" = - ] && [ "$_alive" = 0 ]; then
+        # The leader is gone (or a zombie nobody reaps) without a marker: what is left of its
+        # group runs unwatched; kill it before the attempt counts as lost. The group id cannot
+        # have been reused while a member lives, and each process is proven ours by its token.
         for _p in $(_sb_members "$_pid" "$8"); do kill -KILL "$_p" 2>/dev/null; done
         if [ -f "$2" ]; then _m=$(head -c 64 -- "$2" | _sb_hex); fi
     fi
@@ -129,11 +136,10 @@ FIND = (
 _i=0
 while :; do
     if [ -s "$2" ]; then cat -- "$2"; exit 0; fi
-    for _d in /proc/[0-9]*; do
-        _p=${_d#/proc/}
+    for _p in $(_sb_carriers "$3"); do
         [ "$_p" -gt 1 ] || continue
         _sb_stat "$_p" || continue
-        if [ "$_s_pgrp" = "$_p" ] && [ "$_s_state" != Z ] && _sb_ours "$_p" "$3"; then
+        if [ "$_s_pgrp" = "$_p" ] && [ "$_s_state" != Z ] && [ "$_s_state" != X ]; then
             echo "$_p $_s_start"
             exit 0
         fi
@@ -152,7 +158,7 @@ CANCEL = (
     + r"""
 _sent=0
 if _sb_alive "$1" "$2" && [ "$_s_pgrp" = "$1" ]; then
-    kill -TERM -- "-$1" 2>/dev/null && _sent=1
+    kill -TERM "-$1" 2>/dev/null && _sent=1
 else
     for _p in $(_sb_members "$1" "$3"); do kill -TERM "$_p" 2>/dev/null && _sent=1; done
 fi
