@@ -6,6 +6,7 @@ beam names pass through every remote command; a 50-beam case goes through one jo
 from __future__ import annotations
 
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from tests.integration.jobs.cluster_fixtures import (
     tiny_steps,
 )
 from tests.integration.jobs.jobs_fixtures import EXAMPLE_STEPS, JobsEnv, wait_for
+from tests.support import capture_events
 from tests.testbed import Testbed
 
 from simbridge.jobs.dispatcher import Dispatcher
@@ -174,3 +176,40 @@ def test_fifty_beams_through_a_job_array(cenv: ClusterEnv, testbed: Testbed, tmp
     assert cenv.lines("launches") == names
     with Store(url=cenv.db_url) as store:
         assert store.open_attempts() == []
+
+
+def test_sshd_down_mid_run_is_waited_out(cenv: ClusterEnv, testbed: Testbed, tmp_remote_root: Path) -> None:
+    names = ["b1", "b2"]
+    cenv.clusters = {CLUSTER: testbed.cluster_settings(CLUSTER, remote_root=str(tmp_remote_root))}
+    settings = cenv.configure(steps=tiny_steps(cenv, sleep_s=1.0), executor=CLUSTER)
+    cenv.make_case("drop", {b: {"plan.json": "{}"} for b in names})
+    ended: list[bool] = []
+    with Dispatcher(settings=settings) as dispatcher:
+        thread = threading.Thread(target=lambda: ended.append(dispatcher.run(until_idle=True, max_s=120)))
+        thread.start()
+        try:
+            wait_for(lambda: cenv.lines("launches"), timeout=60, what="a job running on the cluster")
+            with capture_events() as events:
+                testbed.stop_sshd()
+                try:
+                    # Every job ends on the cluster while serve cannot reach it, and serve has
+                    # failed to ask (a poll or a step met the closed port): then sshd returns.
+                    wait_for(
+                        lambda: len(list(tmp_remote_root.rglob("*.exit"))) >= len(names),
+                        timeout=60,
+                        what="the jobs to end on the cluster",
+                    )
+                    wait_for(
+                        lambda: any("connect" in str(e.get("error", "")) for e in events),
+                        timeout=60,
+                        what="serve to meet the closed sshd",
+                    )
+                    # Nothing failed meanwhile: the beams wait.
+                    assert BeamState.FAILED not in {b.state for b in dispatcher.store.beams()}
+                finally:
+                    testbed.start_sshd()
+        finally:
+            thread.join(timeout=150)
+        assert ended == [True]
+        assert [b.state for b in dispatcher.store.beams()] == [BeamState.COMPLETED] * len(names)
+    assert cenv.lines("launches") == names
