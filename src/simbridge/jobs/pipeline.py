@@ -258,6 +258,7 @@ class Pipeline:
                         (BeamState.POSTPROCESSING, BeamState.COMPLETED, "done"),
                     ],
                 )
+                remote_steps.cleanup(self, beam, remote)
                 return True
         except TransferError:
             return False  # the step-by-step path retries and reports it
