@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -134,10 +134,9 @@ class SshTransport(Transport):
         for pattern in patterns:
             check_pattern(pattern)
         c = self.connection
-        # Two waits: the plan (an SFTP listing and one hash command), then the fetch, whose limit
-        # grows with the bytes the plan found.
+        # Two waits: the plan (an SFTP listing), then the fetch, whose limit grows with its bytes.
         plan = c.call(lambda: self._plan(source, list(patterns)), timeout_s=self._budget(0, 0))
-        total = sum(size for size, _ in plan.values())
+        total = sum(plan.values())
         return c.call(
             lambda: self._fetch_all(source, plan, local_dir), timeout_s=self._budget(total, len(plan))
         )
@@ -382,8 +381,8 @@ class SshTransport(Transport):
 
     # ---- download ----------------------------------------------------------------------------
 
-    async def _plan(self, remote: PurePosixPath, patterns: list[str]) -> dict[str, tuple[int, str]]:
-        """{relative name: (size, sha256)} of the files the patterns match, in pattern order."""
+    async def _plan(self, remote: PurePosixPath, patterns: list[str]) -> dict[str, int]:
+        """{relative name: size} of the files the patterns match, in pattern order (SFTP only)."""
         split = [check_pattern(p) for p in patterns]
         depth = HARD_MAX_DEPTH if any("**" in parts for parts in split) else max(map(len, split))
         listing = await self._walk(remote, max_depth=depth)
@@ -400,41 +399,53 @@ class SshTransport(Transport):
                     "such file (see its .err log), or fix jobs.steps.outputs"
                 )
             chosen.extend(m for m in matches if m not in chosen)
-        hashes = await self._remote_hashes(remote, chosen)
-        missing = [name for name in chosen if name not in hashes]
-        if missing:
-            raise TransferError(
-                f"{self.host}: output {missing[0]!r} in {remote} vanished before it was hashed"
-            )
-        return {name: (listing[name], hashes[name]) for name in chosen}
+        return {name: listing[name] for name in chosen}
 
-    async def _fetch_all(
-        self, remote: PurePosixPath, plan: dict[str, tuple[int, str]], local_dir: Path
-    ) -> list[Path]:
+    async def _fetch_all(self, remote: PurePosixPath, plan: dict[str, int], local_dir: Path) -> list[Path]:
+        # The ONE hash command runs while the files stream in: its cost (a remote shell and a
+        # read of every file) hides behind the transfer instead of adding to it.
+        hashing = asyncio.ensure_future(self._remote_hashes(remote, list(plan)))
+
+        async def want_of(name: str) -> str:
+            hashes = await asyncio.shield(hashing)
+            if name not in hashes:
+                raise TransferError(f"{self.host}: output {name!r} in {remote} vanished before it was hashed")
+            return hashes[name]
+
         gate = asyncio.Semaphore(self.parallel)
 
-        async def one(name: str, size: int, want: str) -> Path:
+        async def one(name: str, size: int) -> Path:
             async with gate:
-                return await self._fetch(remote, name, size, want, local_dir)
+                return await self._fetch(remote, name, size, want_of, local_dir)
 
-        tasks = [asyncio.ensure_future(one(name, *what)) for name, what in plan.items()]
+        tasks = [asyncio.ensure_future(one(name, size)) for name, size in plan.items()]
         try:
             return list(await asyncio.gather(*tasks))
         finally:
-            for task in tasks:
+            for task in [*tasks, hashing]:
                 task.cancel()
+            await asyncio.gather(*tasks, hashing, return_exceptions=True)
 
-    async def _fetch(self, remote: PurePosixPath, name: str, size: int, want: str, local_dir: Path) -> Path:
+    async def _fetch(
+        self,
+        remote: PurePosixPath,
+        name: str,
+        size: int,
+        want_of: Callable[[str], Awaitable[str]],
+        local_dir: Path,
+    ) -> Path:
         parts = tuple(name.split("/"))
-        src = str(remote.joinpath(*parts)).encode("utf-8", "surrogateescape")
+        src = remote_bytes(remote.joinpath(*parts))
         parent = await asyncio.get_running_loop().run_in_executor(None, open_local_parent, local_dir, parts)
         try:
             for attempt in range(2):
                 if self.before_fetch is not None:
+                    await want_of(name)  # the seam acts between the hash and the transfer
                     self.before_fetch(name, attempt)
                 tmp = partial_name()
                 try:
                     got = await self._get_retrying(src, size, parent, tmp, f"{remote}/{name}")
+                    want = await want_of(name)
                     if got == want:
                         os.replace(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
                         return local_dir.joinpath(*parts)

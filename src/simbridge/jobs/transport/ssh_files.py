@@ -31,7 +31,9 @@ from simbridge.jobs.files import check_tree, open_dir, show
 from simbridge.jobs.transport.ssh_paths import PARTIAL_PREFIX
 
 CHUNK = 4 << 20
-CHUNKS_IN_FLIGHT = 4
+# 2 chunks x 16 requests x ~255 KB: ~8 MB in flight, 400 MB/s at a 20 ms round trip; more
+# outstanding requests only queued up in sftp-server here.
+CHUNKS_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class Tuning:
     """SFTP request size and requests in flight per chunk."""
 
     block_size: int = 256 * 1024 - 1024
-    max_requests: int = 32
+    max_requests: int = 16
 
 
 def local_files(root: Path) -> list[tuple[tuple[str, ...], int]]:
