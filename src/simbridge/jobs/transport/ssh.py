@@ -55,6 +55,7 @@ from simbridge.jobs.transport.ssh_paths import (
     glob_filter,
     hash_script,
     names_stdin,
+    needs_escaping,
     parse_hashes,
     probe_script,
     remove_script,
@@ -201,7 +202,7 @@ class SshTransport(Transport):
     ) -> dict[str, str]:
         """sha256 of ``names`` below ``remote``: ONE remote command (names on stdin), however many."""
         out = await self._command(
-            hash_script(remote, clean_partials=clean),
+            hash_script(remote, clean_partials=clean, openssl=not any(map(needs_escaping, names))),
             f"hash files in {remote}",
             stdin=names_stdin(names),
             partial_ok=True,
