@@ -249,7 +249,7 @@ def main() -> None:
         f"paramiko {paramiko.__version__}, {_openssh_version()}"
     )
     print(f"load average before: {os.getloadavg()[0]:.2f}; repeats: {repeats}")
-    with tempfile.TemporaryDirectory(prefix="sbbench-", dir="/tmp") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sb-sshxfer-", dir="/tmp", ignore_cleanup_errors=True) as tmp:
         work = Path(tmp)
         big, small = _make_data(work, big_mb=big_mb, small_n=small_n)
         data = {"large": big, "small": small}

@@ -1,14 +1,18 @@
 """The SSH transport: a beam's files to ``{remote_root}/{case}/{beam}/`` and its outputs back.
 
-Upload is resumable and verified: ONE remote listing (``find`` for sizes, ``sha256sum`` for
-hashes, one command per beam) says what is there already; a file whose size and sha256 match is
-skipped, every other one is written under a temporary name and renamed, several at once; a
-second listing of the same kind verifies every file after the upload (a mismatch is sent once
-more, then ChecksumError). Download lists the matches of each output pattern remotely, hashes
-them in one command, fetches each to a temporary name, checks its sha256, re-fetches once on a
-mismatch and renames it into place. Every remote path is confined to ``remote_root``; names
-reach the remote shell quoted, or NUL-separated on stdin. A dropped link is survived: the
-connection reconnects with backoff and the interrupted file is sent again.
+Upload is resumable and verified. The remote folder is listed by SFTP (sizes; no remote shell);
+the files whose size matches a local one are hashed remotely by ONE command for the whole beam,
+and a file whose sha256 matches too is skipped. Every other file is written under a temporary
+name and renamed, several at once (``parallel``), each with pipelined SFTP requests. After the
+upload ONE more hash command verifies every file of the beam (a mismatch is sent once more, then
+ChecksumError); it also removes partial files a killed upload left. Download lists the matches
+of each output pattern by SFTP, fetches them to temporary names while ONE hash command hashes
+them remotely, compares, re-fetches once on a mismatch and renames into place.
+
+Every remote path is confined to ``remote_root``; names reach the remote shell quoted, or
+NUL-separated on stdin. A dropped link is survived: the connection reconnects with backoff and
+the interrupted file is sent again. Remote commands pay the login shell's start-up on the host,
+which is why there are so few of them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from simbridge.config import ClusterSettings
 from simbridge.jobs.errors import (
     ChecksumError,
     HostUnreachableError,
+    JobsError,
     RemoteDiskFullError,
     RemoteError,
     RemotePathError,
@@ -97,8 +102,8 @@ class SshTransport(Transport):
         self.parallel = parallel
         self.tuning = tuning or Tuning()
         self.host = connection.label
-        # Test seam: called with (relative name, attempt) before each download fetch, so a test can
-        # corrupt a remote file between the hash listing and the transfer.
+        # Test seam: called with (relative name, attempt) after the remote hash is known and before
+        # each fetch, so a test can corrupt a remote file between the hash and the transfer.
         self.before_fetch: Callable[[str, int], None] | None = None
 
     @classmethod
@@ -123,11 +128,16 @@ class SshTransport(Transport):
     def upload_tree(self, local_dir: Path, remote_dir: PurePosixPath) -> TransferReport:
         """:meth:`upload` with the details: how many files were sent and how many skipped."""
         target = confine(self.remote_root, remote_dir, host=self.host)
-        files = local_files(local_dir)
-        total = sum(size for _, size in files)
-        return self.connection.call(
-            lambda: self._upload(local_dir, target, files), timeout_s=self._budget(total, len(files))
-        )
+        try:
+            files = local_files(local_dir)
+            total = sum(size for _, size in files)
+            return self.connection.call(
+                lambda: self._upload(local_dir, target, files), timeout_s=self._budget(total, len(files))
+            )
+        except JobsError:
+            raise
+        except OSError as exc:  # the local side: an unreadable file or folder
+            raise TransferError(f"upload {local_dir} -> {self.host}:{target} failed: {exc}") from exc
 
     def download(self, remote_dir: PurePosixPath, patterns: Sequence[str], local_dir: Path) -> list[Path]:
         """Fetch the files matching ``patterns`` (globs relative to ``remote_dir``), verified."""
@@ -138,9 +148,14 @@ class SshTransport(Transport):
         # Two waits: the plan (an SFTP listing), then the fetch, whose limit grows with its bytes.
         plan = c.call(lambda: self._plan(source, list(patterns)), timeout_s=self._budget(0, 0))
         total = sum(plan.values())
-        return c.call(
-            lambda: self._fetch_all(source, plan, local_dir), timeout_s=self._budget(total, len(plan))
-        )
+        try:
+            return c.call(
+                lambda: self._fetch_all(source, plan, local_dir), timeout_s=self._budget(total, len(plan))
+            )
+        except JobsError:
+            raise
+        except OSError as exc:  # the local side: a folder that cannot be created or written
+            raise TransferError(f"download {self.host}:{source} -> {local_dir} failed: {exc}") from exc
 
     def remove(self, remote_dir: PurePosixPath) -> None:
         """Remove a beam's remote folder (cleanup after success); never ``remote_root`` itself."""
