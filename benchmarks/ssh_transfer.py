@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -203,9 +205,29 @@ def run_link(bed: Testbed, port: int, label: str, data: dict[str, Path], work: P
                         f"{ratio:>12.2f}x"
                     )
                     sys.stdout.flush()
+        _where_time_goes(m, data["large"], remote / "large-sb")
     finally:
         m.close()
         shutil.rmtree(remote, ignore_errors=True)
+
+
+def _where_time_goes(m: Methods, big: Path, remote_big: Path) -> None:
+    """The costs simbridge adds to a plain transfer: hashing on each side and one remote command."""
+    (f,) = list(big.iterdir())
+    t0 = time.perf_counter()
+    with f.open("rb") as fh:
+        hashlib.file_digest(fh, "sha256")
+    local = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    m.conn.run("true", timeout_s=600)
+    shell = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    m.conn.run(f"sha256sum -- {shlex.quote(str(remote_big / f.name))}", timeout_s=600)
+    remote = time.perf_counter() - t0
+    print(
+        f"where time goes (large file): local sha256 {local:.3f} s; one remote command (`true`) "
+        f"{shell:.3f} s; remote `sha256sum` command {remote:.3f} s"
+    )
 
 
 def _openssh_version() -> str:
@@ -227,7 +249,7 @@ def main() -> None:
         f"paramiko {paramiko.__version__}, {_openssh_version()}"
     )
     print(f"load average before: {os.getloadavg()[0]:.2f}; repeats: {repeats}")
-    with tempfile.TemporaryDirectory(prefix="sbbench-", dir="/tmp") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sb-sshxfer-", dir="/tmp", ignore_cleanup_errors=True) as tmp:
         work = Path(tmp)
         big, small = _make_data(work, big_mb=big_mb, small_n=small_n)
         data = {"large": big, "small": small}

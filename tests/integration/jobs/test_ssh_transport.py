@@ -25,6 +25,7 @@ from simbridge.jobs.errors import (
     RemotePathError,
     RemotePermissionError,
     TransferError,
+    UnsafeFileError,
 )
 from simbridge.jobs.transport.ssh import SshConnection, SshTransport, close_all, connect
 from simbridge.jobs.transport.ssh_files import Tuning
@@ -234,6 +235,11 @@ def test_paths_confined(conn: SshConnection, tmp_remote_root: Path, tmp_path: Pa
     with pytest.raises(RemotePathError):
         t.remove(root)
     remote = t.beam_dir("c", "b")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "passwd").symlink_to("/etc/passwd")
+    with pytest.raises(UnsafeFileError, match="symbolic link"):
+        t.upload(tmp_path / "linked", remote)
+    assert not Path(remote).exists()  # refused before anything was sent
     t.upload(tmp_path / "in", remote)
     t.remove(remote)
     assert not Path(remote).exists() and Path(tmp_remote_root).is_dir()

@@ -18,6 +18,7 @@ from simbridge.jobs.transport.ssh_paths import (
     glob_filter,
     hash_script,
     names_stdin,
+    needs_escaping,
     parse_hashes,
 )
 
@@ -87,8 +88,9 @@ def test_hash_script_on_this_machine(tmp_path: Path) -> None:
         (root / name).write_bytes(name.encode())
     (root / ".sb-part.1").write_bytes(b"partial")
     d = PurePosixPath(root)
+    assert [n for n in names if needs_escaping(n)] == ["new\nline", "back\\slash"]
     out = subprocess.run(
-        ["sh", "-c", hash_script(d, clean_partials=True)],
+        ["sh", "-c", hash_script(d, clean_partials=True, openssl=False)],
         input=names_stdin(names),
         capture_output=True,
         check=True,
@@ -96,6 +98,11 @@ def test_hash_script_on_this_machine(tmp_path: Path) -> None:
     got = parse_hashes(out.stdout)
     assert got == {name: hashlib.sha256(name.encode()).hexdigest() for name in names}
     assert not (root / ".sb-part.1").exists()
+    plain = [n for n in names if not needs_escaping(n)]
+    fast = subprocess.run(
+        ["sh", "-c", hash_script(d)], input=names_stdin(plain), capture_output=True, check=True
+    )
+    assert parse_hashes(fast.stdout) == {n: got[n] for n in plain}
     missing = subprocess.run(
         ["sh", "-c", hash_script(d)], input=names_stdin(["nope", "a b"]), capture_output=True, check=False
     )

@@ -1,14 +1,18 @@
 """The SSH transport: a beam's files to ``{remote_root}/{case}/{beam}/`` and its outputs back.
 
-Upload is resumable and verified: ONE remote listing (``find`` for sizes, ``sha256sum`` for
-hashes, one command per beam) says what is there already; a file whose size and sha256 match is
-skipped, every other one is written under a temporary name and renamed, several at once; a
-second listing of the same kind verifies every file after the upload (a mismatch is sent once
-more, then ChecksumError). Download lists the matches of each output pattern remotely, hashes
-them in one command, fetches each to a temporary name, checks its sha256, re-fetches once on a
-mismatch and renames it into place. Every remote path is confined to ``remote_root``; names
-reach the remote shell quoted, or NUL-separated on stdin. A dropped link is survived: the
-connection reconnects with backoff and the interrupted file is sent again.
+Upload is resumable and verified. The remote folder is listed by SFTP (sizes; no remote shell);
+the files whose size matches a local one are hashed remotely by ONE command for the whole beam,
+and a file whose sha256 matches too is skipped. Every other file is written under a temporary
+name and renamed, several at once (``parallel``), each with pipelined SFTP requests. After the
+upload ONE more hash command verifies every file of the beam (a mismatch is sent once more, then
+ChecksumError); it also removes partial files a killed upload left. Download lists the matches
+of each output pattern by SFTP, fetches them to temporary names while ONE hash command hashes
+them remotely, compares, re-fetches once on a mismatch and renames into place.
+
+Every remote path is confined to ``remote_root``; names reach the remote shell quoted, or
+NUL-separated on stdin. A dropped link is survived: the connection reconnects with backoff and
+the interrupted file is sent again. Remote commands pay the login shell's start-up on the host,
+which is why there are so few of them.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -27,6 +31,7 @@ from simbridge.config import ClusterSettings
 from simbridge.jobs.errors import (
     ChecksumError,
     HostUnreachableError,
+    JobsError,
     RemoteDiskFullError,
     RemoteError,
     RemotePathError,
@@ -55,6 +60,7 @@ from simbridge.jobs.transport.ssh_paths import (
     glob_filter,
     hash_script,
     names_stdin,
+    needs_escaping,
     parse_hashes,
     probe_script,
     remove_script,
@@ -96,8 +102,8 @@ class SshTransport(Transport):
         self.parallel = parallel
         self.tuning = tuning or Tuning()
         self.host = connection.label
-        # Test seam: called with (relative name, attempt) before each download fetch, so a test can
-        # corrupt a remote file between the hash listing and the transfer.
+        # Test seam: called with (relative name, attempt) after the remote hash is known and before
+        # each fetch, so a test can corrupt a remote file between the hash and the transfer.
         self.before_fetch: Callable[[str, int], None] | None = None
 
     @classmethod
@@ -122,11 +128,16 @@ class SshTransport(Transport):
     def upload_tree(self, local_dir: Path, remote_dir: PurePosixPath) -> TransferReport:
         """:meth:`upload` with the details: how many files were sent and how many skipped."""
         target = confine(self.remote_root, remote_dir, host=self.host)
-        files = local_files(local_dir)
-        total = sum(size for _, size in files)
-        return self.connection.call(
-            lambda: self._upload(local_dir, target, files), timeout_s=self._budget(total, len(files))
-        )
+        try:
+            files = local_files(local_dir)
+            total = sum(size for _, size in files)
+            return self.connection.call(
+                lambda: self._upload(local_dir, target, files), timeout_s=self._budget(total, len(files))
+            )
+        except JobsError:
+            raise
+        except OSError as exc:  # the local side: an unreadable file or folder
+            raise TransferError(f"upload {local_dir} -> {self.host}:{target} failed: {exc}") from exc
 
     def download(self, remote_dir: PurePosixPath, patterns: Sequence[str], local_dir: Path) -> list[Path]:
         """Fetch the files matching ``patterns`` (globs relative to ``remote_dir``), verified."""
@@ -134,13 +145,17 @@ class SshTransport(Transport):
         for pattern in patterns:
             check_pattern(pattern)
         c = self.connection
-        # Two waits: the plan (an SFTP listing and one hash command), then the fetch, whose limit
-        # grows with the bytes the plan found.
+        # Two waits: the plan (an SFTP listing), then the fetch, whose limit grows with its bytes.
         plan = c.call(lambda: self._plan(source, list(patterns)), timeout_s=self._budget(0, 0))
-        total = sum(size for size, _ in plan.values())
-        return c.call(
-            lambda: self._fetch_all(source, plan, local_dir), timeout_s=self._budget(total, len(plan))
-        )
+        total = sum(plan.values())
+        try:
+            return c.call(
+                lambda: self._fetch_all(source, plan, local_dir), timeout_s=self._budget(total, len(plan))
+            )
+        except JobsError:
+            raise
+        except OSError as exc:  # the local side: a folder that cannot be created or written
+            raise TransferError(f"download {self.host}:{source} -> {local_dir} failed: {exc}") from exc
 
     def remove(self, remote_dir: PurePosixPath) -> None:
         """Remove a beam's remote folder (cleanup after success); never ``remote_root`` itself."""
@@ -202,7 +217,7 @@ class SshTransport(Transport):
     ) -> dict[str, str]:
         """sha256 of ``names`` below ``remote``: ONE remote command (names on stdin), however many."""
         out = await self._command(
-            hash_script(remote, clean_partials=clean),
+            hash_script(remote, clean_partials=clean, openssl=not any(map(needs_escaping, names))),
             f"hash files in {remote}",
             stdin=names_stdin(names),
             partial_ok=True,
@@ -382,8 +397,8 @@ class SshTransport(Transport):
 
     # ---- download ----------------------------------------------------------------------------
 
-    async def _plan(self, remote: PurePosixPath, patterns: list[str]) -> dict[str, tuple[int, str]]:
-        """{relative name: (size, sha256)} of the files the patterns match, in pattern order."""
+    async def _plan(self, remote: PurePosixPath, patterns: list[str]) -> dict[str, int]:
+        """{relative name: size} of the files the patterns match, in pattern order (SFTP only)."""
         split = [check_pattern(p) for p in patterns]
         depth = HARD_MAX_DEPTH if any("**" in parts for parts in split) else max(map(len, split))
         listing = await self._walk(remote, max_depth=depth)
@@ -400,41 +415,53 @@ class SshTransport(Transport):
                     "such file (see its .err log), or fix jobs.steps.outputs"
                 )
             chosen.extend(m for m in matches if m not in chosen)
-        hashes = await self._remote_hashes(remote, chosen)
-        missing = [name for name in chosen if name not in hashes]
-        if missing:
-            raise TransferError(
-                f"{self.host}: output {missing[0]!r} in {remote} vanished before it was hashed"
-            )
-        return {name: (listing[name], hashes[name]) for name in chosen}
+        return {name: listing[name] for name in chosen}
 
-    async def _fetch_all(
-        self, remote: PurePosixPath, plan: dict[str, tuple[int, str]], local_dir: Path
-    ) -> list[Path]:
+    async def _fetch_all(self, remote: PurePosixPath, plan: dict[str, int], local_dir: Path) -> list[Path]:
+        # The ONE hash command runs while the files stream in: its cost (a remote shell and a
+        # read of every file) hides behind the transfer instead of adding to it.
+        hashing = asyncio.ensure_future(self._remote_hashes(remote, list(plan)))
+
+        async def want_of(name: str) -> str:
+            hashes = await asyncio.shield(hashing)
+            if name not in hashes:
+                raise TransferError(f"{self.host}: output {name!r} in {remote} vanished before it was hashed")
+            return hashes[name]
+
         gate = asyncio.Semaphore(self.parallel)
 
-        async def one(name: str, size: int, want: str) -> Path:
+        async def one(name: str, size: int) -> Path:
             async with gate:
-                return await self._fetch(remote, name, size, want, local_dir)
+                return await self._fetch(remote, name, size, want_of, local_dir)
 
-        tasks = [asyncio.ensure_future(one(name, *what)) for name, what in plan.items()]
+        tasks = [asyncio.ensure_future(one(name, size)) for name, size in plan.items()]
         try:
             return list(await asyncio.gather(*tasks))
         finally:
-            for task in tasks:
+            for task in [*tasks, hashing]:
                 task.cancel()
+            await asyncio.gather(*tasks, hashing, return_exceptions=True)
 
-    async def _fetch(self, remote: PurePosixPath, name: str, size: int, want: str, local_dir: Path) -> Path:
+    async def _fetch(
+        self,
+        remote: PurePosixPath,
+        name: str,
+        size: int,
+        want_of: Callable[[str], Awaitable[str]],
+        local_dir: Path,
+    ) -> Path:
         parts = tuple(name.split("/"))
-        src = str(remote.joinpath(*parts)).encode("utf-8", "surrogateescape")
+        src = remote_bytes(remote.joinpath(*parts))
         parent = await asyncio.get_running_loop().run_in_executor(None, open_local_parent, local_dir, parts)
         try:
             for attempt in range(2):
                 if self.before_fetch is not None:
+                    await want_of(name)  # the seam acts between the hash and the transfer
                     self.before_fetch(name, attempt)
                 tmp = partial_name()
                 try:
                     got = await self._get_retrying(src, size, parent, tmp, f"{remote}/{name}")
+                    want = await want_of(name)
                     if got == want:
                         os.replace(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
                         return local_dir.joinpath(*parts)

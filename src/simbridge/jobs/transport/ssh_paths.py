@@ -95,16 +95,30 @@ def glob_filter(names: Iterable[str], pattern: str) -> list[str]:
     return sorted(out)
 
 
-def hash_script(remote_dir: PurePosixPath, *, clean_partials: bool = False) -> str:
-    """A script printing sha256sum lines for the NUL-separated ``./NAME`` list on its stdin.
+def hash_script(remote_dir: PurePosixPath, *, clean_partials: bool = False, openssl: bool = True) -> str:
+    """A script printing sha256sum-format lines for the NUL-separated ``./NAME`` list on its stdin.
 
-    With ``clean_partials`` it first removes the temporary files a killed upload left behind.
+    With ``openssl`` it hashes with ``openssl dgst -sha256 -r`` where the host has it (several
+    times faster than coreutils' sha256sum: it uses the CPU's SHA instructions), else with
+    sha256sum. openssl does not escape names, so callers pass ``openssl=False`` for names holding
+    a newline, carriage return or backslash. With ``clean_partials`` it first removes the
+    temporary files a killed upload left behind.
     """
     d = shlex.quote(str(remote_dir))
     clean = ""
     if clean_partials:
         clean = f"find . -type f -name {shlex.quote(PARTIAL_PREFIX + '*')} -delete; "
-    return f"{_PRELUDE}cd -- {d} && {{ {clean}xargs -0 -r sha256sum --; }}"
+    slow = "xargs -0 -r sha256sum --"
+    hasher = slow
+    if openssl:
+        fast = "xargs -0 -r openssl dgst -sha256 -r"
+        hasher = f"if command -v openssl >/dev/null 2>&1; then {fast}; else {slow}; fi"
+    return f"{_PRELUDE}cd -- {d} && {{ {clean}{hasher}; }}"
+
+
+def needs_escaping(name: str) -> bool:
+    """True for a name sha256sum escapes in its output (openssl would print it raw)."""
+    return any(c in name for c in "\n\r\\")
 
 
 def probe_script(remote_dir: PurePosixPath, nbytes: int) -> str:
