@@ -33,31 +33,29 @@ from simbridge.jobs.errors import (
     RemotePermissionError,
     TransferError,
 )
-from simbridge.jobs.files import open_regular
+from simbridge.jobs.files import HARD_MAX_DEPTH, open_regular
 from simbridge.jobs.transport.base import CommandResult, Transport
 from simbridge.jobs.transport.ssh_connection import LINK_ERRORS, SshConnection, close_all, connect
 from simbridge.jobs.transport.ssh_files import (
     Tuning,
+    ensure_dir,
     get_file,
     local_files,
     open_local_parent,
     partial_name,
     put_file,
+    remote_bytes,
     sha256_fd,
+    walk_remote,
 )
 from simbridge.jobs.transport.ssh_paths import (
-    RemoteFile,
     beam_path,
     check_pattern,
-    clean_partials_script,
     confine,
     glob_filter,
     hash_script,
-    listing_script,
-    mkdirs_script,
     names_stdin,
     parse_hashes,
-    parse_listing,
     probe_script,
     remove_script,
 )
@@ -135,8 +133,13 @@ class SshTransport(Transport):
         source = confine(self.remote_root, remote_dir, host=self.host)
         for pattern in patterns:
             check_pattern(pattern)
-        return self.connection.call(
-            lambda: self._download(source, list(patterns), local_dir), timeout_s=self._budget(1 << 40, 10_000)
+        c = self.connection
+        # Two waits: the plan (an SFTP listing and one hash command), then the fetch, whose limit
+        # grows with the bytes the plan found.
+        plan = c.call(lambda: self._plan(source, list(patterns)), timeout_s=self._budget(0, 0))
+        total = sum(size for size, _ in plan.values())
+        return c.call(
+            lambda: self._fetch_all(source, plan, local_dir), timeout_s=self._budget(total, len(plan))
         )
 
     def remove(self, remote_dir: PurePosixPath) -> None:
@@ -172,17 +175,94 @@ class SshTransport(Transport):
             )
         raise TransferError(f"{self.host}: {what} failed (exit {result.exit_status}): {tail}")
 
-    async def _command(self, script: str, what: str, stdin: bytes | None = None) -> bytes:
+    async def _command(
+        self, script: str, what: str, stdin: bytes | None = None, *, partial_ok: bool = False
+    ) -> bytes:
+        """Run an idempotent script (retried over reconnects); typed errors from its stderr.
+
+        ``partial_ok``: a failure that is neither a full disk nor a refusal (a file that vanished
+        from a hash list) still returns what was printed; the caller compares it.
+        """
         c = self.connection
         async for attempt in c.retrying():
             with attempt:
                 result = await c.arun(script, timeout_s=c.command_timeout_s * 4, stdin=stdin)
+        if (
+            partial_ok
+            and not result.ok
+            and not (_FULL.search(result.stderr) or _DENIED.search(result.stderr))
+        ):
+            log.info("jobs.ssh_command_partial", host=self.host, what=what, stderr=result.stderr[-300:])
+            return result.stdout
         self._check(result, what)
         return result.stdout
 
-    async def _listing(self, remote: PurePosixPath, *, hashes: bool) -> dict[str, RemoteFile]:
-        out = await self._command(listing_script(remote, hashes=hashes), f"list {remote}")
-        return parse_listing(out, hashes=hashes)
+    async def _remote_hashes(
+        self, remote: PurePosixPath, names: list[str], *, clean: bool = False
+    ) -> dict[str, str]:
+        """sha256 of ``names`` below ``remote``: ONE remote command (names on stdin), however many."""
+        out = await self._command(
+            hash_script(remote, clean_partials=clean),
+            f"hash files in {remote}",
+            stdin=names_stdin(names),
+            partial_ok=True,
+        )
+        return parse_hashes(out)
+
+    async def _walk(self, remote: PurePosixPath, *, max_depth: int) -> dict[str, int] | None:
+        c = self.connection
+        async for attempt in c.retrying():
+            with attempt:
+                conn, sftp = await c.sftp()
+                try:
+                    return await walk_remote(sftp, remote, max_depth=max_depth)
+                except LINK_ERRORS as exc:
+                    await c.link_down(conn)
+                    raise HostUnreachableError(f"{self.host}: link lost listing {remote}: {exc}") from exc
+                except asyncssh.SFTPPermissionDenied as exc:
+                    raise RemotePermissionError(
+                        f"{self.host}: permission denied listing {remote}; make {self.remote_root} "
+                        "readable for the SSH user"
+                    ) from exc
+                except asyncssh.SFTPError as exc:
+                    raise TransferError(f"{self.host}: listing {remote} failed: {exc}") from exc
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    async def _mkdirs(self, remote: PurePosixPath, subdirs: list[str]) -> None:
+        c = self.connection
+        async for attempt in c.retrying():
+            with attempt:
+                conn, sftp = await c.sftp()
+                try:
+                    await ensure_dir(sftp, remote, floor=self.remote_root)
+                    for sub in subdirs:
+                        await ensure_dir(sftp, remote / sub, floor=remote)
+                except LINK_ERRORS as exc:
+                    await c.link_down(conn)
+                    raise HostUnreachableError(f"{self.host}: link lost creating {remote}: {exc}") from exc
+                except asyncssh.SFTPPermissionDenied as exc:
+                    raise RemotePermissionError(
+                        f"{self.host}: permission denied creating {remote}; make {self.remote_root} "
+                        "writable for the SSH user or choose another clusters.*.remote_root"
+                    ) from exc
+                except asyncssh.SFTPError as exc:
+                    # Find the deepest folder that exists, and ask it why writes fail there.
+                    where = remote
+                    while where != self.remote_root and len(where.parts) > len(self.remote_root.parts):
+                        where = where.parent
+                        if await self._exists(where):
+                            break
+                    raise await self._write_failure(where, 0, exc) from exc
+                return
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    async def _exists(self, path: PurePosixPath) -> bool:
+        _, sftp = await self.connection.sftp()
+        try:
+            await sftp.stat(remote_bytes(path))
+        except asyncssh.SFTPError:
+            return False
+        return True
 
     async def _write_failure(self, remote: PurePosixPath, need: int, exc: Exception) -> RemoteError:
         """Why an SFTP write failed: SFTP v3 says only 'Failure', so ask the shell and statvfs."""
@@ -209,37 +289,42 @@ class SshTransport(Transport):
     async def _upload(
         self, local_dir: Path, remote: PurePosixPath, files: list[tuple[tuple[str, ...], int]]
     ) -> TransferReport:
-        before = await self._listing(remote, hashes=True)
+        # What is there already: sizes by SFTP (no shell), then ONE sha256sum call for the files
+        # whose size matches (none on a fresh upload: no command at all).
+        there = await self._walk(remote, max_depth=HARD_MAX_DEPTH) or {}
+        same_size = [(p, s) for p, s in files if there.get("/".join(p)) == s]
         local_hash: dict[str, str] = {}
-        todo: list[tuple[tuple[str, ...], int]] = []
-        loop = asyncio.get_running_loop()
-        for parts, size in files:
-            rel = "/".join(parts)
-            there = before.get(rel)
-            if there is not None and there.size == size and there.sha256 is not None:
+        skip: set[str] = set()
+        if same_size:
+            remote_hash = await self._remote_hashes(remote, ["/".join(p) for p, _ in same_size])
+            loop = asyncio.get_running_loop()
+            for parts, _ in same_size:
+                rel = "/".join(parts)
                 local_hash[rel] = await loop.run_in_executor(None, self._hash_local, local_dir, parts)
-                if local_hash[rel] == there.sha256:
-                    continue
-            todo.append((parts, size))
-        dirs = sorted({"/".join(p[:i]) for p, _ in todo for i in range(1, len(p))})
-        await self._command(mkdirs_script(remote), f"create folders in {remote}", stdin=names_stdin(dirs))
+                if remote_hash.get(rel) == local_hash[rel]:
+                    skip.add(rel)
+        todo = [(p, s) for p, s in files if "/".join(p) not in skip]
+        dirs = sorted(
+            {"/".join(p[:i]) for p, _ in todo for i in range(1, len(p))}, key=lambda d: d.count("/")
+        )
+        await self._mkdirs(remote, dirs)
         sent_bytes = await self._send_all(local_dir, remote, todo, local_hash)
-        after = await self._listing(remote, hashes=True)
-        bad = [(p, s) for p, s in files if _differs(after.get("/".join(p)), s, local_hash["/".join(p)])]
+        # Verify every file with ONE sha256sum call (it also removes partials a killed upload left).
+        names = ["/".join(p) for p, _ in files]
+        after = await self._remote_hashes(remote, names, clean=True)
+        bad = [(p, s) for p, s in files if after.get("/".join(p)) != local_hash["/".join(p)]]
         if bad:
             log.warning("jobs.ssh_upload_mismatch", host=self.host, files=len(bad), first="/".join(bad[0][0]))
+            await self._mkdirs(remote, dirs)
             sent_bytes += await self._send_all(local_dir, remote, bad, local_hash)
-            after = await self._listing(remote, hashes=True)
-            still = [p for p, s in bad if _differs(after.get("/".join(p)), s, local_hash["/".join(p)])]
+            after = await self._remote_hashes(remote, ["/".join(p) for p, _ in bad])
+            still = [p for p, _ in bad if after.get("/".join(p)) != local_hash["/".join(p)]]
             if still:
                 raise ChecksumError(
                     f"{self.host}: {len(still)} uploaded file(s) differ from the local ones after a "
                     f"second try (first: {'/'.join(still[0])} in {remote}); check the host's disk"
                 )
-        await self._command(clean_partials_script(remote), f"clean partial files in {remote}")
-        return TransferReport(
-            files=len(files), sent=len(todo), skipped=len(files) - len(todo), bytes=sent_bytes
-        )
+        return TransferReport(files=len(files), sent=len(todo), skipped=len(skip), bytes=sent_bytes)
 
     @staticmethod
     def _hash_local(local_dir: Path, parts: tuple[str, ...]) -> str:
@@ -280,7 +365,7 @@ class SshTransport(Transport):
                 conn, sftp = await c.sftp()
                 fd = open_regular(local_dir, parts, where=f"(in {local_dir})")
                 try:
-                    return await put_file(sftp, fd, size, tmp, final, self.tuning)
+                    return await put_file(sftp, fd, size, tmp, final, tuning=self.tuning)
                 except LINK_ERRORS as exc:
                     await c.link_down(conn)
                     raise HostUnreachableError(f"{self.host}: link lost sending {final_path}: {exc}") from exc
@@ -297,8 +382,15 @@ class SshTransport(Transport):
 
     # ---- download ----------------------------------------------------------------------------
 
-    async def _download(self, remote: PurePosixPath, patterns: list[str], local_dir: Path) -> list[Path]:
-        listing = await self._listing(remote, hashes=False)
+    async def _plan(self, remote: PurePosixPath, patterns: list[str]) -> dict[str, tuple[int, str]]:
+        """{relative name: (size, sha256)} of the files the patterns match, in pattern order."""
+        split = [check_pattern(p) for p in patterns]
+        depth = HARD_MAX_DEPTH if any("**" in parts for parts in split) else max(map(len, split))
+        listing = await self._walk(remote, max_depth=depth)
+        if listing is None:
+            raise TransferError(
+                f"{self.host}: the beam folder {remote} does not exist (removed, or the job never ran there)"
+            )
         chosen: list[str] = []
         for pattern in patterns:
             matches = glob_filter(listing, pattern)
@@ -308,21 +400,24 @@ class SshTransport(Transport):
                     "such file (see its .err log), or fix jobs.steps.outputs"
                 )
             chosen.extend(m for m in matches if m not in chosen)
-        hashes = parse_hashes(
-            await self._command(hash_script(remote), f"hash outputs in {remote}", stdin=names_stdin(chosen))
-        )
+        hashes = await self._remote_hashes(remote, chosen)
         missing = [name for name in chosen if name not in hashes]
         if missing:
             raise TransferError(
                 f"{self.host}: output {missing[0]!r} in {remote} vanished before it was hashed"
             )
+        return {name: (listing[name], hashes[name]) for name in chosen}
+
+    async def _fetch_all(
+        self, remote: PurePosixPath, plan: dict[str, tuple[int, str]], local_dir: Path
+    ) -> list[Path]:
         gate = asyncio.Semaphore(self.parallel)
 
-        async def one(name: str) -> Path:
+        async def one(name: str, size: int, want: str) -> Path:
             async with gate:
-                return await self._fetch(remote, name, listing[name].size, hashes[name], local_dir)
+                return await self._fetch(remote, name, size, want, local_dir)
 
-        tasks = [asyncio.ensure_future(one(name)) for name in chosen]
+        tasks = [asyncio.ensure_future(one(name, *what)) for name, what in plan.items()]
         try:
             return list(await asyncio.gather(*tasks))
         finally:
@@ -362,7 +457,7 @@ class SshTransport(Transport):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp, dir_fd=parent)
                 try:
-                    return await get_file(sftp, src, size, parent, tmp, self.tuning)
+                    return await get_file(sftp, src, size, parent, tmp, tuning=self.tuning)
                 except LINK_ERRORS as exc:
                     await c.link_down(conn)
                     raise HostUnreachableError(f"{self.host}: link lost fetching {shown}: {exc}") from exc
@@ -373,7 +468,3 @@ class SshTransport(Transport):
                 except asyncssh.SFTPError as exc:
                     raise TransferError(f"{self.host}: fetching {shown} failed: {exc}") from exc
         raise AssertionError("unreachable: tenacity re-raises the last error")
-
-
-def _differs(there: RemoteFile | None, size: int, digest: str) -> bool:
-    return there is None or there.size != size or there.sha256 != digest

@@ -22,7 +22,7 @@ import stat
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import asyncssh
 
@@ -100,7 +100,7 @@ async def _drain(pending: set[asyncio.Future[int]], keep: int) -> set[asyncio.Fu
 
 
 async def put_file(
-    sftp: asyncssh.SFTPClient, fd: int, size: int, tmp: bytes, final: bytes, tuning: Tuning
+    sftp: asyncssh.SFTPClient, fd: int, size: int, tmp: bytes, final: bytes, *, tuning: Tuning
 ) -> str:
     """Write ``size`` bytes of ``fd`` to ``tmp`` on the host, rename to ``final``; the sha256 sent."""
     loop = asyncio.get_running_loop()
@@ -162,7 +162,7 @@ def _write_hash(out: int, data: bytes, digest: hashlib._Hash) -> None:
 
 
 async def get_file(
-    sftp: asyncssh.SFTPClient, remote: bytes, size: int, parent_fd: int, tmp: str, tuning: Tuning
+    sftp: asyncssh.SFTPClient, remote: bytes, size: int, parent_fd: int, tmp: str, *, tuning: Tuning
 ) -> str:
     """Read ``remote`` into ``tmp`` (in ``parent_fd``, created exclusively); the sha256 received."""
     loop = asyncio.get_running_loop()
@@ -195,3 +195,58 @@ async def get_file(
             task.cancel()
         os.close(out)
     return digest.hexdigest()
+
+
+def remote_bytes(path: PurePosixPath) -> bytes:
+    """A remote path as SFTP bytes (undecodable local names travel as they were)."""
+    return str(path).encode("utf-8", "surrogateescape")
+
+
+async def walk_remote(
+    sftp: asyncssh.SFTPClient, root: PurePosixPath, *, max_depth: int
+) -> dict[str, int] | None:
+    """Regular files below ``root`` as {relative name: size}, by SFTP (no remote shell);
+    None when ``root`` does not exist. Entries are lstat'ed by the server: a link is no file
+    and no folder here, so nothing is followed. Folders are listed in parallel."""
+    found: dict[str, int] = {}
+
+    async def walk(path: PurePosixPath, rel: tuple[str, ...]) -> None:
+        subs: list[str] = []
+        for entry in await sftp.readdir(remote_bytes(path)):
+            raw = entry.filename
+            name = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+            if name in (".", ".."):
+                continue
+            kind = entry.attrs.type
+            if kind == asyncssh.FILEXFER_TYPE_REGULAR and not name.startswith(PARTIAL_PREFIX):
+                found["/".join((*rel, name))] = entry.attrs.size or 0
+            elif kind == asyncssh.FILEXFER_TYPE_DIRECTORY and len(rel) + 1 < max_depth:
+                subs.append(name)
+        await asyncio.gather(*(walk(path / name, (*rel, name)) for name in subs))
+
+    try:
+        await walk(root, ())
+    except asyncssh.SFTPNoSuchFile:
+        if not found:
+            return None
+        raise
+    return found
+
+
+async def ensure_dir(sftp: asyncssh.SFTPClient, path: PurePosixPath, *, floor: PurePosixPath) -> None:
+    """``mkdir -p`` by SFTP, deepest first (one round trip when the parent exists), never above ``floor``."""
+    try:
+        await sftp.mkdir(remote_bytes(path))
+    except asyncssh.SFTPNoSuchFile:
+        if path.parent == path or len(path.parent.parts) < len(floor.parts):
+            raise
+        await ensure_dir(sftp, path.parent, floor=floor)
+        await sftp.mkdir(remote_bytes(path))
+    except (asyncssh.SFTPFailure, asyncssh.SFTPFileAlreadyExists) as exc:
+        # SFTP v3 reports EEXIST as a plain failure: it is fine if a folder is there now.
+        try:
+            attrs = await sftp.lstat(remote_bytes(path))
+        except asyncssh.SFTPError:
+            raise exc from None
+        if attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
+            raise

@@ -8,6 +8,7 @@ CHANGED its key and is refused always: that is what a man in the middle looks li
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import threading
 from dataclasses import dataclass
@@ -60,7 +61,11 @@ class HostKeyPolicy:
     def host_key_algs(self, host: str, port: int) -> list[str]:
         """Algorithms of the listed keys, so the server offers the key we know (as OpenSSH does)."""
         algs: list[str] = []
-        for key in self.listed_keys(host, host, port):
+        try:
+            addr = str(ipaddress.ip_address(host))
+        except ValueError:
+            addr = ""  # a name: its address is not known before connecting
+        for key in self.listed_keys(host, addr, port):
             for alg in key.sig_algorithms:
                 name = alg.decode()
                 if name not in algs:
@@ -72,7 +77,7 @@ class HostKeyPolicy:
         listed = self.listed_keys(host, addr, port)
         fingerprint = key.get_fingerprint("sha256")
         name = known_hosts_name(host, port)
-        if key in listed:
+        if any(k.public_data == key.public_data for k in listed):
             return True
         if listed:
             known = ", ".join(k.get_fingerprint("sha256") for k in listed)

@@ -1,5 +1,5 @@
-"""Pure helpers of the SSH transport: remote path confinement, output patterns, the remote
-listing scripts and the parsing of their output.
+"""Pure helpers of the SSH transport: remote path confinement, output patterns, the few remote
+scripts (hashing, probing, removal) and the parsing of sha256sum's output.
 
 Nothing here touches the network, so every rule that keeps a name from escaping ``remote_root``
 or from being read by the remote shell as code is tested without a host. Names travel to the
@@ -13,7 +13,6 @@ import fnmatch
 import re
 import shlex
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from simbridge.jobs.errors import BadNameError, RemotePathError, TransferError
@@ -24,14 +23,6 @@ PARTIAL_PREFIX = ".sb-part."
 _HEX64 = re.compile(rb"^[0-9a-f]{64}$")
 # Every script runs with the C locale so error texts (matched below) are the same everywhere.
 _PRELUDE = "LC_ALL=C; export LC_ALL; "
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """A regular file found under a remote folder: its size and, if hashed, its sha256."""
-
-    size: int
-    sha256: str | None = None
 
 
 def confine(root: PurePosixPath, path: PurePosixPath | str, *, host: str) -> PurePosixPath:
@@ -104,35 +95,16 @@ def glob_filter(names: Iterable[str], pattern: str) -> list[str]:
     return sorted(out)
 
 
-def _find(what: str) -> str:
-    # -type f never follows a link and never descends into a linked folder (find's default -P).
-    return f"find . -type f ! -name {shlex.quote(PARTIAL_PREFIX + '*')} {what}"
+def hash_script(remote_dir: PurePosixPath, *, clean_partials: bool = False) -> str:
+    """A script printing sha256sum lines for the NUL-separated ``./NAME`` list on its stdin.
 
-
-def listing_script(remote_dir: PurePosixPath, *, hashes: bool) -> str:
-    """A script listing the regular files below ``remote_dir`` (sizes; with ``hashes`` also sha256).
-
-    Output: ``SIZE ./NAME\\0`` records, then (with ``hashes``) an empty record and sha256sum's
-    lines. A missing folder prints nothing (exit 0); an unreadable one fails with the shell's error.
+    With ``clean_partials`` it first removes the temporary files a killed upload left behind.
     """
     d = shlex.quote(str(remote_dir))
-    sizes = _find("-printf " + shlex.quote("%s %p\\0"))
-    script = f"{_PRELUDE}[ -e {d} ] || exit 0; cd -- {d} || exit 3; {sizes}"
-    if hashes:
-        script += f" && printf '\\0' && {_find('-exec sha256sum -- {} +')}"
-    return script
-
-
-def hash_script(remote_dir: PurePosixPath) -> str:
-    """A script printing sha256sum lines for the NUL-separated ``./NAME`` list on its stdin."""
-    d = shlex.quote(str(remote_dir))
-    return f"{_PRELUDE}cd -- {d} && xargs -0 -r sha256sum --"
-
-
-def mkdirs_script(remote_dir: PurePosixPath) -> str:
-    """A script creating ``remote_dir`` and the NUL-separated relative folders on its stdin."""
-    d = shlex.quote(str(remote_dir))
-    return f"{_PRELUDE}mkdir -p -- {d} && cd -- {d} && xargs -0 -r mkdir -p --"
+    clean = ""
+    if clean_partials:
+        clean = f"find . -type f -name {shlex.quote(PARTIAL_PREFIX + '*')} -delete; "
+    return f"{_PRELUDE}cd -- {d} && {{ {clean}xargs -0 -r sha256sum --; }}"
 
 
 def probe_script(remote_dir: PurePosixPath, nbytes: int) -> str:
@@ -150,15 +122,8 @@ def remove_script(remote_dir: PurePosixPath) -> str:
     return f"{_PRELUDE}rm -rf -- {shlex.quote(str(remote_dir))}"
 
 
-def clean_partials_script(remote_dir: PurePosixPath) -> str:
-    """A script removing partial files a killed upload left in ``remote_dir``."""
-    d = shlex.quote(str(remote_dir))
-    partials = shlex.quote(PARTIAL_PREFIX + "*")
-    return f"{_PRELUDE}cd -- {d} && find . -type f -name {partials} -delete"
-
-
 def names_stdin(names: Iterable[str]) -> bytes:
-    """NUL-separated ``./NAME`` records for ``xargs -0`` (the './' keeps a leading '-' from being an option)."""
+    """NUL-separated ``./NAME`` records for ``xargs -0`` ('./': a leading '-' is never an option)."""
     return b"".join(b"./" + name.encode("utf-8", "surrogateescape") + b"\0" for name in names)
 
 
@@ -196,27 +161,3 @@ def parse_hashes(data: bytes) -> dict[str, str]:
             raise TransferError(f"unexpected sha256sum output line {line[:200]!r}")
         out[_rel(_unescape(name) if escaped else name)] = digest.decode()
     return out
-
-
-def parse_listing(data: bytes, *, hashes: bool) -> dict[str, RemoteFile]:
-    """The output of :func:`listing_script` -> {relative name: RemoteFile}."""
-    if not hashes:
-        sizes_part, hash_part = data, b""
-    elif data.startswith(b"\0"):
-        # No file: the separator record comes first.
-        sizes_part, hash_part = b"", data[1:]
-    else:
-        sizes_part, _, hash_part = data.partition(b"\0\0")
-    files: dict[str, RemoteFile] = {}
-    for record in sizes_part.split(b"\0"):
-        if not record:
-            continue
-        size, sep, name = record.partition(b" ")
-        if not sep or not size.isdigit() or not name:
-            raise TransferError(f"unexpected remote listing record {record[:200]!r}")
-        files[_rel(name)] = RemoteFile(size=int(size))
-    if hashes:
-        for name, digest in parse_hashes(hash_part).items():
-            if name in files:
-                files[name] = RemoteFile(size=files[name].size, sha256=digest)
-    return files
