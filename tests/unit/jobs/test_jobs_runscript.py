@@ -204,3 +204,27 @@ def test_exit_marker_bytes_are_read_like_the_local_ones() -> None:
     assert parse_exit_marker(b"17\n") == JobInfo(JobStatus.EXITED, exit_code=17)
     for junk in (b"", b"exit 1", b"junk\n", b"exit -1\n", b"exit 999\n", b"signal 0\n", b"x" * 100 + b"\n"):
         assert parse_exit_marker(junk) is None
+
+
+def test_a_kill_of_the_group_but_its_leader_still_reads_as_a_signal(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    work = root / "case" / "beam"
+    work.mkdir(parents=True)
+    files = _files(root)
+    argv = ["sh", "-c", "echo > started; exec sleep 60"]
+    script = render_run_script(
+        remote_root=PurePosixPath(root), files=files, token="sb-k", argv=argv, workdir=PurePosixPath(work)
+    )
+    proc = _run(script, files, wait=False)
+    wait_for((work / "started").exists, timeout=20, what="the command started")
+    # What the SSH executor's cancel does after the grace: KILL every member but run.sh.
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != proc.pid:
+            try:
+                pgrp = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2])
+            except (OSError, IndexError, ValueError):
+                continue
+            if pgrp == proc.pid:
+                os.kill(int(entry.name), signal.SIGKILL)
+    proc.wait(timeout=20)
+    assert _marker(files) == JobInfo(JobStatus.KILLED, signal=signal.SIGKILL)

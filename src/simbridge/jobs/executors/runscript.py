@@ -87,8 +87,10 @@ _sb_forward() {
 trap '_sb_forward TERM' TERM
 trap '_sb_forward INT' INT
 trap '_sb_forward HUP' HUP
+_sb_perl=0
 if cd -- $workdir; then
     if command -v perl >/dev/null 2>&1; then
+        _sb_perl=1
         perl -e $perl_runner "$$_sb_tmp" $command </dev/null &
     else
         $command </dev/null &
@@ -103,8 +105,15 @@ else
     echo "simbridge: cannot enter the beam's folder "$workdir >&2
     _sb_rc=126
 fi
-# Without perl (or if it could not write), the exit code as bash saw it.
-[ -s "$$_sb_tmp" ] || printf 'exit %d\n' "$$_sb_rc" > "$$_sb_tmp"
+# The runner writes how the command ended. If it wrote nothing it was killed itself (a KILL
+# to the group): say so as a signal. Without perl, the exit code as bash saw it.
+if [ ! -s "$$_sb_tmp" ]; then
+    if [ "$$_sb_perl" = 1 ] && [ "$$_sb_rc" -gt 128 ]; then
+        printf 'signal %d\n' "$$((_sb_rc - 128))" > "$$_sb_tmp"
+    else
+        printf 'exit %d\n' "$$_sb_rc" > "$$_sb_tmp"
+    fi
+fi
 {
     printf 'exit=%s\n' "$$_sb_rc"
     printf 'end=%s\n' "$$(date +%s)"
@@ -197,12 +206,21 @@ def _component(name: str, what: str) -> str:
     return name
 
 
+def is_remote_prefix(remote_root: PurePosixPath, log_prefix: PurePath) -> bool:
+    """Whether ``log_prefix`` already names the remote files (below remote_root, in ``.simbridge``)."""
+    path = PurePosixPath(log_prefix.as_posix())
+    return path.parent.name == ATTEMPTS_DIR and path.is_relative_to(remote_root)
+
+
 def attempt_files(remote_root: PurePosixPath, log_prefix: PurePath) -> AttemptFiles:
     """The remote files of the attempt whose local log prefix is ``.../{case}/{beam}/{step}-{n}``.
 
     The pipeline's log prefix names the case and beam keys (its two parent folders) and the
     attempt, so the same :class:`JobRef` leads to the same remote files before and after a crash.
+    A prefix that already is a remote one (``{remote_root}/.../.simbridge/{name}``) is kept as is.
     """
+    if is_remote_prefix(remote_root, log_prefix):
+        return AttemptFiles(confined(remote_root, PurePosixPath(log_prefix.as_posix())))
     case = _component(log_prefix.parent.parent.name, "case key")
     beam = _component(log_prefix.parent.name, "beam key")
     name = _component(log_prefix.name, "attempt name")
