@@ -234,3 +234,26 @@ def test_through_sshd_a_job_and_an_array(testbed: Any, tmp_remote_root: Path, tm
     assert infos[one.token].status is JobStatus.EXITED and infos[one.token].exit_code == 4
     assert all(infos[s.token].exit_code == 0 for s in many)
     assert runner.count("sbatch") == 2
+
+
+def test_node_fail_is_a_named_transient_failure(testbed: Any, tmp_remote_root: Path, tmp_path: Path) -> None:
+    # Slurm requeues a batch job on a node failure by itself unless told not to; this one ends NODE_FAIL.
+    ex, runner = make(testbed, tmp_remote_root, extra_args=["--no-requeue"])
+    s = spec(tmp_path, tmp_remote_root, "b-node", ["sleep", "300"])
+    ref = ref_of(s, ex.submit(s).job_id)
+    deadline = time.monotonic() + DEADLINE_S
+    while ex.poll([ref])[s.token].scheduler_state != "RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    node = testbed.node
+    runner.inner.run(f"scontrol update nodename={node} state=down reason=simbridge-test", timeout_s=30)
+    try:
+        info = wait_all(ex, [ref])[s.token]
+    finally:
+        runner.inner.run(f"scontrol update nodename={node} state=resume", timeout_s=30)
+        while "idle" not in runner.inner.run("sinfo -h -o %t", timeout_s=30).stdout.decode():
+            assert time.monotonic() < deadline, "the node did not come back"
+            time.sleep(0.1)
+    assert info.reason == "NODE_FAIL" and info.scheduler_state == "NODE_FAIL", info
+    assert info.transient is True  # slurm.requeue: retried as a new attempt, by default
+    assert "NODE_FAIL" in info.describe()

@@ -1,13 +1,19 @@
-"""The scheduler's word on an attempt (Slurm state + reason) is stored and shown by status/--json."""
+"""The scheduler's word on an attempt (Slurm state + reason) is stored and shown by status/--json,
+and the pipeline follows the executor's retry policy per named reason."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from simbridge.config import JobsSettings
 from simbridge.jobs.control import snapshot
-from simbridge.jobs.executors import JobInfo, JobStatus
+from simbridge.jobs.executors import JobInfo, JobStatus, LocalExecutor
+from simbridge.jobs.pipeline import Pipeline
 from simbridge.jobs.states import BeamState
-from simbridge.jobs.store import Store
+from simbridge.jobs.store import AttemptRow, BeamRow, Store
+from simbridge.jobs.transport import LocalTransport
 
 
 def test_scheduler_state_is_stored_and_shown(tmp_path: Path) -> None:
@@ -41,3 +47,54 @@ def test_describe_names_the_reason() -> None:
         "pending (Resources)"
     )
     assert JobInfo(JobStatus.KILLED, signal=15, reason="TIMEOUT").describe().endswith("(TIMEOUT)")
+
+
+def _running_beam(store: Store, tmp_path: Path) -> tuple[BeamRow, AttemptRow]:
+    store.add_case(key="c", name="c", source="src", root="root", beams_=[("b", "b", str(tmp_path))])
+    (beam,) = store.beams()
+    for here, there in [
+        (BeamState.PENDING, BeamState.PREPARING),
+        (BeamState.PREPARING, BeamState.UPLOADING),
+        (BeamState.UPLOADING, BeamState.QUEUED),
+    ]:
+        store.transition(beam.id, here, there, reason="test")
+    attempt = store.open_attempt(
+        beam.id,
+        expected=BeamState.QUEUED,
+        target=BeamState.RUNNING,
+        token="t1",
+        executor="hpc",
+        work_dir=str(tmp_path),
+        deadline=1e12,
+    )
+    return store.beam(beam.id), attempt
+
+
+@pytest.mark.parametrize(("transient", "after"), [(True, BeamState.QUEUED), (False, BeamState.FAILED)])
+def test_the_pipeline_follows_the_executors_policy_per_reason(
+    tmp_path: Path, transient: bool, after: BeamState
+) -> None:
+    settings = JobsSettings(work_root=tmp_path / "work", results=tmp_path / "results")
+    with Store(url=f"sqlite:///{tmp_path / 'jobs.db'}") as store:
+        beam, attempt = _running_beam(store, tmp_path)
+        pipeline = Pipeline(
+            settings=settings,
+            store=store,
+            executor=LocalExecutor(),
+            local=LocalExecutor(),
+            transport=LocalTransport(root=tmp_path / "remote"),
+        )
+        info = JobInfo(
+            JobStatus.LOST,
+            detail="job 7 its node failed",
+            scheduler_state="NODE_FAIL",
+            reason="NODE_FAIL",
+            transient=transient,
+            log_tail="remote stderr line\n",
+        )
+        pipeline.finish(attempt, info, beam=beam)
+        ended = store.beam(beam.id)
+        assert ended.state is after
+        if after is BeamState.FAILED:
+            assert ended.last_error is not None
+            assert "NODE_FAIL" in ended.last_error and "remote stderr line" in ended.last_error

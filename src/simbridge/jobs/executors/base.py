@@ -125,11 +125,12 @@ class JobInfo:
 
     def describe(self) -> str:
         """``exited 3``, ``killed by SIGKILL``, or why it was lost."""
-        named = f" ({self.reason})" if self.reason and self.status is not JobStatus.RUNNING else ""
+        named = f" ({self.reason})" if self.reason else ""
         if self.status in {JobStatus.EXITED, JobStatus.KILLED}:
             return end_text(self.code) + named
         if self.status is JobStatus.LOST:
-            return (self.detail or "process lost") + named
+            detail = self.detail or "process lost"
+            return detail if self.reason in detail else detail + named
         if self.scheduler_state:
             return self.scheduler_state.lower() + (f" ({self.reason})" if self.reason else "")
         return "running"

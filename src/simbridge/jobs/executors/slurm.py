@@ -85,6 +85,7 @@ class SlurmExecutor(Executor):
         self.watcher = QueueWatcher(runner=runner, interval_s=settings.poll_s, timeout_s=self._timeout)
         self._lock = threading.Lock()
         self._submit_lock = threading.Lock()
+        self._config_lock = threading.Lock()
         self._next_submit = 0.0
         self._config: dict[str, str] | None = None
         self._intents: dict[str, Intent] = {}
@@ -96,7 +97,7 @@ class SlurmExecutor(Executor):
 
     def cluster_config(self) -> dict[str, str]:
         """``scontrol show config``, read once (MaxArraySize, accounting)."""
-        with self._lock:
+        with self._config_lock:  # not self._lock: polls must not wait behind a remote command
             if self._config is None:
                 try:
                     text = checked(

@@ -19,7 +19,13 @@ from pathlib import PurePosixPath
 from simbridge.config import ClusterSettings
 from simbridge.jobs.errors import RemotePathError, RunScriptError
 from simbridge.jobs.executors.base import LaunchSpec
-from simbridge.jobs.executors.runscript import AttemptFiles, attempt_files, confined, render_run_script
+from simbridge.jobs.executors.runscript import (
+    AttemptFiles,
+    attempt_files,
+    confined,
+    load_template,
+    render_run_script,
+)
 
 # Variables the cluster sets for the job itself: a local GPU lease's CUDA_VISIBLE_DEVICES must
 # never override the GPUs Slurm gave the job.
@@ -52,7 +58,6 @@ def remote_files(root: PurePosixPath, spec: LaunchSpec) -> tuple[PurePosixPath, 
 
 def run_script(settings: ClusterSettings, spec: LaunchSpec, cwd: PurePosixPath, files: AttemptFiles) -> str:
     """The attempt's rendered run.sh (the template of ``run_template``, or the built-in one)."""
-    from simbridge.jobs.executors.runscript import load_template
 
     return render_run_script(
         remote_root=settings.remote_root,
