@@ -204,6 +204,12 @@ class SshExecutor(Executor):
         for line in result.stdout.decode("ascii", "replace").splitlines():
             index, info = self._judge(line, refs)
             found[refs[index].token] = info
+            if info.status is not JobStatus.RUNNING:
+                # Ended: forget its offset and tail (a serve runs thousands of attempts); a
+                # later poll of it starts again from the local mirror's size (or the tail).
+                with self._lock:
+                    self._offsets.pop(refs[index].token, None)
+                    self._tails.pop(refs[index].token, None)
         missing = [ref.token for ref in refs if ref.token not in found]
         if missing:
             raise RemoteError(f"{self.runner.host}: the poll said nothing of {len(missing)} attempt(s)")
