@@ -164,27 +164,6 @@ class Pipeline:
         beam = beam or self.store.beam(attempt.beam_id)
         return attempt_ref(self.paths(beam).logs, attempt)
 
-    def cluster_of(self, attempt: AttemptRow) -> Cluster | None:
-        """The cluster an attempt ran on (None: this machine)."""
-        return remote_steps.cluster_of(self, attempt)
-
-    def marker_exists(self, attempt: AttemptRow, ref: JobRef) -> bool:
-        """Whether the attempt's exit marker exists (asked of its cluster if it ran there)."""
-        return remote_steps.marker_exists(self, attempt, ref)
-
-    def stderr_tail(self, attempt: AttemptRow, ref: JobRef) -> str:
-        """The end of an attempt's stderr ('' if none), fetched from its cluster if remote."""
-        return remote_steps.stderr_tail(self, attempt, ref)
-
-    def submit_remote(self, beam: BeamRow) -> AttemptRow | None:
-        """QUEUED -> RUNNING on the cluster: one job (the scheduler or the host assigns the GPUs)."""
-        started = remote_steps.submit_many(self, [beam])
-        return started[0] if started else None
-
-    def submit_many(self, beams: list[BeamRow]) -> list[AttemptRow]:
-        """QUEUED -> RUNNING for several beams of the cluster at once (one job array on Slurm)."""
-        return remote_steps.submit_many(self, beams)
-
     def executor_for(self, step: BeamState) -> Executor:
         """The local executor for local steps, the configured one for the simulation."""
         return self.local if step in LOCAL_STEPS else self.executor
@@ -494,7 +473,7 @@ class Pipeline:
         retry = self.settings.retry
         ref = self.ref(attempt, beam)
         # A scheduler's executor may bring the tail along (fetched in its one poll of the host).
-        tail = info.log_tail.strip() or self.stderr_tail(attempt, ref)
+        tail = info.log_tail.strip() or remote_steps.stderr_tail(self, attempt, ref)
         if timed_out:
             what, transient = (
                 f"timed out after its limit (job {attempt.job_id})",

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from simbridge.config import JobsSettings
+from simbridge.jobs import remote
 from simbridge.jobs.clusters import LOCAL, Cluster, Clusters, is_fatal
 from simbridge.jobs.errors import LeaseLostError, RemoteError, SchedulerError, StaleStateError, StoreError
 from simbridge.jobs.executors import Executor, JobInfo, JobRef, JobStatus
@@ -184,7 +185,7 @@ class Watching:
                     ref = dataclasses.replace(
                         ref, job_id=found.job_id, pid=found.pid, pid_start=found.pid_start
                     )
-                elif not self.pipeline.marker_exists(attempt, ref):
+                elif not remote.marker_exists(self.pipeline, attempt, ref):
                     self._never_started(attempt, beam)
                     continue
             items.append((attempt, ref))
@@ -284,7 +285,11 @@ class Watching:
         self._gather_since = None
         if arrays and len(ready) >= cfg.array_min:
             ids = [b.id for b in ready]
-            self._submit_batch(ids, functools.partial(self.pipeline.submit_many, ready), launching=True)
+            self._submit_batch(
+                ids, functools.partial(remote.submit_many, self.pipeline, ready), launching=True
+            )
             return
         for beam in ready:
-            self._submit(beam.id, functools.partial(self.pipeline.submit_remote, beam), launching=True)
+            self._submit(
+                beam.id, functools.partial(remote.submit_many, self.pipeline, [beam]), launching=True
+            )
