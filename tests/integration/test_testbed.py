@@ -5,15 +5,24 @@ slurmctld restarts on its saved jobs, asyncssh sessions see Slurm's config, a tm
 from __future__ import annotations
 
 import asyncio
+import json
+import shlex
+import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import asyncssh
 import pytest
+import yaml
 from tests.support import wait_for
-from tests.testbed import Testbed, sweep
+from tests.testbed import Testbed, _proc, core, sweep
+from tests.testbed.__main__ import main as cli_main
 from tests.testbed.delay_proxy import DelayProxy, delay_proxy_process
+from tests.testbed.layout import Ports, Saved
+
+from simbridge.config import ClusterSettings
 
 pytestmark = pytest.mark.integration
 
@@ -59,14 +68,19 @@ def test_sbatch_through_sshd_runs_jobs_with_gpus_and_counts_calls(
     assert len(visible) == 2 and all(index.isdigit() for index in visible)
 
 
-def test_sshd_stopped_and_started_keeps_port_and_host_key(testbed: Testbed) -> None:
-    assert testbed.ssh("true").returncode == 0
-    testbed.stop_sshd()
+def test_sshd_stopped_and_started_keeps_port_and_host_key(testbed: Testbed, tmp_remote_root: Path) -> None:
+    opened = tmp_remote_root / "opened"
+    session = subprocess.Popen(testbed.ssh_argv(f"touch {opened}; exec sleep 60"), stdout=subprocess.DEVNULL)
     try:
-        refused = testbed.ssh("true", check=False)
-        assert refused.returncode == 255
+        wait_for(opened.exists, timeout=30, what="an ssh session open")
+        testbed.stop_sshd()
+        # An open connection drops with the server (exit 255), as when a host goes away.
+        assert session.wait(timeout=30) == 255
+        assert testbed.ssh("true", check=False).returncode == 255
     finally:
-        testbed.start_sshd()
+        session.kill()
+        session.wait(timeout=30)
+        testbed.start_sshd()  # whatever happened: the next test needs sshd
     # StrictHostKeyChecking=yes against the same known_hosts: the key did not change.
     assert testbed.ssh("echo back").stdout.strip() == "back"
 
@@ -112,10 +126,13 @@ def test_other_user_refused_and_tmpfs_root_fills(testbed: Testbed, tmpfs_remote_
     assert full.returncode != 0 and "No space left" in full.stderr
 
 
-def test_a_dead_runs_testbed_is_stopped_with_its_jobs_and_detached_processes(tmp_path: Path) -> None:
+def test_a_dead_runs_testbed_is_stopped_with_its_jobs_and_detached_processes() -> None:
     # A second testbed whose "owner" (a pytest run) died: the next run's sweep must stop it and
     # every process it made, down to a job's `sleep` and a setsid'ed command started over ssh.
-    root = Path(tempfile.mkdtemp(prefix=sweep.STALE_PREFIX))
+    # Below a private folder: the sweep of another pytest run on this host (glob /tmp/sbtb-*) must
+    # not stop this deliberately orphaned testbed while the test still uses it.
+    base = Path(tempfile.mkdtemp(prefix="sbtq-"))
+    root = Path(tempfile.mkdtemp(prefix=sweep.STALE_PREFIX, dir=base))
     dead = subprocess.Popen(["true"])
     dead.wait(timeout=10)
     (root / sweep.OWNER_FILE).write_text(f"{dead.pid}\n")
@@ -128,7 +145,8 @@ def test_a_dead_runs_testbed_is_stopped_with_its_jobs_and_detached_processes(tmp
         made = sweep.ours(other.layout, ssh_port=other.port)
         assert len(made) >= 3  # the detached sleep, the job's shell or sleep, its slurmstepd
     finally:
-        stopped = sweep.stop_stale()
+        stopped = sweep.stop_stale(base)
+        shutil.rmtree(base, ignore_errors=True)
     assert root in stopped and not root.exists()
     assert not any(_alive(pid) for pid in made)
 
@@ -167,3 +185,48 @@ def test_delay_proxy_adds_its_round_trip_and_carries_ssh(testbed: Testbed) -> No
         argv[1:1] = ["-o", f"HostKeyAlias=[127.0.0.1]:{testbed.port}"]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.stdout.strip() == "through", done.stderr
+
+
+def test_cli_prints_exports_and_a_cluster_entry_simbridge_accepts(
+    testbed: Testbed, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["env", str(testbed.root), "--simbridge", "tb"]) == 0
+    exports = dict(
+        shlex.split(line.removeprefix("export "))[0].split("=", 1)
+        for line in capsys.readouterr().out.splitlines()
+    )
+    assert exports["SLURM_CONF"] == str(testbed.slurm_conf)
+    assert exports["SIMBRIDGE_JOBS__EXECUTOR"] == "tb"
+    entry = ClusterSettings.model_validate(json.loads(exports["SIMBRIDGE_CLUSTERS"])["tb"])
+    assert (entry.port, entry.known_hosts) == (testbed.port, testbed.known_hosts)
+    assert cli_main(["yaml", str(testbed.root), "plain", "--scheduler", "none"]) == 0
+    plain = yaml.safe_load(capsys.readouterr().out)["clusters"]["plain"]
+    assert ClusterSettings.model_validate(plain).gpus == testbed.gpus
+
+
+def test_a_port_taken_before_the_bind_is_retried_and_a_half_state_stops(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Another testbed takes slurmctld's port between our probe and slurmctld's bind: the start
+    # is retried on fresh ports instead of failing.
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        draws = iter([_proc.free_port(), taken])
+        monkeypatch.setattr(core, "free_port", lambda **_: next(draws, None) or _real_free_port())
+        root = Path(tempfile.mkdtemp(prefix=sweep.STALE_PREFIX))
+        try:
+            with Testbed.up(root, gpus=0, cpus=2) as started:
+                assert taken not in (started.ports.slurmctld, started.ports.ssh, started.ports.slurmd)
+                assert "Address already in use" in (started.logs / "slurmctld.log").read_text()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    # `down` on a folder where nothing (or only part) was started stops what is there, quietly.
+    Saved(ports=Ports(ssh=1, slurmctld=2, slurmd=3), node="n", cluster="c", gpus=0, cpus=1).write(
+        tmp_path / "testbed.json"
+    )
+    Testbed.attach(tmp_path).down()
+
+
+_real_free_port = _proc.free_port

@@ -5,6 +5,8 @@ their pidfiles (DIR is kept: logs, remote files)."""
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -19,6 +21,17 @@ def _yaml(testbed: Testbed, name: str, scheduler: str) -> str:
     return yaml.safe_dump({"clusters": {name: entry}}, sort_keys=False)
 
 
+def _simbridge_exports(testbed: Testbed, name: str, scheduler: str) -> str:
+    # The whole clusters section as one JSON variable (simbridge.config reads a section so), plus the
+    # executor: `simbridge serve` then runs every beam on this testbed with no config file edited.
+    entry = testbed.cluster_settings(name, scheduler="none" if scheduler == "none" else "slurm")
+    clusters = json.dumps({name: entry}, separators=(",", ":"))
+    return (
+        f"export SIMBRIDGE_CLUSTERS={shlex.quote(clusters)}\n"
+        f"export SIMBRIDGE_JOBS__EXECUTOR={shlex.quote(name)}\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.testbed", description=__doc__)
     sub = parser.add_subparsers(dest="action", required=True)
@@ -31,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument("dir", type=Path)
     env = sub.add_parser("env", help="print shell exports (SLURM_CONF, PATH) for this cluster")
     env.add_argument("dir", type=Path)
+    env.add_argument(
+        "--simbridge",
+        metavar="NAME",
+        help="also export SIMBRIDGE_CLUSTERS (this testbed as NAME) and SIMBRIDGE_JOBS__EXECUTOR=NAME",
+    )
+    env.add_argument("--scheduler", choices=("slurm", "none"), default="slurm")
     snippet = sub.add_parser("yaml", help="print a simbridge config snippet: clusters: {NAME: ...}")
     snippet.add_argument("dir", type=Path)
     snippet.add_argument("name", nargs="?", default="testbed")
@@ -47,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.action == "down":
             Testbed.attach(args.dir).down()
         elif args.action == "env":
-            sys.stdout.write(Testbed.attach(args.dir).shell_exports())
+            attached = Testbed.attach(args.dir)
+            sys.stdout.write(attached.shell_exports())
+            if args.simbridge:
+                sys.stdout.write(_simbridge_exports(attached, args.simbridge, args.scheduler))
         else:
             sys.stdout.write(_yaml(Testbed.attach(args.dir), args.name, args.scheduler))
     except TestbedError as exc:

@@ -53,6 +53,29 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def listening(pid: int, port: int) -> bool:
+    """True when process `pid` itself holds a listening TCP socket on `port`. Unlike a connect, this
+    is never fooled by another program that took the port first (it would accept too)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # local_address is HEXADDR:HEXPORT; state 0A is LISTEN; field 9 is the socket's inode.
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    if not inodes:
+        return False
+    try:
+        links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+    except OSError:
+        return False
+    return any(link.startswith("socket:[") and link[8:-1] in inodes for link in links)
+
+
 def tail(path: Path, lines: int = 25) -> str:
     """The last lines of a log file, or a note that it does not exist."""
     try:

@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from tests.testbed import slurm, sshd, sweep
-from tests.testbed._proc import TestbedError, free_port, stop_pidfile
+from tests.testbed._proc import TestbedError, free_port, pid_alive, read_pid, stop_pidfile
 from tests.testbed.layout import Layout, Ports, Saved
 from tests.testbed.munge import ensure_munge
 
@@ -37,16 +37,21 @@ def missing_requirements() -> str | None:
     return None
 
 
-def _fresh(*, gpus: int, cpus: int) -> Saved:
+def _fresh(*, gpus: int, cpus: int, cluster: str) -> Saved:
     ssh_port = free_port()
     ctld_port = free_port(taken=[ssh_port])
     return Saved(
         ports=Ports(ssh=ssh_port, slurmctld=ctld_port, slurmd=free_port(taken=[ssh_port, ctld_port])),
         node=socket.gethostname(),
-        cluster=f"tb{uuid.uuid4().hex[:8]}",
+        cluster=cluster,
         gpus=gpus,
         cpus=cpus,
     )
+
+
+def _running(layout: Layout, daemon: str) -> bool:
+    pid = read_pid(layout.pidfile(daemon))
+    return pid is not None and pid_alive(pid)
 
 
 class Testbed:
@@ -120,9 +125,16 @@ class Testbed:
         if why:
             raise TestbedError(f"testbed: {why}")
         root.mkdir(parents=True, exist_ok=True)
+        running = [d for d in ("sshd", "slurmd", "slurmctld") if _running(Layout(root=root), d)]
+        if running:
+            raise TestbedError(
+                f"testbed: {', '.join(running)} already running under {root}; stop it first (down)"
+            )
         ensure_munge()
+        # One cluster name for every attempt: slurmctld refuses a state folder saved under another.
+        cluster = f"tb{uuid.uuid4().hex[:8]}"
         for attempt in range(1, _PORT_ATTEMPTS + 1):
-            testbed = cls(root=root, saved=_fresh(gpus=gpus, cpus=cpus))
+            testbed = cls(root=root, saved=_fresh(gpus=gpus, cpus=cpus, cluster=cluster))
             try:
                 testbed._start(timeout_s=timeout_s)
             except TestbedError as exc:
@@ -195,7 +207,9 @@ class Testbed:
         sshd.stop_sshd(self.layout)
 
     def start_sshd(self, *, timeout_s: float = 30.0) -> None:
-        """sshd back on the same port with the same host key."""
+        """sshd back on the same port with the same host key (nothing to do when it runs)."""
+        if _running(self.layout, "sshd"):
+            return
         sshd.start_sshd(self.layout, port=self.port, timeout_s=timeout_s)
 
     def restart_slurmctld(self, *, timeout_s: float = 30.0) -> None:
@@ -260,11 +274,11 @@ class Testbed:
     def unmount_all(self) -> None:
         """Every mount below this testbed's folder (read from /proc/self/mounts: robust to a crash)."""
         prefix = str(self.root) + "/"
-        mounts = []
+        mounts: list[Path] = []
         for line in Path("/proc/self/mounts").read_text().splitlines():
-            point = line.split()[1].replace("\\040", " ")
-            if point.startswith(prefix):
-                mounts.append(Path(point))
+            field = line.split()[1].replace("\\040", " ")
+            if field.startswith(prefix):
+                mounts.append(Path(field))
         for point in sorted(mounts, key=lambda p: len(p.parts), reverse=True):
             self.unmount(point)
 

@@ -5,8 +5,18 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
-from tests.testbed._proc import TestbedError, pid_alive, read_pid, start_daemon, stop_pidfile, wait_for
+from tests.testbed._proc import (
+    TestbedError,
+    listening,
+    pid_alive,
+    read_pid,
+    start_daemon,
+    stop_pidfile,
+    wait_for,
+)
 from tests.testbed.layout import Layout, Saved
 
 # MinJobAge: how long a finished job stays visible in `scontrol show job` (there is no accounting
@@ -103,18 +113,45 @@ def node_state(layout: Layout, node: str) -> str:
     return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else ""
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _running(proc: subprocess.Popen[bytes], log: Path, offset: int) -> Callable[[], bool]:
+    """Alive until the process exits or logs `fatal:` past `offset` (a Slurm daemon that logged a
+    fatal error, e.g. a port taken, may take 10 s more to exit; the start fails at once instead)."""
+
+    def alive() -> bool:
+        if proc.poll() is not None:
+            return False
+        try:
+            with log.open("rb") as text:
+                text.seek(offset)
+                return b"fatal:" not in text.read()
+        except FileNotFoundError:
+            return True
+
+    return alive
+
+
 def start_slurmctld(layout: Layout, *, timeout_s: float, clean: bool) -> None:
     """slurmctld in the foreground of its own session; `clean` (-c) drops saved jobs, a restart keeps them."""
     argv = ["/usr/sbin/slurmctld", "-D", "-f", str(layout.slurm_conf)] + (["-c"] if clean else [])
+    offset = _size(layout.log("slurmctld"))
     proc = start_daemon(
         argv, pidfile=layout.pidfile("slurmctld"), log=layout.log("slurmctld.out"), env=slurm_env(layout)
     )
+    port = int(scontrol_conf_value(layout, "SlurmctldPort"))
     wait_for(
-        "slurmctld answering `scontrol ping`",
-        lambda: _ping(layout),
+        f"slurmctld listening on port {port} and answering `scontrol ping`",
+        # Our own listening socket first: a ping to a port someone else took would hang 10 s.
+        lambda: listening(proc.pid, port) and _ping(layout),
         timeout_s=timeout_s,
         logs=[layout.log("slurmctld"), layout.log("slurmctld.out")],
-        alive=lambda: proc.poll() is None,
+        alive=_running(proc, layout.log("slurmctld"), offset),
         interval_s=0.1,
     )
 
@@ -122,12 +159,15 @@ def start_slurmctld(layout: Layout, *, timeout_s: float, clean: bool) -> None:
 def start_slurmd(layout: Layout, saved: Saved, *, timeout_s: float) -> None:
     """slurmd for the one node, then wait until sinfo shows it idle (or mixed: jobs may run already)."""
     argv = ["/usr/sbin/slurmd", "-D", "-f", str(layout.slurm_conf), "-N", saved.node]
+    offset = _size(layout.log("slurmd"))
     proc = start_daemon(
         argv, pidfile=layout.pidfile("slurmd"), log=layout.log("slurmd.out"), env=slurm_env(layout)
     )
     seen: list[str] = []
 
     def idle() -> bool:
+        if not listening(proc.pid, saved.ports.slurmd):
+            return False
         seen.append(node_state(layout, saved.node))
         return seen[-1] in ("idle", "mix", "alloc")
 
@@ -137,7 +177,7 @@ def start_slurmd(layout: Layout, saved: Saved, *, timeout_s: float) -> None:
             idle,
             timeout_s=timeout_s,
             logs=[layout.log("slurmd"), layout.log("slurmd.out"), layout.log("slurmctld")],
-            alive=lambda: proc.poll() is None,
+            alive=_running(proc, layout.log("slurmd"), offset),
             interval_s=0.1,
         )
     except TestbedError as exc:
@@ -167,6 +207,15 @@ def check_spool_path(layout: Layout) -> None:
         raise TestbedError(
             f"testbed: folder {layout.root} is too long a path for slurmd's sockets; use a shorter one"
         )
+
+
+def scontrol_conf_value(layout: Layout, key: str) -> str:
+    """One KEY=value of this testbed's own slurm.conf."""
+    for line in layout.slurm_conf.read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name == key:
+            return value
+    raise TestbedError(f"testbed: {key} not in {layout.slurm_conf}")
 
 
 def scontrol_value(layout: Layout, key: str) -> str:

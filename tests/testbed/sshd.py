@@ -12,8 +12,8 @@ from tests.testbed._proc import (
     TestbedError,
     descendants,
     kill_and_wait,
+    listening,
     pid_alive,
-    port_open,
     read_pid,
     start_daemon,
     stop_pidfile,
@@ -116,8 +116,8 @@ def start_sshd(layout: Layout, *, port: int, timeout_s: float) -> None:
         argv, pidfile=layout.pidfile("sshd"), log=layout.log("sshd.out"), env=dict(os.environ)
     )
     wait_for(
-        f"sshd accepting on 127.0.0.1:{port}",
-        lambda: port_open(port),
+        f"sshd listening on 127.0.0.1:{port}",
+        lambda: listening(proc.pid, port),
         timeout_s=timeout_s,
         logs=[layout.log("sshd"), layout.log("sshd.out")],
         alive=lambda: proc.poll() is None,

@@ -95,13 +95,13 @@ def mark_owner(root: Path) -> None:
     (root / OWNER_FILE).write_text(f"{os.getpid()}\n")
 
 
-def stop_stale() -> list[Path]:
-    """Stop and remove testbeds under the temp dir whose owning pytest run is gone (killed before its
-    teardown). A testbed started by the CLI has no owner file and is never touched."""
+def stop_stale(base: Path | None = None) -> list[Path]:
+    """Stop and remove testbeds under `base` (default: the temp dir) whose owning pytest run is gone
+    (killed before its teardown). A testbed started by the CLI has no owner file and is never touched."""
     from tests.testbed.core import Testbed  # here: core imports this module
 
     stopped = []
-    for root in Path(tempfile.gettempdir()).glob(f"{STALE_PREFIX}*"):
+    for root in (base or Path(tempfile.gettempdir())).glob(f"{STALE_PREFIX}*"):
         owner = read_pid(root / OWNER_FILE)
         if owner is None or pid_alive(owner) or not (root / "testbed.json").exists():
             continue
