@@ -120,7 +120,7 @@ def test_resume_skips_matching_files(conn: SshConnection, tmp_remote_root: Path,
 
 def test_sshd_killed_mid_upload(testbed: Testbed, tmp_remote_root: Path, tmp_path: Path) -> None:
     local = tmp_path / "in"
-    want = _tree(local, [f"f{i:02d}" for i in range(6)], size=512 * 1024)
+    want = _tree(local, [f"f{i:02d}" for i in range(8)], size=768 * 1024)
     # Through a 20 ms delay proxy with small windows, so the upload is still running when sshd dies.
     with delay_proxy_process(target_port=testbed.port, rtt_s=0.02) as port:
         kh = _known_hosts_for(testbed, port, tmp_path)
