@@ -79,8 +79,11 @@ unit: $(STAMP) $(WRAPPER_BIN)
 integration: $(STAMP) $(WRAPPER_BIN)
 	$(PY) -m pytest tests/integration -q
 
+# Two workers: most integration tests wait on daemons and processes, so two cores run two at once.
+TEST_WORKERS ?= 2
+
 test: system-packages lint typecheck imports $(WRAPPER_BIN)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
