@@ -12,7 +12,7 @@ SOURCES := $(shell find src include -type f \( -name '*.py' -o -name '*.c' -o -n
 # them say what to install (and fail under CI=true instead of skipping).
 DEBIAN_PACKAGES := gcc g++ libc6-dev postgresql slurmctld slurmd slurm-client munge openssh-server
 
-.PHONY: run test lint typecheck imports unit integration bench install clean system-packages
+.PHONY: run run-cluster test lint typecheck imports unit integration bench install clean system-packages
 
 system-packages:
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -48,6 +48,21 @@ run: $(STAMP)
 	  mv .work/.case.partial $$case && touch $$case/READY && echo "dropped $$case into the inbox"
 	SIMBRIDGE_CONFIG=examples/mqi/simbridge.yaml $(VENV)/bin/simbridge serve --until-idle
 
+# The example case on a cluster: a loopback Slurm + sshd testbed (tests/testbed), the example's config
+# pointed at it, serve until idle, status; the testbed is stopped whatever happens.
+CLUSTER_DIR ?= /tmp/sb-run-cluster
+run-cluster: $(STAMP) system-packages
+	@rm -rf .work/cluster && mkdir -p .work/cluster/inbox
+	@trap 'PYTHONPATH=. $(PY) -m tests.testbed down $(CLUSTER_DIR) || true' EXIT; \
+	  PYTHONPATH=. $(PY) -m tests.testbed up $(CLUSTER_DIR) && \
+	  PYTHONPATH=. $(PY) -m tests.testbed yaml $(CLUSTER_DIR) testbed > .work/cluster/clusters.yaml && \
+	  $(PY) examples/mqi/cluster_config.py .work/cluster/clusters.yaml .work/cluster .work/cluster/simbridge.yaml && \
+	  export SIMBRIDGE_CONFIG=.work/cluster/simbridge.yaml && \
+	  $(VENV)/bin/simbridge clusters check testbed && \
+	  cp -r examples/mqi/case .work/cluster/inbox/example && touch .work/cluster/inbox/example/READY && \
+	  $(VENV)/bin/simbridge serve --until-idle --max-seconds 600 && \
+	  $(VENV)/bin/simbridge status example
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
@@ -64,8 +79,11 @@ unit: $(STAMP) $(WRAPPER_BIN)
 integration: $(STAMP) $(WRAPPER_BIN)
 	$(PY) -m pytest tests/integration -q
 
+# Two workers: most integration tests wait on daemons and processes, so two cores run two at once.
+TEST_WORKERS ?= 2
+
 test: system-packages lint typecheck imports $(WRAPPER_BIN)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done

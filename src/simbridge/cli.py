@@ -10,6 +10,7 @@ from simbridge.demos.orderbook.cli import orderbook_command
 from simbridge.entry import entry_app
 from simbridge.gpus.cli import app as gpus_app
 from simbridge.jobs.cli import register as register_jobs
+from simbridge.jobs.clusters_cli import app as clusters_app
 from simbridge.shm.cli import app as shm_app
 from simbridge.shm.cli import demo_app
 from simbridge.tui.cli import dashboard
@@ -23,6 +24,7 @@ demo_app.command("orderbook")(orderbook_command)
 app.add_typer(demo_app, name="demo", help="Small runnable demonstrations.")
 app.add_typer(gpus_app, name="gpus", help="GPUs or slots: memory, utilisation, holder pid.")
 register_jobs(app)  # serve, submit, status, retry, cancel
+app.add_typer(clusters_app, name="clusters", help="Remote hosts and Slurm clusters: list, check.")
 app.command("dashboard")(dashboard)
 
 

@@ -22,6 +22,7 @@ from rich.text import Text
 from simbridge.config import CONFIG_ENV, Settings, load_settings
 from simbridge.errors import ConfigError, SimbridgeError
 from simbridge.jobs import control
+from simbridge.jobs.clusters import Clusters
 from simbridge.jobs.dispatcher import Dispatcher
 from simbridge.jobs.errors import NotFoundError
 from simbridge.jobs.intake import NOTE_PREFIX, InboxEntry, inbox_entries, take_case, tree_limits
@@ -193,12 +194,16 @@ def cancel(
     """Cancel unfinished beams and kill their running processes (the whole process group)."""
     try:
         settings = _settings(config)
-        with _store(settings, "cancel", migrate=False) as store:
+        with (
+            _store(settings, "cancel", migrate=False) as store,
+            Clusters(settings=settings, store=store) as clusters,
+        ):
             keys = control.cancel(
                 store,
                 target,
                 work_root=settings.jobs.work_root,
                 grace_s=settings.jobs.timeouts.kill_grace_s,
+                clusters=clusters,
             )
     except SimbridgeError as exc:
         raise _fail(exc) from exc
@@ -245,7 +250,8 @@ def _print_beams(view: control.CaseView, notes: list[str] | None = None) -> None
     for b in view.beams:
         error = (b.last_error or "").splitlines()[0][:80] if b.last_error else ""
         label = _label(b.name) if b.name == b.beam else _label(b.name).append(f" ({b.beam})", style="dim")
-        row = (b.state, b.gpu or "-", b.job_id or "-", str(b.tries), elapsed_text(b.elapsed_s))
+        job = f"{b.job_id or '-'} {b.scheduler}" if b.scheduler else b.job_id or "-"
+        row = (b.state, b.gpu or "-", job, str(b.tries), elapsed_text(b.elapsed_s))
         table.add_row(label, *row, _label(error))
     out.print(table)
     for note in notes or []:

@@ -11,12 +11,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from simbridge.jobs.errors import NotFoundError, StaleStateError
+from simbridge.jobs.clusters import LOCAL, Clusters
+from simbridge.jobs.errors import JobsConfigError, NotFoundError, RemoteError, StaleStateError
 from simbridge.jobs.executors import Executor, make_executor
 from simbridge.jobs.names import safe_key
 from simbridge.jobs.pipeline import attempt_ref, logs_dir
 from simbridge.jobs.states import BeamState, case_state, progress, retry_target
-from simbridge.jobs.store import BeamRow, CaseRow, Store
+from simbridge.jobs.store import AttemptRow, BeamRow, CaseRow, Store
 from simbridge.logs import get_logger
 from simbridge.processes import signal_name
 
@@ -43,6 +44,8 @@ class BeamView:
     last_error: str | None
     progress: float
     signal: str | None = None
+    # What the scheduler says of the running attempt (Slurm: "PENDING (Priority)", "RUNNING").
+    scheduler: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,15 @@ class CaseView:
         return asdict(self)
 
 
-def beam_view(case: CaseRow, beam: BeamRow, now: float) -> BeamView:
+def scheduler_text(attempt: AttemptRow | None) -> str | None:
+    """``PENDING (Priority)`` from an attempt's scheduler state and reason; None if it has none."""
+    if attempt is None or not attempt.scheduler_state:
+        return None
+    reason = attempt.scheduler_reason
+    return f"{attempt.scheduler_state} ({reason})" if reason else attempt.scheduler_state
+
+
+def beam_view(case: CaseRow, beam: BeamRow, now: float, attempt: AttemptRow | None = None) -> BeamView:
     """How one beam looks on screen (progress is the pipeline position, 0..1)."""
     start = beam.started_at or beam.created_at
     end = beam.finished_at if beam.state.terminal else now
@@ -78,6 +89,7 @@ def beam_view(case: CaseRow, beam: BeamRow, now: float) -> BeamView:
         last_error=beam.last_error,
         progress=progress(beam.state),
         signal=signal_name(-beam.exit_code) if beam.exit_code is not None and beam.exit_code < 0 else None,
+        scheduler=scheduler_text(attempt),
     )
 
 
@@ -88,6 +100,7 @@ def snapshot(store: Store, case: str | None = None) -> list[CaseView]:
     by_case: dict[int, list[BeamRow]] = {}
     for beam in store.beams(case_id=cases[0].id if case is not None else None):
         by_case.setdefault(beam.case_id, []).append(beam)
+    running = {a.beam_id: a for a in store.open_attempts()}
     views = []
     for c in cases:
         beams = by_case.get(c.id, [])
@@ -97,7 +110,7 @@ def snapshot(store: Store, case: str | None = None) -> list[CaseView]:
                 name=c.name,
                 state=case_state(b.state for b in beams).value,
                 created_at=c.created_at,
-                beams=tuple(beam_view(c, b, now) for b in beams),
+                beams=tuple(beam_view(c, b, now, running.get(b.id)) for b in beams),
             )
         )
     return views
@@ -154,8 +167,19 @@ def retry(store: Store, target: str, *, failed: bool = True, cancelled: bool = F
     return done
 
 
-def cancel(store: Store, target: str, *, work_root: Path, grace_s: float) -> list[str]:
-    """Cancel every unfinished beam of the target: record it, then kill its processes."""
+def cancel(
+    store: Store,
+    target: str,
+    *,
+    work_root: Path,
+    grace_s: float,
+    clusters: Clusters | None = None,
+) -> list[str]:
+    """Cancel every unfinished beam of the target: record it, then kill its processes.
+
+    A job on a cluster is cancelled by its executor there (``scancel`` on Slurm, the remote process
+    group on a plain host), through ``clusters``.
+    """
     _, beams = resolve(store, target)
     executors: dict[str, Executor] = {}
     done = []
@@ -174,12 +198,33 @@ def cancel(store: Store, target: str, *, work_root: Path, grace_s: float) -> lis
         for attempt in store.open_attempts(beam_id=beam.id):
             if store.beam(beam.id).state is not BeamState.CANCELLED:
                 break
-            ex = executors.get(attempt.executor)
-            if ex is None:
-                ex = executors[attempt.executor] = make_executor(attempt.executor)
             case = store.case(beam.case_id)
+            if attempt.executor == LOCAL:
+                ex = executors.get(LOCAL)
+                if ex is None:
+                    ex = executors[LOCAL] = make_executor(LOCAL)
+            else:
+                if clusters is None or not clusters.known(attempt.executor):
+                    raise JobsConfigError(
+                        f"beam {beam.key} runs on cluster {attempt.executor!r}, which is not in the "
+                        "clusters section; add it back to cancel its job there"
+                    )
+                ex = clusters.get(attempt.executor).executor
+            # A remote executor derives its remote files from the same local log prefix.
             ref = attempt_ref(logs_dir(work_root.resolve(), case.key, beam.key), attempt)
-            killed = ex.cancel(ref, grace_s=grace_s)
+            try:
+                killed = ex.cancel(ref, grace_s=grace_s)
+            except RemoteError as exc:
+                # The beam is CANCELLED already; the attempt stays open, so a running serve (or
+                # the next cancel) cancels the job once the cluster answers.
+                log.warning("jobs.cancel_unreached", beam=beam.id, cluster=attempt.executor, error=str(exc))
+                store.add_event(
+                    case_id=beam.case_id,
+                    beam_id=beam.id,
+                    reason=f"cancel: cluster {attempt.executor} unreachable ({exc}); job "
+                    f"{attempt.job_id} is cancelled when it answers",
+                )
+                continue
             store.close_attempt(attempt.id, outcome="cancelled", exit_code=None)
             store.add_event(
                 case_id=beam.case_id,

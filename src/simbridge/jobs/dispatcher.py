@@ -10,8 +10,6 @@ while we were away, relaunch one that never started.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import signal
 import threading
@@ -26,27 +24,31 @@ import tenacity
 from simbridge.config import Settings
 from simbridge.gpus import GpuPool
 from simbridge.gpus.errors import LeaseTimeout
+from simbridge.jobs.clusters import LOCAL, Cluster, Clusters
 from simbridge.jobs.errors import (
     BadNameError,
     CaseRejectedError,
     JobsConfigError,
     LeaseLostError,
+    RemoteError,
     StaleStateError,
     StoreError,
     StoreLostError,
 )
-from simbridge.jobs.executors import Executor, JobInfo, JobRef, JobStatus, make_executor
+from simbridge.jobs.executors import Executor
 from simbridge.jobs.executors.local import LocalExecutor
 from simbridge.jobs.inbox import RETRY_INITIAL_S, Inbox
 from simbridge.jobs.intake import NOTE_PREFIX, is_taken, reject_case, shown, take_case, tree_limits
 from simbridge.jobs.names import safe_key
 from simbridge.jobs.pipeline import LOCAL_STEPS, Pipeline
-from simbridge.jobs.states import IN_FLIGHT, LAUNCHED_FROM, NEXT, SCHEDULABLE, BeamState
-from simbridge.jobs.store import AttemptRow, BeamRow, Store, default_actor
+from simbridge.jobs.remote import passing, remote_cause
+from simbridge.jobs.states import IN_FLIGHT, NEXT, SCHEDULABLE, BeamState
+from simbridge.jobs.store import AttemptRow, Store, default_actor
 from simbridge.jobs.store.base import FILE_CHECK_S
 from simbridge.jobs.store.faults import STORE_BACKOFF_MAX_S, StoreTrouble
 from simbridge.jobs.store.lease import OrchestratorLease
 from simbridge.jobs.transport import LocalTransport
+from simbridge.jobs.watch import REMOTE_STATES, Watching
 from simbridge.logs import get_logger
 
 log = get_logger(__name__)
@@ -59,10 +61,17 @@ def _store_error(state: tenacity.RetryCallState) -> StoreError:
     return exc if isinstance(exc, StoreError) else StoreError(repr(exc))
 
 
-class Dispatcher:
+class Dispatcher(Watching):
     """Watch the inbox and run every beam to the end. A context manager (owns threads, store)."""
 
-    def __init__(self, *, settings: Settings, store: Store | None = None, watch_inbox: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store | None = None,
+        watch_inbox: bool = True,
+        clusters: Clusters | None = None,
+    ) -> None:
         jobs = settings.jobs
         if jobs.steps.simulate is None:
             raise JobsConfigError(
@@ -78,19 +87,39 @@ class Dispatcher:
         self._recovered = False
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._fatal: RemoteError | None = None  # a cluster refused us for good (key, user)
         self.local = LocalExecutor(notify=self._wake.set)
-        self.executor: Executor = self.local if jobs.executor == "local" else make_executor(jobs.executor)
-        self._executors: dict[str, Executor] = {"local": self.local, jobs.executor: self.executor}
+        # One connection, transport and executor per cluster, closed when serve ends.
+        # (``clusters`` may be given: built another way, e.g. a cluster whose login node is this host.)
+        self.clusters = clusters or Clusters(settings=settings, store=self.store)
+        self.cluster: Cluster | None = None
+        try:
+            if jobs.executor != LOCAL:
+                self.cluster = self.clusters.get(jobs.executor)
+        except BaseException:
+            self.clusters.close()
+            if self._own_store:
+                self.store.close()
+            raise
+        self.executor: Executor = self.local if self.cluster is None else self.cluster.executor
         self.pipeline = Pipeline(
             settings=jobs,
             store=self.store,
             executor=self.executor,
             local=self.local,
-            transport=LocalTransport(root=jobs.work_root.resolve() / "remote"),
+            transport=(
+                LocalTransport(root=jobs.work_root.resolve() / "remote")
+                if self.cluster is None
+                else self.cluster.transport
+            ),
+            clusters=self.clusters,
+            cluster=self.cluster,
         )
         self.gpus = GpuPool.from_settings(settings)
-        if jobs.gpus_per_beam > len(self.gpus.gpus):
+        # Remote simulations get their GPUs from the scheduler or the host's own assignment.
+        if self.cluster is None and jobs.gpus_per_beam > len(self.gpus.gpus):
             self.gpus.close()
+            self.clusters.close()
             if self._own_store:
                 self.store.close()
             raise JobsConfigError(
@@ -104,6 +133,9 @@ class Dispatcher:
         self._recent_seen: set[int] = set()
         self._ingesting: set[str] = set()
         self._open: dict[int, AttemptRow] = {}
+        self._gather_since: float | None = None  # ready beams held back for one job array
+        self._polled_at: dict[str, float] = {}  # cluster -> when its jobs were last polled
+        self._unknown: set[str] = set()  # clusters named by attempts but no longer configured
         self._lock = threading.Lock()
         self._inbox: Inbox | None = None
         if watch_inbox:
@@ -123,6 +155,7 @@ class Dispatcher:
         except BaseException:
             self._threads.shutdown(wait=False)
             self.gpus.close()
+            self.clusters.close()
             if self._own_store:
                 self.store.close()
             raise
@@ -155,6 +188,8 @@ class Dispatcher:
             self._inbox.__exit__(None, None, None)
         self._threads.shutdown(wait=True, cancel_futures=True)
         self.gpus.close()
+        # After the steps drained (they use the connections); remote jobs keep running.
+        self.clusters.close()
         self._let_go()
 
     def _let_go(self) -> None:
@@ -227,6 +262,8 @@ class Dispatcher:
             self._wake.clear()
         if self._lost is not None:
             raise LeaseLostError(self._lost)
+        if self._fatal is not None:
+            raise self._fatal
         return False
 
     def _turn(self, until_idle: bool) -> bool:
@@ -272,22 +309,26 @@ class Dispatcher:
             self._schedule(time.time())
 
     def _submit(self, beam_id: int, action: Callable[[], object], *, launching: bool) -> None:
+        self._submit_batch([beam_id], action, launching=launching)
+
+    def _submit_batch(self, beam_ids: list[int], action: Callable[[], object], *, launching: bool) -> None:
+        """One action on the pool for one beam, or for several (a job array): all busy till it ends."""
         with self._lock:
-            self._busy.add(beam_id)
+            self._busy.update(beam_ids)
             if launching:
-                self._launching.add(beam_id)
+                self._launching.update(beam_ids)
 
         def done(_fut: Future[None]) -> None:
             with self._lock:
-                self._busy.discard(beam_id)
+                self._busy.difference_update(beam_ids)
                 if launching:
                     # Its attempt row is committed but our last look at open attempts may
                     # predate it: keep the beam off the schedule until the next look.
-                    self._recent.add(beam_id)
-                self._launching.discard(beam_id)
+                    self._recent.update(beam_ids)
+                self._launching.difference_update(beam_ids)
             self._wake.set()
 
-        self._threads.submit(self._guard, beam_id, action).add_done_callback(done)
+        self._threads.submit(self._guard, beam_ids[0], action).add_done_callback(done)
 
     def _guard(self, beam_id: int, action: Callable[[], object]) -> None:
         try:
@@ -301,104 +342,23 @@ class Dispatcher:
             # (an attempt launched but not yet recorded is found again by its token).
             self._trouble.failed(exc)
         except Exception as exc:  # a step must never take the dispatcher down
-            log.exception("jobs.step_crashed", beam=beam_id)
-            try:
-                beam = self.store.beam(beam_id)
-                if beam.state in SCHEDULABLE:  # a RUNNING beam's command is the watcher's
-                    self.pipeline.fail(beam, beam.state, f"internal error in {beam.state}: {exc!r}")
-            except Exception:
-                log.exception("jobs.step_crash_unrecorded", beam=beam_id)
+            cause = remote_cause(exc)
+            if cause is not None and passing(exc):
+                # Never the beam's fault either: it stays where it is until the host answers.
+                self._remote_failed(cause)
+            elif isinstance(exc, RemoteError):
+                self._crashed(beam_id, str(exc))  # disk full, permission, path: the beam's error
+            else:
+                log.exception("jobs.step_crashed", beam=beam_id)
+                self._crashed(beam_id, f"internal error: {exc!r}")
 
-    def _watch(self, now: float) -> None:
-        with self._lock:
-            # Taken before the query: a launch that ended before this point is in the query.
-            self._recent_seen, self._recent = self._recent, set()
-            launching = set(self._launching)
-        attempts = self.store.open_attempts()
-        self._open = {a.beam_id: a for a in attempts}
-        if not attempts:
-            return
-        beams = {b.id: b for b in self.store.beams(ids=self._open.keys())}
-        polled: dict[str, list[tuple[AttemptRow, JobRef]]] = {}
-        for attempt in attempts:
-            beam = beams.get(attempt.beam_id)
-            if attempt.beam_id in launching or beam is None:
-                continue
-            ref = self.pipeline.ref(attempt, beam)
-            if attempt.pid is None and attempt.job_id is None:
-                found = self._executors[attempt.executor].find(ref)
-                if found is not None:
-                    self.store.record_launch(
-                        attempt.id,
-                        beam_id=beam.id,
-                        job_id=found.job_id,
-                        pid=found.pid,
-                        pid_start=found.pid_start,
-                        simulation=attempt.step is BeamState.RUNNING,
-                    )
-                    ref = dataclasses.replace(
-                        ref, job_id=found.job_id, pid=found.pid, pid_start=found.pid_start
-                    )
-                elif not ref.exit_file.exists():
-                    self._never_started(attempt, beam)
-                    continue
-            polled.setdefault(attempt.executor, []).append((attempt, ref))
-        for name, items in polled.items():
-            infos = self._executors[name].poll([ref for _, ref in items])
-            for attempt, ref in items:
-                self._judge(attempt, ref, beams[attempt.beam_id], infos[ref.token], now)
-
-    def _never_started(self, attempt: AttemptRow, beam: BeamRow) -> None:
-        # Killed between writing the intent and launching: nothing ran, so this was no try.
-        if not self.store.close_attempt(attempt.id, outcome="unlaunched", exit_code=None):
-            return
-        self.store.forget_try(beam.id)
-        log.info("jobs.attempt_never_started", beam=beam.id, step=attempt.step)
-        start = LAUNCHED_FROM[attempt.step]
-        if beam.state is attempt.step and start is not attempt.step:
-            with contextlib.suppress(StaleStateError):
-                self.store.transition(
-                    beam.id,
-                    attempt.step,
-                    start,
-                    reason=f"launch was interrupted before it started; back to {start}",
-                    step_tries=max(0, beam.step_tries - 1),
-                )
-
-    def _judge(self, attempt: AttemptRow, ref: JobRef, beam: BeamRow, info: JobInfo, now: float) -> None:
-        with self._lock:
-            if beam.id in self._busy:
-                return  # a kill (timeout/cancel) is under way; it judges the attempt itself
-        executor = self._executors[attempt.executor]
-        if info.status is JobStatus.RUNNING:
-            if beam.state is not attempt.step:
-                # Cancelled (by `simbridge cancel` in another process that died midway).
-                self._submit_once(beam.id, functools.partial(self._kill, executor, attempt, ref, None))
-            elif now > attempt.deadline:
-                kill = functools.partial(self._kill, executor, attempt, ref, "timeout")
-                self._submit_once(beam.id, kill)
-            return
-        # Killed or vanished past its deadline: our own kill of an earlier tick (perhaps by a
-        # process that died before it could judge it), or the limit anyway.
-        timed_out = info.status in {JobStatus.LOST, JobStatus.KILLED} and now > attempt.deadline
+    def _crashed(self, beam_id: int, why: str) -> None:
         try:
-            self.pipeline.finish(attempt, info, timed_out=timed_out, beam=beam)
-        except StaleStateError as exc:
-            log.debug("jobs.judge_skipped", beam=beam.id, reason=str(exc))
-
-    def _submit_once(self, beam_id: int, action: Callable[[], object]) -> None:
-        with self._lock:
-            if beam_id in self._busy:
-                return
-        self._submit(beam_id, action, launching=False)
-
-    def _kill(self, executor: Executor, attempt: AttemptRow, ref: JobRef, why: str | None) -> None:
-        executor.cancel(ref, grace_s=self.jobs.timeouts.kill_grace_s)
-        if why == "timeout":
-            log.warning("jobs.attempt_timeout", beam=attempt.beam_id, step=attempt.step)
-            self.pipeline.finish(attempt, JobInfo(JobStatus.LOST, detail="timeout"), timed_out=True)
-        else:
-            self.store.close_attempt(attempt.id, outcome="cancelled", exit_code=None)
+            beam = self.store.beam(beam_id)
+            if beam.state in SCHEDULABLE:  # a RUNNING beam's command is the watcher's
+                self.pipeline.fail(beam, beam.state, f"{beam.state.lower()}: {why}")
+        except Exception:
+            log.exception("jobs.step_crash_unrecorded", beam=beam_id)
 
     def _take_cases(self) -> None:
         if self._inbox is None:
@@ -484,6 +444,7 @@ class Dispatcher:
         local_cmds = sum(1 for a in self._open.values() if a.step in LOCAL_STEPS)
         queued: list[int] = []
         chosen: list[tuple[int, bool]] = []
+        states = dict(rows)
         for beam_id, state in rows:
             if state is BeamState.QUEUED:
                 queued.append(beam_id)
@@ -500,11 +461,18 @@ class Dispatcher:
                 elif state in commands:
                     continue
             chosen.append((beam_id, may_launch))
-        # The GPU queue: strictly first come, first served (beam id order). When our own runs
-        # already hold every GPU, asking the pool would only fail: skip the futile lease.
-        ours = sum(1 for a in self._open.values() if a.step is BeamState.RUNNING)
-        free = (len(self.gpus.gpus) - ours * self.jobs.gpus_per_beam) // self.jobs.gpus_per_beam
-        queued = queued[: max(0, free)]
+        if self.cluster is not None:
+            # Remote: the scheduler (or the host's GPU assignment) queues the simulations. Nothing
+            # that needs the cluster starts while it is backing off after a dropped link.
+            if self.cluster.backoff.waiting():
+                chosen = [(i, m) for i, m in chosen if states.get(i) not in REMOTE_STATES]
+                queued = []
+        else:
+            # The GPU queue: strictly first come, first served (beam id order). When our own runs
+            # already hold every GPU, asking the pool would only fail: skip the futile lease.
+            ours = sum(1 for a in self._open.values() if a.step is BeamState.RUNNING)
+            free = (len(self.gpus.gpus) - ours * self.jobs.gpus_per_beam) // self.jobs.gpus_per_beam
+            queued = queued[: max(0, free)]
         wanted = [i for i, _ in chosen] + queued
         # One read of every beam acted on this tick (two while they were read apart).
         beams = {b.id: b for b in self.store.beams(ids=wanted)} if wanted else {}
@@ -514,7 +482,10 @@ class Dispatcher:
                 if beam is not None:
                     action = functools.partial(self.pipeline.advance, beam, may_launch=may_launch)
                     self._submit(beam_id, action, launching=True)
-        if queued:
+        if queued and self.cluster is not None:
+            ready = [beams[i] for i in queued if i in beams and beams[i].state is BeamState.QUEUED]
+            self._launch_remote(ready)
+        elif queued:
             for beam_id in queued:
                 beam = beams.get(beam_id)
                 if beam is None or beam.state is not BeamState.QUEUED:

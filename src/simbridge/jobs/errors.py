@@ -120,3 +120,11 @@ class RemotePathError(RemoteError, ValueError):
 
 class SchedulerError(JobsError, RuntimeError):
     """Raised when the scheduler refuses or fails a command (sbatch, squeue, scancel)."""
+
+
+class RunScriptError(JobsError, ValueError):
+    """Raised when a run.sh cannot be rendered: a bad template field, env name, GPU id or command."""
+
+
+class GpuAssignmentError(JobsError, RuntimeError):
+    """Raised when a remote host's GPUs cannot be counted or assigned (discovery failed, none listed)."""

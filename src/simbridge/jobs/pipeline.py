@@ -28,9 +28,12 @@ from tenacity import (
 
 from simbridge.config import JobsSettings, config_file
 from simbridge.gpus import GpuLease
+from simbridge.jobs import remote as remote_steps
+from simbridge.jobs.clusters import Cluster, Clusters
 from simbridge.jobs.errors import (
     LaunchError,
     LaunchTooLateError,
+    RemoteError,
     StaleStateError,
     TransferError,
     UnsafeFileError,
@@ -41,7 +44,7 @@ from simbridge.jobs.states import LAUNCHED_FROM, NEXT, BeamState
 from simbridge.jobs.store import AttemptRow, BeamRow, CaseRow, Store
 from simbridge.jobs.transport import Transport
 from simbridge.logs import get_logger
-from simbridge.processes import last_line, log_tail
+from simbridge.processes import last_line
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -98,12 +101,18 @@ class Pipeline:
         executor: Executor,
         local: Executor,
         transport: Transport,
+        clusters: Clusters | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.executor = executor
         self.local = local
         self.transport = transport
+        self.clusters = clusters
+        # The cluster simulations run on (None: this machine); its executor and transport are
+        # the ones above.
+        self.cluster = cluster
         self.work_root = settings.work_root.resolve()
         self.results_root = settings.results.resolve()
         self._cases: dict[int, CaseRow] = {}
@@ -155,7 +164,11 @@ class Pipeline:
         }
 
     def ref(self, attempt: AttemptRow, beam: BeamRow | None = None) -> JobRef:
-        """How to find an attempt's process and marker again."""
+        """How to find an attempt's process and marker again.
+
+        A remote attempt's ref carries the same local log prefix: its executor derives the remote
+        files from it (runscript.attempt_files: ``{remote_root}/CASE/BEAM/.simbridge/STEP-N``).
+        """
         beam = beam or self.store.beam(attempt.beam_id)
         return attempt_ref(self.paths(beam).logs, attempt)
 
@@ -232,9 +245,14 @@ class Pipeline:
                         (BeamState.POSTPROCESSING, BeamState.COMPLETED, "done"),
                     ],
                 )
+                remote_steps.cleanup(self, beam, remote)
                 return True
         except TransferError:
             return False  # the step-by-step path retries and reports it
+        except RemoteError as exc:
+            if remote_steps.passing(exc):
+                raise
+            return False
         return False
 
     def _move(self, beam: BeamRow, target: BeamState, reason: str) -> BeamRow:
@@ -286,6 +304,13 @@ class Pipeline:
         except TransferError as exc:
             self.fail(beam, BeamState.UPLOADING, str(exc))
             return None
+        except RemoteError as exc:
+            if remote_steps.passing(exc):
+                raise  # the dispatcher backs off (or stops); the beam stays UPLOADING
+            # Disk full, permission denied, a path outside remote_root: say so; the local files
+            # stay, so `simbridge retry` resumes here once it is fixed.
+            self.fail(beam, BeamState.UPLOADING, str(exc))
+            return None
         self._move(beam, BeamState.QUEUED, f"uploaded {count} file(s)")
         return None  # the GPU queue is the dispatcher's
 
@@ -323,7 +348,14 @@ class Pipeline:
         except TransferError as exc:
             self.fail(beam, BeamState.COLLECTING, str(exc))
             return None
-        return self._move(beam, BeamState.POSTPROCESSING, f"downloaded {len(got)} file(s) to {results}")
+        except RemoteError as exc:
+            if remote_steps.passing(exc):
+                raise  # the dispatcher backs off (or stops); the beam stays COLLECTING
+            self.fail(beam, BeamState.COLLECTING, str(exc))
+            return None
+        moved = self._move(beam, BeamState.POSTPROCESSING, f"downloaded {len(got)} file(s) to {results}")
+        remote_steps.cleanup(self, beam, remote)
+        return moved
 
     def postprocess(self, beam: BeamRow) -> BeamRow | None:
         """POSTPROCESSING: run the postprocess command in the results folder (or finish)."""
@@ -466,7 +498,8 @@ class Pipeline:
             return
         retry = self.settings.retry
         ref = self.ref(attempt, beam)
-        tail = log_tail(ref.stderr)
+        # A scheduler's executor may bring the tail along (fetched in its one poll of the host).
+        tail = info.log_tail.strip() or remote_steps.stderr_tail(self, attempt, ref)
         if timed_out:
             what, transient = (
                 f"timed out after its limit (job {attempt.job_id})",
@@ -478,6 +511,9 @@ class Pipeline:
             what, transient = info.describe(), retry.retry_lost
         else:
             what, transient = info.describe(), info.exit_code in retry.transient_exit_codes
+        if info.transient is not None and not timed_out:
+            # The executor's policy for a named reason (Slurm: requeue NODE_FAIL, PREEMPTED).
+            transient = info.transient
         outcome = "timeout" if timed_out else "transient" if transient else "failed"
         if transient and beam.step_tries < retry.max_attempts:
             delay = retry.backoff_s(beam.step_tries)

@@ -112,7 +112,8 @@ def _cell(column: str, beam: BeamView) -> str:
     if column == "gpu":
         return beam.gpu or "-"
     if column == "job":
-        return beam.job_id or "-"
+        job = beam.job_id or "-"
+        return f"{job} {beam.scheduler}" if beam.scheduler else job
     if column == "time":
         return elapsed_text(beam.elapsed_s)
     if column == "tries":

@@ -14,7 +14,8 @@ from tests.integration.jobs.jobs_fixtures import JobsEnv
 from simbridge.jobs.errors import StoreNotInitialisedError
 from simbridge.jobs.store import AttemptRow, BeamRow, CaseRow, EventRow, Store
 from simbridge.jobs.store.base import head_revision
-from simbridge.jobs.store.schema import attempts, beams, cases, events, metadata
+from simbridge.jobs.store.hostgpus import HostGpuRow
+from simbridge.jobs.store.schema import attempts, beams, cases, events, host_gpus, metadata
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +29,13 @@ def test_the_migrations_build_exactly_the_models(env: JobsEnv) -> None:
 
 @pytest.mark.parametrize(
     ("row", "table"),
-    [(CaseRow, cases), (BeamRow, beams), (AttemptRow, attempts), (EventRow, events)],
+    [
+        (CaseRow, cases),
+        (BeamRow, beams),
+        (AttemptRow, attempts),
+        (EventRow, events),
+        (HostGpuRow, host_gpus),
+    ],
 )
 def test_each_row_has_exactly_its_tables_columns(row: type, table: sa.Table) -> None:
     # Rows are built by column name (and driver rows by this same field order): a column

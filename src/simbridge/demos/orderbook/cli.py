@@ -89,12 +89,16 @@ def orderbook_command(
         rows = len(columns.get("seq", []))
         console.print(
             f"recorded {rows:,} rows in {len(result.parquet_files)} Parquet file(s) "
-            f"under {output / 'parquet'}"
+            f"under {output / 'parquet'}",
+            soft_wrap=True,  # a path split over lines cannot be copied
+            highlight=False,
         )
         if plot and rows:
             from simbridge.demos.orderbook.plot import plot_run
 
-            console.print(f"plot: {plot_run(columns, output / 'orderbook.png')}")
+            console.print(
+                f"plot: {plot_run(columns, output / 'orderbook.png')}", soft_wrap=True, highlight=False
+            )
     except (OrderBookError, SimbridgeError, OSError) as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from exc

@@ -10,7 +10,6 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 from simbridge.processes import end_text
 
@@ -106,12 +105,23 @@ class JobStatus(enum.StrEnum):
 
 @dataclass(frozen=True)
 class JobInfo:
-    """A job's status: ``exit_code`` when EXITED, ``signal`` when KILLED, ``detail`` when LOST."""
+    """A job's status: ``exit_code`` when EXITED, ``signal`` when KILLED, ``detail`` when LOST.
+
+    A scheduler's executor adds what its scheduler says: ``scheduler_state`` (Slurm's PENDING,
+    RUNNING, TIMEOUT, ...), ``reason`` (why it waits: Priority, Resources; or the named failure:
+    TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, PREEMPTED, ...), ``transient`` (the executor's retry
+    policy for that reason; None: the pipeline's own rules decide) and ``log_tail`` (the end of
+    the job's stderr, fetched from the host it ran on).
+    """
 
     status: JobStatus
     exit_code: int | None = None
     signal: int | None = None
     detail: str = ""
+    scheduler_state: str = ""
+    reason: str = ""
+    transient: bool | None = None
+    log_tail: str = ""
 
     @property
     def code(self) -> int | None:
@@ -122,17 +132,24 @@ class JobInfo:
 
     def describe(self) -> str:
         """``exited 3``, ``killed by SIGKILL``, or why it was lost."""
+        named = f" ({self.reason})" if self.reason else ""
         if self.status in {JobStatus.EXITED, JobStatus.KILLED}:
-            return end_text(self.code)
+            return end_text(self.code) + named
         if self.status is JobStatus.LOST:
-            return self.detail or "process lost"
+            detail = self.detail or "process lost"
+            return detail if self.reason in detail else detail + named
+        if self.scheduler_state:
+            return self.scheduler_state.lower() + (f" ({self.reason})" if self.reason else "")
         return "running"
 
 
 class Executor(abc.ABC):
-    """Where an attempt's command runs. One instance per process; thread-safe."""
+    """Where an attempt's command runs. One instance per process; thread-safe.
 
-    name: ClassVar[str]
+    ``name`` is what attempts record (``local``, or a cluster's name from config).
+    """
+
+    name: str
 
     @abc.abstractmethod
     def submit(self, spec: LaunchSpec) -> Launched:

@@ -13,7 +13,7 @@ from typing import Any
 from simbridge.jobs.errors import CaseRejectedError, NotFoundError, StaleStateError
 from simbridge.jobs.states import BeamState, check_transition
 from simbridge.jobs.store import statements as sql
-from simbridge.jobs.store.base import StoreBase
+from simbridge.jobs.store.hostgpus import HostGpuStore
 from simbridge.jobs.store.rows import (
     AttemptRow,
     BeamRow,
@@ -27,7 +27,7 @@ from simbridge.logs import get_logger
 log = get_logger(__name__)
 
 
-class Store(StoreBase):
+class Store(HostGpuStore):
     """Job state in SQLite or PostgreSQL. A context manager: closing disposes the engine's pool."""
 
     def __enter__(self) -> Store:
@@ -177,6 +177,7 @@ class Store(StoreBase):
                 if not ended.rowcount:
                     # Someone else already judged this attempt: raising rolls the move back.
                     raise StaleStateError(f"attempt {close[0]} was already closed")
+                tx.run(sql.RELEASE_HOST_GPUS_OF_ATTEMPT, {"_id": close[0]})
             tx.run(
                 sql.INSERT_EVENT,
                 {
@@ -353,6 +354,11 @@ class Store(StoreBase):
             if simulation:
                 tx.run(sql.SET_JOB_ID, {"_id": beam_id, "v_job_id": job_id})
 
+    def record_scheduler(self, attempt_id: int, *, state: str, reason: str) -> None:
+        """Note what the scheduler says of an attempt (state and reason), for status and the dashboard."""
+        with self.fast_tx() as tx:
+            tx.run(sql.RECORD_SCHEDULER, {"_id": attempt_id, "v_state": state[:32], "v_reason": reason[:500]})
+
     def close_attempt(self, attempt_id: int, *, outcome: str, exit_code: int | None) -> bool:
         """Mark an attempt ended (once; False if it was already closed)."""
         with self.fast_tx() as tx:
@@ -365,7 +371,10 @@ class Store(StoreBase):
                     "v_exit_code": exit_code,
                 },
             )
-            return bool(res.rowcount)
+            if not res.rowcount:
+                return False
+            tx.run(sql.RELEASE_HOST_GPUS_OF_ATTEMPT, {"_id": attempt_id})
+            return True
 
     def open_attempts(self, *, beam_id: int | None = None) -> list[AttemptRow]:
         """Attempts launched (or about to be) that have not ended."""

@@ -67,6 +67,8 @@ class AttemptRow:
     ended_at: float | None
     exit_code: int | None
     outcome: str | None
+    scheduler_state: str | None = None
+    scheduler_reason: str | None = None
 
 
 @dataclass(frozen=True)

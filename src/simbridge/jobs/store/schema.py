@@ -64,6 +64,9 @@ attempts = sa.Table(
     sa.Column("ended_at", sa.Float),
     sa.Column("exit_code", sa.Integer),
     sa.Column("outcome", sa.String(16)),
+    # What the scheduler last said (Slurm: PENDING + Priority, RUNNING, TIMEOUT...); revision 0004.
+    sa.Column("scheduler_state", sa.String(32)),
+    sa.Column("scheduler_reason", sa.Text),
     sa.Index("ix_attempts_open", "ended_at"),
 )
 
@@ -96,4 +99,30 @@ orchestrator = sa.Table(
     sa.Column("started_at", sa.Float),
     sa.Column("heartbeat_at", sa.Float),
     sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
+)
+
+# The GPUs of plain SSH hosts (scheduler: none), one row each: the store assigns them, so no two
+# beams ever run on one remote GPU. ``beam_id`` is the holder (NULL: free); a beam holds its GPUs
+# from its grant (still QUEUED) until its attempt closes (same transaction).
+host_gpus = sa.Table(
+    "host_gpus",
+    metadata,
+    sa.Column("host", sa.String(128), primary_key=True),
+    sa.Column("gpu", sa.String(64), primary_key=True),
+    sa.Column("slot", sa.Integer, nullable=False),
+    sa.Column("uuid", sa.String(128)),
+    sa.Column("beam_id", sa.Integer, sa.ForeignKey("beams.id")),
+    sa.Column("held_at", sa.Float),
+    sa.Index("ix_host_gpus_beam", "beam_id"),
+)
+
+# Beams waiting for GPUs of a host, served first come first served (``since``, then beam id).
+host_gpu_waits = sa.Table(
+    "host_gpu_waits",
+    metadata,
+    sa.Column("host", sa.String(128), primary_key=True),
+    sa.Column("beam_id", sa.Integer, sa.ForeignKey("beams.id"), primary_key=True, autoincrement=False),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Column("since", sa.Float, nullable=False),
+    sa.Column("seen_at", sa.Float, nullable=False),
 )

@@ -9,7 +9,15 @@ import functools
 
 import sqlalchemy as sa
 
-from simbridge.jobs.store.schema import attempts, beams, cases, events, orchestrator
+from simbridge.jobs.store.schema import (
+    attempts,
+    beams,
+    cases,
+    events,
+    host_gpu_waits,
+    host_gpus,
+    orchestrator,
+)
 
 B = sa.bindparam
 
@@ -73,6 +81,11 @@ RECORD_LAUNCH = (
     sa.update(attempts)
     .where(attempts.c.id == B("_id"))
     .values(job_id=B("v_job_id"), pid=B("v_pid"), pid_start=B("v_pid_start"))
+)
+RECORD_SCHEDULER = (
+    sa.update(attempts)
+    .where(attempts.c.id == B("_id"))
+    .values(scheduler_state=B("v_state"), scheduler_reason=B("v_reason"))
 )
 SET_JOB_ID = sa.update(beams).where(beams.c.id == B("_id")).values(hpc_job_id=B("v_job_id"))
 
@@ -141,4 +154,101 @@ EVENTS_OF = (
 # Case-level events (no beam), oldest first: what intake noted about a case.
 CASE_LEVEL_EVENTS = (
     sa.select(events.c.case_id, events.c.reason).where(events.c.beam_id.is_(None)).order_by(events.c.id)
+)
+
+# ---- GPUs of plain SSH hosts (store/hostgpus.py) ---------------------------------------------
+# FOR UPDATE on PostgreSQL: every acquirer of a host locks all its rows first, so two store
+# connections racing for the last GPU are served one after the other (SQLite: BEGIN IMMEDIATE).
+HOST_GPUS_LOCKED = (
+    sa.select(host_gpus.c.gpu, host_gpus.c.slot, host_gpus.c.uuid, host_gpus.c.beam_id)
+    .where(host_gpus.c.host == B("host"))
+    .order_by(host_gpus.c.slot)
+    .with_for_update()
+)
+HOST_GPUS = (
+    sa.select(host_gpus.c.gpu, host_gpus.c.slot, host_gpus.c.uuid, host_gpus.c.beam_id, host_gpus.c.held_at)
+    .where(host_gpus.c.host == B("host"))
+    .order_by(host_gpus.c.slot)
+)
+INSERT_HOST_GPU = sa.insert(host_gpus).values(host=B("host"), gpu=B("gpu"), slot=B("slot"), uuid=B("uuid"))
+UPDATE_HOST_GPU = (
+    sa.update(host_gpus)
+    .where(host_gpus.c.host == B("host"), host_gpus.c.gpu == B("gpu"))
+    .values(slot=B("slot"), uuid=B("uuid"))
+)
+# One GPU per statement: the driver-cursor path expands IN lists for SELECTs only.
+DROP_FREE_HOST_GPU = sa.delete(host_gpus).where(
+    host_gpus.c.host == B("host"), host_gpus.c.gpu == B("gpu"), host_gpus.c.beam_id.is_(None)
+)
+_open_attempt_of_holder = (
+    sa.select(attempts.c.id)
+    .where(attempts.c.beam_id == host_gpus.c.beam_id, attempts.c.ended_at.is_(None))
+    .exists()
+)
+_holder_queued = (
+    sa.select(beams.c.id).where(beams.c.id == host_gpus.c.beam_id, beams.c.state == B("queued")).exists()
+)
+# A holder with no open attempt that is no longer QUEUED (cancelled while waiting, or a crash
+# between the grant and the launch that recovery then moved on) holds nothing any more.
+SWEEP_HOST_GPUS = (
+    sa.update(host_gpus)
+    .where(
+        host_gpus.c.host == B("host"),
+        host_gpus.c.beam_id.is_not(None),
+        ~_open_attempt_of_holder,
+        ~_holder_queued,
+    )
+    .values(beam_id=sa.null(), held_at=sa.null())
+)
+TAKE_HOST_GPU = (
+    sa.update(host_gpus)
+    .where(host_gpus.c.host == B("host"), host_gpus.c.gpu == B("gpu"), host_gpus.c.beam_id.is_(None))
+    .values(beam_id=B("v_beam_id"), held_at=B("v_now"))
+)
+RELEASE_HOST_GPUS_OF_BEAM = (
+    sa.update(host_gpus).where(host_gpus.c.beam_id == B("_beam")).values(beam_id=sa.null(), held_at=sa.null())
+)
+# In the same transaction as CLOSE_ATTEMPT: the GPUs go back the moment their attempt ends.
+RELEASE_HOST_GPUS_OF_ATTEMPT = (
+    sa.update(host_gpus)
+    .where(
+        host_gpus.c.beam_id.is_not(None),
+        host_gpus.c.beam_id
+        == sa.select(attempts.c.beam_id).where(attempts.c.id == B("_id")).scalar_subquery(),
+    )
+    .values(beam_id=sa.null(), held_at=sa.null())
+)
+WAITER = sa.select(host_gpu_waits.c.since).where(
+    host_gpu_waits.c.host == B("host"), host_gpu_waits.c.beam_id == B("beam_id")
+)
+INSERT_WAITER = sa.insert(host_gpu_waits).values(
+    host=B("host"), beam_id=B("beam_id"), count=B("count"), since=B("now"), seen_at=B("now")
+)
+SEEN_WAITER = (
+    sa.update(host_gpu_waits)
+    .where(host_gpu_waits.c.host == B("host"), host_gpu_waits.c.beam_id == B("beam_id"))
+    .values(seen_at=B("now"), count=B("count"))
+)
+_waiter_queued = (
+    sa.select(beams.c.id).where(beams.c.id == host_gpu_waits.c.beam_id, beams.c.state == B("queued")).exists()
+)
+# Waiters that stopped waiting: their beam left QUEUED (cancelled, failed) or nobody asked for
+# them within the staleness limit (a serve that stopped): they must not block the queue.
+PURGE_WAITERS = sa.delete(host_gpu_waits).where(
+    host_gpu_waits.c.host == B("host"),
+    sa.or_(~_waiter_queued, host_gpu_waits.c.seen_at < B("stale_before")),
+)
+FIRST_WAITER = (
+    sa.select(host_gpu_waits.c.beam_id)
+    .where(host_gpu_waits.c.host == B("host"))
+    .order_by(host_gpu_waits.c.since, host_gpu_waits.c.beam_id)
+    .limit(B("one", type_=sa.Integer))
+)
+DELETE_WAITER = sa.delete(host_gpu_waits).where(
+    host_gpu_waits.c.host == B("host"), host_gpu_waits.c.beam_id == B("beam_id")
+)
+WAITERS = (
+    sa.select(host_gpu_waits.c.beam_id)
+    .where(host_gpu_waits.c.host == B("host"))
+    .order_by(host_gpu_waits.c.since, host_gpu_waits.c.beam_id)
 )

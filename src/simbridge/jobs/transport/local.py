@@ -1,4 +1,5 @@
-"""The local transport: the executor's host is this machine, so files are copied between folders.
+"""The local transport: the executor's host is this machine, so files are copied between folders;
+and the local command runner (a cluster whose login node is this machine).
 
 Each file is copied to a temporary name and renamed, so a crash never leaves a torn file in place.
 No link or special file is followed on either side (files.py): a staged or simulated output that
@@ -7,13 +8,17 @@ is a symbolic link (say to /etc/passwd) fails the step instead of leaking what i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
-from simbridge.jobs.errors import TransferError, UnsafeFileError
+from simbridge.jobs.errors import HostUnreachableError, TransferError, UnsafeFileError
 from simbridge.jobs.files import copy_file, copy_tree
 from simbridge.jobs.names import child_path
-from simbridge.jobs.transport.base import Transport
+from simbridge.jobs.transport.base import CommandResult, CommandRunner, Transport
 
 
 class LocalTransport(Transport):
@@ -62,3 +67,41 @@ class LocalTransport(Transport):
         except OSError as exc:
             raise TransferError(f"download {remote_dir} -> {local_dir} failed: {exc}") from exc
         return got
+
+
+class LocalRunner(CommandRunner):
+    """Runs commands with ``bash -c`` on this machine: a cluster whose login node is this host.
+
+    ``env`` is added to our environment (e.g. ``SLURM_CONF`` of a loopback cluster).
+    """
+
+    host = "localhost"
+
+    def __init__(self, *, env: Mapping[str, str] | None = None) -> None:
+        self._env = {**os.environ, **(env or {})}
+
+    def run(self, command: str, *, timeout_s: float, stdin: bytes | None = None) -> CommandResult:
+        """Run ``command`` to its end; a command past ``timeout_s`` is killed (its whole group)."""
+        try:
+            proc = subprocess.Popen(
+                ["bash", "-c", command],
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self._env,
+                # Own group: a timeout kills what the command started too.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise HostUnreachableError(f"{self.host}: cannot run bash: {exc}") from exc
+        try:
+            out, err = proc.communicate(stdin, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise HostUnreachableError(
+                f"{self.host}: command timed out after {timeout_s:g}s: {command[:200]}"
+            ) from None
+        code = proc.returncode
+        return CommandResult(exit_status=code if code >= 0 else None, stdout=out, stderr=err)
