@@ -130,6 +130,12 @@ class Testbed:
             raise TestbedError(
                 f"testbed: {', '.join(running)} already running under {root}; stop it first (down)"
             )
+        # A testbed stopped earlier in this folder left slurmctld's saved state under its own cluster
+        # name, which a new slurmctld refuses ("CLUSTER NAME MISMATCH"): nothing of it runs, so start
+        # from an empty state folder (this folder is the testbed's own, never a user's).
+        layout = Layout(root=root)
+        shutil.rmtree(layout.statesave, ignore_errors=True)
+        shutil.rmtree(layout.spool, ignore_errors=True)
         ensure_munge()
         # One cluster name for every attempt: slurmctld refuses a state folder saved under another.
         cluster = f"tb{uuid.uuid4().hex[:8]}"

@@ -8,6 +8,7 @@ taken) is logged once, and `simbridge status` lists it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -121,6 +122,10 @@ class Inbox:
         tb: TracebackType | None,
     ) -> None:
         if self._observer is not None:
+            # Watches removed first: an event still queued for a stopped emitter makes watchdog log an
+            # error ("queue_events() called when the thread is inactive") on the way out of every serve.
+            with contextlib.suppress(Exception):
+                self._observer.unschedule_all()
             self._observer.stop()
             self._observer.join(timeout=5)
             self._observer = None

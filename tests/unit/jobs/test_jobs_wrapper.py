@@ -226,7 +226,12 @@ def test_the_wrapper_keeps_no_descriptor_of_ours_while_the_command_runs(tmp_path
     os.close(report)
     try:
         _wait_for(tmp_path / "up", "the command to start")
-        assert sorted(int(fd) for fd in os.listdir(f"/proc/{proc.pid}/fd")) == [0, 1, 2]
+        # The wrapper drops its copies right after its report, while the command already runs:
+        # polled (bounded), not read once, or a command quicker than that step would fail it.
+        end = time.monotonic() + START_S
+        while (held := sorted(int(fd) for fd in os.listdir(f"/proc/{proc.pid}/fd"))) != [0, 1, 2]:
+            assert time.monotonic() < end, f"the wrapper still holds descriptors {held} after {START_S}s"
+            time.sleep(0.01)
         assert str(lease_w) in os.listdir(f"/proc/{pid}/fd")
     finally:
         os.killpg(pid, signal.SIGKILL)
