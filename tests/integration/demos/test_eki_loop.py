@@ -172,13 +172,24 @@ def test_killing_the_driver_makes_the_model_exit_with_a_clear_message(
     assert not [n for n in blocks_with(names.prefix) if n not in leftover_blocks]  # the model cleaned up
 
 
-def test_model_orphaned_before_any_block_exits_at_once(model_binary: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("starts_late", [False, True], ids=["model-starts-first", "driver-dies-first"])
+def test_model_orphaned_before_any_block_exits_at_once(
+    model_binary: Path, tmp_path: Path, starts_late: bool
+) -> None:
     log = tmp_path / "model.log"
-    # A driver that starts the model and dies before creating a single block.
+    # A driver that starts the model and dies before creating a single block; in the second case the
+    # model itself starts only after the driver is gone (its first getppid() is already not the driver).
+    command = [str(model_binary), f"eki.orphan.{os.getpid()}", "60"]
+    if starts_late:
+        wait_then_run = 'while kill -0 "$0" 2>/dev/null; do sleep 0.01; done; exec "$@"'
+        command = ["sh", "-c", wait_then_run, "DRIVER", *command]
     script = (
-        "import subprocess, sys\n"
-        f"p = subprocess.Popen([{str(model_binary)!r}, 'eki.orphan.{os.getpid()}', '60'],"
-        f" stdout=open({str(log)!r}, 'w'), stderr=subprocess.STDOUT)\n"
+        "import os, subprocess, sys\n"
+        f"cmd = {command!r}\n"
+        "cmd = [str(os.getpid()) if c == 'DRIVER' else c for c in cmd]\n"
+        "p = subprocess.Popen(cmd,"
+        f" stdout=open({str(log)!r}, 'w'), stderr=subprocess.STDOUT,"
+        " env={**os.environ, 'EKI_DRIVER_PID': str(os.getpid())})\n"
         "print(p.pid)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

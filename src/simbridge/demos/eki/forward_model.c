@@ -401,7 +401,15 @@ int main(int argc, char **argv) {
         return EXIT_USAGE;
     }
     g_prefix = argv[1];
+    /* The driver names itself: a driver that died before we got here has already left us to
+     * init (or a subreaper), and our first getppid() would take that for the driver. */
     g_parent = getppid();
+    const char *driver = getenv("EKI_DRIVER_PID");
+    if (driver != NULL) {
+        char *end = NULL;
+        long value = strtol(driver, &end, 10);
+        if (end != driver && *end == '\0' && value > 1 && value <= INT32_MAX) g_parent = (pid_t)value;
+    }
     double timeout_s = argc == 3 ? strtod(argv[2], NULL) : 600.0;
     if (!(timeout_s > 0)) timeout_s = 600.0;
     struct sigaction sa;

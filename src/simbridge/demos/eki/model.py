@@ -7,6 +7,7 @@ with the log's last lines, so the user sees why it died without hunting for the 
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -69,6 +70,8 @@ class ModelProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
+                # Our pid, so a model started after we died still knows its driver is gone.
+                env={**os.environ, "EKI_DRIVER_PID": str(os.getpid())},
             )
         except OSError:
             self._log.close()
