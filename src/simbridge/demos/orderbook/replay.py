@@ -41,6 +41,10 @@ class Scenario:
     depth: int = 40  # levels per side in the first snapshot
     bad_checksum_at: frozenset[int] = frozenset()
     drop_at: frozenset[int] = frozenset()
+    # After a deliberately bad checksum, hold the stream up to this long for the client's resync
+    # (its unsubscribe cancels the stream): otherwise a fast server reaches the next scripted event
+    # (a drop) before a busy client has read the bad update, and a test sees whichever came first.
+    resync_wait_s: float = 5.0
     recording: Path | None = None  # replay these pushes' levels instead of simulating
 
 
@@ -228,6 +232,12 @@ class ReplayServer:
                     continue
                 request = json.loads(frame)
                 op = request.get("op")
+                # Counted when received: a client that leaves without waiting for the answer (its
+                # wait is bounded) closes before the answer is sent, and it still asked.
+                if op == "subscribe":
+                    self.stats.subscribes += 1
+                elif op == "unsubscribe":
+                    self.stats.unsubscribes += 1
                 await ws.send(json.dumps({"event": op, "arg": self.channel.arg()}))
                 if streaming is not None:
                     streaming.cancel()
@@ -235,10 +245,7 @@ class ReplayServer:
                         await streaming
                     streaming = None
                 if op == "subscribe":
-                    self.stats.subscribes += 1
                     streaming = asyncio.create_task(self._stream(ws))
-                elif op == "unsubscribe":
-                    self.stats.unsubscribes += 1
         except ConnectionClosed:
             pass
         finally:
@@ -286,6 +293,8 @@ class ReplayServer:
                     ts_ms=time.time_ns() // 1_000_000,
                 )
             )
+            if number in self.scenario.bad_checksum_at and self.scenario.resync_wait_s > 0:
+                await asyncio.sleep(self.scenario.resync_wait_s)
             if number in self.scenario.drop_at:
                 self.stats.drops += 1
                 if ws.transport is not None:
