@@ -54,6 +54,9 @@ log = get_logger(__name__)
 # A job just submitted may be missing from squeue for a moment; this long it is not a failure.
 MISSING_GRACE_S = 30.0
 CANCEL_WAIT_S = 10.0
+# How long after writing its intent an attempt's sbatch may still reach Slurm (sbatch's own RPC
+# timeout is 10 s by default, plus an SSH round): before that, "not in the queue" proves nothing.
+SUBMIT_SETTLE_S = 20.0
 # Running jobs whose marker is read each interval too: the marker is the final word, and a
 # controller that is slow to learn of an end (restarting, slurmd retrying) must not delay it.
 MARKED_STATES = frozenset({"RUNNING", "COMPLETING"})
@@ -280,6 +283,19 @@ class SlurmExecutor(Executor):
         info = marker_info(markers[0])
         if info is not None:
             self._mirror(ref, markers[0] or b"")
+            return None
+        # An sbatch sent just before a crash can still be on its way (its SSH session is torn down
+        # while the remote sbatch finishes its RPC): "not in the queue" is only "never submitted"
+        # once that can no longer happen. Until then the caller asks again next tick.
+        try:
+            age = time.time() - intent_file(ref.log_prefix).stat().st_mtime
+        except OSError:
+            age = SUBMIT_SETTLE_S
+        if age < SUBMIT_SETTLE_S:
+            raise SchedulerError(
+                f"{self.name}: job {intent.name!r} is not in the queue yet; its sbatch of "
+                f"{age:.0f} s ago may still be on its way (asked again until {SUBMIT_SETTLE_S:.0f} s)"
+            )
         return None
 
     # ---- poll --------------------------------------------------------------------------------
