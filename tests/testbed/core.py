@@ -3,13 +3,15 @@ as a whole (and by parts, for the failure tests: sshd down and up, slurmctld res
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 import socket
 import subprocess
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -235,6 +237,28 @@ class Testbed:
             return len(self.layout.sbatch_calls.read_bytes().splitlines())
         except FileNotFoundError:
             return 0
+
+    @contextlib.contextmanager
+    def sbatch_held(self) -> Iterator[Callable[[float], int]]:
+        """Every sbatch waits (at most 120 s) until the block ends. Yields ``wait(timeout_s)``:
+        the pid of the first held sbatch once one waits (its call already counted)."""
+        layout = self.layout
+        layout.sbatch_held.unlink(missing_ok=True)
+        layout.sbatch_hold.touch()
+
+        def wait(timeout_s: float) -> int:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
+                    return int(layout.sbatch_held.read_text().split()[0])
+                if time.monotonic() > deadline:
+                    raise TestbedError(f"no sbatch came to the hold within {timeout_s} s")
+                time.sleep(0.02)
+
+        try:
+            yield wait
+        finally:
+            layout.sbatch_hold.unlink(missing_ok=True)
 
     def max_array_size(self) -> int:
         return int(slurm.scontrol_value(self.layout, "MaxArraySize"))

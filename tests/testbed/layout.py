@@ -92,6 +92,17 @@ class Layout:
         return self.root / "sbatch-calls.log"
 
     @property
+    def sbatch_hold(self) -> Path:
+        # While this file exists every sbatch waits (bounded) before it submits: a test's window
+        # to kill an orchestrator while its sbatch is in flight. Each held call appends its pid
+        # to sbatch-held.log first.
+        return self.root / "sbatch-hold"
+
+    @property
+    def sbatch_held(self) -> Path:
+        return self.root / "sbatch-held.log"
+
+    @property
     def remote_root(self) -> Path:
         return self.root / "remote"
 

@@ -4,6 +4,7 @@ known_hosts file for clients, Slurm's config and a counting `sbatch` in every se
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 from pathlib import Path
@@ -53,8 +54,16 @@ def write_sbatch_wrapper(layout: Layout) -> None:
     layout.bin.mkdir(parents=True, exist_ok=True)
     wrapper = layout.bin / "sbatch"
     # One short write per call with O_APPEND (>>): lines from concurrent calls never interleave.
+    hold, held = shlex.quote(str(layout.sbatch_hold)), shlex.quote(str(layout.sbatch_held))
     wrapper.write_text(
-        f'#!/bin/sh\necho "$(date +%s.%N) $$" >> \'{layout.sbatch_calls}\'\nexec /usr/bin/sbatch "$@"\n'
+        "#!/bin/sh\n"
+        f'echo "$(date +%s.%N) $$" >> {shlex.quote(str(layout.sbatch_calls))}\n'
+        f"if [ -e {hold} ]; then\n"
+        f"    echo $$ >> {held}\n"
+        "    _i=0\n"
+        f'    while [ -e {hold} ] && [ "$_i" -lt 1200 ]; do sleep 0.1; _i=$((_i + 1)); done\n'
+        "fi\n"
+        'exec /usr/bin/sbatch "$@"\n'
     )
     wrapper.chmod(0o755)
 

@@ -39,7 +39,8 @@ class CountingRunner(CommandRunner):
         return self.inner.run(command, timeout_s=timeout_s, stdin=stdin)
 
     def count(self, word: str) -> int:
-        return sum(1 for c in self.commands if c.startswith(word + " ") or f"&& {word} " in c)
+        # sbatch runs inside the submit claim's `sh -c` (slurm_submit.py): a word among others.
+        return sum(1 for c in self.commands if c.startswith(word + " ") or f" {word} " in c)
 
 
 def make(
@@ -136,6 +137,16 @@ def test_find_adopts_after_crash_never_submits_twice(
     del ex
     fresh, runner = make(testbed, tmp_remote_root)
     found = fresh.find(ref_of(s, None))
+    assert found is not None and found.job_id == job_id
+    # The submit claim on the cluster names the job: no squeue needed, no second sbatch.
+    assert runner.count("squeue") == 0 and runner.count("sbatch") == 0
+    # An sbatch that failed yet queued its job (or one submitted without the claim) leaves no
+    # claimed job id: then the queue, by unique name and token, finds it.
+    job_file = tmp_remote_root / "case1" / "b-adopt" / ".simbridge" / "running-1.job"
+    assert job_file.read_text().strip() == job_id
+    job_file.unlink()
+    again, runner = make(testbed, tmp_remote_root)
+    found = again.find(ref_of(s, None))
     assert found is not None and found.job_id == job_id
     assert runner.count("squeue") == 1 and runner.count("sbatch") == 0
     info = wait_all(fresh, [ref_of(s, found.job_id)])[s.token]

@@ -19,13 +19,14 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import PurePosixPath
 from typing import Any
 
 from simbridge.config import ClusterSettings
 from simbridge.jobs.errors import LaunchError, RemoteError, RemotePathError, RunScriptError, SchedulerError
 from simbridge.jobs.executors.base import Executor, JobInfo, JobRef, JobStatus, Launched, LaunchSpec
 from simbridge.jobs.executors.slurm_array import submit_many
-from simbridge.jobs.executors.slurm_intent import Intent, intent_file, read_intent, write_intent
+from simbridge.jobs.executors.slurm_intent import Intent, intent_file, read_intent, submit_base, write_intent
 from simbridge.jobs.executors.slurm_parse import (
     ACTIVE_STATES,
     JOB_ID,
@@ -37,6 +38,7 @@ from simbridge.jobs.executors.slurm_parse import (
     parse_squeue_find,
 )
 from simbridge.jobs.executors.slurm_script import remote_files, run_script
+from simbridge.jobs.executors.slurm_submit import Claim, claim_command, parse_claim, submit_command
 from simbridge.jobs.executors.slurm_watch import (
     QueueWatcher,
     checked,
@@ -54,9 +56,6 @@ log = get_logger(__name__)
 # A job just submitted may be missing from squeue for a moment; this long it is not a failure.
 MISSING_GRACE_S = 30.0
 CANCEL_WAIT_S = 10.0
-# How long after writing its intent an attempt's sbatch may still reach Slurm (sbatch's own RPC
-# timeout is 10 s by default, plus an SSH round): before that, "not in the queue" proves nothing.
-SUBMIT_SETTLE_S = 20.0
 # Running jobs whose marker is read each interval too: the marker is the final word, and a
 # controller that is slow to learn of an end (restarting, slurmd retrying) must not delay it.
 MARKED_STATES = frozenset({"RUNNING", "COMPLETING"})
@@ -180,9 +179,20 @@ class SlurmExecutor(Executor):
                 time.sleep(wait)
             self._next_submit = max(now, self._next_submit) + 1.0 / self.settings.slurm.submit_per_s
 
-    def sbatch(self, words: Sequence[str], stdin: bytes, *, prepare: Sequence[str] = ()) -> str:
-        """Run ``prepare`` commands then sbatch in one call (``stdin`` goes to the command); the job id."""
-        command = " && ".join([*prepare, " ".join(shlex.quote(w) for w in words)])
+    def sbatch(
+        self,
+        words: Sequence[str],
+        stdin: bytes,
+        *,
+        base: PurePosixPath,
+        script: PurePosixPath | None = None,
+        prepare: Sequence[str] = (),
+    ) -> str:
+        """Run ``prepare`` commands then sbatch, once for ``base`` (slurm_submit.py), in one call;
+        the job id. ``stdin`` goes to the command: written to ``script`` if given, else read by
+        ``prepare``."""
+        size = len(stdin) if script is not None else 0
+        command = " && ".join([*prepare, submit_command(base, words, script=script, size=size)])
         self.throttle()
         with self._lock:
             self.sbatch_calls += 1
@@ -208,8 +218,9 @@ class SlurmExecutor(Executor):
         words = self.sbatch_words(
             name=name, comment=spec.token, chdir=str(cwd), output=str(files.stdout), error=str(files.stderr)
         )
+        words.append(str(files.script))
         prepare = [f"mkdir -p -- {q(str(files.folder))}", f"rm -f -- {q(str(files.exit_file))}"]
-        job_id = self.sbatch(words, script.encode(), prepare=prepare)
+        job_id = self.sbatch(words, script.encode(), base=files.prefix, script=files.script, prepare=prepare)
         self.remember(spec, replace(intent, job_id=job_id))
         log.debug("slurm.submitted", cluster=self.name, job_id=job_id, name=name)
         return Launched(job_id=job_id)
@@ -247,18 +258,28 @@ class SlurmExecutor(Executor):
         return found
 
     def find(self, ref: JobRef) -> Launched | None:
-        """Find the job again by its unique name (and token) after a crash.
+        """Find the job again after a crash; None when it never reached Slurm and never will.
 
-        None when it never reached Slurm; a job that ended and left the queue but wrote its
-        marker gets that marker mirrored locally, so the caller collects it instead of
-        submitting it again. Raises SchedulerError when Slurm cannot be asked now: "unknown"
-        must never be taken for "never started" (that would submit it twice).
+        The attempt's submit claim on the cluster (slurm_submit.py) answers first: the job sbatch
+        made, "still submitting" (SchedulerError: ask again next tick) or "given up" (from then on
+        no sbatch of this attempt can run). After a given-up claim the queue (by unique name and
+        token) and the exit marker are asked too, for an sbatch that failed yet queued its job; a
+        marker found is mirrored locally, so the caller collects it instead of submitting again.
+        Raises SchedulerError when the cluster cannot be asked now: "unknown" must never be taken
+        for "never started" (that would submit it twice).
         """
         intent = self.intent(ref)
         if intent is None:
             return None  # no intent: sbatch never ran for this attempt
         if intent.job_id is not None:
             return Launched(job_id=intent.job_id)
+        claim = self._claim(intent)
+        if claim.job_id is not None:
+            job_id = claim.job_id if intent.index is None else f"{claim.job_id}_{intent.index}"
+            return self._adopt(ref, intent, job_id)
+        # Nothing of this attempt can reach Slurm any more. Its sbatch may have run and failed
+        # after all (a timeout that still queued the job), or an older simbridge submitted it
+        # without the claim: the queue (by name and token) and its exit marker have the last word.
         command = (
             f"squeue --me --noheader --array --states=all --name={shlex.quote(intent.name)} "
             f"--format={shlex.quote(SQUEUE_FIND_FORMAT)}"
@@ -275,28 +296,28 @@ class SlurmExecutor(Executor):
                 _base, _, index = job.job_id.partition("_")
                 if index != str(intent.index):
                     continue
-            with self._lock:
-                self._intents[ref.token] = replace(intent, job_id=job.job_id)
-            log.info("slurm.adopted", cluster=self.name, job_id=job.job_id, name=intent.name)
-            return Launched(job_id=job.job_id)
+            return self._adopt(ref, intent, job.job_id)
         markers = read_many(self.runner, [str(intent.remote.exit_file)], limit=64, timeout_s=self._timeout)
-        info = marker_info(markers[0])
-        if info is not None:
+        if marker_info(markers[0]) is not None:
             self._mirror(ref, markers[0] or b"")
-            return None
-        # An sbatch sent just before a crash can still be on its way (its SSH session is torn down
-        # while the remote sbatch finishes its RPC): "not in the queue" is only "never submitted"
-        # once that can no longer happen. Until then the caller asks again next tick.
-        try:
-            age = time.time() - intent_file(ref.log_prefix).stat().st_mtime
-        except OSError:
-            age = SUBMIT_SETTLE_S
-        if age < SUBMIT_SETTLE_S:
-            raise SchedulerError(
-                f"{self.name}: job {intent.name!r} is not in the queue yet; its sbatch of "
-                f"{age:.0f} s ago may still be on its way (asked again until {SUBMIT_SETTLE_S:.0f} s)"
-            )
         return None
+
+    def _claim(self, intent: Intent) -> Claim:
+        """The attempt's submit claim on the cluster (slurm_submit.py): its job, or none ever."""
+        base = submit_base(self.root, intent)
+        wait_s = int(max(1.0, min(20.0, self._timeout - 5.0)))
+        where = f"{self.name}: job {intent.name!r}"
+        try:
+            result = self.runner.run(claim_command(base, wait_s=wait_s), timeout_s=self._timeout)
+            return parse_claim(checked(result, "submit claim"), where=where)
+        except RemoteError as exc:
+            raise SchedulerError(f"{where}: cannot read its submit claim: {exc}") from exc
+
+    def _adopt(self, ref: JobRef, intent: Intent, job_id: str) -> Launched:
+        with self._lock:
+            self._intents[ref.token] = replace(intent, job_id=job_id)
+        log.info("slurm.adopted", cluster=self.name, job_id=job_id, name=intent.name)
+        return Launched(job_id=job_id)
 
     # ---- poll --------------------------------------------------------------------------------
 

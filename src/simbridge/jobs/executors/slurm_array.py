@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from simbridge.jobs.errors import LaunchError, RemotePathError, RunScriptError
 from simbridge.jobs.executors.base import Launched, LaunchSpec
 from simbridge.jobs.executors.runscript import AttemptFiles
-from simbridge.jobs.executors.slurm_intent import Intent, write_intent
+from simbridge.jobs.executors.slurm_intent import Intent, array_folder, write_intent
 from simbridge.jobs.executors.slurm_script import array_bundle, remote_files
 from simbridge.logs import get_logger
 
@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     from simbridge.jobs.executors.slurm import SlurmExecutor
 
 log = get_logger(__name__)
-
-ARRAYS_DIR = ".arrays"  # under remote_root: Slurm's own per-element output (its kill notices)
 
 
 def chunks(count: int, size: int) -> list[range]:
@@ -87,8 +85,8 @@ def _array(
     name = f"simbridge_array_{batch[-16:]}"
     q = shlex.quote
     root = executor.root
-    folder = root / ARRAYS_DIR / name
     try:
+        folder = array_folder(root, name)
         bundle = array_bundle(executor.settings, folder, elements)
     except (RemotePathError, RunScriptError) as exc:
         raise LaunchError(str(exc)) from exc
@@ -114,7 +112,7 @@ def _array(
         "rm -f -- " + " ".join(q(str(files.exit_file)) for _, _, files in elements),
         f"tar -x --no-same-owner -f - -C {q(str(root))}",
     ]
-    array_id = executor.sbatch(words, bundle, prepare=prepare)
+    array_id = executor.sbatch(words, bundle, base=folder / "submit", prepare=prepare)
     launched = []
     for index, ((spec, _, _), intent) in enumerate(zip(elements, intents, strict=True)):
         job_id = f"{array_id}_{index}"

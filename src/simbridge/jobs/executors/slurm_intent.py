@@ -20,6 +20,7 @@ from simbridge.jobs.executors.base import log_file
 from simbridge.jobs.executors.runscript import AttemptFiles, confined
 
 INTENT_SUFFIX = ".slurm"
+ARRAYS_DIR = ".arrays"  # under remote_root: each array's manifest, script, claim and Slurm's own logs
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,19 @@ class Intent:
     def remote(self) -> AttemptFiles:
         """The attempt's files on the cluster."""
         return AttemptFiles(PurePosixPath(self.prefix))
+
+
+def array_folder(root: PurePosixPath, name: str) -> PurePosixPath:
+    """The cluster folder of the job array named ``name``."""
+    return confined(root, PurePosixPath(ARRAYS_DIR, name))
+
+
+def submit_base(root: PurePosixPath, intent: Intent) -> PurePosixPath:
+    """Where the attempt's submit claim lives on the cluster (slurm_submit.py): the attempt's own
+    prefix for a single job, the array's folder for an element (one sbatch for all of them)."""
+    if intent.index is None:
+        return confined(root, PurePosixPath(intent.prefix))
+    return array_folder(root, intent.name) / "submit"
 
 
 def intent_file(log_prefix: Path) -> Path:
@@ -75,6 +89,7 @@ def read_intent(log_prefix: Path, root: PurePosixPath) -> Intent | None:
     try:
         confined(root, PurePosixPath(intent.cwd))
         confined(root, PurePosixPath(intent.prefix))
+        submit_base(root, intent)
     except RemotePathError as exc:
         raise SchedulerError(f"intent file of {log_prefix}: {exc}") from exc
     if intent.index is not None and not 0 <= intent.index < 4_000_001:

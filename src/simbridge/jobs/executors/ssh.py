@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from simbridge.config import ClusterSettings
-from simbridge.jobs.errors import GpuAssignmentError, LaunchError, RemoteError
+from simbridge.jobs.errors import GpuAssignmentError, LaunchError, RemoteError, SchedulerError
 from simbridge.jobs.executors import ssh_scripts as scripts
 from simbridge.jobs.executors.base import Executor, JobInfo, JobRef, JobStatus, Launched, LaunchSpec
 from simbridge.jobs.executors.runscript import (
@@ -137,6 +137,8 @@ class SshExecutor(Executor):
             str(files.success),
             str(files.failed),
             spec.token,
+            str(len(text.encode())),
+            str(files.prefix),
         ]
         # The wait for run.sh's pid file is part of the command: give it its 60 s on top.
         try:
@@ -162,19 +164,26 @@ class SshExecutor(Executor):
     def _found_after_error(self, spec: LaunchSpec) -> Launched | None:
         try:
             return self.find(JobRef(token=spec.token, log_prefix=spec.log_prefix))
-        except RemoteError:
-            return None
+        except (RemoteError, SchedulerError):
+            return None  # the watcher asks again later (never a second start meanwhile)
 
     def find(self, ref: JobRef) -> Launched | None:
         """The attempt's run.sh (running or ended) by its pid file or its token; None: never started.
 
-        A run.sh uploaded but not yet started (we died inside submit) is waited for, bounded.
+        Taken under the attempt's start lock (ssh_scripts.FIND): a submit that holds it is waited
+        for, bounded (SchedulerError: ask again); "None" also gives the attempt up on the host, so
+        a submit still on its way from a killed orchestrator can never start it afterwards.
         """
         files = self.files(ref.log_prefix)
         args = [str(files.exit_file), str(files.pid_file), ref.token, str(files.script)]
-        result = self._sh(scripts.FIND, args, timeout_s=self.settings.command_timeout_s + 10)
+        args += [str(files.prefix), str(files.folder)]
+        timeout_s = self.settings.command_timeout_s
+        script = scripts.FIND.replace("__WAIT__", str(int(max(1.0, min(20.0, timeout_s - 5.0)))))
+        result = self._sh(script, args, timeout_s=timeout_s + 10)
         if not result.ok:
             raise RemoteError(self._failed(f"finding attempt {ref.token}", result))
+        if result.stdout.strip() == b"BUSY":
+            raise SchedulerError(f"{self.runner.host}: attempt {ref.token} is being started; ask again")
         if not result.stdout.strip():
             return None
         pid, start = _pid_line(result.stdout, what=f"{self.runner.host}: pid file of {ref.token}")

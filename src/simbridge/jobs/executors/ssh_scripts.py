@@ -53,27 +53,51 @@ _sb_hex() { od -An -v -tx1 | tr -d ' \n'; }
 _sb_size() { _z=$(wc -c 2>/dev/null < "$1") || _z=0; echo $((_z + 0)); }
 """
 
-# submit: $1 folder $2 script $3 exit $4 pidfile $5 out $6 err $7 success $8 failed $9 token.
-# run.sh comes on stdin. Prints run.sh's own ``PID START`` (it writes them first thing). An
-# attempt already started (a submit repeated after a dropped connection) is reported, not rerun.
+# submit: $1 folder $2 script $3 exit $4 pidfile $5 out $6 err $7 success $8 failed $9 token
+# ${10} run.sh's byte count ${11} the attempt's prefix (its start lock PREFIX.lock and
+# PREFIX.abandoned). run.sh comes on stdin. Prints run.sh's own ``PID START`` (it writes them first
+# thing). An attempt already started (a submit repeated after a dropped connection) is reported,
+# not rerun. The start happens under the lock that FIND takes: a submit still on its way when a
+# restarted orchestrator gave the attempt up (FIND wrote PREFIX.abandoned) refuses to start it.
 SUBMIT = (
     LIBRARY
     + r"""
-if [ -s "$4" ] && read -r _pid _start < "$4" && { _sb_alive "$_pid" "$_start" || [ -f "$3" ]; }; then
+_sb_started() {
+    [ -s "$4" ] && read -r _pid _start < "$4" && { _sb_alive "$_pid" "$_start" || [ -f "$3" ]; }
+}
+if _sb_started "$@"; then
     echo "$_pid $_start"
     exit 0
 fi
 set -e
 umask 022
-for _tool in bash setsid nohup; do
+for _tool in bash setsid nohup flock; do
     command -v "$_tool" >/dev/null 2>&1 || { echo "simbridge: no $_tool on this host" >&2; exit 3; }
 done
 mkdir -p -- "$1"
+exec 9>>"${11}.lock"
+if ! flock -w 60 9; then
+    echo "simbridge: the start lock ${11}.lock stayed busy for 60 s" >&2
+    exit 3
+fi
+if [ -e "${11}.abandoned" ]; then
+    echo "simbridge: not started: a restarted orchestrator gave this attempt up" >&2
+    exit 5
+fi
+if _sb_started "$@"; then
+    echo "$_pid $_start"
+    exit 0
+fi
 rm -f -- "$3" "$4" "$7" "$8"
 cat > "$2.tmp"
+_got=$(wc -c < "$2.tmp")
+if [ "$((_got + 0))" != "${10}" ]; then
+    echo "simbridge: run.sh arrived cut short ($_got of ${10} bytes); not started" >&2
+    exit 3
+fi
 mv -f -- "$2.tmp" "$2"
 cd -- "$1"
-SIMBRIDGE_ATTEMPT=$9 setsid nohup bash "$2" </dev/null >>"$5" 2>>"$6" &
+SIMBRIDGE_ATTEMPT=$9 setsid nohup bash "$2" </dev/null >>"$5" 2>>"$6" 9>&- &
 set +e
 _i=0
 while [ ! -s "$4" ]; do
@@ -127,12 +151,17 @@ _sb_job() {
 """.replace("__TAIL__", str(TAIL_BYTES))
 )
 
-# find: $1 exit $2 pidfile $3 token $4 script. Prints ``PID START`` of the attempt's run.sh if it
-# runs or ran (its pid file, or its token in /proc), else nothing. A script already uploaded
-# but not yet started (we died inside submit) is waited for, bounded.
+# find: $1 exit $2 pidfile $3 token $4 script $5 the attempt's prefix $6 its folder. Prints
+# ``PID START`` of the attempt's run.sh if it runs or ran (its pid file, or its token in /proc),
+# BUSY if a submit holds the start lock (ask again), else nothing, after writing PREFIX.abandoned:
+# a submit still on its way (we died inside it) then refuses to start, so "never started" holds.
 FIND = (
     LIBRARY
     + r"""
+command -v flock >/dev/null 2>&1 || { echo "simbridge: no flock on this host" >&2; exit 3; }
+mkdir -p -- "$6" || exit 3
+exec 9>>"$5.lock" || exit 3
+flock -w __WAIT__ 9 || { echo BUSY; exit 0; }
 _i=0
 while :; do
     if [ -s "$2" ]; then cat -- "$2"; exit 0; fi
@@ -144,11 +173,12 @@ while :; do
             exit 0
         fi
     done
-    [ -f "$4" ] || exit 0
+    [ -f "$4" ] || break
     _i=$((_i + 1))
-    [ "$_i" -le 100 ] || exit 0
+    [ "$_i" -le 100 ] || break
     sleep 0.1
 done
+: > "$5.abandoned" || exit 3
 """
 )
 
