@@ -107,6 +107,7 @@ def check_cluster(
             return [Check(name, "connect", False, _one_line(exc), _fix_for(name, cfg, exc))]
         rows.append(Check(name, "connect", True, f"{cfg.host}:{cfg.port}, host key verified"))
         rows.extend(_check_root(name, cfg, conn))
+        rows.append(_check_tools(name, cfg, conn))
         rows.append(_check_scheduler(name, cfg, conn))
     except RemoteError as exc:
         rows.append(Check(name, "connection", False, _one_line(exc), _fix_for(name, cfg, exc)))
@@ -155,6 +156,28 @@ def _check_root(name: str, cfg: ClusterSettings, conn: CommandRunner) -> list[Ch
     else:
         rows.append(Check(name, "free space", True, f"{_size(free)} free"))
     return rows
+
+
+# What the remote side runs besides the scheduler: the submit claim and the start lock (flock,
+# setsid), run.sh (bash), job arrays (tar), the transfer checks (sha256sum), the plain host's start.
+TOOLS = ("bash", "flock", "setsid", "tar", "sha256sum", "xargs")
+PLAIN_HOST_TOOLS = ("nohup",)
+
+
+def _check_tools(name: str, cfg: ClusterSettings, conn: CommandRunner) -> Check:
+    tools = TOOLS + (PLAIN_HOST_TOOLS if cfg.scheduler == "none" else ())
+    probe = f'for t in {" ".join(tools)}; do command -v "$t" >/dev/null 2>&1 || echo "$t"; done'
+    status, stdout, stderr = _run(conn, cfg, probe)
+    missing = stdout.split()
+    if status == 0 and not missing:
+        return Check(name, "host tools", True, " ".join(tools))
+    return Check(
+        name,
+        "host tools",
+        False,
+        f"missing: {' '.join(missing)}" if missing else (stderr or f"exit {status}"),
+        "install them on the host (flock and setsid come with util-linux, sha256sum with coreutils)",
+    )
 
 
 def _df_free(text: str) -> int | None:

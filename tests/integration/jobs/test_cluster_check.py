@@ -33,6 +33,7 @@ def test_check_passes_on_the_testbed(cenv: ClusterEnv, testbed: Testbed, tmp_rem
     out = cenv.cli("clusters", "check")
     assert "host key verified" in out.stdout
     assert "sinfo" in out.stdout and "FAIL" not in out.stdout
+    assert "host tools" in out.stdout and "flock" in out.stdout
     listed = cenv.cli("clusters", "list").stdout
     assert CLUSTER in listed and "plain" in listed and "jobs.executor" in listed
 
