@@ -24,9 +24,12 @@ from tests.integration.jobs.jobs_fixtures import wait_for
 from tests.integration.jobs.test_cluster_e2e import HOSTILE_BEAMS, HOSTILE_CASE
 from tests.support import capture_events
 from tests.testbed import Testbed
+from tests.testbed._proc import free_port
 
 from simbridge.jobs.dispatcher import Dispatcher
+from simbridge.jobs.errors import HostUnreachableError
 from simbridge.jobs.states import BeamState
+from simbridge.jobs.transport.ssh_connection import SshConnection
 
 pytestmark = pytest.mark.integration
 
@@ -248,3 +251,34 @@ def test_hostile_names_through_the_plain_ssh_executor(
     # cleanup: every beam folder went; nothing was written outside remote_root's case folder.
     assert sorted(p.name for p in tmp_remote_root.iterdir() if not p.name.startswith(".")) == [case_key]
     assert list((tmp_remote_root / case_key).iterdir()) == []
+
+
+def test_proxy_jump_through_the_testbed_sshd_to_itself(
+    cenv: ClusterEnv, testbed: Testbed, tmp_remote_root: Path
+) -> None:
+    jump = f"{testbed.user}@{testbed.host}:{testbed.port}"
+    cenv.clusters = {
+        CLUSTER: testbed.cluster_settings(CLUSTER, "none", remote_root=str(tmp_remote_root), proxy_jump=jump)
+    }
+    settings = cenv.configure(steps=tiny_steps(cenv), executor=CLUSTER)
+    cenv.make_case("jump", {b: {"plan.json": "{}"} for b in ("b1", "b2")})
+    with Dispatcher(settings=settings) as dispatcher:
+        assert dispatcher.run(until_idle=True, max_s=60)
+        beams = dispatcher.store.beams()
+        assert [b.state for b in beams] == [BeamState.COMPLETED] * 2, [b.last_error for b in beams]
+    assert results_of(cenv, "jump") == {"b1": b"b1", "b2": b"b2"}
+    # The jump is really taken: the same host through a jump host that is not there is refused,
+    # and the error names the jump (a closed port on loopback: refused at once).
+    closed = free_port()
+    via_nowhere = SshConnection(
+        host=testbed.host,
+        port=testbed.port,
+        user=testbed.user,
+        identity_file=testbed.identity_file,
+        known_hosts=testbed.known_hosts,
+        proxy_jump=f"{testbed.user}@{testbed.host}:{closed}",
+        connect_timeout_s=5.0,
+        reconnect_s=1.0,
+    )
+    with via_nowhere, pytest.raises(HostUnreachableError, match=rf"127\.0\.0\.1:{closed}.*proxy_jump"):
+        via_nowhere.run("true", timeout_s=30)
