@@ -210,11 +210,10 @@ def test_job_whose_output_fills_the_disk_fails_with_its_log_tail(
     assert beam.state is BeamState.FAILED, beam
     error = beam.last_error or ""
     assert beam.failed_step == BeamState.RUNNING.value
-    # The first line (what status shows) names the full disk; the job's own stderr tail follows.
-    # (No exit code: run.sh could not write its marker on the full disk, and squeue, which saw
-    # the job FAILED, prints none.)
+    # The first line (what status shows) names the exit and the full disk; the job's own stderr
+    # tail follows. run.sh could not write its marker on the full disk: the code is Slurm's.
     first, _, rest = error.partition("\n")
-    assert "No space left on device" in first, error
+    assert "exited 4" in first and "No space left on device" in first, error
     assert "stderr tail:" in rest and "dose engine: writing 3 MB of dose" in rest, error
     assert cenv.lines("launches") == ["fill"]
 
