@@ -245,6 +245,10 @@ def test_hostile_names_through_the_plain_ssh_executor(
     assert not Path.home().joinpath("pwned").exists()
     for where in (tmp_remote_root, cenv.root):
         assert not list(where.rglob("pwned")), f"a name reached a shell unquoted (in {where})"
+    # Nothing of this case went beside its remote_root (other tests' folders live there too).
+    assert not [p for p in testbed.remote_root.iterdir() if "pwned" in p.name]
+    # Each job ran once (it appends its beam's key from its own side).
+    assert cenv.lines("launches") == sorted(b.key for b in beams)
     for beam in beams:
         assert (cenv.results / case_key / beam.key / "raw").read_bytes() == beam.key.encode()
     # cleanup: every beam folder went; nothing was written outside remote_root's case folder.
