@@ -1,8 +1,12 @@
 """Faults of a real cluster met by the whole pipeline (a case in the inbox, a Dispatcher, the
 loopback testbed's sshd + Slurm): slurmctld restarted while jobs run and pend, a remote disk that
 fills (an upload that cannot fit, then `simbridge retry` once space is freed; a job whose output
-fills it), and hostile case and beam names through the plain-SSH executor. Runs are counted from the
-job's own side (each appends its beam to ``launches``) and sbatch calls by the testbed."""
+fills it), hostile case and beam names through the plain-SSH executor, and ``proxy_jump`` through the
+testbed's sshd to itself. Runs are counted from the job's own side (each appends its beam to
+``launches``) and sbatch calls by the testbed.
+
+Not here: a Slurm TIMEOUT. Slurm's smallest time limit is one minute and slurmctld checks limits
+every PERIODIC_TIMEOUT (30 s, compiled in; no slurm.conf key changes it), so one costs 60-90 s."""
 
 from __future__ import annotations
 
