@@ -411,7 +411,9 @@ class SlurmExecutor(Executor):
                 )
             else:
                 pending.append((ref, intent, job_id))
-                if job_id and job_id not in queue:
+                # squeue prints no exit code: a job it shows ended without a marker (run.sh could
+                # not write one on a full disk) is asked of the history too, for its code.
+                if job_id and not _active(queue, job_id):
                     unknown.append(job_id)
         history = (
             ended_jobs(self.runner, unknown, accounting=self.accounting, timeout_s=self._timeout)
@@ -420,7 +422,8 @@ class SlurmExecutor(Executor):
         )
         for ref, _intent, job_id in pending:
             job = queue.get(job_id) if job_id else None
-            job = job or (history.get(job_id) if job_id else None)
+            if job is None or not job.active:
+                job = (history.get(job_id) if job_id else None) or job
             if job is not None and job.active:
                 result[ref.token] = JobInfo(JobStatus.RUNNING, scheduler_state=job.state, reason=job.reason)
             elif job is not None:
