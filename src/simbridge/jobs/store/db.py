@@ -403,6 +403,12 @@ class Store(HostGpuStore):
                 return int(cursor.run(sql.COUNT_ATTEMPTS, {}).fetchone()[0])
             return int(cursor.run(sql.COUNT_ATTEMPTS_OF, {"step": step.value}).fetchone()[0])
 
+    def launches(self, *, step: BeamState, state: BeamState, case_id: int | None = None) -> dict[int, int]:
+        """Beam id -> how often ``step`` was launched, for the beams now in ``state`` (of one case)."""
+        params = {"case_id": case_id, "state": state.value, "step": step.value}
+        with self._fast_read() as cursor:
+            return {int(b): int(n) for b, n in cursor.run(sql.LAUNCHES_PER_BEAM, params).fetchall()}
+
     # ---- events ------------------------------------------------------------------------------
 
     def add_event(self, *, reason: str, case_id: int | None = None, beam_id: int | None = None) -> None:
