@@ -162,17 +162,8 @@ class Pipeline(Attempts):
         """UPLOADING: copy the staged files (or the beam folder) to the per-beam folder."""
         local = self.paths(beam).staging if self.settings.steps.prepare else Path(beam.path)
         remote = self.remote_dir(beam)
-        try:
-            count = self._transfer(lambda: self.transport.upload(local, remote))
-        except TransferError as exc:
-            self.fail(beam, BeamState.UPLOADING, str(exc))
-            return None
-        except RemoteError as exc:
-            if remote_steps.passing(exc):
-                raise  # the dispatcher backs off (or stops); the beam stays UPLOADING
-            # Disk full, permission denied, a path outside remote_root: say so; the local files
-            # stay, so `simbridge retry` resumes here once it is fixed.
-            self.fail(beam, BeamState.UPLOADING, str(exc))
+        count = self._copy(beam, BeamState.UPLOADING, lambda: self.transport.upload(local, remote))
+        if count is None:
             return None
         self._move(beam, BeamState.QUEUED, f"uploaded {count} file(s)")
         return None  # the GPU queue is the dispatcher's
@@ -206,15 +197,10 @@ class Pipeline(Attempts):
         remote = self.remote_dir(beam)
         results = self.paths(beam).results
         patterns = self.settings.steps.outputs
-        try:
-            got = self._transfer(lambda: self.transport.download(remote, patterns, results))
-        except TransferError as exc:
-            self.fail(beam, BeamState.COLLECTING, str(exc))
-            return None
-        except RemoteError as exc:
-            if remote_steps.passing(exc):
-                raise  # the dispatcher backs off (or stops); the beam stays COLLECTING
-            self.fail(beam, BeamState.COLLECTING, str(exc))
+        got = self._copy(
+            beam, BeamState.COLLECTING, lambda: self.transport.download(remote, patterns, results)
+        )
+        if got is None:
             return None
         moved = self._move(beam, BeamState.POSTPROCESSING, f"downloaded {len(got)} file(s) to {results}")
         remote_steps.cleanup(self, beam, remote)
@@ -235,6 +221,24 @@ class Pipeline(Attempts):
             timeout_s=self.settings.timeouts.postprocess_s,
             setup=lambda: results.mkdir(parents=True, exist_ok=True),
         )
+        return None
+
+    def _copy(self, beam: BeamRow, step: BeamState, call: Callable[[], T]) -> T | None:
+        """Run an upload or download for ``step``; None when it failed the beam.
+
+        A passing remote error (host away, link dropped) is raised: the dispatcher backs off (or
+        stops) and the beam stays in ``step``. Anything else (a copy that failed its retries, disk
+        full, permission denied, a path outside remote_root) fails the beam, saying why; the local
+        files stay, so `simbridge retry` resumes here once it is fixed.
+        """
+        try:
+            return self._transfer(call)
+        except TransferError as exc:
+            self.fail(beam, step, str(exc))
+        except RemoteError as exc:
+            if remote_steps.passing(exc):
+                raise
+            self.fail(beam, step, str(exc))
         return None
 
     def _transfer(self, call: Callable[[], T]) -> T:
