@@ -82,7 +82,7 @@ setup(
                 "src/simbridge/shm/_ring_io.c",
             ],
             include_dirs=["include"],
-            depends=["include/simbridge/shm.h", "src/simbridge/shm/_ring.h"],
+            depends=["include/simbridge/shm.h", "src/simbridge/shm/_ring.h", "src/simbridge/shm/_sbpy.h"],
             extra_compile_args=[
                 "-O3",
                 "-std=c11",

@@ -107,9 +107,11 @@ def sb_consumer(mode: str) -> Callable[[int, Barrier, Any, Any], None]:
 # --------------------------------------------------------------------------- anchors
 
 
-def queue_pair(mode: str) -> tuple[Side, Callable[..., None], Callable[[], Any]]:
-    def make() -> Any:
-        return CTX.Queue(maxsize=1000)
+def queue_sides(
+    mode: str, put_batch: Callable[[Any, list[bytes]], None], get_batch: Callable[[Any], Any]
+) -> tuple[Side, Callable[..., None]]:
+    """Producer and consumer for a queue with ``put(msg)``/``get()``, its batches moved by the two
+    calls given (one call per BATCH messages: the per-message loops stay as written)."""
 
     def prod(n: int, barrier: Barrier, q: Any) -> None:
         barrier.wait()
@@ -118,19 +120,31 @@ def queue_pair(mode: str) -> tuple[Side, Callable[..., None], Callable[[], Any]]
                 q.put(MSG)
         else:
             for _ in range(n // BATCH):
-                q.put(fresh_batch())
+                put_batch(q, fresh_batch())
         barrier.wait()
 
     def cons(n: int, barrier: Barrier, q: Any, result: Any) -> None:
         barrier.wait()
         t0 = time.perf_counter()
         got = 0
-        while got < n:
-            item = q.get()
-            got += 1 if mode == "single" else len(item)
+        if mode == "single":
+            while got < n:
+                q.get()
+                got += 1
+        else:
+            while got < n:
+                got += len(get_batch(q))
         result.send(time.perf_counter() - t0)
         barrier.wait()
 
+    return prod, cons
+
+
+def queue_pair(mode: str) -> tuple[Side, Callable[..., None], Callable[[], Any]]:
+    def make() -> Any:
+        return CTX.Queue(maxsize=1000)
+
+    prod, cons = queue_sides(mode, lambda q, batch: q.put(batch), lambda q: q.get())
     return prod, cons, make
 
 
@@ -140,29 +154,9 @@ def fifo_pair(mode: str) -> tuple[Side, Callable[..., None], Callable[[], Any]]:
 
         return Queue(max_size_bytes=1 << 22)
 
-    def prod(n: int, barrier: Barrier, q: Any) -> None:
-        barrier.wait()
-        if mode == "single":
-            for _ in range(n):
-                q.put(MSG)
-        else:
-            for _ in range(n // BATCH):
-                q.put_many(fresh_batch())
-        barrier.wait()
-
-    def cons(n: int, barrier: Barrier, q: Any, result: Any) -> None:
-        barrier.wait()
-        t0 = time.perf_counter()
-        got = 0
-        while got < n:
-            if mode == "single":
-                q.get()
-                got += 1
-            else:
-                got += len(q.get_many(max_messages_to_get=4 * BATCH))
-        result.send(time.perf_counter() - t0)
-        barrier.wait()
-
+    prod, cons = queue_sides(
+        mode, lambda q, batch: q.put_many(batch), lambda q: q.get_many(max_messages_to_get=4 * BATCH)
+    )
     return prod, cons, make
 
 
@@ -410,24 +404,31 @@ def sb_echo(name: str, rounds: int) -> None:
             back.push(there.pop())
 
 
+def round_trips(rounds: int, gap_s: float, send: Callable[[bytes], Any], recv: Callable[[], Any]) -> float:
+    """The median round trip in microseconds: send MSG, take the echo (after gap_s idle, if given).
+    ``send`` and ``recv`` are the anchors' bound methods: no extra call in the timed part."""
+    rtt = []
+    for _ in range(rounds):
+        if gap_s:
+            time.sleep(gap_s)
+        t0 = time.perf_counter()
+        send(MSG)
+        recv()
+        rtt.append(time.perf_counter() - t0)
+    return statistics.median(rtt) * 1e6
+
+
 def sb_pingpong(rounds: int, gap_s: float) -> float:
     from simbridge.shm import Ring
 
     name = f"bench-pp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    rtt = []
     with Ring.create(f"{name}.there", capacity=4096) as there:
         proc = CTX.Process(target=sb_echo, args=(name, rounds))
         proc.start()
         with Ring.open(f"{name}.back", timeout=30) as back:
-            for _ in range(rounds):
-                if gap_s:
-                    time.sleep(gap_s)
-                t0 = time.perf_counter()
-                there.push(MSG)
-                back.pop()
-                rtt.append(time.perf_counter() - t0)
+            median_us = round_trips(rounds, gap_s, there.push, back.pop)
         proc.join(30)
-    return statistics.median(rtt) * 1e6
+    return median_us
 
 
 def zmq_pingpong(rounds: int, gap_s: float) -> float:
@@ -446,17 +447,10 @@ def zmq_pingpong(rounds: int, gap_s: float) -> float:
     sock.bind(address)
     proc = CTX.Process(target=echo)
     proc.start()
-    rtt = []
-    for _ in range(rounds):
-        if gap_s:
-            time.sleep(gap_s)
-        t0 = time.perf_counter()
-        sock.send(MSG)
-        sock.recv()
-        rtt.append(time.perf_counter() - t0)
+    median_us = round_trips(rounds, gap_s, sock.send, sock.recv)
     proc.join(30)
     sock.close(linger=0)
-    return statistics.median(rtt) * 1e6
+    return median_us
 
 
 def c_pingpong(binary: Path, rounds: int, gap_us: int) -> float:

@@ -29,7 +29,8 @@ class BeamView:
     """One beam as shown to people.
 
     ``exit_code`` is set only for an exit; a death by signal sets ``signal`` (``SIGKILL``) instead.
-    ``tries`` counts the launches of the step the beam is in (or failed in).
+    ``tries`` counts the launches of the step the beam is in (or failed in); for a COMPLETED beam,
+    of its simulation (each move resets the per-step count, so the store counts its attempts).
     """
 
     case: str
@@ -71,8 +72,11 @@ def scheduler_text(attempt: AttemptRow | None) -> str | None:
     return f"{attempt.scheduler_state} ({reason})" if reason else attempt.scheduler_state
 
 
-def beam_view(case: CaseRow, beam: BeamRow, now: float, attempt: AttemptRow | None = None) -> BeamView:
-    """How one beam looks on screen (progress is the pipeline position, 0..1)."""
+def beam_view(
+    case: CaseRow, beam: BeamRow, now: float, attempt: AttemptRow | None = None, *, tries: int | None = None
+) -> BeamView:
+    """How one beam looks on screen (progress is the pipeline position, 0..1); ``tries`` replaces
+    the beam's count of tries of its current step (see :class:`BeamView`)."""
     start = beam.started_at or beam.created_at
     end = beam.finished_at if beam.state.terminal else now
     return BeamView(
@@ -82,7 +86,7 @@ def beam_view(case: CaseRow, beam: BeamRow, now: float, attempt: AttemptRow | No
         state=beam.state.value,
         gpu=beam.gpu_id,
         job_id=beam.hpc_job_id,
-        tries=beam.step_tries,
+        tries=beam.step_tries if tries is None else tries,
         elapsed_s=(end - start) if end is not None else None,
         # The store keeps a signal death as minus the signal number (see processes.end_text).
         exit_code=beam.exit_code if beam.exit_code is None or beam.exit_code >= 0 else None,
@@ -97,10 +101,13 @@ def snapshot(store: Store, case: str | None = None) -> list[CaseView]:
     """Every case (or one, by key or folder name) with its beams, oldest first."""
     now = time.time()
     cases = [find_case(store, case)] if case is not None else store.cases()
+    one = cases[0].id if case is not None else None
     by_case: dict[int, list[BeamRow]] = {}
-    for beam in store.beams(case_id=cases[0].id if case is not None else None):
+    for beam in store.beams(case_id=one):
         by_case.setdefault(beam.case_id, []).append(beam)
     running = {a.beam_id: a for a in store.open_attempts()}
+    # A COMPLETED beam's tries: its simulation's launches (the per-step count ends at 0 there).
+    ran = store.launches(step=BeamState.RUNNING, state=BeamState.COMPLETED, case_id=one)
     views = []
     for c in cases:
         beams = by_case.get(c.id, [])
@@ -110,7 +117,7 @@ def snapshot(store: Store, case: str | None = None) -> list[CaseView]:
                 name=c.name,
                 state=case_state(b.state for b in beams).value,
                 created_at=c.created_at,
-                beams=tuple(beam_view(c, b, now, running.get(b.id)) for b in beams),
+                beams=tuple(beam_view(c, b, now, running.get(b.id), tries=ran.get(b.id)) for b in beams),
             )
         )
     return views

@@ -288,7 +288,8 @@ def inbox_entries(root: Path, *, taken: set[str], ready_marker: str | None) -> l
             out.append(InboxEntry(shown(name), "IGNORED", "not a folder; each case is a folder of "
                                   "beam folders", st.st_mtime))  # fmt: skip
         else:
-            empty = not any(os.scandir(entry.path))
+            with os.scandir(entry.path) as it:  # closed at once, not left to the collector
+                empty = not any(it)
             why = "empty folder: nothing to take" if empty else (
                 f"not complete yet (no {ready_marker} file, or still changing)" if ready_marker
                 else "not complete yet (still changing)"

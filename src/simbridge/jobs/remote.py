@@ -1,7 +1,7 @@
 """The pipeline's remote side: which cluster an attempt ran on, its marker and log tail there, the
 launch of simulations on a cluster (one job, or one job array) and the cleanup after success.
 
-Kept apart from pipeline.py (which calls these) so the local steps read on their own.
+Kept apart from pipeline.py and attempts.py (which call these) so the local steps read on their own.
 """
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ from simbridge.jobs.errors import (
 )
 from simbridge.jobs.executors import JobRef, Launched, LaunchSpec
 from simbridge.jobs.executors.ssh import SshExecutor
+from simbridge.jobs.layout import render
 from simbridge.jobs.states import BeamState
 from simbridge.jobs.store import AttemptRow, BeamRow
 from simbridge.logs import get_logger
 from simbridge.processes import log_tail
 
 if TYPE_CHECKING:
-    from simbridge.jobs.pipeline import Pipeline
+    # The pipeline's layers these need (paths, fields, the store, fail); a Pipeline is one.
+    from simbridge.jobs.attempts import Attempts
 
 log = get_logger(__name__)
 
@@ -65,7 +67,7 @@ def passing(exc: BaseException) -> bool:
     return cause is not None and (remote_transient(cause) or is_fatal(cause))
 
 
-def cluster_of(pipeline: Pipeline, attempt: AttemptRow) -> Cluster | None:
+def cluster_of(pipeline: Attempts, attempt: AttemptRow) -> Cluster | None:
     """The cluster an attempt ran on (None: this machine)."""
     if attempt.executor == LOCAL:
         return None
@@ -79,7 +81,7 @@ def cluster_of(pipeline: Pipeline, attempt: AttemptRow) -> Cluster | None:
     return pipeline.clusters.get(attempt.executor)
 
 
-def marker_exists(pipeline: Pipeline, attempt: AttemptRow, ref: JobRef) -> bool:
+def marker_exists(pipeline: Attempts, attempt: AttemptRow, ref: JobRef) -> bool:
     """Whether the attempt's exit marker exists (asked of its cluster if it ran there)."""
     cluster = cluster_of(pipeline, attempt)
     if cluster is None:
@@ -87,7 +89,7 @@ def marker_exists(pipeline: Pipeline, attempt: AttemptRow, ref: JobRef) -> bool:
     return cluster.exists(cluster.files(ref.log_prefix).exit_file)
 
 
-def stderr_tail(pipeline: Pipeline, attempt: AttemptRow, ref: JobRef) -> str:
+def stderr_tail(pipeline: Attempts, attempt: AttemptRow, ref: JobRef) -> str:
     """The end of an attempt's stderr ('' if none), fetched from its cluster if remote."""
     cluster = cluster_of(pipeline, attempt)
     if cluster is None:
@@ -95,7 +97,7 @@ def stderr_tail(pipeline: Pipeline, attempt: AttemptRow, ref: JobRef) -> str:
     return cluster.tail(cluster.files(ref.log_prefix).stderr)
 
 
-def cleanup(pipeline: Pipeline, beam: BeamRow, remote: PurePosixPath) -> None:
+def cleanup(pipeline: Attempts, beam: BeamRow, remote: PurePosixPath) -> None:
     """Remove a beam's remote folder once its results are here, if the cluster asks for it.
 
     Called after the move out of COLLECTING: the results are ours, so this is best effort (a
@@ -110,7 +112,7 @@ def cleanup(pipeline: Pipeline, beam: BeamRow, remote: PurePosixPath) -> None:
         log.warning("jobs.remote_cleanup_failed", beam=beam.id, cluster=cluster.name, error=str(exc))
 
 
-def host_gpus(pipeline: Pipeline, cluster: Cluster, beam: BeamRow) -> tuple[str, ...] | None:
+def host_gpus(pipeline: Attempts, cluster: Cluster, beam: BeamRow) -> tuple[str, ...] | None:
     """GPUs of a plain host for a beam, assigned by the store ('()': none to assign, as on Slurm,
     where the scheduler assigns them; None: all busy, the beam waits its turn, first come first
     served). The host's GPUs are recorded in the store on first use."""
@@ -126,15 +128,13 @@ def host_gpus(pipeline: Pipeline, cluster: Cluster, beam: BeamRow) -> tuple[str,
 
 
 def remote_spec(
-    pipeline: Pipeline, beam: BeamRow, attempt: AttemptRow, gpus: tuple[str, ...] = ()
+    pipeline: Attempts, beam: BeamRow, attempt: AttemptRow, gpus: tuple[str, ...] = ()
 ) -> LaunchSpec:
     """What runs on the cluster for one attempt: the simulate command in the beam's folder.
 
     ``log_prefix`` stays the local one: the executor derives the remote script, logs and exit
     marker from it (runscript.attempt_files), so a ref finds them again after a crash.
     """
-    from simbridge.jobs.pipeline import render
-
     template = pipeline.settings.steps.simulate
     assert template is not None  # checked when the dispatcher starts
     cluster = pipeline.cluster
@@ -156,7 +156,7 @@ def remote_spec(
     return spec
 
 
-def submit_many(pipeline: Pipeline, beams: list[BeamRow]) -> list[AttemptRow]:
+def submit_many(pipeline: Attempts, beams: list[BeamRow]) -> list[AttemptRow]:
     """QUEUED -> RUNNING on the cluster for these beams (one job array when there are several).
 
     Every intent is written before the submit call; a dropped link during it leaves the attempts
@@ -224,7 +224,7 @@ def submit_many(pipeline: Pipeline, beams: list[BeamRow]) -> list[AttemptRow]:
     return done
 
 
-def _record(pipeline: Pipeline, beam: BeamRow, attempt: AttemptRow, got: Launched) -> None:
+def _record(pipeline: Attempts, beam: BeamRow, attempt: AttemptRow, got: Launched) -> None:
     pipeline.store.record_launch(
         attempt.id, beam_id=beam.id, job_id=got.job_id, pid=got.pid, pid_start=got.pid_start
     )

@@ -5,10 +5,7 @@
  * maps segments, exports them through the buffer protocol (so numpy views are zero-copy), releases
  * the GIL around copies and waits, and raises the classes of simbridge.shm.errors (never a builtin).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
-#include "simbridge/shm.h"
+#include "_sbpy.h"
 
 /* Copies at least this large run with the GIL released; smaller ones cost less than the hand-off. */
 #define GIL_RELEASE_BYTES (64 * 1024)
@@ -84,8 +81,8 @@ static int segment_closed_meanwhile(Segment *self, const char *what) {
     return 1;
 }
 
-/* errno -> the matching simbridge class, errno and filename kept. */
-static PyObject *raise_errno(int err, const char *path) {
+/* errno -> the matching simbridge class, errno and filename kept (rings raise through it too). */
+PyObject *sbpy_raise_errno(int err, const char *path) {
     PyObject *cls = err == ENOENT ? BlockNotFoundError
                     : err == EEXIST ? BlockExistsError
                     : err == ENOSPC ? NoSpaceError
@@ -101,7 +98,7 @@ static PyObject *raise_errno(int err, const char *path) {
 
 static PyObject *raise_status(int rc, const char *path) {
     switch (rc) {
-    case SB_ESYS: return raise_errno(errno, path);
+    case SB_ESYS: return sbpy_raise_errno(errno, path);
     case SB_EEXIST: return PyErr_Format(BlockExistsError, "%s: %s", path, sb_strerror(rc));
     case SB_ENOENT: return PyErr_Format(BlockNotFoundError, "%s: %s", path, sb_strerror(rc));
     case SB_EINVAL:
@@ -116,6 +113,18 @@ static PyObject *raise_status(int rc, const char *path) {
                             path, sb_strerror(rc));
     default: return PyErr_Format(ShmError, "%s: %s (code %d)", path, sb_strerror(rc), rc);
     }
+}
+
+PyObject *sbpy_attach_failed(PyObject *handle, int *closed, int rc, const char *name, int not_ready_is_none,
+                             PyObject *(*raise_status)(int rc, const char *path)) {
+    char path[SB_NAME_MAX + 16];
+    sbpy_error_path(path, sizeof path, name);
+    int err = errno;
+    *closed = 1;
+    Py_DECREF(handle);
+    if (not_ready_is_none && rc == SB_ENOTREADY) Py_RETURN_NONE;
+    errno = err;
+    return raise_status(rc, path);
 }
 
 /* O& converters: a Python int in range, else OutOfRange saying the rule (never a silent wrap). */
@@ -192,15 +201,7 @@ static PyObject *core_create(PyObject *mod, PyObject *args, PyObject *kw) {
     if (self == NULL) return NULL;
     int rc = sb_block_create(&self->b, name, dtype, (uint32_t)ndim, shape, slots, mode,
                              checksum ? SB_FLAG_CHECKSUM : 0u);
-    if (rc != SB_OK) {
-        char path[SB_NAME_MAX + 16];
-        snprintf(path, sizeof path, "/%s%.200s", SB_SHM_PREFIX, name);
-        int err = errno;
-        self->closed = 1;
-        Py_DECREF(self);
-        errno = err;
-        return raise_status(rc, path);
-    }
+    if (rc != SB_OK) return sbpy_attach_failed((PyObject *)self, &self->closed, rc, name, 0, raise_status);
     return (PyObject *)self;
 }
 
@@ -212,16 +213,7 @@ static PyObject *core_open(PyObject *mod, PyObject *args) {
     Segment *self = segment_new();
     if (self == NULL) return NULL;
     int rc = sb_block_open(&self->b, name, 0);
-    if (rc != SB_OK) {
-        char path[SB_NAME_MAX + 16];
-        snprintf(path, sizeof path, "/%s%.200s", SB_SHM_PREFIX, name);
-        int err = errno;
-        self->closed = 1;
-        Py_DECREF(self);
-        if (rc == SB_ENOTREADY) Py_RETURN_NONE;
-        errno = err;
-        return raise_status(rc, path);
-    }
+    if (rc != SB_OK) return sbpy_attach_failed((PyObject *)self, &self->closed, rc, name, 1, raise_status);
     return (PyObject *)self;
 }
 
@@ -232,7 +224,7 @@ static PyObject *core_unlink(PyObject *mod, PyObject *args) {
     char path[SB_NAME_MAX + 16];
     if (sb_shm_path(name, path, sizeof path) != SB_OK)
         return PyErr_Format(InvalidNameError, "invalid block name %R", PyTuple_GET_ITEM(args, 0));
-    if (shm_unlink(path) != 0) return raise_errno(errno, path);
+    if (shm_unlink(path) != 0) return sbpy_raise_errno(errno, path);
     Py_RETURN_NONE;
 }
 
@@ -527,7 +519,7 @@ static PyObject *seg_unlink(Segment *self, PyObject *unused) {
     if (mine.st_ino != named.st_ino || mine.st_dev != named.st_dev) Py_RETURN_FALSE;
     if (shm_unlink(self->b.path) != 0) {
         if (errno == ENOENT) Py_RETURN_FALSE;
-        return raise_errno(errno, self->b.path);
+        return sbpy_raise_errno(errno, self->b.path);
     }
     Py_RETURN_TRUE;
 }

@@ -19,23 +19,9 @@ static void ring_after_fork(void) { ring_fork_generation++; }
 
 static PyTypeObject RingType;
 
-PyObject *ring_raise_errno(int err, const char *path) {
-    PyObject *cls = err == ENOENT ? R_BlockNotFound
-                    : err == EEXIST ? R_BlockExists
-                    : err == ENOSPC ? R_NoSpace
-                    : (err == EACCES || err == EPERM) ? R_AccessDenied
-                    : R_ShmOSError;
-    PyObject *exc = PyObject_CallFunction(cls, "iss", err, strerror(err), path);
-    if (exc != NULL) {
-        PyErr_SetObject(cls, exc);
-        Py_DECREF(exc);
-    }
-    return NULL;
-}
-
 PyObject *ring_raise_status(int rc, const char *path) {
     switch (rc) {
-    case SB_ESYS: return ring_raise_errno(errno, path);
+    case SB_ESYS: return sbpy_raise_errno(errno, path);
     case SB_EEXIST: return PyErr_Format(R_BlockExists, "%s: a segment of that name exists", path);
     case SB_ENOENT: return PyErr_Format(R_BlockNotFound, "%s: no such ring", path);
     case SB_EINVAL: return PyErr_Format(R_OutOfRange, "%s: invalid argument", path);
@@ -187,15 +173,7 @@ PyObject *sbpy_ring_create(PyObject *mod, PyObject *args) {
     int rc = sbr_create(&self->r, name, mode, capacity, record_size, perm, fail ? SBR_FLAG_OVERFLOW_FAIL : 0,
                         (const char *)descr.buf, (uint32_t)descr.len);
     PyBuffer_Release(&descr);
-    if (rc != SB_OK) {
-        char path[SB_NAME_MAX + 16];
-        snprintf(path, sizeof path, "/%s%.200s", SB_SHM_PREFIX, name);
-        int err = errno;
-        self->closed = 1;
-        Py_DECREF(self);
-        errno = err;
-        return ring_raise_status(rc, path);
-    }
+    if (rc != SB_OK) return sbpy_attach_failed((PyObject *)self, &self->closed, rc, name, 0, ring_raise_status);
     self->fail = fail;
     self->spin_ns = spin_ns;
     return ring_take_descr(self);
@@ -210,16 +188,7 @@ PyObject *sbpy_ring_open(PyObject *mod, PyObject *args) {
     RingObject *self = ring_new();
     if (self == NULL) return NULL;
     int rc = sbr_open(&self->r, name, 0);
-    if (rc != SB_OK) {
-        char path[SB_NAME_MAX + 16];
-        snprintf(path, sizeof path, "/%s%.200s", SB_SHM_PREFIX, name);
-        int err = errno;
-        self->closed = 1;
-        Py_DECREF(self);
-        if (rc == SB_ENOTREADY) Py_RETURN_NONE;
-        errno = err;
-        return ring_raise_status(rc, path);
-    }
+    if (rc != SB_OK) return sbpy_attach_failed((PyObject *)self, &self->closed, rc, name, 1, ring_raise_status);
     self->spin_ns = spin_ns;
     return ring_take_descr(self);
 }
@@ -236,7 +205,7 @@ PyObject *sbpy_ring_inspect(PyObject *mod, PyObject *args) {
     if (rc == SB_ENOTREADY) Py_RETURN_NONE;
     if (rc != SB_OK) {
         char path[SB_NAME_MAX + 16];
-        snprintf(path, sizeof path, "/%s%.200s", SB_SHM_PREFIX, name);
+        sbpy_error_path(path, sizeof path, name);
         return ring_raise_status(rc, path);
     }
     PyObject *d = ring_header_dict(&r);
@@ -332,7 +301,7 @@ static PyObject *ring_unlink(RingObject *self, PyObject *unused) {
     if (mine.st_ino != named.st_ino || mine.st_dev != named.st_dev) Py_RETURN_FALSE;
     if (shm_unlink(self->r.path) != 0) {
         if (errno == ENOENT) Py_RETURN_FALSE;
-        return ring_raise_errno(errno, self->r.path);
+        return sbpy_raise_errno(errno, self->r.path);
     }
     Py_RETURN_TRUE;
 }

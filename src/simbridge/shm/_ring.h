@@ -5,11 +5,9 @@
 #ifndef SIMBRIDGE_RING_PRIVATE_H
 #define SIMBRIDGE_RING_PRIVATE_H
 
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <math.h>
+#include "_sbpy.h"
 
-#include "simbridge/shm.h"
+#include <math.h>
 
 #define RING_GIL_BYTES (64 * 1024)
 
@@ -36,7 +34,6 @@ typedef struct {
 } RingObject;
 
 /* helpers (_ring.c) */
-PyObject *ring_raise_errno(int err, const char *path);
 PyObject *ring_raise_status(int rc, const char *path);
 int ring_usable(RingObject *self);
 int ring_producer(RingObject *self);

@@ -34,19 +34,19 @@ SIM = 'echo "$1" >> "$2/launches"\nprintf ok > raw\n'
 # The serve under test, stopped by itself (SIGSTOP) at the first launch, right after its intent.
 PAUSING_SERVE = """
 import os, runpy, signal, sys, threading
-from simbridge.jobs import pipeline
+from simbridge.jobs import attempts
 
 MARKER, HOOK = sys.argv[1], sys.argv[2]
 
 def pause():
-    setattr(pipeline, HOOK, None)  # once
+    setattr(attempts, HOOK, None)  # once
     with open(MARKER, "w") as marker:
         marker.write("paused\\n")
     # To this very thread: it stops on its way out of the call. A kill() of the process would
     # let it run on (past the lease check, into the launch) until another thread took the stop.
     signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
-setattr(pipeline, HOOK, pause)
+setattr(attempts, HOOK, pause)
 sys.argv = ["simbridge", "serve", "--max-seconds", "120"]
 runpy.run_module("simbridge.jobs", run_name="__main__")
 """
@@ -140,18 +140,18 @@ def test_a_serve_paused_inside_a_launch_and_replaced_never_launches_it(
 # with no process, closes it as never started and launches again. Not a failed try.
 LATE_SERVE = """
 import runpy, sys, time
-from simbridge.jobs import pipeline
+from simbridge.jobs import attempts
 
 PAST_S = float(sys.argv[1])
 
 def stall():
-    pipeline.AFTER_LEASE_CHECK_HOOK = None  # once
+    attempts.AFTER_LEASE_CHECK_HOOK = None  # once
     # The deadline is at most half the lease TTL after the check, which just passed.
     deadline = time.time() + PAST_S
     while time.time() < deadline:
         time.sleep(0.05)
 
-pipeline.AFTER_LEASE_CHECK_HOOK = stall
+attempts.AFTER_LEASE_CHECK_HOOK = stall
 sys.argv = ["simbridge", "serve", "--until-idle", "--max-seconds", "120"]
 runpy.run_module("simbridge.jobs", run_name="__main__")
 """

@@ -13,6 +13,7 @@ from typing import Any
 from simbridge.jobs.errors import CaseRejectedError, NotFoundError, StaleStateError
 from simbridge.jobs.states import BeamState, check_transition
 from simbridge.jobs.store import statements as sql
+from simbridge.jobs.store.engine import DriverCursor
 from simbridge.jobs.store.hostgpus import HostGpuStore
 from simbridge.jobs.store.rows import (
     AttemptRow,
@@ -161,13 +162,9 @@ class Store(HostGpuStore):
             values.setdefault("step_tries", 0)
         if target.terminal:
             values.setdefault("finished_at", now)
-        columns, params = sql.beam_values(values)
         with self.fast_tx() as tx:
-            done = tx.run(
-                sql.update_beam(columns, guarded=True),
-                {"_id": beam_id, "_expected": expected.value, **params},
-            ).fetchall()
-            if not done:
+            case_id = _update_if_in(tx, beam_id, expected, values)
+            if case_id is None:
                 raise StaleStateError(f"beam {beam_id} is no longer {expected}; nothing changed")
             if close is not None:
                 ended = tx.run(
@@ -182,7 +179,7 @@ class Store(HostGpuStore):
                 sql.INSERT_EVENT,
                 {
                     "at": now,
-                    "case_id": done[0][0],
+                    "case_id": case_id,
                     "beam_id": beam_id,
                     "from_state": expected.value,
                     "to_state": target.value,
@@ -206,20 +203,16 @@ class Store(HostGpuStore):
         values: dict[str, Any] = {"state": last.value, "updated_at": now, "step_tries": 0}
         if last.terminal:
             values["finished_at"] = now
-        columns, params = sql.beam_values(values)
         with self.fast_tx() as tx:
-            done = tx.run(
-                sql.update_beam(columns, guarded=True),
-                {"_id": beam_id, "_expected": first.value, **params},
-            ).fetchall()
-            if not done:
+            case_id = _update_if_in(tx, beam_id, first, values)
+            if case_id is None:
                 raise StaleStateError(f"beam {beam_id} is no longer {first}; nothing changed")
             tx.run_many(
                 sql.INSERT_EVENT,
                 [
                     {
                         "at": now,
-                        "case_id": done[0][0],
+                        "case_id": case_id,
                         "beam_id": beam_id,
                         "from_state": here.value,
                         "to_state": there.value,
@@ -232,13 +225,8 @@ class Store(HostGpuStore):
 
     def update_beam(self, beam_id: int, expected: BeamState, **fields: Any) -> bool:
         """Set fields on a beam still in ``expected``; False if it moved meanwhile."""
-        columns, params = sql.beam_values({"updated_at": time.time(), **fields})
         with self.fast_tx() as tx:
-            done = tx.run(
-                sql.update_beam(columns, guarded=True),
-                {"_id": beam_id, "_expected": expected.value, **params},
-            ).fetchall()
-        return bool(done)
+            return _update_if_in(tx, beam_id, expected, {"updated_at": time.time(), **fields}) is not None
 
     # ---- attempts ----------------------------------------------------------------------------
 
@@ -403,6 +391,12 @@ class Store(HostGpuStore):
                 return int(cursor.run(sql.COUNT_ATTEMPTS, {}).fetchone()[0])
             return int(cursor.run(sql.COUNT_ATTEMPTS_OF, {"step": step.value}).fetchone()[0])
 
+    def launches(self, *, step: BeamState, state: BeamState, case_id: int | None = None) -> dict[int, int]:
+        """Beam id -> how often ``step`` was launched, for the beams now in ``state`` (of one case)."""
+        params = {"case_id": case_id, "state": state.value, "step": step.value}
+        with self._fast_read() as cursor:
+            return {int(b): int(n) for b, n in cursor.run(sql.LAUNCHES_PER_BEAM, params).fetchall()}
+
     # ---- events ------------------------------------------------------------------------------
 
     def add_event(self, *, reason: str, case_id: int | None = None, beam_id: int | None = None) -> None:
@@ -435,3 +429,12 @@ class Store(HostGpuStore):
                 if case_id is not None and str(reason).startswith(prefix):
                     out.setdefault(int(case_id), []).append(str(reason))
         return out
+
+
+def _update_if_in(tx: DriverCursor, beam_id: int, expected: BeamState, values: dict[str, Any]) -> int | None:
+    """Set ``values`` on the beam if it is still in ``expected``: its case id, or None if it moved."""
+    columns, params = sql.beam_values(values)
+    done = tx.run(
+        sql.update_beam(columns, guarded=True), {"_id": beam_id, "_expected": expected.value, **params}
+    ).fetchall()
+    return int(done[0][0]) if done else None

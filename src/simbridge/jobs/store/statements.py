@@ -145,6 +145,19 @@ OPEN_ATTEMPTS_OF = (
 ATTEMPTS_OF = sa.select(attempts).where(attempts.c.beam_id == B("_id")).order_by(attempts.c.id)
 COUNT_ATTEMPTS = sa.select(sa.func.count()).select_from(attempts)
 COUNT_ATTEMPTS_OF = COUNT_ATTEMPTS.where(attempts.c.step == B("step"))
+# Per beam in a state (of one case, or all): its launches of a step; one that never started
+# (closed 'unlaunched', its try given back) is not a launch.
+LAUNCHES_PER_BEAM = (
+    sa.select(attempts.c.beam_id, sa.func.count())
+    .select_from(attempts.join(beams, beams.c.id == attempts.c.beam_id))
+    .where(
+        _maybe(beams.c.case_id, "case_id"),
+        beams.c.state == B("state"),
+        attempts.c.step == B("step"),
+        sa.or_(attempts.c.outcome.is_(None), attempts.c.outcome != "unlaunched"),
+    )
+    .group_by(attempts.c.beam_id)
+)
 EVENTS_OF = (
     sa.select(events)
     .where(_maybe(events.c.beam_id, "beam_id"), _maybe(events.c.case_id, "case_id"))
