@@ -114,6 +114,10 @@ def configure_logging(settings: LogSettings, *, verbose: bool = False) -> None:
     logging.getLogger(ROOT).setLevel(
         logging.DEBUG if verbose else logging.getLevelNamesMapping()[settings.level.upper()]
     )
+    # SQLAlchemy's pool logs an error with a traceback when it cannot roll back a connection of a
+    # database that just went away ("Exception during reset or similar"); the store reports that
+    # fault itself, once per change (jobs.store_unavailable), so the pool's copy is noise (-v shows it).
+    logging.getLogger("sqlalchemy.pool").setLevel(logging.WARNING if verbose else logging.CRITICAL)
     # Anything still built with structlog.get_logger (scripts, examples) takes the same road.
     structlog.configure(
         processors=_PROCESSORS,

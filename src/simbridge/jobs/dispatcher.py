@@ -400,7 +400,11 @@ class Dispatcher(Watching):
             return
         except StoreError as exc:
             self._trouble.failed(exc)
-            return  # the store is failing: offered again on the next tick, under the loop's backoff
+            # The store is failing: offered again after a backoff, and counted as pending till
+            # then (a case whose ready marker is there is in no other list: --until-idle would
+            # end with it untaken).
+            self._inbox.defer(folder.name)
+            return
         except Exception as exc:
             # Our side failed (disk full, database away): not the case's fault, so try again
             # later, backing off; each failure is logged, at most once per backoff delay.

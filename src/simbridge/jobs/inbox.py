@@ -222,9 +222,11 @@ class Inbox:
                     out.append(folder)
                 else:
                     self._tell(name, "empty", "jobs.inbox_empty_folder_waiting")
-        for gone in set(self._seen) - present:
-            # Removed before it was complete: forget it (nothing was taken).
-            self._seen.pop(gone, None)
+        with self._lock:
+            for gone in (set(self._seen) | set(self._retry)) - present:
+                # Removed before it was taken: forget it (nothing was taken; nothing pending).
+                self._seen.pop(gone, None)
+                self._retry.pop(gone, None)
         return out
 
     def _late_beams(self, name: str, folder: Path) -> None:

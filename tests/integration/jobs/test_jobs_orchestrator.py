@@ -160,28 +160,41 @@ def test_serve_killed_with_sigkill_is_replaced_at_once(env: JobsEnv) -> None:
     _check_each_step_once(env)
 
 
-def test_a_silent_holder_on_another_host_is_replaced_after_the_ttl(env: JobsEnv) -> None:
-    _setup(env, orchestrator_lease_s=2.0)
-    env.make_case("case", {b: {"plan.json": "{}"} for b in BEAMS})
+def _forge_holder(env: JobsEnv, *, at: float) -> None:
+    """The lease as a serve on another host holds it, last renewed at ``at``."""
     with Store(url=env.db_url) as store, store.tx() as conn:
-        forged_at = time.time()
         conn.execute(
             sa.update(orchestrator)
             .where(orchestrator.c.id == 1)
-            .values(
-                holder="serve-elsewhere",
-                host="node-17",
-                pid=4242,
-                started_at=forged_at,
-                heartbeat_at=forged_at,
-            )
+            .values(holder="serve-elsewhere", host="node-17", pid=4242, started_at=at, heartbeat_at=at)
         )
-    refused = env.cli("serve", "--until-idle", "--max-seconds", "60", check=False)
+
+
+def test_a_silent_holder_on_another_host_is_replaced_after_the_ttl(env: JobsEnv) -> None:
+    _setup(env, orchestrator_lease_s=2.0)
+    env.make_case("case", {b: {"plan.json": "{}"} for b in BEAMS})
+    # The holder renews its lease while the second serve starts (a CLI start can take longer
+    # than the 2 s TTL on a loaded machine: it must meet a live holder, not an expired one).
+    _forge_holder(env, at=time.time())
+    refusing = threading.Event()
+
+    def renew() -> None:
+        while not refusing.wait(0.2):
+            _forge_holder(env, at=time.time())
+
+    renewer = threading.Thread(target=renew)
+    renewer.start()
+    try:
+        refused = env.cli("serve", "--until-idle", "--max-seconds", "60", check=False)
+    finally:
+        refusing.set()
+        renewer.join(timeout=30)
     assert refused.returncode == 1, refused.stderr
     assert "host node-17 pid 4242 since" in refused.stderr, refused.stderr
     assert _lines(env, "prepares") == []
-    # Nobody renews the forged lease: once it is older than the TTL, the next serve takes over.
-    wait_for(lambda: time.time() - forged_at > 2.0, timeout=10, what="the forged lease to expire")
+    # Nobody renews the lease now: once it is older than the TTL, the next serve takes over.
+    silent_at = time.time()
+    wait_for(lambda: time.time() - silent_at > 2.0, timeout=10, what="the silent lease to expire")
     env.cli("serve", "--until-idle", "--max-seconds", "180")
     _check_each_step_once(env)
 
@@ -212,6 +225,40 @@ def test_a_paused_holder_that_was_replaced_stops_without_writing(env: JobsEnv) -
     text = (env.root / "first.log").read_text()
     assert "lost the orchestrator lease" in text or "no longer holds the orchestrator lease" in text, text
     _check_each_step_once(env, prepare=False)
+
+
+def test_a_holder_stopped_inside_a_transaction_does_not_block_the_takeover(
+    sqlite_env: JobsEnv, pg_server: Any
+) -> None:
+    # PostgreSQL: a serve stopped (SIGSTOP, a debugger) while its heartbeat's transaction holds
+    # the lease row would block the takeover's UPDATE for ever; the server ends such a session
+    # after IDLE_IN_TRANSACTION_S and the new serve goes on.
+    env = JobsEnv(root=sqlite_env.root, db_url=pg_server.new_database())
+    _setup(env, orchestrator_lease_s=2.0)
+    env.make_case("case", {b: {"plan.json": "{}"} for b in BEAMS})
+    _forge_holder(env, at=time.time() - 60)  # expired long ago: only the row lock holds it
+    locked, done = threading.Event(), threading.Event()
+    ended: list[BaseException] = []
+
+    def stopped_holder() -> None:
+        try:
+            with Store(url=env.db_url) as store, store.tx() as conn:
+                conn.execute(sa.select(orchestrator).where(orchestrator.c.id == 1).with_for_update())
+                locked.set()
+                done.wait(timeout=120)  # silent inside the transaction, as a stopped process is
+        except Exception as exc:  # the server ended the session: the commit fails
+            ended.append(exc)
+
+    holder = threading.Thread(target=stopped_holder)
+    holder.start()
+    try:
+        assert locked.wait(timeout=30)
+        env.cli("serve", "--until-idle", "--max-seconds", "120", timeout=150)
+    finally:
+        done.set()
+        holder.join(timeout=30)
+    assert ended, "the stopped holder's transaction was not ended by the server"
+    _check_each_step_once(env)
 
 
 def test_a_dispatcher_that_lost_its_lease_writes_nothing(env: JobsEnv) -> None:

@@ -320,6 +320,18 @@ def test_a_deferred_take_is_offered_again_only_after_its_backoff(tmp_path: Path)
     assert inbox.ready() == [] and inbox.pending() == 0 and inbox.is_done("c1")
 
 
+def test_a_deferred_case_removed_from_the_inbox_is_no_longer_pending(tmp_path: Path) -> None:
+    # Its take failed (the store was away), then the user took it back: --until-idle must end.
+    folder = _case(tmp_path / "inbox", "c1", {"b1": {"plan.json": b"{}"}})
+    (folder / "READY").touch()
+    inbox = Inbox(root=tmp_path / "inbox", ready_marker="READY", stable_s=0.0, is_taken=lambda _: False)
+    assert inbox.ready() == [folder.resolve()]
+    inbox.defer("c1")
+    assert inbox.pending() == 1
+    shutil.rmtree(folder)
+    assert inbox.ready() == [] and inbox.pending() == 0
+
+
 def test_planted_links_in_the_rejected_folder_are_never_followed(tmp_path: Path) -> None:
     inbox = tmp_path / "inbox"
     slot = inbox / ".rejected" / "x"

@@ -21,6 +21,11 @@ READ_ONLY = "simbridge_read_only"  # execution option: a deferred (non-locking) 
 # "database is locked" (a passing fault: the dispatcher backs off and tries again). Short enough
 # that a serve under a held lock still notices --max-seconds and SIGTERM in good time.
 BUSY_TIMEOUT_S = 5.0
+# PostgreSQL ends a session of ours that sits inside a transaction this long without a word: our
+# transactions last milliseconds, so only a stopped or hung process (SIGSTOP, a debugger, a
+# swapped-out VM) gets there, and its row locks must not hold back the serve that takes over its
+# lease (they would, forever: the takeover's UPDATE waits on the row). It finds its session gone.
+IDLE_IN_TRANSACTION_S = 10.0
 
 
 def default_actor(role: str) -> str:
@@ -95,7 +100,10 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
         pool_size=8,
         max_overflow=8,
         pool_timeout=30,
-        connect_args={"connect_timeout": 10},
+        connect_args={
+            "connect_timeout": 10,
+            "options": f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_S * 1000)}",
+        },
     )
 
 

@@ -96,14 +96,16 @@ class OrchestratorLease:
         """Take the lease in one guarded transaction, or raise :class:`OrchestratorBusyError`."""
         host, pid = socket.gethostname(), os.getpid()
         started = proc_start_time(pid)
-        began = time.monotonic()
         with self.store.tx(fenced=False) as conn:
-            now = _db_now(conn)
             # FOR UPDATE (PostgreSQL): waits for writes in flight under a previous holder's fence.
             row = conn.execute(sa.select(orchestrator).where(_ROW).with_for_update()).first()
             if row is None:  # the migration inserts it; a hand-emptied table gets it back
                 conn.execute(sa.insert(orchestrator).values(id=1, generation=0))
                 row = conn.execute(sa.select(orchestrator).where(_ROW).with_for_update()).one()
+            # The clocks are read once the row is ours: a wait for the lock (a holder stopped
+            # inside its transaction) must not make the new lease look stale from its start.
+            began = time.monotonic()
+            now = _db_now(conn)
             previous = None
             if row.holder is not None:
                 previous = describe_holder(row, now)
