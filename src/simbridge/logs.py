@@ -114,6 +114,9 @@ def configure_logging(settings: LogSettings, *, verbose: bool = False) -> None:
     logging.getLogger(ROOT).setLevel(
         logging.DEBUG if verbose else logging.getLevelNamesMapping()[settings.level.upper()]
     )
+    # Python warnings (a library's RuntimeWarning, e.g. watchdog re-adding a watch) become log
+    # lines on the same handler, not free text on stderr.
+    logging.captureWarnings(True)
     # SQLAlchemy's pool logs an error with a traceback when it cannot roll back a connection of a
     # database that just went away ("Exception during reset or similar"); the store reports that
     # fault itself, once per change (jobs.store_unavailable), so the pool's copy is noise (-v shows it).

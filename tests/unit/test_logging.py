@@ -199,12 +199,36 @@ def test_json_lines_carry_the_exception_and_format_arguments(capsys: pytest.Capt
         log.exception("jobs.step_crashed", beam=3)
     log.info("case %s taken", "c1", beams=2)
     log.debug("below the level")
-    logging.getLogger("sqlalchemy.pool").warning("a foreign %s", "warning")
-    logging.getLogger("sqlalchemy.pool").info("a foreign info, below warning")
+    logging.getLogger("alembic.runtime").warning("a foreign %s", "warning")
+    logging.getLogger("alembic.runtime").info("a foreign info, below warning")
+    # The pool's traceback for a vanished server: the store reports that fault itself.
+    logging.getLogger("sqlalchemy.pool").error("Exception during reset or similar")
     captured = capsys.readouterr()
     assert captured.out == ""
     crashed, taken, foreign = (json.loads(line) for line in captured.err.splitlines())
     assert crashed["event"] == "jobs.step_crashed" and crashed["beam"] == 3 and crashed["level"] == "error"
     assert "ZeroDivisionError: division by zero" in crashed["exception"]
     assert taken == {**taken, "event": "case c1 taken", "beams": 2, "level": "info"}
-    assert foreign == {**foreign, "event": "a foreign warning", "logger": "sqlalchemy.pool"}
+    assert foreign == {**foreign, "event": "a foreign warning", "logger": "alembic.runtime"}
+
+
+def test_the_cli_turns_python_warnings_into_log_lines() -> None:
+    # A library's RuntimeWarning (watchdog re-adding a watch) would otherwise be free text on stderr.
+    code = textwrap.dedent(
+        """
+        import warnings
+        from simbridge.config import LogSettings
+        from simbridge.logs import configure_logging
+        configure_logging(LogSettings(format="json"))
+        warnings.warn("a watch was added twice", RuntimeWarning)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert result.returncode == 0 and result.stdout == "", result.stderr
+    [line] = result.stderr.splitlines()
+    event = json.loads(line)
+    assert event["level"] == "warning" and event["logger"] == "py.warnings"
+    assert "RuntimeWarning: a watch was added twice" in event["event"]
