@@ -24,6 +24,7 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 import asyncssh
 
@@ -65,11 +66,13 @@ from simbridge.jobs.transport.ssh_paths import (
     probe_script,
     remove_script,
 )
+from simbridge.jobs.transport.ssh_stream import STREAMS, encodable, fetch, send
 from simbridge.logs import get_logger
 
 __all__ = ["SshConnection", "SshTransport", "TransferReport", "close_all", "connect"]
 
 log = get_logger(__name__)
+T = TypeVar("T")
 _FULL = re.compile(rb"No space left on device|Disk quota exceeded")
 _DENIED = re.compile(rb"Permission denied|Read-only file system|Operation not permitted")
 
@@ -199,9 +202,9 @@ class SshTransport(Transport):
         from a hash list) still returns what was printed; the caller compares it.
         """
         c = self.connection
-        async for attempt in c.retrying():
-            with attempt:
-                result = await c.arun(script, timeout_s=c.command_timeout_s * 4, stdin=stdin)
+        result = await self._retrying(
+            what, lambda: c.arun(script, timeout_s=c.command_timeout_s * 4, stdin=stdin), fix=""
+        )
         if (
             partial_ok
             and not result.ok
@@ -224,52 +227,63 @@ class SshTransport(Transport):
         )
         return parse_hashes(out)
 
-    async def _walk(self, remote: PurePosixPath, *, max_depth: int) -> dict[str, int] | None:
+    async def _retrying(
+        self,
+        what: str,
+        op: Callable[[], Awaitable[T]],
+        *,
+        fix: str,
+        failure: Callable[[asyncssh.SFTPError], Awaitable[Exception]] | None = None,
+    ) -> T:
+        """Run an idempotent remote operation, again after a dropped link (with backoff), with
+        typed errors: a lost link is HostUnreachableError, an SFTP refusal RemotePermissionError
+        (``fix`` says what to do), any other SFTP failure ``failure(exc)`` or TransferError."""
         c = self.connection
         async for attempt in c.retrying():
             with attempt:
-                conn, sftp = await c.sftp()
+                conn = await c.connection()
                 try:
-                    return await walk_remote(sftp, remote, max_depth=max_depth)
+                    return await op()
                 except LINK_ERRORS as exc:
                     await c.link_down(conn)
-                    raise HostUnreachableError(f"{self.host}: link lost listing {remote}: {exc}") from exc
+                    raise HostUnreachableError(f"{self.host}: link lost {what}: {exc}") from exc
                 except asyncssh.SFTPPermissionDenied as exc:
-                    raise RemotePermissionError(
-                        f"{self.host}: permission denied listing {remote}; make {self.remote_root} "
-                        "readable for the SSH user"
-                    ) from exc
+                    raise RemotePermissionError(f"{self.host}: permission denied {what}; {fix}") from exc
                 except asyncssh.SFTPError as exc:
-                    raise TransferError(f"{self.host}: listing {remote} failed: {exc}") from exc
+                    if failure is None:
+                        raise TransferError(f"{self.host}: {what} failed: {exc}") from exc
+                    raise await failure(exc) from exc
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
+    async def _walk(self, remote: PurePosixPath, *, max_depth: int) -> dict[str, int] | None:
+        async def op() -> dict[str, int] | None:
+            _, sftp = await self.connection.sftp()
+            return await walk_remote(sftp, remote, max_depth=max_depth)
+
+        fix = f"make {self.remote_root} readable for the SSH user"
+        return await self._retrying(f"listing {remote}", op, fix=fix)
+
     async def _mkdirs(self, remote: PurePosixPath, subdirs: list[str]) -> None:
-        c = self.connection
-        async for attempt in c.retrying():
-            with attempt:
-                conn, sftp = await c.sftp()
-                try:
-                    await ensure_dir(sftp, remote, floor=self.remote_root)
-                    for sub in subdirs:
-                        await ensure_dir(sftp, remote / sub, floor=remote)
-                except LINK_ERRORS as exc:
-                    await c.link_down(conn)
-                    raise HostUnreachableError(f"{self.host}: link lost creating {remote}: {exc}") from exc
-                except asyncssh.SFTPPermissionDenied as exc:
-                    raise RemotePermissionError(
-                        f"{self.host}: permission denied creating {remote}; make {self.remote_root} "
-                        "writable for the SSH user or choose another clusters.*.remote_root"
-                    ) from exc
-                except asyncssh.SFTPError as exc:
-                    # Find the deepest folder that exists, and ask it why writes fail there.
-                    where = remote
-                    while where != self.remote_root and len(where.parts) > len(self.remote_root.parts):
-                        where = where.parent
-                        if await self._exists(where):
-                            break
-                    raise await self._write_failure(where, 0, exc) from exc
-                return
-        raise AssertionError("unreachable: tenacity re-raises the last error")
+        async def op() -> None:
+            _, sftp = await self.connection.sftp()
+            await ensure_dir(sftp, remote, floor=self.remote_root)
+            for sub in subdirs:
+                await ensure_dir(sftp, remote / sub, floor=remote)
+
+        async def failure(exc: asyncssh.SFTPError) -> Exception:
+            # Find the deepest folder that exists, and ask it why writes fail there.
+            where = remote
+            while where != self.remote_root and len(where.parts) > len(self.remote_root.parts):
+                where = where.parent
+                if await self._exists(where):
+                    break
+            return await self._write_failure(where, 0, exc)
+
+        await self._retrying(f"creating {remote}", op, fix=self._writable, failure=failure)
+
+    @property
+    def _writable(self) -> str:
+        return f"make {self.remote_root} writable for the SSH user or choose another clusters.*.remote_root"
 
     async def _exists(self, path: PurePosixPath) -> bool:
         _, sftp = await self.connection.sftp()
@@ -373,27 +387,28 @@ class SshTransport(Transport):
     async def _send(self, local_dir: Path, remote: PurePosixPath, parts: tuple[str, ...], size: int) -> str:
         c = self.connection
         final_path = remote.joinpath(*parts)
-        final = str(final_path).encode("utf-8", "surrogateescape")
-        tmp = str(final_path.parent / partial_name()).encode("utf-8", "surrogateescape")
-        async for attempt in c.retrying():
-            with attempt:
-                conn, sftp = await c.sftp()
-                fd = open_regular(local_dir, parts, where=f"(in {local_dir})")
-                try:
-                    return await put_file(sftp, fd, size, tmp, final, tuning=self.tuning)
-                except LINK_ERRORS as exc:
-                    await c.link_down(conn)
-                    raise HostUnreachableError(f"{self.host}: link lost sending {final_path}: {exc}") from exc
-                except asyncssh.SFTPPermissionDenied as exc:
-                    raise RemotePermissionError(
-                        f"{self.host}: permission denied writing {final_path}; make {self.remote_root} "
-                        "writable for the SSH user or choose another clusters.*.remote_root"
-                    ) from exc
-                except asyncssh.SFTPError as exc:
-                    raise await self._write_failure(final_path.parent, size, exc) from exc
-                finally:
-                    os.close(fd)
-        raise AssertionError("unreachable: tenacity re-raises the last error")
+        stream = size >= self.tuning.stream_min and encodable(final_path)
+
+        async def op() -> str:
+            tmp = final_path.parent / partial_name()
+            fd = open_regular(local_dir, parts, where=f"(in {local_dir})")
+            try:
+                if stream:
+                    parts_n = max(1, min(STREAMS, size // max(1, self.tuning.stream_min)))
+                    digest, result = await send(c, fd, size, tmp, final_path, streams=parts_n)
+                    self._check(result, f"write {final_path}")
+                    return digest
+                _, sftp = await c.sftp()
+                return await put_file(
+                    sftp, fd, size, remote_bytes(tmp), remote_bytes(final_path), tuning=self.tuning
+                )
+            finally:
+                os.close(fd)
+
+        async def failure(exc: asyncssh.SFTPError) -> Exception:
+            return await self._write_failure(final_path.parent, size, exc)
+
+        return await self._retrying(f"writing {final_path}", op, fix=self._writable, failure=failure)
 
     # ---- download ----------------------------------------------------------------------------
 
@@ -451,7 +466,6 @@ class SshTransport(Transport):
         local_dir: Path,
     ) -> Path:
         parts = tuple(name.split("/"))
-        src = remote_bytes(remote.joinpath(*parts))
         parent = await asyncio.get_running_loop().run_in_executor(None, open_local_parent, local_dir, parts)
         try:
             for attempt in range(2):
@@ -460,7 +474,7 @@ class SshTransport(Transport):
                     self.before_fetch(name, attempt)
                 tmp = partial_name()
                 try:
-                    got = await self._get_retrying(src, size, parent, tmp, f"{remote}/{name}")
+                    got = await self._get(remote.joinpath(*parts), size, parent, tmp)
                     want = await want_of(name)
                     if got == want:
                         os.replace(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
@@ -476,22 +490,19 @@ class SshTransport(Transport):
         finally:
             os.close(parent)
 
-    async def _get_retrying(self, src: bytes, size: int, parent: int, tmp: str, shown: str) -> str:
+    async def _get(self, src: PurePosixPath, size: int, parent: int, tmp: str) -> str:
         c = self.connection
-        async for attempt in c.retrying():
-            with attempt:
-                conn, sftp = await c.sftp()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp, dir_fd=parent)
-                try:
-                    return await get_file(sftp, src, size, parent, tmp, tuning=self.tuning)
-                except LINK_ERRORS as exc:
-                    await c.link_down(conn)
-                    raise HostUnreachableError(f"{self.host}: link lost fetching {shown}: {exc}") from exc
-                except asyncssh.SFTPPermissionDenied as exc:
-                    raise RemotePermissionError(
-                        f"{self.host}: permission denied reading {shown}; check the file's mode on the host"
-                    ) from exc
-                except asyncssh.SFTPError as exc:
-                    raise TransferError(f"{self.host}: fetching {shown} failed: {exc}") from exc
-        raise AssertionError("unreachable: tenacity re-raises the last error")
+        stream = size >= self.tuning.stream_min and encodable(src)
+
+        async def op() -> str:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=parent)
+            if not stream:
+                _, sftp = await c.sftp()
+                return await get_file(sftp, remote_bytes(src), size, parent, tmp, tuning=self.tuning)
+            digest, result = await fetch(c, src, parent, tmp)
+            self._check(result, f"fetching {src}")
+            return digest
+
+        fix = "check the file's mode on the host"
+        return await self._retrying(f"fetching {src}", op, fix=fix)

@@ -40,10 +40,13 @@ READ_CHUNKS = 3
 
 @dataclass(frozen=True)
 class Tuning:
-    """SFTP request size and requests in flight per chunk."""
+    """SFTP request size and requests in flight per chunk; the size from which a file streams
+    over an exec channel (ssh_stream.py) instead of SFTP: below it the remote shell's start-up
+    (0.1-0.8 s here) costs more than the faster stream saves."""
 
     block_size: int = 256 * 1024 - 1024
     max_requests: int = 16
+    stream_min: int = 64 << 20
 
 
 def local_files(root: Path) -> list[tuple[tuple[str, ...], int]]:
@@ -176,11 +179,19 @@ def open_local_parent(root: Path, parts: Sequence[str]) -> int:
     return fd
 
 
-def _write_hash(out: int, data: bytes, digest: hashlib._Hash) -> None:
-    digest.update(data)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(out, view) :]
+def open_tmp(parent_fd: int, tmp: str) -> int:
+    """Create the temporary file ``tmp`` in ``parent_fd`` for writing: exclusively, no link followed."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(tmp, flags, 0o644, dir_fd=parent_fd)
+
+
+def write_hash(out: int, pieces: Sequence[bytes], digest: hashlib._Hash) -> None:
+    """Append ``pieces`` to ``out`` and feed them to ``digest``, in order (thread-pool work)."""
+    for piece in pieces:
+        digest.update(piece)
+        view = memoryview(piece)
+        while view:
+            view = view[os.write(out, view) :]
 
 
 async def get_file(
@@ -194,8 +205,7 @@ async def get_file(
     """
     loop = asyncio.get_running_loop()
     digest = hashlib.sha256()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    out = os.open(tmp, flags, 0o644, dir_fd=parent_fd)
+    out = open_tmp(parent_fd, tmp)
     reads: deque[asyncio.Future[bytes]] = deque()
     writing: asyncio.Future[None] | None = None
     try:
@@ -220,7 +230,7 @@ async def get_file(
                 await _settle(writing)
                 if writing is not None:
                     writing.result()
-                writing = loop.run_in_executor(None, _write_hash, out, data, digest) if data else None
+                writing = loop.run_in_executor(None, write_hash, out, [data], digest) if data else None
                 if done:
                     break
             await _settle(writing)

@@ -22,7 +22,7 @@ from simbridge.jobs.names import safe_key
 PARTIAL_PREFIX = ".sb-part."
 _HEX64 = re.compile(rb"^[0-9a-f]{64}$")
 # Every script runs with the C locale so error texts (matched below) are the same everywhere.
-_PRELUDE = "LC_ALL=C; export LC_ALL; "
+PRELUDE = "LC_ALL=C; export LC_ALL; "
 
 
 def confine(root: PurePosixPath, path: PurePosixPath | str, *, host: str) -> PurePosixPath:
@@ -113,7 +113,7 @@ def hash_script(remote_dir: PurePosixPath, *, clean_partials: bool = False, open
     if openssl:
         fast = "xargs -0 -r openssl dgst -sha256 -r"
         hasher = f"if command -v openssl >/dev/null 2>&1; then {fast}; else {slow}; fi"
-    return f"{_PRELUDE}cd -- {d} && {{ {clean}{hasher}; }}"
+    return f"{PRELUDE}cd -- {d} && {{ {clean}{hasher}; }}"
 
 
 def needs_escaping(name: str) -> bool:
@@ -126,14 +126,14 @@ def probe_script(remote_dir: PurePosixPath, nbytes: int) -> str:
     d = shlex.quote(str(remote_dir))
     probe = shlex.quote(PARTIAL_PREFIX + "probe")
     return (
-        f"{_PRELUDE}cd -- {d} || exit 3; head -c {int(nbytes)} /dev/zero > {probe}; rc=$?; "
+        f"{PRELUDE}cd -- {d} || exit 3; head -c {int(nbytes)} /dev/zero > {probe}; rc=$?; "
         f"rm -f -- {probe}; exit $rc"
     )
 
 
 def remove_script(remote_dir: PurePosixPath) -> str:
     """A script removing one (already confined) beam folder."""
-    return f"{_PRELUDE}rm -rf -- {shlex.quote(str(remote_dir))}"
+    return f"{PRELUDE}rm -rf -- {shlex.quote(str(remote_dir))}"
 
 
 def names_stdin(names: Iterable[str]) -> bytes:
