@@ -32,6 +32,10 @@ from simbridge.jobs.transport.ssh_files import Tuning
 
 pytestmark = pytest.mark.integration
 
+# Files of 1 MiB and more through the exec-channel streams (ssh_stream.py) instead of SFTP, uploaded
+# in 1 MiB segments on channels of their own (each remote command costs a shell start: few of them).
+STREAMED = Tuning(stream_min=1 << 20)
+BIG_HOSTILE = "-b i'g\" $(touch PWNED);x"
 HOSTILE = ["a b", "q'uote", 'd"q', "$(touch PWNED)", "ünï cödé", "-lead", "x;y|z&", "sub dir/in ner"]
 
 
@@ -82,14 +86,23 @@ def _files(root: Path) -> dict[str, bytes]:
     }
 
 
-def test_round_trip_hostile_names(conn: SshConnection, tmp_remote_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tuning", [Tuning(), STREAMED], ids=["sftp", "streamed"])
+def test_round_trip_hostile_names(
+    conn: SshConnection, tmp_remote_root: Path, tmp_path: Path, tuning: Tuning
+) -> None:
     local = tmp_path / "in"
     want = _tree(local, HOSTILE)
-    t = SshTransport(connection=conn, remote_root=PurePosixPath(tmp_remote_root), parallel=4)
+    # Several 1 MiB segments (streamed: on channels of their own), and a file of no bytes.
+    want[BIG_HOSTILE] = os.urandom((3 << 20) + 5)
+    (local / BIG_HOSTILE).write_bytes(want[BIG_HOSTILE])
+    want["empty"] = b""
+    (local / "empty").write_bytes(b"")
+    t = SshTransport(connection=conn, remote_root=PurePosixPath(tmp_remote_root), parallel=4, tuning=tuning)
     remote = t.beam_dir("case-1", "beam-1")
     report = t.upload_tree(local, remote)
-    assert (report.files, report.sent, report.skipped) == (len(HOSTILE), len(HOSTILE), 0)
+    assert (report.files, report.sent, report.skipped) == (len(want), len(want), 0)
     assert _files(Path(remote)) == want
+    assert not list(Path(remote).rglob(".sb-part.*"))
     got = t.download(remote, ["*", "sub dir/*"], tmp_path / "out")
     assert sorted(str(p.relative_to(tmp_path / "out")) for p in got) == sorted(want)
     assert _files(tmp_path / "out") == want
@@ -146,22 +159,26 @@ def test_sshd_killed_mid_upload(testbed: Testbed, tmp_remote_root: Path, tmp_pat
     assert _files(Path(remote)) == want
 
 
-def test_corrupted_remote_output(conn: SshConnection, tmp_remote_root: Path, tmp_path: Path) -> None:
-    t = SshTransport(connection=conn, remote_root=PurePosixPath(tmp_remote_root))
+@pytest.mark.parametrize("tuning", [Tuning(), STREAMED], ids=["sftp", "streamed"])
+def test_corrupted_remote_output(
+    conn: SshConnection, tmp_remote_root: Path, tmp_path: Path, tuning: Tuning
+) -> None:
+    t = SshTransport(connection=conn, remote_root=PurePosixPath(tmp_remote_root), tuning=tuning)
     remote = t.beam_dir("c", "b")
     Path(remote).mkdir(parents=True)
     raw = Path(remote) / "raw"
-    raw.write_bytes(b"good" * 1000)
+    good, bad = b"good" * (300 << 10), b"bad!" * (300 << 10)  # 1.2 MB: streamed with STREAMED
+    raw.write_bytes(good)
 
     def corrupt_once(name: str, attempt: int) -> None:
-        raw.write_bytes(b"bad!" * 1000 if attempt == 0 else b"good" * 1000)
+        raw.write_bytes(bad if attempt == 0 else good)
 
     t.before_fetch = corrupt_once
     (got,) = t.download(remote, ["raw"], tmp_path / "ok")
-    assert got.read_bytes() == b"good" * 1000
+    assert got.read_bytes() == good
 
-    t.before_fetch = lambda name, attempt: raw.write_bytes(b"bad!" * 1000)
-    raw.write_bytes(b"good" * 1000)
+    t.before_fetch = lambda name, attempt: raw.write_bytes(bad)
+    raw.write_bytes(good)
     with pytest.raises(ChecksumError, match="sha256"):
         t.download(remote, ["raw"], tmp_path / "bad")
     assert not [p for p in (tmp_path / "bad").rglob("*") if p.is_file()]
@@ -209,13 +226,19 @@ def test_read_only_remote(testbed: Testbed, conn: SshConnection, tmp_path: Path)
         testbed.unmount(folder)
 
 
-def test_full_remote_disk(conn: SshConnection, tmpfs_remote_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tuning", [Tuning(), STREAMED], ids=["sftp", "streamed"])
+def test_full_remote_disk(
+    conn: SshConnection, tmpfs_remote_root: Path, tmp_path: Path, tuning: Tuning
+) -> None:
     local = tmp_path / "in"
     _tree(local, ["small"], size=1000)
     (local / "big").write_bytes(os.urandom(3 << 20))
-    t = SshTransport(connection=conn, remote_root=PurePosixPath(tmpfs_remote_root))
+    t = SshTransport(connection=conn, remote_root=PurePosixPath(tmpfs_remote_root), tuning=tuning)
     with pytest.raises(RemoteDiskFullError, match=r"full|free"):
         t.upload(local, t.beam_dir("c", "b"))
+    # Nothing half-written is left under a final name, and the temporary ones are gone.
+    assert not [p for p in Path(tmpfs_remote_root).rglob("*") if p.is_file() and p.name == "big"]
+    assert not list(Path(tmpfs_remote_root).rglob(".sb-part.*"))
 
 
 def test_paths_confined(conn: SshConnection, tmp_remote_root: Path, tmp_path: Path) -> None:
