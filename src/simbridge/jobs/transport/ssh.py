@@ -3,11 +3,13 @@
 Upload is resumable and verified. The remote folder is listed by SFTP (sizes; no remote shell);
 the files whose size matches a local one are hashed remotely by ONE command for the whole beam,
 and a file whose sha256 matches too is skipped. Every other file is written under a temporary
-name and renamed, several at once (``parallel``), each with pipelined SFTP requests. After the
+name and renamed, several at once (``parallel``), each with pipelined SFTP requests, or, from
+``Tuning.stream_min`` bytes on, as raw streams over exec channels (ssh_stream.py). After the
 upload ONE more hash command verifies every file of the beam (a mismatch is sent once more, then
 ChecksumError); it also removes partial files a killed upload left. Download lists the matches
 of each output pattern by SFTP, fetches them to temporary names while ONE hash command hashes
-them remotely, compares, re-fetches once on a mismatch and renames into place.
+them remotely, compares, re-fetches once on a mismatch and renames into place. Every remote
+operation goes through one retry/error-translation helper (:meth:`SshTransport._retrying`).
 
 Every remote path is confined to ``remote_root``; names reach the remote shell quoted, or
 NUL-separated on stdin. A dropped link is survived: the connection reconnects with backoff and
@@ -20,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -57,6 +58,7 @@ from simbridge.jobs.transport.ssh_files import (
 from simbridge.jobs.transport.ssh_paths import (
     beam_path,
     check_pattern,
+    check_result,
     confine,
     glob_filter,
     hash_script,
@@ -64,6 +66,7 @@ from simbridge.jobs.transport.ssh_paths import (
     needs_escaping,
     parse_hashes,
     probe_script,
+    refused,
     remove_script,
 )
 from simbridge.jobs.transport.ssh_stream import STREAMS, encodable, fetch, send
@@ -73,8 +76,6 @@ __all__ = ["SshConnection", "SshTransport", "TransferReport", "close_all", "conn
 
 log = get_logger(__name__)
 T = TypeVar("T")
-_FULL = re.compile(rb"No space left on device|Disk quota exceeded")
-_DENIED = re.compile(rb"Permission denied|Read-only file system|Operation not permitted")
 
 
 @dataclass(frozen=True)
@@ -177,21 +178,7 @@ class SshTransport(Transport):
         return c.reconnect_s * 2 + c.command_timeout_s * 4 + nbytes / 1e6 + nfiles * 0.5
 
     def _check(self, result: CommandResult, what: str) -> None:
-        if result.ok:
-            return
-        err = result.stderr.strip()
-        tail = err[-500:].decode("utf-8", "backslashreplace")
-        if _FULL.search(err):
-            raise RemoteDiskFullError(
-                f"{self.host}: {what}: the remote disk is full ({tail}); free space under "
-                f"{self.remote_root} or raise the quota"
-            )
-        if _DENIED.search(err):
-            raise RemotePermissionError(
-                f"{self.host}: {what}: permission denied ({tail}); make {self.remote_root} writable "
-                "for the SSH user or choose another clusters.*.remote_root"
-            )
-        raise TransferError(f"{self.host}: {what} failed (exit {result.exit_status}): {tail}")
+        check_result(result, what, host=self.host, remote_root=self.remote_root)
 
     async def _command(
         self, script: str, what: str, stdin: bytes | None = None, *, partial_ok: bool = False
@@ -205,11 +192,7 @@ class SshTransport(Transport):
         result = await self._retrying(
             what, lambda: c.arun(script, timeout_s=c.command_timeout_s * 4, stdin=stdin), fix=""
         )
-        if (
-            partial_ok
-            and not result.ok
-            and not (_FULL.search(result.stderr) or _DENIED.search(result.stderr))
-        ):
+        if partial_ok and not result.ok and not refused(result.stderr):
             log.info("jobs.ssh_command_partial", host=self.host, what=what, stderr=result.stderr[-300:])
             return result.stdout
         self._check(result, what)
@@ -387,7 +370,7 @@ class SshTransport(Transport):
     async def _send(self, local_dir: Path, remote: PurePosixPath, parts: tuple[str, ...], size: int) -> str:
         c = self.connection
         final_path = remote.joinpath(*parts)
-        stream = size >= self.tuning.stream_min and encodable(final_path)
+        stream = size >= max(1, self.tuning.stream_min) and encodable(final_path)
 
         async def op() -> str:
             tmp = final_path.parent / partial_name()
@@ -492,7 +475,7 @@ class SshTransport(Transport):
 
     async def _get(self, src: PurePosixPath, size: int, parent: int, tmp: str) -> str:
         c = self.connection
-        stream = size >= self.tuning.stream_min and encodable(src)
+        stream = size >= max(1, self.tuning.stream_min) and encodable(src)
 
         async def op() -> str:
             with contextlib.suppress(FileNotFoundError):
