@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import socket
 import subprocess
 import threading
@@ -27,6 +28,7 @@ from simbridge.jobs.errors import (
     TransferError,
     UnsafeFileError,
 )
+from simbridge.jobs.transport import ssh_stream
 from simbridge.jobs.transport.ssh import SshConnection, SshTransport, close_all, connect
 from simbridge.jobs.transport.ssh_files import Tuning
 
@@ -300,3 +302,37 @@ def test_threads_share_one_connection(testbed: Testbed, tmp_remote_root: Path, t
         assert conn.connects == 1
     finally:
         close_all()
+
+
+def test_streamed_upload_corrupted_on_the_host(
+    conn: SshConnection, tmp_remote_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A segment that reads back other than it was sent is sent once more, then ChecksumError;
+    nothing reaches the final name while its hash differs."""
+    real = ssh_stream.segment_script
+    corrupt = {"left": 1}
+
+    def flaky(tmp: PurePosixPath, start: int, length: int) -> str:
+        script = real(tmp, start, length)
+        if corrupt["left"] <= 0:
+            return script
+        corrupt["left"] -= 1
+        # The host's disk flips a byte between the write and the read-back.
+        flip = f"printf X | dd of={shlex.quote(str(tmp))} bs=1 seek={start} conv=notrunc 2>/dev/null; "
+        return script.replace("|| exit $?; ", "|| exit $?; " + flip, 1)
+
+    monkeypatch.setattr(ssh_stream, "segment_script", flaky)
+    local = tmp_path / "in"
+    local.mkdir()
+    data = os.urandom((2 << 20) + 3)
+    (local / "raw").write_bytes(data)
+    t = SshTransport(connection=conn, remote_root=PurePosixPath(tmp_remote_root), tuning=STREAMED)
+    remote = t.beam_dir("c", "b")
+    assert t.upload_tree(local, remote).sent == 1
+    assert (Path(remote) / "raw").read_bytes() == data
+    corrupt["left"] = 99
+    (local / "raw").write_bytes(data[::-1])
+    with pytest.raises(ChecksumError, match="second try"):
+        t.upload(local, remote)
+    assert (Path(remote) / "raw").read_bytes() == data  # the old file, never a corrupted one
+    assert not list(Path(remote).glob(".sb-part.*"))

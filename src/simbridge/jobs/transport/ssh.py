@@ -5,11 +5,12 @@ the files whose size matches a local one are hashed remotely by ONE command for 
 and a file whose sha256 matches too is skipped. Every other file is written under a temporary
 name and renamed, several at once (``parallel``), each with pipelined SFTP requests, or, from
 ``Tuning.stream_min`` bytes on, as raw streams over exec channels (ssh_stream.py). After the
-upload ONE more hash command verifies every file of the beam (a mismatch is sent once more, then
-ChecksumError); it also removes partial files a killed upload left. Download lists the matches
-of each output pattern by SFTP, fetches them to temporary names while ONE hash command hashes
-them remotely, compares, re-fetches once on a mismatch and renames into place. Every remote
-operation goes through one retry/error-translation helper (:meth:`SshTransport._retrying`).
+upload ONE more hash command verifies every SFTP-sent file of the beam (a mismatch is sent once
+more, then ChecksumError; streamed files are verified segment by segment as they land); it also
+removes partial files a killed upload left. Download lists the matches of each output pattern
+by SFTP, fetches them to temporary names while ONE hash command hashes them remotely, compares,
+re-fetches once on a mismatch and renames into place. Every remote operation goes through one
+retry/error-translation helper (:meth:`SshTransport._retrying`).
 
 Every remote path is confined to ``remote_root``; names reach the remote shell quoted, or
 NUL-separated on stdin. A dropped link is survived: the connection reconnects with backoff and
@@ -69,7 +70,7 @@ from simbridge.jobs.transport.ssh_paths import (
     refused,
     remove_script,
 )
-from simbridge.jobs.transport.ssh_stream import STREAMS, encodable, fetch, send
+from simbridge.jobs.transport.ssh_stream import STREAMS, encodable, fetch, send_verified
 from simbridge.logs import get_logger
 
 __all__ = ["SshConnection", "SshTransport", "TransferReport", "close_all", "connect"]
@@ -238,10 +239,12 @@ class SshTransport(Transport):
                     raise await failure(exc) from exc
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
-    async def _walk(self, remote: PurePosixPath, *, max_depth: int) -> dict[str, int] | None:
+    async def _walk(
+        self, remote: PurePosixPath, *, max_depth: int, partials: list[str] | None = None
+    ) -> dict[str, int] | None:
         async def op() -> dict[str, int] | None:
             _, sftp = await self.connection.sftp()
-            return await walk_remote(sftp, remote, max_depth=max_depth)
+            return await walk_remote(sftp, remote, max_depth=max_depth, partials=partials)
 
         fix = f"make {self.remote_root} readable for the SSH user"
         return await self._retrying(f"listing {remote}", op, fix=fix)
@@ -303,9 +306,11 @@ class SshTransport(Transport):
     ) -> TransferReport:
         # What is there already: sizes by SFTP (no shell), then ONE sha256sum call for the files
         # whose size matches (none on a fresh upload: no command at all).
-        there = await self._walk(remote, max_depth=HARD_MAX_DEPTH) or {}
+        leftovers: list[str] = []
+        there = await self._walk(remote, max_depth=HARD_MAX_DEPTH, partials=leftovers) or {}
         same_size = [(p, s) for p, s in files if there.get("/".join(p)) == s]
-        local_hash: dict[str, str] = {}
+        # None: a streamed file, already verified segment by segment (ssh_stream.send).
+        local_hash: dict[str, str | None] = {}
         skip: set[str] = set()
         if same_size:
             remote_hash = await self._remote_hashes(remote, ["/".join(p) for p, _ in same_size])
@@ -321,16 +326,19 @@ class SshTransport(Transport):
         )
         await self._mkdirs(remote, dirs)
         sent_bytes = await self._send_all(local_dir, remote, todo, local_hash)
-        # Verify every file with ONE sha256sum call (it also removes partials a killed upload left).
-        names = ["/".join(p) for p, _ in files]
-        after = await self._remote_hashes(remote, names, clean=True)
-        bad = [(p, s) for p, s in files if after.get("/".join(p)) != local_hash["/".join(p)]]
+        # Verify every other file with ONE hash call (it also removes partials a killed upload left).
+        check = [(p, s) for p, s in files if local_hash["/".join(p)] is not None]
+        if not check and not leftovers:
+            return TransferReport(files=len(files), sent=len(todo), skipped=len(skip), bytes=sent_bytes)
+        after = await self._remote_hashes(remote, ["/".join(p) for p, _ in check], clean=True)
+        bad = [(p, s) for p, s in check if after.get("/".join(p)) != local_hash["/".join(p)]]
         if bad:
             log.warning("jobs.ssh_upload_mismatch", host=self.host, files=len(bad), first="/".join(bad[0][0]))
             await self._mkdirs(remote, dirs)
             sent_bytes += await self._send_all(local_dir, remote, bad, local_hash)
-            after = await self._remote_hashes(remote, ["/".join(p) for p, _ in bad])
-            still = [p for p, _ in bad if after.get("/".join(p)) != local_hash["/".join(p)]]
+            again = [p for p, _ in bad if local_hash["/".join(p)] is not None]  # streamed: verified
+            after = await self._remote_hashes(remote, ["/".join(p) for p in again]) if again else {}
+            still = [p for p in again if after.get("/".join(p)) != local_hash["/".join(p)]]
             if still:
                 raise ChecksumError(
                     f"{self.host}: {len(still)} uploaded file(s) differ from the local ones after a "
@@ -351,7 +359,7 @@ class SshTransport(Transport):
         local_dir: Path,
         remote: PurePosixPath,
         todo: list[tuple[tuple[str, ...], int]],
-        local_hash: dict[str, str],
+        local_hash: dict[str, str | None],
     ) -> int:
         gate = asyncio.Semaphore(self.parallel)
 
@@ -367,20 +375,22 @@ class SshTransport(Transport):
             for task in tasks:
                 task.cancel()
 
-    async def _send(self, local_dir: Path, remote: PurePosixPath, parts: tuple[str, ...], size: int) -> str:
+    async def _send(
+        self, local_dir: Path, remote: PurePosixPath, parts: tuple[str, ...], size: int
+    ) -> str | None:
+        """Send one file; its sha256 (verified later), or None when streamed and verified already."""
         c = self.connection
         final_path = remote.joinpath(*parts)
         stream = size >= max(1, self.tuning.stream_min) and encodable(final_path)
 
-        async def op() -> str:
+        async def op() -> str | None:
             tmp = final_path.parent / partial_name()
             fd = open_regular(local_dir, parts, where=f"(in {local_dir})")
             try:
                 if stream:
-                    parts_n = max(1, min(STREAMS, size // max(1, self.tuning.stream_min)))
-                    digest, result = await send(c, fd, size, tmp, final_path, streams=parts_n)
-                    self._check(result, f"write {final_path}")
-                    return digest
+                    streams = max(1, min(STREAMS, size // max(1, self.tuning.stream_min)))
+                    await send_verified(c, fd, size, final_path, streams=streams, check=self._check)
+                    return None
                 _, sftp = await c.sftp()
                 return await put_file(
                     sftp, fd, size, remote_bytes(tmp), remote_bytes(final_path), tuning=self.tuning

@@ -82,7 +82,8 @@ def partial_name() -> str:
     return f"{PARTIAL_PREFIX}{secrets.token_hex(8)}"
 
 
-def _read_hash(fd: int, offset: int, size: int, digest: hashlib._Hash) -> bytes:
+def read_hash(fd: int, offset: int, size: int, digest: hashlib._Hash) -> bytes:
+    """Read ``size`` bytes of ``fd`` at ``offset`` and feed them to ``digest`` (thread-pool work)."""
     data = os.pread(fd, size, offset)
     digest.update(data)
     return data
@@ -128,7 +129,7 @@ async def put_file(
         async with sftp.open(tmp, "wb", block_size=tuning.block_size, max_requests=tuning.max_requests) as f:
             offset = 0
             if size:
-                reading = loop.run_in_executor(None, _read_hash, fd, 0, min(CHUNK, size), digest)
+                reading = loop.run_in_executor(None, read_hash, fd, 0, min(CHUNK, size), digest)
             while reading is not None:
                 data = await reading
                 n = min(CHUNK, size - offset)
@@ -137,7 +138,7 @@ async def put_file(
                 nxt = offset + n
                 reading = None
                 if nxt < size:
-                    reading = loop.run_in_executor(None, _read_hash, fd, nxt, min(CHUNK, size - nxt), digest)
+                    reading = loop.run_in_executor(None, read_hash, fd, nxt, min(CHUNK, size - nxt), digest)
                 pending.add(asyncio.ensure_future(f.write(data, offset)))
                 pending = await _drain(pending, CHUNKS_IN_FLIGHT - 1)
                 offset = nxt
@@ -250,11 +251,12 @@ def remote_bytes(path: PurePosixPath) -> bytes:
 
 
 async def walk_remote(
-    sftp: asyncssh.SFTPClient, root: PurePosixPath, *, max_depth: int
+    sftp: asyncssh.SFTPClient, root: PurePosixPath, *, max_depth: int, partials: list[str] | None = None
 ) -> dict[str, int] | None:
     """Regular files below ``root`` as {relative name: size}, by SFTP (no remote shell);
     None when ``root`` does not exist. Entries are lstat'ed by the server: a link is no file
-    and no folder here, so nothing is followed. Folders are listed in parallel."""
+    and no folder here, so nothing is followed. Folders are listed in parallel. Temporary
+    (``.sb-part.*``) files are left out, and appended to ``partials`` when it is given."""
     found: dict[str, int] = {}
 
     async def walk(path: PurePosixPath, rel: tuple[str, ...]) -> None:
@@ -265,7 +267,10 @@ async def walk_remote(
             if name in (".", ".."):
                 continue
             kind = entry.attrs.type
-            if kind == asyncssh.FILEXFER_TYPE_REGULAR and not name.startswith(PARTIAL_PREFIX):
+            if kind == asyncssh.FILEXFER_TYPE_REGULAR and name.startswith(PARTIAL_PREFIX):
+                if partials is not None:
+                    partials.append("/".join((*rel, name)))
+            elif kind == asyncssh.FILEXFER_TYPE_REGULAR:
                 found["/".join((*rel, name))] = entry.attrs.size or 0
             elif kind == asyncssh.FILEXFER_TYPE_DIRECTORY and len(rel) + 1 < max_depth:
                 subs.append(name)
