@@ -336,3 +336,45 @@ def test_streamed_upload_corrupted_on_the_host(
         t.upload(local, remote)
     assert (Path(remote) / "raw").read_bytes() == data  # the old file, never a corrupted one
     assert not list(Path(remote).glob(".sb-part.*"))
+
+
+def test_sshd_killed_mid_stream(testbed: Testbed, tmp_remote_root: Path, tmp_path: Path) -> None:
+    """A dropped link in the middle of a streamed file: reconnect, send (fetch) it again, verified."""
+    local = tmp_path / "in"
+    local.mkdir()
+    data = os.urandom(24 << 20)
+    (local / "raw").write_bytes(data)
+    with delay_proxy_process(target_port=testbed.port, rtt_s=0.02) as port:
+        c = _conn(testbed, port=port, known_hosts=_known_hosts_for(testbed, port, tmp_path))
+        t = SshTransport(connection=c, remote_root=PurePosixPath(tmp_remote_root), tuning=STREAMED)
+        remote = t.beam_dir("c", "b")
+        Path(remote).mkdir(parents=True)
+        for direction in ("up", "down"):
+            result: list[object] = []
+
+            def job(direction: str = direction, result: list[object] = result) -> None:
+                try:
+                    if direction == "up":
+                        result.append(t.upload(local, remote))
+                    else:
+                        result.append(t.download(remote, ["raw"], tmp_path / "out"))
+                except BaseException as exc:
+                    result.append(exc)
+
+            partials = Path(remote) if direction == "up" else tmp_path / "out"
+            worker = threading.Thread(target=job)
+            worker.start()
+            deadline = time.monotonic() + 20
+            while not any(partials.glob(".sb-part.*")):
+                assert time.monotonic() < deadline and worker.is_alive(), f"{direction}: never started"
+                time.sleep(0.01)
+            testbed.stop_sshd()
+            testbed.start_sshd()
+            worker.join(60)
+            assert not worker.is_alive()
+            assert result and not isinstance(result[0], BaseException), (direction, result)
+        assert c.connects >= 3
+        c.close()
+    assert (Path(remote) / "raw").read_bytes() == data
+    assert (tmp_path / "out" / "raw").read_bytes() == data
+    assert not list(Path(remote).glob(".sb-part.*"))

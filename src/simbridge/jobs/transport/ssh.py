@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
@@ -45,15 +44,16 @@ from simbridge.jobs.files import HARD_MAX_DEPTH, open_regular
 from simbridge.jobs.transport.base import CommandResult, Transport
 from simbridge.jobs.transport.ssh_connection import LINK_ERRORS, SshConnection, close_all, connect
 from simbridge.jobs.transport.ssh_files import (
+    TransferReport,
     Tuning,
     ensure_dir,
     get_file,
+    hash_local,
     local_files,
     open_local_parent,
     partial_name,
     put_file,
     remote_bytes,
-    sha256_fd,
     walk_remote,
 )
 from simbridge.jobs.transport.ssh_paths import (
@@ -77,16 +77,6 @@ __all__ = ["SshConnection", "SshTransport", "TransferReport", "close_all", "conn
 
 log = get_logger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class TransferReport:
-    """What one upload or download did: files in all, files sent/fetched, skipped, bytes moved."""
-
-    files: int
-    sent: int
-    skipped: int
-    bytes: int
 
 
 class SshTransport(Transport):
@@ -190,9 +180,14 @@ class SshTransport(Transport):
         from a hash list) still returns what was printed; the caller compares it.
         """
         c = self.connection
-        result = await self._retrying(
-            what, lambda: c.arun(script, timeout_s=c.command_timeout_s * 4, stdin=stdin), fix=""
-        )
+
+        async def run() -> CommandResult:
+            result = await c.arun(script, timeout_s=c.command_timeout_s * 4, stdin=stdin)
+            if result.exit_status is None:  # killed by a signal: its output is no partial answer
+                raise HostUnreachableError(f"{self.host}: {what}: the command was killed; trying again")
+            return result
+
+        result = await self._retrying(what, run, fix="")
         if partial_ok and not result.ok and not refused(result.stderr):
             log.info("jobs.ssh_command_partial", host=self.host, what=what, stderr=result.stderr[-300:])
             return result.stdout
@@ -228,6 +223,8 @@ class SshTransport(Transport):
                 conn = await c.connection()
                 try:
                     return await op()
+                except HostUnreachableError:
+                    raise  # typed already (a timeout, a refused channel): retried as it is
                 except LINK_ERRORS as exc:
                     await c.link_down(conn)
                     raise HostUnreachableError(f"{self.host}: link lost {what}: {exc}") from exc
@@ -317,7 +314,7 @@ class SshTransport(Transport):
             loop = asyncio.get_running_loop()
             for parts, _ in same_size:
                 rel = "/".join(parts)
-                local_hash[rel] = await loop.run_in_executor(None, self._hash_local, local_dir, parts)
+                local_hash[rel] = await loop.run_in_executor(None, hash_local, local_dir, parts)
                 if remote_hash.get(rel) == local_hash[rel]:
                     skip.add(rel)
         todo = [(p, s) for p, s in files if "/".join(p) not in skip]
@@ -325,7 +322,7 @@ class SshTransport(Transport):
             {"/".join(p[:i]) for p, _ in todo for i in range(1, len(p))}, key=lambda d: d.count("/")
         )
         await self._mkdirs(remote, dirs)
-        sent_bytes = await self._send_all(local_dir, remote, todo, local_hash)
+        sent_bytes = await self._send_all(local_dir, remote, todo, local_hash, leftovers)
         # Verify every other file with ONE hash call (it also removes partials a killed upload left).
         check = [(p, s) for p, s in files if local_hash["/".join(p)] is not None]
         if not check and not leftovers:
@@ -335,7 +332,7 @@ class SshTransport(Transport):
         if bad:
             log.warning("jobs.ssh_upload_mismatch", host=self.host, files=len(bad), first="/".join(bad[0][0]))
             await self._mkdirs(remote, dirs)
-            sent_bytes += await self._send_all(local_dir, remote, bad, local_hash)
+            sent_bytes += await self._send_all(local_dir, remote, bad, local_hash, leftovers)
             again = [p for p, _ in bad if local_hash["/".join(p)] is not None]  # streamed: verified
             after = await self._remote_hashes(remote, ["/".join(p) for p in again]) if again else {}
             still = [p for p in again if after.get("/".join(p)) != local_hash["/".join(p)]]
@@ -346,26 +343,19 @@ class SshTransport(Transport):
                 )
         return TransferReport(files=len(files), sent=len(todo), skipped=len(skip), bytes=sent_bytes)
 
-    @staticmethod
-    def _hash_local(local_dir: Path, parts: tuple[str, ...]) -> str:
-        fd = open_regular(local_dir, parts, where=f"(in {local_dir})")
-        try:
-            return sha256_fd(fd)
-        finally:
-            os.close(fd)
-
     async def _send_all(
         self,
         local_dir: Path,
         remote: PurePosixPath,
         todo: list[tuple[tuple[str, ...], int]],
         local_hash: dict[str, str | None],
+        leftovers: list[str],
     ) -> int:
         gate = asyncio.Semaphore(self.parallel)
 
         async def one(parts: tuple[str, ...], size: int) -> int:
             async with gate:
-                local_hash["/".join(parts)] = await self._send(local_dir, remote, parts, size)
+                local_hash["/".join(parts)] = await self._send(local_dir, remote, parts, size, leftovers)
                 return size
 
         tasks = [asyncio.ensure_future(one(p, s)) for p, s in todo]
@@ -376,9 +366,15 @@ class SshTransport(Transport):
                 task.cancel()
 
     async def _send(
-        self, local_dir: Path, remote: PurePosixPath, parts: tuple[str, ...], size: int
+        self,
+        local_dir: Path,
+        remote: PurePosixPath,
+        parts: tuple[str, ...],
+        size: int,
+        leftovers: list[str],
     ) -> str | None:
-        """Send one file; its sha256 (verified later), or None when streamed and verified already."""
+        """Send one file; its sha256 (verified later), or None when streamed and verified already.
+        A streamed attempt that failed stays noted in ``leftovers`` (the final command cleans up)."""
         c = self.connection
         final_path = remote.joinpath(*parts)
         stream = size >= max(1, self.tuning.stream_min) and encodable(final_path)
@@ -388,8 +384,11 @@ class SshTransport(Transport):
             fd = open_regular(local_dir, parts, where=f"(in {local_dir})")
             try:
                 if stream:
+                    # Noted until it succeeds: a dropped link may leave its partial file behind.
+                    leftovers.append(str(tmp))
                     streams = max(1, min(STREAMS, size // max(1, self.tuning.stream_min)))
                     await send_verified(c, fd, size, final_path, streams=streams, check=self._check)
+                    leftovers.remove(str(tmp))
                     return None
                 _, sftp = await c.sftp()
                 return await put_file(

@@ -28,7 +28,7 @@ from typing import Any
 import asyncssh
 
 from simbridge.jobs.errors import TransferError, UnsafeFileError
-from simbridge.jobs.files import check_tree, open_dir, show
+from simbridge.jobs.files import check_tree, open_dir, open_regular, show
 from simbridge.jobs.transport.ssh_paths import PARTIAL_PREFIX
 
 CHUNK = 4 << 20
@@ -47,6 +47,25 @@ class Tuning:
     block_size: int = 256 * 1024 - 1024
     max_requests: int = 16
     stream_min: int = 64 << 20
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """What one upload or download did: files in all, files sent/fetched, skipped, bytes moved."""
+
+    files: int
+    sent: int
+    skipped: int
+    bytes: int
+
+
+def hash_local(local_dir: Path, parts: tuple[str, ...]) -> str:
+    """sha256 of the local file ``local_dir/parts`` (opened without following links)."""
+    fd = open_regular(local_dir, parts, where=f"(in {local_dir})")
+    try:
+        return sha256_fd(fd)
+    finally:
+        os.close(fd)
 
 
 def local_files(root: Path) -> list[tuple[tuple[str, ...], int]]:
