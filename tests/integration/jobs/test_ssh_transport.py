@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import socket
 import subprocess
 import threading
@@ -27,11 +28,16 @@ from simbridge.jobs.errors import (
     TransferError,
     UnsafeFileError,
 )
+from simbridge.jobs.transport import ssh_stream
 from simbridge.jobs.transport.ssh import SshConnection, SshTransport, close_all, connect
 from simbridge.jobs.transport.ssh_files import Tuning
 
 pytestmark = pytest.mark.integration
 
+# Files of 1 MiB and more through the exec-channel streams (ssh_stream.py) instead of SFTP, uploaded
+# in 1 MiB segments on channels of their own (each remote command costs a shell start: few of them).
+STREAMED = Tuning(stream_min=1 << 20)
+BIG_HOSTILE = "-b i'g\" $(touch PWNED);x"
 HOSTILE = ["a b", "q'uote", 'd"q', "$(touch PWNED)", "ünï cödé", "-lead", "x;y|z&", "sub dir/in ner"]
 
 
@@ -82,14 +88,23 @@ def _files(root: Path) -> dict[str, bytes]:
     }
 
 
-def test_round_trip_hostile_names(conn: SshConnection, tmp_remote_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tuning", [Tuning(), STREAMED], ids=["sftp", "streamed"])
+def test_round_trip_hostile_names(
+    conn: SshConnection, tmp_remote_root: Path, tmp_path: Path, tuning: Tuning
+) -> None:
     local = tmp_path / "in"
     want = _tree(local, HOSTILE)
-    t = SshTransport(connection=conn, remote_root=PurePosixPath(tmp_remote_root), parallel=4)
+    # Several 1 MiB segments (streamed: on channels of their own), and a file of no bytes.
+    want[BIG_HOSTILE] = os.urandom((3 << 20) + 5)
+    (local / BIG_HOSTILE).write_bytes(want[BIG_HOSTILE])
+    want["empty"] = b""
+    (local / "empty").write_bytes(b"")
+    t = SshTransport(connection=conn, remote_root=PurePosixPath(tmp_remote_root), parallel=4, tuning=tuning)
     remote = t.beam_dir("case-1", "beam-1")
     report = t.upload_tree(local, remote)
-    assert (report.files, report.sent, report.skipped) == (len(HOSTILE), len(HOSTILE), 0)
+    assert (report.files, report.sent, report.skipped) == (len(want), len(want), 0)
     assert _files(Path(remote)) == want
+    assert not list(Path(remote).rglob(".sb-part.*"))
     got = t.download(remote, ["*", "sub dir/*"], tmp_path / "out")
     assert sorted(str(p.relative_to(tmp_path / "out")) for p in got) == sorted(want)
     assert _files(tmp_path / "out") == want
@@ -146,22 +161,26 @@ def test_sshd_killed_mid_upload(testbed: Testbed, tmp_remote_root: Path, tmp_pat
     assert _files(Path(remote)) == want
 
 
-def test_corrupted_remote_output(conn: SshConnection, tmp_remote_root: Path, tmp_path: Path) -> None:
-    t = SshTransport(connection=conn, remote_root=PurePosixPath(tmp_remote_root))
+@pytest.mark.parametrize("tuning", [Tuning(), STREAMED], ids=["sftp", "streamed"])
+def test_corrupted_remote_output(
+    conn: SshConnection, tmp_remote_root: Path, tmp_path: Path, tuning: Tuning
+) -> None:
+    t = SshTransport(connection=conn, remote_root=PurePosixPath(tmp_remote_root), tuning=tuning)
     remote = t.beam_dir("c", "b")
     Path(remote).mkdir(parents=True)
     raw = Path(remote) / "raw"
-    raw.write_bytes(b"good" * 1000)
+    good, bad = b"good" * (300 << 10), b"bad!" * (300 << 10)  # 1.2 MB: streamed with STREAMED
+    raw.write_bytes(good)
 
     def corrupt_once(name: str, attempt: int) -> None:
-        raw.write_bytes(b"bad!" * 1000 if attempt == 0 else b"good" * 1000)
+        raw.write_bytes(bad if attempt == 0 else good)
 
     t.before_fetch = corrupt_once
     (got,) = t.download(remote, ["raw"], tmp_path / "ok")
-    assert got.read_bytes() == b"good" * 1000
+    assert got.read_bytes() == good
 
-    t.before_fetch = lambda name, attempt: raw.write_bytes(b"bad!" * 1000)
-    raw.write_bytes(b"good" * 1000)
+    t.before_fetch = lambda name, attempt: raw.write_bytes(bad)
+    raw.write_bytes(good)
     with pytest.raises(ChecksumError, match="sha256"):
         t.download(remote, ["raw"], tmp_path / "bad")
     assert not [p for p in (tmp_path / "bad").rglob("*") if p.is_file()]
@@ -209,13 +228,19 @@ def test_read_only_remote(testbed: Testbed, conn: SshConnection, tmp_path: Path)
         testbed.unmount(folder)
 
 
-def test_full_remote_disk(conn: SshConnection, tmpfs_remote_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tuning", [Tuning(), STREAMED], ids=["sftp", "streamed"])
+def test_full_remote_disk(
+    conn: SshConnection, tmpfs_remote_root: Path, tmp_path: Path, tuning: Tuning
+) -> None:
     local = tmp_path / "in"
     _tree(local, ["small"], size=1000)
     (local / "big").write_bytes(os.urandom(3 << 20))
-    t = SshTransport(connection=conn, remote_root=PurePosixPath(tmpfs_remote_root))
+    t = SshTransport(connection=conn, remote_root=PurePosixPath(tmpfs_remote_root), tuning=tuning)
     with pytest.raises(RemoteDiskFullError, match=r"full|free"):
         t.upload(local, t.beam_dir("c", "b"))
+    # Nothing half-written is left under a final name, and the temporary ones are gone.
+    assert not [p for p in Path(tmpfs_remote_root).rglob("*") if p.is_file() and p.name == "big"]
+    assert not list(Path(tmpfs_remote_root).rglob(".sb-part.*"))
 
 
 def test_paths_confined(conn: SshConnection, tmp_remote_root: Path, tmp_path: Path) -> None:
@@ -277,3 +302,79 @@ def test_threads_share_one_connection(testbed: Testbed, tmp_remote_root: Path, t
         assert conn.connects == 1
     finally:
         close_all()
+
+
+def test_streamed_upload_corrupted_on_the_host(
+    conn: SshConnection, tmp_remote_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A segment that reads back other than it was sent is sent once more, then ChecksumError;
+    nothing reaches the final name while its hash differs."""
+    real = ssh_stream.segment_script
+    corrupt = {"left": 1}
+
+    def flaky(tmp: PurePosixPath, start: int, length: int) -> str:
+        script = real(tmp, start, length)
+        if corrupt["left"] <= 0:
+            return script
+        corrupt["left"] -= 1
+        # The host's disk flips a byte between the write and the read-back.
+        flip = f"printf X | dd of={shlex.quote(str(tmp))} bs=1 seek={start} conv=notrunc 2>/dev/null; "
+        return script.replace("|| exit $?; ", "|| exit $?; " + flip, 1)
+
+    monkeypatch.setattr(ssh_stream, "segment_script", flaky)
+    local = tmp_path / "in"
+    local.mkdir()
+    data = os.urandom((2 << 20) + 3)
+    (local / "raw").write_bytes(data)
+    t = SshTransport(connection=conn, remote_root=PurePosixPath(tmp_remote_root), tuning=STREAMED)
+    remote = t.beam_dir("c", "b")
+    assert t.upload_tree(local, remote).sent == 1
+    assert (Path(remote) / "raw").read_bytes() == data
+    corrupt["left"] = 99
+    (local / "raw").write_bytes(data[::-1])
+    with pytest.raises(ChecksumError, match="second try"):
+        t.upload(local, remote)
+    assert (Path(remote) / "raw").read_bytes() == data  # the old file, never a corrupted one
+    assert not list(Path(remote).glob(".sb-part.*"))
+
+
+def test_sshd_killed_mid_stream(testbed: Testbed, tmp_remote_root: Path, tmp_path: Path) -> None:
+    """A dropped link in the middle of a streamed file: reconnect, send (fetch) it again, verified."""
+    local = tmp_path / "in"
+    local.mkdir()
+    data = os.urandom(24 << 20)
+    (local / "raw").write_bytes(data)
+    with delay_proxy_process(target_port=testbed.port, rtt_s=0.02) as port:
+        c = _conn(testbed, port=port, known_hosts=_known_hosts_for(testbed, port, tmp_path))
+        t = SshTransport(connection=c, remote_root=PurePosixPath(tmp_remote_root), tuning=STREAMED)
+        remote = t.beam_dir("c", "b")
+        Path(remote).mkdir(parents=True)
+        for direction in ("up", "down"):
+            result: list[object] = []
+
+            def job(direction: str = direction, result: list[object] = result) -> None:
+                try:
+                    if direction == "up":
+                        result.append(t.upload(local, remote))
+                    else:
+                        result.append(t.download(remote, ["raw"], tmp_path / "out"))
+                except BaseException as exc:
+                    result.append(exc)
+
+            partials = Path(remote) if direction == "up" else tmp_path / "out"
+            worker = threading.Thread(target=job)
+            worker.start()
+            deadline = time.monotonic() + 20
+            while not any(partials.glob(".sb-part.*")):
+                assert time.monotonic() < deadline and worker.is_alive(), f"{direction}: never started"
+                time.sleep(0.01)
+            testbed.stop_sshd()
+            testbed.start_sshd()
+            worker.join(60)
+            assert not worker.is_alive()
+            assert result and not isinstance(result[0], BaseException), (direction, result)
+        assert c.connects >= 3
+        c.close()
+    assert (Path(remote) / "raw").read_bytes() == data
+    assert (tmp_path / "out" / "raw").read_bytes() == data
+    assert not list(Path(remote).glob(".sb-part.*"))

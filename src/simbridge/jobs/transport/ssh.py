@@ -3,11 +3,14 @@
 Upload is resumable and verified. The remote folder is listed by SFTP (sizes; no remote shell);
 the files whose size matches a local one are hashed remotely by ONE command for the whole beam,
 and a file whose sha256 matches too is skipped. Every other file is written under a temporary
-name and renamed, several at once (``parallel``), each with pipelined SFTP requests. After the
-upload ONE more hash command verifies every file of the beam (a mismatch is sent once more, then
-ChecksumError); it also removes partial files a killed upload left. Download lists the matches
-of each output pattern by SFTP, fetches them to temporary names while ONE hash command hashes
-them remotely, compares, re-fetches once on a mismatch and renames into place.
+name and renamed, several at once (``parallel``), each with pipelined SFTP requests, or, from
+``Tuning.stream_min`` bytes on, as raw streams over exec channels (ssh_stream.py). After the
+upload ONE more hash command verifies every SFTP-sent file of the beam (a mismatch is sent once
+more, then ChecksumError; streamed files are verified segment by segment as they land); it also
+removes partial files a killed upload left. Download lists the matches of each output pattern
+by SFTP, fetches them to temporary names while ONE hash command hashes them remotely, compares,
+re-fetches once on a mismatch and renames into place. Every remote operation goes through one
+retry/error-translation helper (:meth:`SshTransport._retrying`).
 
 Every remote path is confined to ``remote_root``; names reach the remote shell quoted, or
 NUL-separated on stdin. A dropped link is survived: the connection reconnects with backoff and
@@ -20,10 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 import asyncssh
 
@@ -42,20 +44,22 @@ from simbridge.jobs.files import HARD_MAX_DEPTH, open_regular
 from simbridge.jobs.transport.base import CommandResult, Transport
 from simbridge.jobs.transport.ssh_connection import LINK_ERRORS, SshConnection, close_all, connect
 from simbridge.jobs.transport.ssh_files import (
+    TransferReport,
     Tuning,
     ensure_dir,
     get_file,
+    hash_local,
     local_files,
     open_local_parent,
     partial_name,
     put_file,
     remote_bytes,
-    sha256_fd,
     walk_remote,
 )
 from simbridge.jobs.transport.ssh_paths import (
     beam_path,
     check_pattern,
+    check_result,
     confine,
     glob_filter,
     hash_script,
@@ -63,25 +67,16 @@ from simbridge.jobs.transport.ssh_paths import (
     needs_escaping,
     parse_hashes,
     probe_script,
+    refused,
     remove_script,
 )
+from simbridge.jobs.transport.ssh_stream import STREAMS, encodable, fetch, send_verified
 from simbridge.logs import get_logger
 
 __all__ = ["SshConnection", "SshTransport", "TransferReport", "close_all", "connect"]
 
 log = get_logger(__name__)
-_FULL = re.compile(rb"No space left on device|Disk quota exceeded")
-_DENIED = re.compile(rb"Permission denied|Read-only file system|Operation not permitted")
-
-
-@dataclass(frozen=True)
-class TransferReport:
-    """What one upload or download did: files in all, files sent/fetched, skipped, bytes moved."""
-
-    files: int
-    sent: int
-    skipped: int
-    bytes: int
+T = TypeVar("T")
 
 
 class SshTransport(Transport):
@@ -174,21 +169,7 @@ class SshTransport(Transport):
         return c.reconnect_s * 2 + c.command_timeout_s * 4 + nbytes / 1e6 + nfiles * 0.5
 
     def _check(self, result: CommandResult, what: str) -> None:
-        if result.ok:
-            return
-        err = result.stderr.strip()
-        tail = err[-500:].decode("utf-8", "backslashreplace")
-        if _FULL.search(err):
-            raise RemoteDiskFullError(
-                f"{self.host}: {what}: the remote disk is full ({tail}); free space under "
-                f"{self.remote_root} or raise the quota"
-            )
-        if _DENIED.search(err):
-            raise RemotePermissionError(
-                f"{self.host}: {what}: permission denied ({tail}); make {self.remote_root} writable "
-                "for the SSH user or choose another clusters.*.remote_root"
-            )
-        raise TransferError(f"{self.host}: {what} failed (exit {result.exit_status}): {tail}")
+        check_result(result, what, host=self.host, remote_root=self.remote_root)
 
     async def _command(
         self, script: str, what: str, stdin: bytes | None = None, *, partial_ok: bool = False
@@ -199,14 +180,15 @@ class SshTransport(Transport):
         from a hash list) still returns what was printed; the caller compares it.
         """
         c = self.connection
-        async for attempt in c.retrying():
-            with attempt:
-                result = await c.arun(script, timeout_s=c.command_timeout_s * 4, stdin=stdin)
-        if (
-            partial_ok
-            and not result.ok
-            and not (_FULL.search(result.stderr) or _DENIED.search(result.stderr))
-        ):
+
+        async def run() -> CommandResult:
+            result = await c.arun(script, timeout_s=c.command_timeout_s * 4, stdin=stdin)
+            if result.exit_status is None:  # killed by a signal: its output is no partial answer
+                raise HostUnreachableError(f"{self.host}: {what}: the command was killed; trying again")
+            return result
+
+        result = await self._retrying(what, run, fix="")
+        if partial_ok and not result.ok and not refused(result.stderr):
             log.info("jobs.ssh_command_partial", host=self.host, what=what, stderr=result.stderr[-300:])
             return result.stdout
         self._check(result, what)
@@ -224,52 +206,67 @@ class SshTransport(Transport):
         )
         return parse_hashes(out)
 
-    async def _walk(self, remote: PurePosixPath, *, max_depth: int) -> dict[str, int] | None:
+    async def _retrying(
+        self,
+        what: str,
+        op: Callable[[], Awaitable[T]],
+        *,
+        fix: str,
+        failure: Callable[[asyncssh.SFTPError], Awaitable[Exception]] | None = None,
+    ) -> T:
+        """Run an idempotent remote operation, again after a dropped link (with backoff), with
+        typed errors: a lost link is HostUnreachableError, an SFTP refusal RemotePermissionError
+        (``fix`` says what to do), any other SFTP failure ``failure(exc)`` or TransferError."""
         c = self.connection
         async for attempt in c.retrying():
             with attempt:
-                conn, sftp = await c.sftp()
+                conn = await c.connection()
                 try:
-                    return await walk_remote(sftp, remote, max_depth=max_depth)
+                    return await op()
+                except HostUnreachableError:
+                    raise  # typed already (a timeout, a refused channel): retried as it is
                 except LINK_ERRORS as exc:
                     await c.link_down(conn)
-                    raise HostUnreachableError(f"{self.host}: link lost listing {remote}: {exc}") from exc
+                    raise HostUnreachableError(f"{self.host}: link lost {what}: {exc}") from exc
                 except asyncssh.SFTPPermissionDenied as exc:
-                    raise RemotePermissionError(
-                        f"{self.host}: permission denied listing {remote}; make {self.remote_root} "
-                        "readable for the SSH user"
-                    ) from exc
+                    raise RemotePermissionError(f"{self.host}: permission denied {what}; {fix}") from exc
                 except asyncssh.SFTPError as exc:
-                    raise TransferError(f"{self.host}: listing {remote} failed: {exc}") from exc
+                    if failure is None:
+                        raise TransferError(f"{self.host}: {what} failed: {exc}") from exc
+                    raise await failure(exc) from exc
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
+    async def _walk(
+        self, remote: PurePosixPath, *, max_depth: int, partials: list[str] | None = None
+    ) -> dict[str, int] | None:
+        async def op() -> dict[str, int] | None:
+            _, sftp = await self.connection.sftp()
+            return await walk_remote(sftp, remote, max_depth=max_depth, partials=partials)
+
+        fix = f"make {self.remote_root} readable for the SSH user"
+        return await self._retrying(f"listing {remote}", op, fix=fix)
+
     async def _mkdirs(self, remote: PurePosixPath, subdirs: list[str]) -> None:
-        c = self.connection
-        async for attempt in c.retrying():
-            with attempt:
-                conn, sftp = await c.sftp()
-                try:
-                    await ensure_dir(sftp, remote, floor=self.remote_root)
-                    for sub in subdirs:
-                        await ensure_dir(sftp, remote / sub, floor=remote)
-                except LINK_ERRORS as exc:
-                    await c.link_down(conn)
-                    raise HostUnreachableError(f"{self.host}: link lost creating {remote}: {exc}") from exc
-                except asyncssh.SFTPPermissionDenied as exc:
-                    raise RemotePermissionError(
-                        f"{self.host}: permission denied creating {remote}; make {self.remote_root} "
-                        "writable for the SSH user or choose another clusters.*.remote_root"
-                    ) from exc
-                except asyncssh.SFTPError as exc:
-                    # Find the deepest folder that exists, and ask it why writes fail there.
-                    where = remote
-                    while where != self.remote_root and len(where.parts) > len(self.remote_root.parts):
-                        where = where.parent
-                        if await self._exists(where):
-                            break
-                    raise await self._write_failure(where, 0, exc) from exc
-                return
-        raise AssertionError("unreachable: tenacity re-raises the last error")
+        async def op() -> None:
+            _, sftp = await self.connection.sftp()
+            await ensure_dir(sftp, remote, floor=self.remote_root)
+            for sub in subdirs:
+                await ensure_dir(sftp, remote / sub, floor=remote)
+
+        async def failure(exc: asyncssh.SFTPError) -> Exception:
+            # Find the deepest folder that exists, and ask it why writes fail there.
+            where = remote
+            while where != self.remote_root and len(where.parts) > len(self.remote_root.parts):
+                where = where.parent
+                if await self._exists(where):
+                    break
+            return await self._write_failure(where, 0, exc)
+
+        await self._retrying(f"creating {remote}", op, fix=self._writable, failure=failure)
+
+    @property
+    def _writable(self) -> str:
+        return f"make {self.remote_root} writable for the SSH user or choose another clusters.*.remote_root"
 
     async def _exists(self, path: PurePosixPath) -> bool:
         _, sftp = await self.connection.sftp()
@@ -306,16 +303,18 @@ class SshTransport(Transport):
     ) -> TransferReport:
         # What is there already: sizes by SFTP (no shell), then ONE sha256sum call for the files
         # whose size matches (none on a fresh upload: no command at all).
-        there = await self._walk(remote, max_depth=HARD_MAX_DEPTH) or {}
+        leftovers: list[str] = []
+        there = await self._walk(remote, max_depth=HARD_MAX_DEPTH, partials=leftovers) or {}
         same_size = [(p, s) for p, s in files if there.get("/".join(p)) == s]
-        local_hash: dict[str, str] = {}
+        # None: a streamed file, already verified segment by segment (ssh_stream.send).
+        local_hash: dict[str, str | None] = {}
         skip: set[str] = set()
         if same_size:
             remote_hash = await self._remote_hashes(remote, ["/".join(p) for p, _ in same_size])
             loop = asyncio.get_running_loop()
             for parts, _ in same_size:
                 rel = "/".join(parts)
-                local_hash[rel] = await loop.run_in_executor(None, self._hash_local, local_dir, parts)
+                local_hash[rel] = await loop.run_in_executor(None, hash_local, local_dir, parts)
                 if remote_hash.get(rel) == local_hash[rel]:
                     skip.add(rel)
         todo = [(p, s) for p, s in files if "/".join(p) not in skip]
@@ -323,17 +322,20 @@ class SshTransport(Transport):
             {"/".join(p[:i]) for p, _ in todo for i in range(1, len(p))}, key=lambda d: d.count("/")
         )
         await self._mkdirs(remote, dirs)
-        sent_bytes = await self._send_all(local_dir, remote, todo, local_hash)
-        # Verify every file with ONE sha256sum call (it also removes partials a killed upload left).
-        names = ["/".join(p) for p, _ in files]
-        after = await self._remote_hashes(remote, names, clean=True)
-        bad = [(p, s) for p, s in files if after.get("/".join(p)) != local_hash["/".join(p)]]
+        sent_bytes = await self._send_all(local_dir, remote, todo, local_hash, leftovers)
+        # Verify every other file with ONE hash call (it also removes partials a killed upload left).
+        check = [(p, s) for p, s in files if local_hash["/".join(p)] is not None]
+        if not check and not leftovers:
+            return TransferReport(files=len(files), sent=len(todo), skipped=len(skip), bytes=sent_bytes)
+        after = await self._remote_hashes(remote, ["/".join(p) for p, _ in check], clean=True)
+        bad = [(p, s) for p, s in check if after.get("/".join(p)) != local_hash["/".join(p)]]
         if bad:
             log.warning("jobs.ssh_upload_mismatch", host=self.host, files=len(bad), first="/".join(bad[0][0]))
             await self._mkdirs(remote, dirs)
-            sent_bytes += await self._send_all(local_dir, remote, bad, local_hash)
-            after = await self._remote_hashes(remote, ["/".join(p) for p, _ in bad])
-            still = [p for p, _ in bad if after.get("/".join(p)) != local_hash["/".join(p)]]
+            sent_bytes += await self._send_all(local_dir, remote, bad, local_hash, leftovers)
+            again = [p for p, _ in bad if local_hash["/".join(p)] is not None]  # streamed: verified
+            after = await self._remote_hashes(remote, ["/".join(p) for p in again]) if again else {}
+            still = [p for p in again if after.get("/".join(p)) != local_hash["/".join(p)]]
             if still:
                 raise ChecksumError(
                     f"{self.host}: {len(still)} uploaded file(s) differ from the local ones after a "
@@ -341,26 +343,19 @@ class SshTransport(Transport):
                 )
         return TransferReport(files=len(files), sent=len(todo), skipped=len(skip), bytes=sent_bytes)
 
-    @staticmethod
-    def _hash_local(local_dir: Path, parts: tuple[str, ...]) -> str:
-        fd = open_regular(local_dir, parts, where=f"(in {local_dir})")
-        try:
-            return sha256_fd(fd)
-        finally:
-            os.close(fd)
-
     async def _send_all(
         self,
         local_dir: Path,
         remote: PurePosixPath,
         todo: list[tuple[tuple[str, ...], int]],
-        local_hash: dict[str, str],
+        local_hash: dict[str, str | None],
+        leftovers: list[str],
     ) -> int:
         gate = asyncio.Semaphore(self.parallel)
 
         async def one(parts: tuple[str, ...], size: int) -> int:
             async with gate:
-                local_hash["/".join(parts)] = await self._send(local_dir, remote, parts, size)
+                local_hash["/".join(parts)] = await self._send(local_dir, remote, parts, size, leftovers)
                 return size
 
         tasks = [asyncio.ensure_future(one(p, s)) for p, s in todo]
@@ -370,30 +365,42 @@ class SshTransport(Transport):
             for task in tasks:
                 task.cancel()
 
-    async def _send(self, local_dir: Path, remote: PurePosixPath, parts: tuple[str, ...], size: int) -> str:
+    async def _send(
+        self,
+        local_dir: Path,
+        remote: PurePosixPath,
+        parts: tuple[str, ...],
+        size: int,
+        leftovers: list[str],
+    ) -> str | None:
+        """Send one file; its sha256 (verified later), or None when streamed and verified already.
+        A streamed attempt that failed stays noted in ``leftovers`` (the final command cleans up)."""
         c = self.connection
         final_path = remote.joinpath(*parts)
-        final = str(final_path).encode("utf-8", "surrogateescape")
-        tmp = str(final_path.parent / partial_name()).encode("utf-8", "surrogateescape")
-        async for attempt in c.retrying():
-            with attempt:
-                conn, sftp = await c.sftp()
-                fd = open_regular(local_dir, parts, where=f"(in {local_dir})")
-                try:
-                    return await put_file(sftp, fd, size, tmp, final, tuning=self.tuning)
-                except LINK_ERRORS as exc:
-                    await c.link_down(conn)
-                    raise HostUnreachableError(f"{self.host}: link lost sending {final_path}: {exc}") from exc
-                except asyncssh.SFTPPermissionDenied as exc:
-                    raise RemotePermissionError(
-                        f"{self.host}: permission denied writing {final_path}; make {self.remote_root} "
-                        "writable for the SSH user or choose another clusters.*.remote_root"
-                    ) from exc
-                except asyncssh.SFTPError as exc:
-                    raise await self._write_failure(final_path.parent, size, exc) from exc
-                finally:
-                    os.close(fd)
-        raise AssertionError("unreachable: tenacity re-raises the last error")
+        stream = size >= max(1, self.tuning.stream_min) and encodable(final_path)
+
+        async def op() -> str | None:
+            tmp = final_path.parent / partial_name()
+            fd = open_regular(local_dir, parts, where=f"(in {local_dir})")
+            try:
+                if stream:
+                    # Noted until it succeeds: a dropped link may leave its partial file behind.
+                    leftovers.append(str(tmp))
+                    streams = max(1, min(STREAMS, size // max(1, self.tuning.stream_min)))
+                    await send_verified(c, fd, size, final_path, streams=streams, check=self._check)
+                    leftovers.remove(str(tmp))
+                    return None
+                _, sftp = await c.sftp()
+                return await put_file(
+                    sftp, fd, size, remote_bytes(tmp), remote_bytes(final_path), tuning=self.tuning
+                )
+            finally:
+                os.close(fd)
+
+        async def failure(exc: asyncssh.SFTPError) -> Exception:
+            return await self._write_failure(final_path.parent, size, exc)
+
+        return await self._retrying(f"writing {final_path}", op, fix=self._writable, failure=failure)
 
     # ---- download ----------------------------------------------------------------------------
 
@@ -451,7 +458,6 @@ class SshTransport(Transport):
         local_dir: Path,
     ) -> Path:
         parts = tuple(name.split("/"))
-        src = remote_bytes(remote.joinpath(*parts))
         parent = await asyncio.get_running_loop().run_in_executor(None, open_local_parent, local_dir, parts)
         try:
             for attempt in range(2):
@@ -460,7 +466,7 @@ class SshTransport(Transport):
                     self.before_fetch(name, attempt)
                 tmp = partial_name()
                 try:
-                    got = await self._get_retrying(src, size, parent, tmp, f"{remote}/{name}")
+                    got = await self._get(remote.joinpath(*parts), size, parent, tmp)
                     want = await want_of(name)
                     if got == want:
                         os.replace(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
@@ -476,22 +482,19 @@ class SshTransport(Transport):
         finally:
             os.close(parent)
 
-    async def _get_retrying(self, src: bytes, size: int, parent: int, tmp: str, shown: str) -> str:
+    async def _get(self, src: PurePosixPath, size: int, parent: int, tmp: str) -> str:
         c = self.connection
-        async for attempt in c.retrying():
-            with attempt:
-                conn, sftp = await c.sftp()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp, dir_fd=parent)
-                try:
-                    return await get_file(sftp, src, size, parent, tmp, tuning=self.tuning)
-                except LINK_ERRORS as exc:
-                    await c.link_down(conn)
-                    raise HostUnreachableError(f"{self.host}: link lost fetching {shown}: {exc}") from exc
-                except asyncssh.SFTPPermissionDenied as exc:
-                    raise RemotePermissionError(
-                        f"{self.host}: permission denied reading {shown}; check the file's mode on the host"
-                    ) from exc
-                except asyncssh.SFTPError as exc:
-                    raise TransferError(f"{self.host}: fetching {shown} failed: {exc}") from exc
-        raise AssertionError("unreachable: tenacity re-raises the last error")
+        stream = size >= max(1, self.tuning.stream_min) and encodable(src)
+
+        async def op() -> str:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=parent)
+            if not stream:
+                _, sftp = await c.sftp()
+                return await get_file(sftp, remote_bytes(src), size, parent, tmp, tuning=self.tuning)
+            digest, result = await fetch(c, src, parent, tmp)
+            self._check(result, f"fetching {src}")
+            return digest
+
+        fix = "check the file's mode on the host"
+        return await self._retrying(f"fetching {src}", op, fix=fix)

@@ -18,8 +18,9 @@ after a drop (a command may not be idempotent); callers whose work is idempotent
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -267,6 +268,23 @@ class SshConnection(CommandRunner):
             stdout=out if isinstance(out, bytes) else b"",
             stderr=err if isinstance(err, bytes) else b"",
         )
+
+    @contextlib.asynccontextmanager
+    async def process(
+        self, command: str
+    ) -> AsyncIterator[tuple[asyncssh.SSHClientConnection, asyncssh.SSHClientProcess[bytes]]]:
+        """A running ``command`` with byte streams, holding one of the channel slots; closed on exit."""
+        conn = await self.connection()
+        async with self._channels:
+            try:
+                proc = await conn.create_process(command, encoding=None)
+            except LINK_ERRORS as exc:
+                await self.link_down(conn)
+                raise HostUnreachableError(f"{self.label}: cannot open a channel: {exc}") from exc
+            try:
+                yield conn, proc
+            finally:
+                proc.close()
 
     async def connection(self) -> asyncssh.SSHClientConnection:
         """The live connection, opened (again) if there is none."""

@@ -28,7 +28,7 @@ from typing import Any
 import asyncssh
 
 from simbridge.jobs.errors import TransferError, UnsafeFileError
-from simbridge.jobs.files import check_tree, open_dir, show
+from simbridge.jobs.files import check_tree, open_dir, open_regular, show
 from simbridge.jobs.transport.ssh_paths import PARTIAL_PREFIX
 
 CHUNK = 4 << 20
@@ -40,10 +40,32 @@ READ_CHUNKS = 3
 
 @dataclass(frozen=True)
 class Tuning:
-    """SFTP request size and requests in flight per chunk."""
+    """SFTP request size and requests in flight per chunk; the size from which a file streams
+    over an exec channel (ssh_stream.py) instead of SFTP: below it the remote shell's start-up
+    (0.1-0.8 s here) costs more than the faster stream saves."""
 
     block_size: int = 256 * 1024 - 1024
     max_requests: int = 16
+    stream_min: int = 64 << 20
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """What one upload or download did: files in all, files sent/fetched, skipped, bytes moved."""
+
+    files: int
+    sent: int
+    skipped: int
+    bytes: int
+
+
+def hash_local(local_dir: Path, parts: tuple[str, ...]) -> str:
+    """sha256 of the local file ``local_dir/parts`` (opened without following links)."""
+    fd = open_regular(local_dir, parts, where=f"(in {local_dir})")
+    try:
+        return sha256_fd(fd)
+    finally:
+        os.close(fd)
 
 
 def local_files(root: Path) -> list[tuple[tuple[str, ...], int]]:
@@ -79,7 +101,8 @@ def partial_name() -> str:
     return f"{PARTIAL_PREFIX}{secrets.token_hex(8)}"
 
 
-def _read_hash(fd: int, offset: int, size: int, digest: hashlib._Hash) -> bytes:
+def read_hash(fd: int, offset: int, size: int, digest: hashlib._Hash) -> bytes:
+    """Read ``size`` bytes of ``fd`` at ``offset`` and feed them to ``digest`` (thread-pool work)."""
     data = os.pread(fd, size, offset)
     digest.update(data)
     return data
@@ -125,7 +148,7 @@ async def put_file(
         async with sftp.open(tmp, "wb", block_size=tuning.block_size, max_requests=tuning.max_requests) as f:
             offset = 0
             if size:
-                reading = loop.run_in_executor(None, _read_hash, fd, 0, min(CHUNK, size), digest)
+                reading = loop.run_in_executor(None, read_hash, fd, 0, min(CHUNK, size), digest)
             while reading is not None:
                 data = await reading
                 n = min(CHUNK, size - offset)
@@ -134,7 +157,7 @@ async def put_file(
                 nxt = offset + n
                 reading = None
                 if nxt < size:
-                    reading = loop.run_in_executor(None, _read_hash, fd, nxt, min(CHUNK, size - nxt), digest)
+                    reading = loop.run_in_executor(None, read_hash, fd, nxt, min(CHUNK, size - nxt), digest)
                 pending.add(asyncio.ensure_future(f.write(data, offset)))
                 pending = await _drain(pending, CHUNKS_IN_FLIGHT - 1)
                 offset = nxt
@@ -176,11 +199,19 @@ def open_local_parent(root: Path, parts: Sequence[str]) -> int:
     return fd
 
 
-def _write_hash(out: int, data: bytes, digest: hashlib._Hash) -> None:
-    digest.update(data)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(out, view) :]
+def open_tmp(parent_fd: int, tmp: str) -> int:
+    """Create the temporary file ``tmp`` in ``parent_fd`` for writing: exclusively, no link followed."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(tmp, flags, 0o644, dir_fd=parent_fd)
+
+
+def write_hash(out: int, pieces: Sequence[bytes], digest: hashlib._Hash) -> None:
+    """Append ``pieces`` to ``out`` and feed them to ``digest``, in order (thread-pool work)."""
+    for piece in pieces:
+        digest.update(piece)
+        view = memoryview(piece)
+        while view:
+            view = view[os.write(out, view) :]
 
 
 async def get_file(
@@ -194,8 +225,7 @@ async def get_file(
     """
     loop = asyncio.get_running_loop()
     digest = hashlib.sha256()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    out = os.open(tmp, flags, 0o644, dir_fd=parent_fd)
+    out = open_tmp(parent_fd, tmp)
     reads: deque[asyncio.Future[bytes]] = deque()
     writing: asyncio.Future[None] | None = None
     try:
@@ -220,7 +250,7 @@ async def get_file(
                 await _settle(writing)
                 if writing is not None:
                     writing.result()
-                writing = loop.run_in_executor(None, _write_hash, out, data, digest) if data else None
+                writing = loop.run_in_executor(None, write_hash, out, [data], digest) if data else None
                 if done:
                     break
             await _settle(writing)
@@ -240,11 +270,12 @@ def remote_bytes(path: PurePosixPath) -> bytes:
 
 
 async def walk_remote(
-    sftp: asyncssh.SFTPClient, root: PurePosixPath, *, max_depth: int
+    sftp: asyncssh.SFTPClient, root: PurePosixPath, *, max_depth: int, partials: list[str] | None = None
 ) -> dict[str, int] | None:
     """Regular files below ``root`` as {relative name: size}, by SFTP (no remote shell);
     None when ``root`` does not exist. Entries are lstat'ed by the server: a link is no file
-    and no folder here, so nothing is followed. Folders are listed in parallel."""
+    and no folder here, so nothing is followed. Folders are listed in parallel. Temporary
+    (``.sb-part.*``) files are left out, and appended to ``partials`` when it is given."""
     found: dict[str, int] = {}
 
     async def walk(path: PurePosixPath, rel: tuple[str, ...]) -> None:
@@ -255,7 +286,10 @@ async def walk_remote(
             if name in (".", ".."):
                 continue
             kind = entry.attrs.type
-            if kind == asyncssh.FILEXFER_TYPE_REGULAR and not name.startswith(PARTIAL_PREFIX):
+            if kind == asyncssh.FILEXFER_TYPE_REGULAR and name.startswith(PARTIAL_PREFIX):
+                if partials is not None:
+                    partials.append("/".join((*rel, name)))
+            elif kind == asyncssh.FILEXFER_TYPE_REGULAR:
                 found["/".join((*rel, name))] = entry.attrs.size or 0
             elif kind == asyncssh.FILEXFER_TYPE_DIRECTORY and len(rel) + 1 < max_depth:
                 subs.append(name)

@@ -1,5 +1,6 @@
 """Pure helpers of the SSH transport: remote path confinement, output patterns, the few remote
-scripts (hashing, probing, removal) and the parsing of sha256sum's output.
+scripts (hashing, probing, removal), the parsing of sha256sum's output and the typed error a
+failed command's stderr points to.
 
 Nothing here touches the network, so every rule that keeps a name from escaping ``remote_root``
 or from being read by the remote shell as code is tested without a host. Names travel to the
@@ -15,14 +16,23 @@ import shlex
 from collections.abc import Iterable, Sequence
 from pathlib import PurePosixPath
 
-from simbridge.jobs.errors import BadNameError, RemotePathError, TransferError
+from simbridge.jobs.errors import (
+    BadNameError,
+    RemoteDiskFullError,
+    RemotePathError,
+    RemotePermissionError,
+    TransferError,
+)
 from simbridge.jobs.names import safe_key
+from simbridge.jobs.transport.base import CommandResult
 
 # Prefix of the temporary names files are written under before the rename; listings skip them.
 PARTIAL_PREFIX = ".sb-part."
 _HEX64 = re.compile(rb"^[0-9a-f]{64}$")
 # Every script runs with the C locale so error texts (matched below) are the same everywhere.
-_PRELUDE = "LC_ALL=C; export LC_ALL; "
+PRELUDE = "LC_ALL=C; export LC_ALL; "
+_FULL = re.compile(rb"No space left on device|Disk quota exceeded")
+_DENIED = re.compile(rb"Permission denied|Read-only file system|Operation not permitted")
 
 
 def confine(root: PurePosixPath, path: PurePosixPath | str, *, host: str) -> PurePosixPath:
@@ -113,7 +123,7 @@ def hash_script(remote_dir: PurePosixPath, *, clean_partials: bool = False, open
     if openssl:
         fast = "xargs -0 -r openssl dgst -sha256 -r"
         hasher = f"if command -v openssl >/dev/null 2>&1; then {fast}; else {slow}; fi"
-    return f"{_PRELUDE}cd -- {d} && {{ {clean}{hasher}; }}"
+    return f"{PRELUDE}cd -- {d} && {{ {clean}{hasher}; }}"
 
 
 def needs_escaping(name: str) -> bool:
@@ -126,14 +136,14 @@ def probe_script(remote_dir: PurePosixPath, nbytes: int) -> str:
     d = shlex.quote(str(remote_dir))
     probe = shlex.quote(PARTIAL_PREFIX + "probe")
     return (
-        f"{_PRELUDE}cd -- {d} || exit 3; head -c {int(nbytes)} /dev/zero > {probe}; rc=$?; "
+        f"{PRELUDE}cd -- {d} || exit 3; head -c {int(nbytes)} /dev/zero > {probe}; rc=$?; "
         f"rm -f -- {probe}; exit $rc"
     )
 
 
 def remove_script(remote_dir: PurePosixPath) -> str:
     """A script removing one (already confined) beam folder."""
-    return f"{_PRELUDE}rm -rf -- {shlex.quote(str(remote_dir))}"
+    return f"{PRELUDE}rm -rf -- {shlex.quote(str(remote_dir))}"
 
 
 def names_stdin(names: Iterable[str]) -> bytes:
@@ -175,3 +185,27 @@ def parse_hashes(data: bytes) -> dict[str, str]:
             raise TransferError(f"unexpected sha256sum output line {line[:200]!r}")
         out[_rel(_unescape(name) if escaped else name)] = digest.decode()
     return out
+
+
+def refused(stderr: bytes) -> bool:
+    """True when a command's error text says the disk is full or the write was refused."""
+    return bool(_FULL.search(stderr) or _DENIED.search(stderr))
+
+
+def check_result(result: CommandResult, what: str, *, host: str, remote_root: PurePosixPath) -> None:
+    """Nothing for a command that exited 0; else the typed error its stderr points to."""
+    if result.ok:
+        return
+    err = result.stderr.strip()
+    tail = err[-500:].decode("utf-8", "backslashreplace")
+    if _FULL.search(err):
+        raise RemoteDiskFullError(
+            f"{host}: {what}: the remote disk is full ({tail}); free space under "
+            f"{remote_root} or raise the quota"
+        )
+    if _DENIED.search(err):
+        raise RemotePermissionError(
+            f"{host}: {what}: permission denied ({tail}); make {remote_root} writable "
+            "for the SSH user or choose another clusters.*.remote_root"
+        )
+    raise TransferError(f"{host}: {what} failed (exit {result.exit_status}): {tail}")
