@@ -159,8 +159,9 @@ def _check_root(name: str, cfg: ClusterSettings, conn: CommandRunner) -> list[Ch
 
 
 # What the remote side runs besides the scheduler: the submit claim and the start lock (flock,
-# setsid), run.sh (bash), job arrays (tar), the transfer checks (sha256sum), the plain host's start.
-TOOLS = ("bash", "flock", "setsid", "tar", "sha256sum", "xargs")
+# setsid), run.sh (bash), job arrays (tar), the transfer checks (sha256sum, xargs), the streamed
+# transfers of large files (cat, dd), the plain host's start (nohup).
+TOOLS = ("bash", "flock", "setsid", "tar", "sha256sum", "xargs", "cat", "dd")
 PLAIN_HOST_TOOLS = ("nohup",)
 
 
