@@ -352,10 +352,15 @@ class SshTransport(Transport):
         leftovers: list[str],
     ) -> int:
         gate = asyncio.Semaphore(self.parallel)
+        # What must fit on the host at once: the files go in parallel, and one that failed for
+        # lack of space may be judged after the others' partials are gone (then its own size fits).
+        total = sum(size for _, size in todo)
 
         async def one(parts: tuple[str, ...], size: int) -> int:
             async with gate:
-                local_hash["/".join(parts)] = await self._send(local_dir, remote, parts, size, leftovers)
+                local_hash["/".join(parts)] = await self._send(
+                    local_dir, remote, parts, size, leftovers, need=total
+                )
                 return size
 
         tasks = [asyncio.ensure_future(one(p, s)) for p, s in todo]
@@ -372,9 +377,12 @@ class SshTransport(Transport):
         parts: tuple[str, ...],
         size: int,
         leftovers: list[str],
+        *,
+        need: int,
     ) -> str | None:
         """Send one file; its sha256 (verified later), or None when streamed and verified already.
-        A streamed attempt that failed stays noted in ``leftovers`` (the final command cleans up)."""
+        A streamed attempt that failed stays noted in ``leftovers`` (the final command cleans up).
+        ``need``: the bytes the whole upload puts on the host (judges a write that failed)."""
         c = self.connection
         final_path = remote.joinpath(*parts)
         stream = size >= max(1, self.tuning.stream_min) and encodable(final_path)
@@ -398,7 +406,7 @@ class SshTransport(Transport):
                 os.close(fd)
 
         async def failure(exc: asyncssh.SFTPError) -> Exception:
-            return await self._write_failure(final_path.parent, size, exc)
+            return await self._write_failure(final_path.parent, need, exc)
 
         return await self._retrying(f"writing {final_path}", op, fix=self._writable, failure=failure)
 
