@@ -228,10 +228,36 @@ def test_read_only_remote(testbed: Testbed, conn: SshConnection, tmp_path: Path)
         testbed.unmount(folder)
 
 
+def test_an_upload_that_cannot_fit_is_refused_before_a_byte_is_written(
+    conn: SshConnection, tmpfs_remote_root: Path, tmp_path: Path
+) -> None:
+    # Its partial files would fill the host's disk for everyone (other beams' jobs write there).
+    local = tmp_path / "in"
+    _tree(local, ["small"], size=1000)
+    (local / "big").write_bytes(os.urandom(3 << 20))
+    t = SshTransport(connection=conn, remote_root=PurePosixPath(tmpfs_remote_root))
+    before = os.statvfs(tmpfs_remote_root).f_bavail
+    need = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+    with pytest.raises(RemoteDiskFullError, match=rf"not enough room .* bytes free, {need} needed"):
+        t.upload(local, t.beam_dir("c", "b"))
+    assert not [p for p in Path(tmpfs_remote_root).rglob("*") if p.is_file()]
+    assert os.statvfs(tmpfs_remote_root).f_bavail == before
+
+
 @pytest.mark.parametrize("tuning", [Tuning(), STREAMED], ids=["sftp", "streamed"])
 def test_full_remote_disk(
-    conn: SshConnection, tmpfs_remote_root: Path, tmp_path: Path, tuning: Tuning
+    conn: SshConnection,
+    tmpfs_remote_root: Path,
+    tmp_path: Path,
+    tuning: Tuning,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The disk fills while the files are written (another writer took the room the check saw):
+    # each write's failure is judged and typed, and nothing half-written is left.
+    async def room_enough(*_: object) -> None:
+        return None
+
+    monkeypatch.setattr(SshTransport, "_check_room", room_enough)
     local = tmp_path / "in"
     _tree(local, ["small"], size=1000)
     (local / "big").write_bytes(os.urandom(3 << 20))

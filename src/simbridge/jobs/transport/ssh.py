@@ -276,6 +276,24 @@ class SshTransport(Transport):
             return False
         return True
 
+    async def _check_room(self, remote: PurePosixPath, need: int) -> None:
+        """Refuse an upload that cannot fit before a byte of it is written: its partial files
+        would fill the host's disk for a while, and other beams' jobs there would fail meanwhile
+        (their run.sh cannot write its marker). A host without statvfs@openssh.com is not asked."""
+        if need <= 0:
+            return
+        try:
+            _, sftp = await self.connection.sftp()
+            vfs = await sftp.statvfs(remote_bytes(remote))
+        except Exception:  # no answer: the writes themselves will tell (and are typed there)
+            return
+        free = vfs.bavail * vfs.frsize
+        if free < need:
+            raise RemoteDiskFullError(
+                f"{self.host}: not enough room for the upload (disk full): {remote} has {free} bytes "
+                f"free, {need} needed; free space under {self.remote_root} or raise the quota"
+            )
+
     async def _write_failure(self, remote: PurePosixPath, need: int, exc: Exception) -> RemoteError:
         """Why an SFTP write failed: SFTP v3 says only 'Failure', so ask the shell and statvfs."""
         c = self.connection
@@ -322,6 +340,7 @@ class SshTransport(Transport):
             {"/".join(p[:i]) for p, _ in todo for i in range(1, len(p))}, key=lambda d: d.count("/")
         )
         await self._mkdirs(remote, dirs)
+        await self._check_room(remote, sum(size for _, size in todo))
         sent_bytes = await self._send_all(local_dir, remote, todo, local_hash, leftovers)
         # Verify every other file with ONE hash call (it also removes partials a killed upload left).
         check = [(p, s) for p, s in files if local_hash["/".join(p)] is not None]
