@@ -118,10 +118,10 @@ def claim_command(base: PurePosixPath, *, wait_s: int) -> str:
 
 @dataclass(frozen=True)
 class Claim:
-    """What the look found: the job sbatch made (its id), or that none can come any more."""
+    """What the look found: the job sbatch made (its id), or None: none can come any more (sbatch
+    never ran for this attempt, or ran and failed; either way the queue has the last word)."""
 
     job_id: str | None
-    sbatch_failed: bool = False
 
 
 def parse_claim(text: str, *, where: str) -> Claim:
@@ -130,7 +130,7 @@ def parse_claim(text: str, *, where: str) -> Claim:
     if line == "BUSY":
         raise SchedulerError(f"{where}: its sbatch is still running on the cluster; asked again later")
     if line in {"GIVEN_UP", "FAILED"}:
-        return Claim(job_id=None, sbatch_failed=line == "FAILED")
+        return Claim(job_id=None)
     word, _, rest = line.partition(" ")
     if word == "JOB":
         job_id, _cluster = parse_sbatch(rest)
