@@ -200,7 +200,8 @@ def test_array_of_50_one_squeue_per_poll(testbed: Any, tmp_remote_root: Path, tm
             break
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert all(i.status is JobStatus.EXITED and i.exit_code == 0 for i in infos.values()), infos
+    bad = {t: i for t, i in infos.items() if i.status is not JobStatus.EXITED or i.exit_code != 0}
+    assert not bad, bad
     for i in range(50):
         assert (tmp_remote_root / "case1" / f"b{i:02d}" / "raw").read_text() == f"{i}\n"
 

@@ -113,6 +113,8 @@ def test_kill9_mid_stream_keeps_a_clean_prefix_and_a_restart_continues(
         # A new recorder on the same ring and folder: recovers the leftovers, then takes the consumer's
         # place and goes on from the last record the dead one popped.
         wait_for(lambda: not producer.consumer_alive(), timeout=10, what="the killed consumer seen dead")
+        # Files rotate every 4 KB: the kill may land between two files, with nothing left open.
+        leftovers = list(tmp_path.glob(f"*{TMP_SUFFIX}")) + list(tmp_path.glob(f"*{JOURNAL_SUFFIX}"))
         second = _start_recorder(block_name, tmp_path)
         wait_for(producer.consumer_alive, timeout=30, what="the second recorder attached to the ring")
         for _ in range(10):
@@ -120,7 +122,7 @@ def test_kill9_mid_stream_keeps_a_clean_prefix_and_a_restart_continues(
         producer.close()
         out, err = second.communicate(timeout=60)
         assert second.returncode == 0, err.decode()
-        assert b"recovered" in out
+        assert (b"recovered" in out) == bool(leftovers), (out, leftovers)
     values = _values(tmp_path)
     # What the killed recorder had flushed survives, in order; records it had popped but not flushed are
     # the only loss (at most one flush interval), and nothing is duplicated.
