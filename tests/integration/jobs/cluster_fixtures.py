@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from tests.integration.jobs.jobs_fixtures import JobsEnv
 
@@ -16,6 +17,9 @@ from simbridge.config import Settings, load_settings
 from simbridge.jobs.store import Store
 
 CLUSTER = "tb"
+# Names that would run commands if any remote command took them unquoted.
+HOSTILE_CASE = "case $(touch pwned) ; 'x\" `touch pwned`"
+HOSTILE_BEAMS = ["beam; touch pwned", "b$(touch pwned)", "-n", "a'b\"c d", "x\ny"]
 
 
 @dataclass
@@ -81,3 +85,14 @@ def results_of(env: ClusterEnv, case: str) -> dict[str, bytes]:
     """beam -> bytes of its downloaded ``raw``."""
     root: Path = env.results / case
     return {p.name: (p / "raw").read_bytes() for p in sorted(root.iterdir()) if (p / "raw").exists()}
+
+
+@pytest.fixture
+def cenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ClusterEnv:
+    """A cluster work area in ``tmp_path/c`` (the rest of tmp_path stays the test's own), with a
+    SQLite store and no SIMBRIDGE_CONFIG inherited from the environment."""
+    monkeypatch.setenv("SIMBRIDGE_CONFIG", "")
+    monkeypatch.delenv("SIMBRIDGE_CONFIG")
+    root = tmp_path / "c"
+    root.mkdir()
+    return ClusterEnv(root=root, db_url=f"sqlite:///{root / 'work' / 'simbridge.db'}")

@@ -17,13 +17,6 @@ from simbridge.jobs.store import Store
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def cenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ClusterEnv:
-    monkeypatch.setenv("SIMBRIDGE_CONFIG", "")
-    monkeypatch.delenv("SIMBRIDGE_CONFIG")
-    return ClusterEnv(root=tmp_path, db_url=f"sqlite:///{tmp_path / 'work' / 'simbridge.db'}")
-
-
 def test_check_passes_on_the_testbed(cenv: ClusterEnv, testbed: Testbed, tmp_remote_root: Path) -> None:
     cenv.clusters = {
         CLUSTER: testbed.cluster_settings(CLUSTER, remote_root=str(tmp_remote_root)),

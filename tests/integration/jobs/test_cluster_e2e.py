@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from tests.integration.jobs.cluster_fixtures import (
     CLUSTER,
+    HOSTILE_BEAMS,
+    HOSTILE_CASE,
     ClusterEnv,
     results_of,
     sbatch_job_ids,
@@ -26,14 +28,6 @@ from simbridge.jobs.states import BeamState
 from simbridge.jobs.store import Store
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cenv(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> ClusterEnv:
-    monkeypatch.setenv("SIMBRIDGE_CONFIG", "")
-    monkeypatch.delenv("SIMBRIDGE_CONFIG")
-    (tmp_path / "c").mkdir()
-    return ClusterEnv(root=tmp_path / "c", db_url=f"sqlite:///{tmp_path / 'c' / 'work' / 'simbridge.db'}")
 
 
 def _local_reference(root: Path) -> dict[str, bytes]:
@@ -128,8 +122,6 @@ def test_cancel_runs_scancel(cenv: ClusterEnv, testbed: Testbed, tmp_remote_root
 
 # Each would create a file named "pwned" (in whatever folder a shell ran it) if it ever reached a
 # shell unquoted; none may contain "/" (a path separator cannot be in a folder name).
-HOSTILE_CASE = "case $(touch pwned) ; 'x\" `touch pwned`"
-HOSTILE_BEAMS = ["beam; touch pwned", "b$(touch pwned)", "-n", "a'b\"c d", "x\ny"]
 
 
 def test_hostile_names_through_every_remote_command(

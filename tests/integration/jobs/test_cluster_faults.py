@@ -19,13 +19,14 @@ from typing import Any
 import pytest
 from tests.integration.jobs.cluster_fixtures import (
     CLUSTER,
+    HOSTILE_BEAMS,
+    HOSTILE_CASE,
     ClusterEnv,
     results_of,
     sbatch_job_ids,
     tiny_steps,
 )
 from tests.integration.jobs.jobs_fixtures import wait_for
-from tests.integration.jobs.test_cluster_e2e import HOSTILE_BEAMS, HOSTILE_CASE
 from tests.support import capture_events
 from tests.testbed import Testbed
 from tests.testbed._proc import free_port
@@ -36,14 +37,6 @@ from simbridge.jobs.states import BeamState
 from simbridge.jobs.transport.ssh_connection import SshConnection
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cenv(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> ClusterEnv:
-    monkeypatch.setenv("SIMBRIDGE_CONFIG", "")
-    monkeypatch.delenv("SIMBRIDGE_CONFIG")
-    (tmp_path / "c").mkdir()
-    return ClusterEnv(root=tmp_path / "c", db_url=f"sqlite:///{tmp_path / 'c' / 'work' / 'simbridge.db'}")
 
 
 def gated_steps(env: ClusterEnv) -> dict[str, Any]:

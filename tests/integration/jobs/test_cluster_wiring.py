@@ -39,13 +39,6 @@ def local_login(testbed: Testbed) -> Any:
     return build
 
 
-@pytest.fixture
-def cenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ClusterEnv:
-    monkeypatch.setenv("SIMBRIDGE_CONFIG", "")
-    monkeypatch.delenv("SIMBRIDGE_CONFIG")
-    return ClusterEnv(root=tmp_path, db_url=f"sqlite:///{tmp_path / 'work' / 'simbridge.db'}")
-
-
 @pytest.mark.parametrize("arrays", [True, False])
 def test_beams_run_on_slurm_through_the_dispatcher(
     cenv: ClusterEnv, testbed: Testbed, tmp_remote_root: Path, arrays: bool

@@ -81,6 +81,18 @@ def _ref(spec: LaunchSpec, job_id: str | None = None) -> JobRef:
     return JobRef(token=spec.token, log_prefix=spec.log_prefix, job_id=job_id)
 
 
+def _busy_then_given_up(cluster: Cluster, spec: LaunchSpec, *, busy: str) -> None:
+    """While another look holds the attempt's lock, find says "ask again" (``busy``); once it is
+    free, "never submitted", which gives the attempt up on the host."""
+    lock = Path(str(attempt_files(cluster.settings.remote_root, spec.log_prefix).prefix) + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        with pytest.raises(SchedulerError, match=busy):
+            cluster.executor.find(_ref(spec))
+    assert cluster.executor.find(_ref(spec)) is None
+
+
 def _runs(runs: Path) -> list[str]:
     return sorted(runs.read_text().split()) if runs.exists() else []
 
@@ -154,13 +166,7 @@ def test_slurm_submit_arriving_after_a_give_up_is_refused(
     before = testbed.sbatch_calls()
     with _cluster(settings) as cluster:
         # ...while a look is under way (its lock held) it is "ask again", then "never submitted".
-        lock = Path(str(files.prefix) + ".lock")
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with lock.open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            with pytest.raises(SchedulerError, match="still running on the cluster"):
-                cluster.executor.find(_ref(spec))
-        assert cluster.executor.find(_ref(spec)) is None
+        _busy_then_given_up(cluster, spec, busy="still running on the cluster")
         # The old sbatch arrives late: refused on the cluster, never reaching Slurm.
         with pytest.raises(LaunchError, match="gave this attempt up"):
             cluster.executor.submit(spec)
@@ -176,13 +182,7 @@ def test_plain_host_start_arriving_after_a_give_up_is_refused(
     spec = _spec(tmp_path, tmp_remote_root, "late", runs)
     files = attempt_files(settings.remote_root, spec.log_prefix)
     with _cluster(settings) as cluster:
-        lock = Path(str(files.prefix) + ".lock")
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with lock.open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            with pytest.raises(SchedulerError, match="being started"):
-                cluster.executor.find(_ref(spec))
-        assert cluster.executor.find(_ref(spec)) is None
+        _busy_then_given_up(cluster, spec, busy="being started")
         with pytest.raises(LaunchError, match="gave this attempt up"):
             cluster.executor.submit(spec)
         assert not Path(str(files.pid_file)).exists()
