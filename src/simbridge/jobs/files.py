@@ -91,15 +91,34 @@ def open_dir(path: Path) -> int:
         raise
 
 
-def _open_sub(dir_fd: int, name: str, rel: Sequence[str], where: str) -> int:
+_CHANGED = "changed into a link or a file while it was read"
+
+
+def _open_sub(dir_fd: int, name: str, rel: Sequence[str], where: str, why: str = _CHANGED) -> int:
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise UnsafeFileError(
-                f"{show(rel)} {where} changed into a link or a file while it was read"
-            ) from exc
+            raise UnsafeFileError(f"{show(rel)} {where} {why}") from exc
         raise
+
+
+def open_parent(root: Path, parts: Sequence[str], *, where: str = "", why: str = _CHANGED) -> int:
+    """Open (creating them) the folders of ``root/parts`` down to its parent, following no link
+    below ``root``; the caller closes the descriptor. UnsafeFileError (``why``) for a link or file."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = open_dir(root)
+    try:
+        for i, name in enumerate(parts[:-1]):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=fd)
+            sub = _open_sub(fd, name, parts[: i + 1], where, why)
+            os.close(fd)
+            fd = sub
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def open_regular(root: Path, parts: Sequence[str], *, where: str = "") -> int:
@@ -283,15 +302,8 @@ def copy_file(src: Path, parts: Sequence[str], dst_root: Path) -> Path:
     """
     fd = open_regular(src, parts, where="(in the outputs)")
     try:
-        dst_root.mkdir(parents=True, exist_ok=True)
-        parent = open_dir(dst_root)
+        parent = open_parent(dst_root, parts, where="(in the destination)")
         try:
-            for i, name in enumerate(parts[:-1]):
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(name, 0o755, dir_fd=parent)
-                sub = _open_sub(parent, name, parts[: i + 1], "(in the destination)")
-                os.close(parent)
-                parent = sub
             tmp = f".sb-partial.{os.getpid()}.{threading.get_ident()}"
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=parent)

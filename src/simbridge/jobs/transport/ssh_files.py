@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import os
 import secrets
@@ -28,7 +27,7 @@ from typing import Any
 import asyncssh
 
 from simbridge.jobs.errors import TransferError, UnsafeFileError
-from simbridge.jobs.files import check_tree, open_dir, open_regular, show
+from simbridge.jobs.files import check_tree, open_dir, open_parent, open_regular, show
 from simbridge.jobs.transport.ssh_paths import PARTIAL_PREFIX
 
 CHUNK = 4 << 20
@@ -177,26 +176,7 @@ async def put_file(
 
 def open_local_parent(root: Path, parts: Sequence[str]) -> int:
     """Open (creating) the folder of ``root/parts`` without following a link anywhere below root."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = open_dir(root)
-    try:
-        for i, name in enumerate(parts[:-1]):
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o755, dir_fd=fd)
-            try:
-                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafeFileError(
-                        f"{show(parts[: i + 1])} (in {root}) is a link or a file, not a folder"
-                    ) from exc
-                raise
-            os.close(fd)
-            fd = sub
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return open_parent(root, parts, where=f"(in {root})", why="is a link or a file, not a folder")
 
 
 def open_tmp(parent_fd: int, tmp: str) -> int:
