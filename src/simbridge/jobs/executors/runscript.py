@@ -188,6 +188,12 @@ class AttemptFiles:
         return self._with(".FAILED")
 
 
+def lock_wait_s(command_timeout_s: float) -> int:
+    """How long a look after a crash waits for an attempt's start lock on the host (the submit
+    claim, the plain host's start): within the command's own limit, 1 to 20 s."""
+    return int(max(1.0, min(20.0, command_timeout_s - 5.0)))
+
+
 def confined(root: PurePosixPath, path: PurePosixPath | str) -> PurePosixPath:
     """``path`` normalised, refusing anything that is not strictly below ``root``."""
     text = str(path)

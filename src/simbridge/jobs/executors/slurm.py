@@ -25,6 +25,7 @@ from typing import Any
 from simbridge.config import ClusterSettings
 from simbridge.jobs.errors import LaunchError, RemoteError, RemotePathError, RunScriptError, SchedulerError
 from simbridge.jobs.executors.base import Executor, JobInfo, JobRef, JobStatus, Launched, LaunchSpec
+from simbridge.jobs.executors.runscript import lock_wait_s
 from simbridge.jobs.executors.slurm_array import submit_many
 from simbridge.jobs.executors.slurm_intent import Intent, intent_file, read_intent, submit_base, write_intent
 from simbridge.jobs.executors.slurm_parse import (
@@ -305,10 +306,11 @@ class SlurmExecutor(Executor):
     def _claim(self, intent: Intent) -> Claim:
         """The attempt's submit claim on the cluster (slurm_submit.py): its job, or none ever."""
         base = submit_base(self.root, intent)
-        wait_s = int(max(1.0, min(20.0, self._timeout - 5.0)))
         where = f"{self.name}: job {intent.name!r}"
         try:
-            result = self.runner.run(claim_command(base, wait_s=wait_s), timeout_s=self._timeout)
+            result = self.runner.run(
+                claim_command(base, wait_s=lock_wait_s(self._timeout)), timeout_s=self._timeout
+            )
             return parse_claim(checked(result, "submit claim"), where=where)
         except RemoteError as exc:
             raise SchedulerError(f"{where}: cannot read its submit claim: {exc}") from exc

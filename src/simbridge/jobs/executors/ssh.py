@@ -28,6 +28,7 @@ from simbridge.jobs.executors.runscript import (
     attempt_files,
     is_remote_prefix,
     load_template,
+    lock_wait_s,
     parse_exit_marker,
     render_run_script,
 )
@@ -178,7 +179,7 @@ class SshExecutor(Executor):
         args = [str(files.exit_file), str(files.pid_file), ref.token, str(files.script)]
         args += [str(files.prefix), str(files.folder)]
         timeout_s = self.settings.command_timeout_s
-        script = scripts.FIND.replace("__WAIT__", str(int(max(1.0, min(20.0, timeout_s - 5.0)))))
+        script = scripts.FIND.replace("__WAIT__", str(lock_wait_s(timeout_s)))
         result = self._sh(script, args, timeout_s=timeout_s + 10)
         if not result.ok:
             raise RemoteError(self._failed(f"finding attempt {ref.token}", result))
